@@ -1,0 +1,35 @@
+"""``python -m ultrarefiner <command>``: one fire command per module in ``ultrarefiner.commands``.
+
+Commands import torch and friends inside their bodies so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command name -> "module:function"; each function's docstring is its --help text.
+COMMANDS: dict[str, str] = {
+    "demo": "ultrarefiner.commands.demo:demo",
+    "preprocess": "ultrarefiner.commands.preprocess:preprocess",
+}
+
+
+def _load(spec: str):
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; user errors are printed as one line (no traceback) and exit with status 2."""
+    import fire
+
+    from ultrarefiner.errors import UltraRefinerError
+
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {name.replace("_", "-"): _load(spec) for name, spec in COMMANDS.items()}
+    try:
+        fire.Fire(commands, command=argv, name="ultrarefiner")
+    except (UltraRefinerError, ValueError, FileNotFoundError) as e:
+        print(f"ultrarefiner: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,31 @@
+"""Argument checks shared by the CLI commands (fire passes strings, numbers, tuples or lists)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def parse_list(value: str | Iterable[str] | None, name: str, allowed: Sequence[str] | None = None) -> list[str]:
+    """``"BUSI,BUSBRA"``, ``("BUSI", "BUSBRA")`` or ``["BUSI"]`` -> ``["BUSI", "BUSBRA"]``, checked against ``allowed``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    else:
+        items = [str(v).strip() for v in value]
+    items = [v for v in items if v]
+    if allowed is not None:
+        unknown = [v for v in items if v not in allowed]
+        if unknown:
+            raise ValueError(f"--{name}: unknown value(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def check_range(value, name: str, low: float, high: float, integer: bool = False):
+    """Return ``value`` if ``low <= value <= high`` (and an integer when asked), else raise a clear ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"--{name} must be {kind} in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"--{name} must be in [{low}, {high}], got {value}")
+    return int(value) if integer else value
