@@ -7,3 +7,8 @@ class UltraRefinerError(Exception):
 
 class BadInputError(UltraRefinerError):
     """A file or directory given by the user cannot be used; the message names it and the problem."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason

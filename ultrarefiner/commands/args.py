@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 
 def parse_list(value: str | Iterable[str] | None, name: str, allowed: Sequence[str] | None = None) -> list[str]:
-    """``"BUSI,BUSBRA"``, ``("BUSI", "BUSBRA")`` or ``["BUSI"]`` -> ``["BUSI", "BUSBRA"]``, checked against ``allowed``."""
+    """``"BUSI,BUSBRA"``, ``("BUSI", "BUSBRA")`` or ``["BUSI", "BUSBRA"]`` -> a list, checked against ``allowed``."""
     if value is None:
         return []
     if isinstance(value, str):

@@ -37,11 +37,11 @@ def datalist_path(data_root: str | os.PathLike, dataset_name: str) -> Path:
     """``<data_root>/<dataset_name>/datalist.json``, with a clear error when it does not exist."""
     path = Path(data_root) / dataset_name / "datalist.json"
     if not path.is_file():
-        known = sorted(p.parent.name for p in Path(data_root).glob("*/datalist.json")) if Path(data_root).is_dir() else []
-        raise BadInputError(
-            f"{path}: no datalist. Run `python -m ultrarefiner preprocess` first"
-            + (f"; datalists found under {data_root}: {', '.join(known)}" if known else "")
+        known = (
+            sorted(p.parent.name for p in Path(data_root).glob("*/datalist.json")) if Path(data_root).is_dir() else []
         )
+        hint = f"; datalists found under {data_root}: {', '.join(known)}" if known else ""
+        raise BadInputError(path, f"no datalist. Run `python -m ultrarefiner preprocess` first{hint}")
     return path
 
 
