@@ -73,3 +73,11 @@ def test_cache_modes(datalist, tmp_path):
         get_dataset(datalist, 0, "val", cache="disk")
     with pytest.raises(ValueError, match="geometry must be"):
         get_transforms("unet")
+
+
+def test_native_keys_keep_full_resolution(datalist):
+    ds = get_dataset(datalist, 0, "test", img_size=64, native_keys=["image", "label"])
+    d = ds[0]
+    assert d["image"].shape == (1, 64, 64)
+    assert d["image_native"].shape == (1, 120, 160) and d["label_native"].shape == (1, 120, 160)
+    assert set(torch.unique(d["label_native"]).tolist()) == {0.0, 1.0}

@@ -23,6 +23,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import (
     AsDiscreted,
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -100,6 +101,7 @@ def get_transforms(
     img_size: int = 224,
     long_side: int = 1024,
     augment: dict | None = None,
+    native_keys: Sequence[str] = (),
 ) -> Compose:
     """The full chain for one network and one split.
 
@@ -110,11 +112,16 @@ def get_transforms(
         img_size: TransUNet input size.
         long_side: SAM input size.
         augment: keyword overrides for :func:`augment_transforms`.
+        native_keys: keys copied to ``<key>_native`` before resizing, for evaluation at native resolution
+            (batch size 1, since native sizes differ).
     """
-    chain = load_transforms(keys) + spatial_transforms(geometry, keys, img_size, long_side)
+    chain = load_transforms(keys)
+    if native_keys:
+        chain.append(CopyItemsd(keys=list(native_keys), names=[f"{k}_native" for k in native_keys]))
+    chain += spatial_transforms(geometry, keys, img_size, long_side)
     if train:
         chain += augment_transforms(keys, **(augment or {}))
-    chain.append(EnsureTyped(keys=list(keys), dtype="float32", track_meta=True))
+    chain.append(EnsureTyped(keys=list(keys) + [f"{k}_native" for k in native_keys], dtype="float32", track_meta=True))
     return Compose(chain)
 
 
