@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import busi_root
 from PIL import Image
 
+from conftest import busi_root
 from ultrarefiner.data.preprocess import preprocess
 
 

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import blob, save, scan
 
+from conftest import blob, save, scan
 from ultrarefiner.data.preprocess import preprocess
 from ultrarefiner.errors import UltraRefinerError
 
