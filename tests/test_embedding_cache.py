@@ -1,0 +1,51 @@
+"""EmbeddingCache: hits, persistence, invalidation on new weights, frozen-encoder guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ultrarefiner.networks.embedding_cache import EmbeddingCache
+
+
+def encoder() -> nn.Module:
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Conv2d(8, 8, 1))
+    return enc.requires_grad_(False)
+
+
+def test_hits_and_equal_values(tmp_path):
+    enc = encoder()
+    cache = EmbeddingCache(enc, cache_dir=tmp_path)
+    x = torch.rand(3, 3, 32, 32)
+    a = cache(x)
+    assert (cache.hits, cache.misses) == (0, 3)
+    b = cache(torch.stack([x[2], x[0]]))
+    assert (cache.hits, cache.misses) == (2, 3)
+    assert torch.allclose(b, torch.stack([a[2], a[0]]))
+    assert torch.allclose(a, enc(x), atol=1e-2)  # float16 storage
+    flipped = cache(torch.flip(x[:1], dims=[-1]))  # a flipped image is another entry
+    assert cache.misses == 4 and not torch.allclose(flipped, a[:1])
+
+
+def test_disk_cache_survives_restart_and_new_weights_invalidate(tmp_path):
+    enc = encoder()
+    x = torch.rand(2, 3, 32, 32)
+    EmbeddingCache(enc, cache_dir=tmp_path)(x)
+    again = EmbeddingCache(enc, cache_dir=tmp_path)
+    again(x)
+    assert (again.hits, again.misses) == (2, 0)
+    with torch.no_grad():
+        enc[0].weight.add_(0.1)
+    again.refresh()
+    again(x)
+    assert again.misses == 2  # new weights, new fingerprint
+
+
+def test_memory_bound_and_frozen_guard():
+    cache = EmbeddingCache(encoder(), max_items=2)
+    cache(torch.rand(3, 3, 32, 32))
+    assert len(cache._memory) == 2
+    with pytest.raises(ValueError, match="frozen encoder"):
+        EmbeddingCache(nn.Conv2d(3, 4, 1))
