@@ -1,0 +1,17 @@
+from .lora import LoRALinear as LoRALinear
+from .lora import apply_lora as apply_lora
+from .lora import count_parameters as count_parameters
+from .lora import load_lora_state_dict as load_lora_state_dict
+from .lora import lora_state_dict as lora_state_dict
+from .lora import merge_lora as merge_lora
+from .prompts import PromptGenerator as PromptGenerator
+from .prompts import moment_box as moment_box
+from .prompts import negative_point as negative_point
+from .prompts import positive_point as positive_point
+from .prompts import straight_through_box as straight_through_box
+from .prompts import tight_box as tight_box
+from .sam_geometry import SamGeometry as SamGeometry
+from .sam_refiner import SAMRefiner as SAMRefiner
+from .sam_weights import build_sam as build_sam
+from .sam_weights import build_tiny_sam as build_tiny_sam
+from .sam_weights import load_sam_checkpoint as load_sam_checkpoint

@@ -1,0 +1,224 @@
+"""SAM input/output geometry: image preprocessing, prompt coordinates, mask-prompt frame and postprocessing.
+
+Two modes, to match the checkpoint's training preprocessing (mixing them silently degrades results):
+
+``sam`` (Meta's SAM, ``SamPredictor``):
+  image longest side resized to ``img_size`` (``ResizeLongestSide``; the "exact" resize is the predictor's own PIL
+  resize on uint8), normalised once with ``pixel_mean``/``pixel_std`` on the 0-255 scale, zero-padded bottom/right
+  to img_size x img_size (after normalising, as ``Sam.preprocess``); coordinates scaled by (new_w / W, new_h / H)
+  with new size int(size * s + 0.5) (written here: ``apply_coords_torch`` breaks on tensors requiring grad); the mask
+  prompt lives in the padded low-res frame; outputs are upsampled to img_size, cropped and resized back
+  (``Sam.postprocess_masks``).
+
+``medsam`` (MedSAM's ``MedSAM_Inference.py``):
+  image squashed to img_size x img_size (aspect ratio not kept; "exact" = skimage ``transform.resize(order=3,
+  preserve_range=True, anti_aliasing=True)`` then ``astype(uint8)``), min-max scaled to [0,1] over the whole image,
+  no mean/std, no padding; coordinates/boxes scaled by img_size / [W, H, W, H]; the mask prompt is the coarse mask
+  resized to the low-res square; outputs resized straight from low-res to (H, W) (as ``medsam_inference``).
+
+Either way the encoder sees the image at its native resolution (pass the original image, not a 224 crop
+upsampled). Images are (B,C,H,W) with values on the 0-255 scale (uint8 or float), C = 1 or 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+__all__ = ["SamGeometry", "medsam_resize_uint8"]
+
+_MODES = ("sam", "medsam")
+_RESIZES = ("exact", "torch")
+
+
+def medsam_resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """MedSAM's image resize: skimage ``resize(img, (size, size), order=3, preserve_range=True,
+    anti_aliasing=True).astype(np.uint8)``.
+
+    Uses scikit-image when installed; otherwise re-states that call with scipy.ndimage (what skimage >= 0.19 runs:
+    Gaussian pre-filter with sigma max(0, (factor - 1) / 2) in 'mirror' mode, ``ndimage.zoom(order=3,
+    mode='mirror', grid_mode=True)``, clip to the input range).
+
+    Arguments:
+      image (np.ndarray): (H, W, 3) uint8.
+      size (int): output side.
+
+    Returns:
+      np.ndarray: (size, size, 3) uint8.
+    """
+    try:
+        from skimage import transform  # type: ignore[import-not-found]
+    except ImportError:
+        transform = None
+    if transform is not None:
+        out = transform.resize(image, (size, size), order=3, preserve_range=True, anti_aliasing=True)
+        return out.astype(np.uint8)
+    from scipy import ndimage
+
+    img = image.astype(np.float64)
+    factors = np.array(img.shape, dtype=float) / np.array((size, size, img.shape[2]), dtype=float)
+    sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
+    if np.any(sigma > 0):
+        img = ndimage.gaussian_filter(img, sigma, cval=0.0, mode="mirror")
+    out = ndimage.zoom(img, 1.0 / factors, order=3, mode="mirror", cval=0.0, grid_mode=True)
+    out = np.clip(out, image.min(), image.max())
+    return out.astype(np.uint8)
+
+
+class SamGeometry:
+    def __init__(
+        self,
+        mode: str = "medsam",
+        img_size: int = 1024,
+        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        image_resize: str = "exact",
+    ) -> None:
+        """
+        Arguments:
+          mode (str): ``sam`` or ``medsam`` (see module docstring); must match the checkpoint.
+          img_size (int): the image encoder's input side (1024 for SAM/MedSAM).
+          pixel_mean, pixel_std: SAM's normalisation on the 0-255 scale (``sam`` mode only).
+          image_resize (str): ``exact`` (the reference resize on uint8 on the CPU: PIL for ``sam``, skimage/scipy
+            for ``medsam``; needed to reproduce the checkpoint's preprocessing bit for bit, e.g. when building an
+            embedding cache) or ``torch`` (``F.interpolate`` on the tensor's device: bilinear antialiased for
+            ``sam`` like ``apply_image_torch``, bicubic antialiased for ``medsam``; fast, close but not identical).
+        """
+        if mode not in _MODES:
+            raise ValueError(f"preprocessing must be one of {_MODES}, got {mode!r}")
+        if image_resize not in _RESIZES:
+            raise ValueError(f"image_resize must be one of {_RESIZES}, got {image_resize!r}")
+        self.mode = mode
+        self.img_size = img_size
+        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.image_resize = image_resize
+        self.low_res_size = img_size // 4  # SAM's mask prompt / low-res output side (256 for 1024)
+
+    # ----------------------------------------------------------------------------------------- frames
+    def input_size(self, original_size: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of the image content inside the img_size x img_size encoder input."""
+        h, w = int(original_size[0]), int(original_size[1])
+        if self.mode == "sam":
+            return ResizeLongestSide.get_preprocess_shape(h, w, self.img_size)
+        return self.img_size, self.img_size
+
+    def _scale(self, original_size: Sequence[int]) -> tuple[float, float]:
+        new_h, new_w = self.input_size(original_size)
+        return new_w / float(original_size[1]), new_h / float(original_size[0])
+
+    def transform_coords(self, coords: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
+        """(...,2) (x,y) pixel coordinates of the original image -> encoder input frame (differentiable)."""
+        sx, sy = self._scale(original_size)
+        return coords * coords.new_tensor([sx, sy])
+
+    def transform_boxes(self, boxes: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
+        """(B,4) (x0,y0,x1,y1) of the original image -> encoder input frame (differentiable)."""
+        sx, sy = self._scale(original_size)
+        return boxes * boxes.new_tensor([sx, sy, sx, sy])
+
+    # ----------------------------------------------------------------------------------------- image
+    def resize_uint8(self, image: np.ndarray) -> np.ndarray:
+        """The exact reference resize of one (H,W,3) uint8 image into the encoder frame (for data workers or an
+        embedding cache): (new_h,new_w,3) in ``sam`` mode (PIL, as ``SamPredictor.set_image``), (S,S,3) in ``medsam``
+        mode (skimage/scipy, as MedSAM). Feed the result to ``preprocess_image(..., resized=True)``."""
+        if self.mode == "sam":
+            return ResizeLongestSide(self.img_size).apply_image(image)
+        return medsam_resize_uint8(image, self.img_size)
+
+    def preprocess_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
+        """
+        Arguments:
+          image (torch.Tensor): (B,C,H,W), C in {1,3}, values on the 0-255 scale (uint8 or float).
+          resized (bool): the image is already in the encoder frame (``resize_uint8`` output: long side img_size
+            for ``sam``, img_size x img_size for ``medsam``); only normalisation and padding remain.
+
+        Returns:
+          torch.Tensor: (B,3,img_size,img_size) float32 encoder input, on the image's device.
+        """
+        if image.dim() != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"image must be (B,1|3,H,W), got {tuple(image.shape)}")
+        if image.is_floating_point() and 0.0 < float(image.max()) <= 1.0:
+            raise ValueError("image values look like [0,1]; SAM/MedSAM preprocessing expects the 0-255 scale")
+        if image.shape[1] == 1:
+            image = image.expand(-1, 3, -1, -1)
+        if resized:
+            h, w = image.shape[-2:]
+            ok = max(h, w) == self.img_size if self.mode == "sam" else h == w == self.img_size
+            if not ok:
+                raise ValueError(f"a resized image must match the {self.mode} encoder frame, got {(h, w)}")
+        if self.mode == "sam":
+            x = image.float() if resized else self._resize_sam(image)
+            x = (x - self.pixel_mean.to(x.device)) / self.pixel_std.to(x.device)  # normalise once, 0-255 scale
+            h, w = x.shape[-2:]
+            return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+        x = image.float() if resized else self._resize_medsam(image)
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+    @staticmethod
+    def _to_uint8_numpy(image: torch.Tensor) -> np.ndarray:
+        """(B,3,H,W) -> (B,H,W,3) uint8 (float images are rounded and clipped)."""
+        if image.dtype != torch.uint8:
+            image = image.detach().float().round().clamp(0, 255).to(torch.uint8)
+        return image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    def _resize_sam(self, image: torch.Tensor) -> torch.Tensor:
+        new_h, new_w = self.input_size(image.shape[-2:])
+        if self.image_resize == "exact":
+            resize = ResizeLongestSide(self.img_size)
+            arr = np.stack([resize.apply_image(a) for a in self._to_uint8_numpy(image)])
+            return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
+        return F.interpolate(image.float(), (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+
+    def _resize_medsam(self, image: torch.Tensor) -> torch.Tensor:
+        if self.image_resize == "exact":
+            arr = np.stack([medsam_resize_uint8(a, self.img_size) for a in self._to_uint8_numpy(image)])
+            return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
+        x = F.interpolate(image.float(), (self.img_size, self.img_size), mode="bicubic", align_corners=False,
+                          antialias=True)
+        return x.clamp(0, 255).floor()  # the recipe casts to uint8 (truncation) before min-max
+
+    # ----------------------------------------------------------------------------------------- masks
+    def mask_prompt_frame(self, prob: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
+        """Places a soft mask of the original image into SAM's low-res mask-prompt frame (differentiable).
+
+        Arguments:
+          prob (torch.Tensor): (B,1,h,w) in [0,1], covering the whole original image (any resolution).
+          original_size: (H, W) of the original image.
+
+        Returns:
+          torch.Tensor: (B,1,L,L) probabilities, L = img_size // 4. ``sam``: the mask resized to the image's
+            content size in the encoder frame, padded with 0 (background) bottom/right, 4x average-pooled, so it
+            lines up with the padded image; ``medsam``: resized straight to L x L.
+        """
+        if self.mode == "sam":
+            new_h, new_w = self.input_size(original_size)
+            x = _resize(prob, (new_h, new_w))
+            x = F.pad(x, (0, self.img_size - new_w, 0, self.img_size - new_h), value=0.0)
+            return F.avg_pool2d(x, kernel_size=4, stride=4)
+        return _resize(prob, (self.low_res_size, self.low_res_size))
+
+    def postprocess_masks(self, low_res: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
+        """(B,C,L,L) low-res logits -> (B,C,H,W) logits at the original size (``Sam.postprocess_masks`` in
+        ``sam`` mode; one bilinear resize in ``medsam`` mode, as ``medsam_inference``)."""
+        size = (int(original_size[0]), int(original_size[1]))
+        if self.mode == "sam":
+            x = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            new_h, new_w = self.input_size(original_size)
+            x = x[..., :new_h, :new_w]
+            return F.interpolate(x, size, mode="bilinear", align_corners=False)
+        return F.interpolate(low_res, size, mode="bilinear", align_corners=False)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize, antialiased when shrinking (a thin lesion must not vanish between samples)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=shrink)

@@ -1,0 +1,333 @@
+"""SAMRefiner: refines a soft coarse mask with SAM/MedSAM through differentiable prompts.
+
+``Sam.forward`` and ``SamPredictor`` run under ``torch.no_grad()``, so this module calls the image encoder, prompt
+encoder and mask decoder directly. ``MaskDecoder.predict_masks`` assumes ONE image with N prompts (it
+``repeat_interleave``s the image embedding per prompt); here each of B images has one prompt set, decoded either
+by a batched re-statement of ``predict_masks`` (default; tested equal to the per-sample calls) or per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, Sam
+from torch import nn
+
+from .lora import apply_lora, count_parameters, has_lora
+from .prompts import PromptGenerator, probability_to_mask_logits
+from .sam_geometry import SamGeometry
+from .sam_weights import build_sam, load_sam_checkpoint
+
+__all__ = ["SAMRefiner", "decode_masks_batched"]
+
+logger = logging.getLogger(__name__)
+
+
+def decode_masks_batched(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                         sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+                         multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.forward`` for B images with one prompt set each (no ``repeat_interleave``).
+
+    Arguments:
+      decoder (MaskDecoder): segment-anything mask decoder.
+      image_embeddings (torch.Tensor): (B,C,h,w).
+      image_pe (torch.Tensor): (1,C,h,w) dense positional encoding.
+      sparse_prompt_embeddings (torch.Tensor): (B,N,C).
+      dense_prompt_embeddings (torch.Tensor): (B,C,h,w).
+      multimask_output (bool): three candidates (True) or the single-mask output.
+
+    Returns:
+      torch.Tensor: (B,K,4h,4w) mask logits, K = 3 or 1.
+      torch.Tensor: (B,K) predicted IoUs.
+    """
+    b = image_embeddings.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
+    tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+    src = image_embeddings + dense_prompt_embeddings
+    pos_src = image_pe.expand(b, -1, -1, -1)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+    src = src.transpose(1, 2).reshape(b, c, h, w)
+    upscaled = decoder.output_upscaling(src)
+    hyper_in = torch.stack(
+        [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(decoder.num_mask_tokens)],
+        dim=1,
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou_pred = decoder.iou_prediction_head(iou_token_out)
+    mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, mask_slice], iou_pred[:, mask_slice]
+
+
+class SAMRefiner(nn.Module):
+    def __init__(
+        self,
+        sam: Sam | None = None,
+        model_type: str = "vit_b",
+        checkpoint: str | Path | None = None,
+        preprocessing: str = "medsam",
+        image_resize: str = "exact",
+        use_point_prompt: bool = True,
+        use_negative_point: bool = False,
+        use_box_prompt: bool = True,
+        use_mask_prompt: bool = True,
+        box_mode: str = "straight_through",
+        box_weighting: str = "soft_threshold",
+        point_temperature: float = 1.0,
+        point_window: float = 0.5,
+        negative_margin: float = 0.05,
+        prompt_max_side: int = 128,
+        mask_prompt_mode: str = "linear",
+        mask_prompt_max_logit: float = 10.0,
+        freeze_image_encoder: bool = True,
+        freeze_prompt_encoder: bool = False,
+        freeze_mask_decoder: bool = False,
+        use_lora: bool = False,
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: Sequence[str] = ("qkv",),
+        multimask_output: bool = True,
+        selection_temperature: float = 0.1,
+        selection_grad: bool = False,
+        batched_decoder: bool = True,
+    ) -> None:
+        """
+        SAM/MedSAM refiner of a soft coarse mask, differentiable with respect to that mask.
+
+        Arguments:
+          sam (Sam or None): a built segment-anything model; None builds ``model_type`` from ``checkpoint``.
+          model_type (str): ``vit_b`` (SAM/MedSAM base), ``vit_l``, ``vit_h`` (when ``sam`` is None).
+          checkpoint (str or None): SAM/MedSAM file loaded strictly by ``sam_weights.load_sam_checkpoint``
+            (before LoRA is added). None keeps the random init (tests).
+          preprocessing (str): ``medsam`` (default; for MedSAM weights) or ``sam`` (Meta's weights); see
+            ``sam_geometry``.
+          image_resize (str): ``exact`` (reference CPU resize) or ``torch`` (on-device, approximate).
+          use_point_prompt, use_negative_point, use_box_prompt (bool): sparse prompts (``prompts.PromptGenerator``).
+          use_mask_prompt (bool): feed the coarse mask as SAM's dense mask prompt.
+          box_mode (str): ``straight_through`` (tight box forward, moment-box gradient), ``moment`` or ``tight``.
+          box_weighting, point_temperature, point_window, negative_margin, prompt_max_side: prompt settings.
+          mask_prompt_mode (str), mask_prompt_max_logit (float): probability -> logit map of the mask prompt
+            (``prompts.probability_to_mask_logits``).
+          freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder (bool): requires_grad off.
+          use_lora (bool): LoRA adapters on the image encoder (only adapters train there).
+          lora_rank, lora_alpha, lora_dropout, lora_target_modules: adapter settings (``lora.apply_lora``).
+          multimask_output (bool): three candidates (default) or SAM's single-mask output.
+          selection_temperature (float): training-time soft selection weights softmax(iou_pred / T).
+          selection_grad (bool): let the segmentation loss reach the IoU head through the selection weights
+            (False: the IoU head is trained by the IoU-prediction loss only, keeping it calibrated).
+          batched_decoder (bool): batched decoder (True) or a per-sample loop over ``MaskDecoder.forward``.
+        """
+        super().__init__()
+        if sam is None:
+            sam = build_sam(model_type, checkpoint)
+        elif checkpoint is not None:
+            load_sam_checkpoint(sam, checkpoint)
+        self.sam = sam
+        self.geometry = SamGeometry(preprocessing, sam.image_encoder.img_size, sam.pixel_mean.flatten().tolist(),
+                                    sam.pixel_std.flatten().tolist(), image_resize)
+        self.prompt_generator = PromptGenerator(use_point_prompt, use_negative_point, use_box_prompt, box_mode,
+                                                box_weighting, point_temperature, point_window, negative_margin,
+                                                prompt_max_side)
+        self.use_mask_prompt = use_mask_prompt
+        self.mask_prompt_mode = mask_prompt_mode
+        self.mask_prompt_max_logit = mask_prompt_max_logit
+        self.multimask_output = multimask_output
+        self.selection_temperature = selection_temperature
+        self.selection_grad = selection_grad
+        self.batched_decoder = batched_decoder
+        self.freeze_image_encoder = freeze_image_encoder
+
+        sam.image_encoder.requires_grad_(not freeze_image_encoder)
+        sam.prompt_encoder.requires_grad_(not freeze_prompt_encoder)
+        sam.mask_decoder.requires_grad_(not freeze_mask_decoder)
+        if use_lora:
+            apply_lora(sam.image_encoder, lora_rank, lora_alpha, lora_dropout, lora_target_modules, freeze_base=True)
+        logger.info("SAMRefiner (%s preprocessing, lora=%s) parameters: %s", preprocessing, use_lora,
+                    self.parameter_counts())
+
+    # --------------------------------------------------------------------------------------------- parts
+    @property
+    def preprocessing(self) -> str:
+        return self.geometry.mode
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total / trainable / LoRA parameter counts (``lora.count_parameters``), for logging."""
+        return count_parameters(self)
+
+    def preprocess_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
+        """(B,1|3,H,W) 0-255 image -> (B,3,S,S) encoder input (S = 1024 for vit_b); see
+        ``SamGeometry.preprocess_image`` (``resized``: already in the encoder frame)."""
+        return self.geometry.preprocess_image(image, resized)
+
+    def encoder_trainable(self) -> bool:
+        encoder = self.sam.image_encoder
+        return has_lora(encoder) or any(p.requires_grad for p in encoder.parameters())
+
+    def encode_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
+        """(B,1|3,H,W) 0-255 image -> (B,256,S/16,S/16) image embeddings (what an embedding cache stores).
+
+        Runs without autograd when the encoder is frozen and has no LoRA adapters.
+        """
+        x = self.preprocess_image(image, resized).to(self.sam.pixel_mean.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable()):
+            return self.sam.image_encoder(x)
+
+    @staticmethod
+    def _mask_to_image_frame(xy: torch.Tensor, mask_size: Sequence[int], original_size: Sequence[int],
+                             edge: str = "centre") -> torch.Tensor:
+        """Pixel-index coordinates (...,2) of the coarse-mask frame -> original image frame.
+
+        ``centre``: pixel centres aligned (points); ``min``/``max``: the first/last image pixel covered by the mask
+        pixel (box corners, so a box keeps covering the whole lesion when the mask is coarser than the image).
+        """
+        sx = float(original_size[1]) / mask_size[1]
+        sy = float(original_size[0]) / mask_size[0]
+        if sx == 1.0 and sy == 1.0:
+            return xy
+        scale = xy.new_tensor([sx, sy])
+        if edge == "min":
+            return xy * scale
+        if edge == "max":
+            return (xy + 1.0) * scale - 1.0
+        return (xy + 0.5) * scale - 0.5
+
+    def make_prompts(self, coarse: torch.Tensor, original_size: Sequence[int]) -> dict[str, torch.Tensor | None]:
+        """Prompts from the coarse mask, in the original image frame.
+
+        Arguments:
+          coarse (torch.Tensor): (B,1,h,w) soft mask in [0,1] covering the whole image (any resolution).
+          original_size: (H, W) of the image.
+
+        Returns:
+          dict: "point_coords" (B,N,2) / "point_labels" (B,N) / "boxes" (B,4) in original-image pixels (each None
+            when disabled), "mask_input" (B,1,L,L) mask-prompt logits in SAM's low-res frame (None when disabled).
+        """
+        prompts = self.prompt_generator(coarse)
+        mask_size = coarse.shape[-2:]
+        if prompts["point_coords"] is not None:
+            prompts["point_coords"] = self._mask_to_image_frame(prompts["point_coords"], mask_size, original_size)
+        if prompts["boxes"] is not None:
+            boxes = prompts["boxes"]
+            prompts["boxes"] = torch.cat([self._mask_to_image_frame(boxes[:, :2], mask_size, original_size, "min"),
+                                          self._mask_to_image_frame(boxes[:, 2:], mask_size, original_size, "max")],
+                                         dim=1)
+        prompts["mask_input"] = None
+        if self.use_mask_prompt:
+            low = self.geometry.mask_prompt_frame(coarse, original_size)
+            prompts["mask_input"] = probability_to_mask_logits(low, self.mask_prompt_mode, self.mask_prompt_max_logit)
+        return prompts
+
+    def decode(self, image_embeddings: torch.Tensor, prompts: dict[str, torch.Tensor | None],
+               original_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for B images with one prompt set each (prompts in the image frame).
+
+        Returns:
+          torch.Tensor: (B,K,L,L) low-res logits; torch.Tensor: (B,K) predicted IoUs.
+        """
+        pe = self.sam.prompt_encoder
+        dtype = pe.pe_layer.positional_encoding_gaussian_matrix.dtype  # prompts are float32; a .half() model is not
+        points = None
+        if prompts.get("point_coords") is not None:
+            coords = self.geometry.transform_coords(prompts["point_coords"], original_size)
+            points = (coords.to(dtype), prompts["point_labels"])
+        boxes = prompts.get("boxes")
+        if boxes is not None:
+            boxes = self.geometry.transform_boxes(boxes, original_size).to(dtype)
+        masks = prompts.get("mask_input")
+        if masks is not None:
+            masks = masks.to(pe.mask_downscaling[0].weight.dtype)
+        sparse, dense = pe(points=points, boxes=boxes, masks=masks)
+        b = image_embeddings.shape[0]
+        if dense.shape[0] != b:  # no prompt at all: the encoder returns batch 1
+            dense = dense.expand(b, -1, -1, -1)
+            sparse = sparse.expand(b, -1, -1)
+        image_pe = pe.get_dense_pe()
+        decoder = self.sam.mask_decoder
+        if self.batched_decoder:
+            return decode_masks_batched(decoder, image_embeddings, image_pe, sparse, dense, self.multimask_output)
+        outs = [decoder(image_embeddings=image_embeddings[i : i + 1], image_pe=image_pe,
+                        sparse_prompt_embeddings=sparse[i : i + 1], dense_prompt_embeddings=dense[i : i + 1],
+                        multimask_output=self.multimask_output) for i in range(b)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def selection_weights(self, iou_predictions: torch.Tensor) -> torch.Tensor:
+        """(B,K) weights over candidates: softmax(iou / T) in training mode, one-hot argmax in eval mode."""
+        if not self.training:
+            return F.one_hot(iou_predictions.argmax(dim=1), iou_predictions.shape[1]).to(iou_predictions.dtype)
+        scores = iou_predictions if self.selection_grad else iou_predictions.detach()
+        return torch.softmax(scores / self.selection_temperature, dim=1)
+
+    # --------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        coarse: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        original_size: Sequence[int] | None = None,
+    ) -> dict[str, object]:
+        """
+        Arguments:
+          image (torch.Tensor or None): (B,1|3,H,W) image on the 0-255 scale at native resolution; or, with
+            ``original_size`` given and different from its size, already resized into the encoder frame by
+            ``geometry.resize_uint8`` (e.g. in data workers: the exact resize is slow on the main process).
+          coarse (torch.Tensor): (B,1,h,w) soft coarse mask in [0,1] covering the whole image; h,w may differ
+            from H,W (e.g. TransUNet's 224 output): prompts are mapped to the image frame.
+          image_embeddings (torch.Tensor or None): (B,256,S/16,S/16) precomputed ``encode_image`` output (embedding
+            cache); then ``original_size`` (H, W) is required and ``image`` is not used. Refused in training mode
+            when the encoder is trainable (LoRA or unfrozen): cached embeddings would silently cut its gradient.
+          original_size: (H, W) of the image, shared by the batch.
+
+        Returns:
+          dict with
+            "low_res_logits": (B,K,L,L) all candidates (K = 3 with multimask_output, L = S/4 = 256 for vit_b);
+            "iou_predictions": (B,K);
+            "selection_weights": (B,K) (soft while training, one-hot argmax in eval);
+            "low_res_masks": (B,1,L,L) selected logits, sum_k w_k low_res_logits_k;
+            "candidate_logits": (B,K,H,W) all candidates at the original size;
+            "masks": (B,1,H,W) selected logits at the original size;
+            "prompts": {"point_coords" (B,N,2), "point_labels" (B,N), "boxes" (B,4) in image pixels,
+                        "mask_input" (B,1,L,L) logits}, entries None when disabled.
+        """
+        if coarse is None:
+            raise ValueError("SAMRefiner needs the coarse mask (B,1,h,w)")
+        if image_embeddings is None:
+            if image is None:
+                raise ValueError("give either image or image_embeddings (+ original_size)")
+            resized = original_size is not None and tuple(original_size) != tuple(image.shape[-2:])
+            if not resized:
+                original_size = tuple(image.shape[-2:])
+            elif tuple(image.shape[-2:]) != self.geometry.input_size(original_size):
+                raise ValueError(f"image {tuple(image.shape[-2:])} is neither original_size {tuple(original_size)} "
+                                 f"nor its encoder frame {self.geometry.input_size(original_size)}")
+            image_embeddings = self.encode_image(image, resized)
+        elif original_size is None:
+            raise ValueError("original_size (H, W) is required with image_embeddings")
+        elif self.training and self.encoder_trainable():
+            raise ValueError("precomputed image_embeddings with a trainable image encoder (LoRA/unfrozen) in "
+                             "training mode: the encoder would get no gradient")
+        original_size = (int(original_size[0]), int(original_size[1]))
+        coarse = coarse.float()  # prompt geometry in float32 (bf16 would round 1024-frame coordinates by pixels)
+        prompts = self.make_prompts(coarse, original_size)
+        low_res, iou = self.decode(image_embeddings, prompts, original_size)
+        weights = self.selection_weights(iou)
+        low_res_sel = (weights[:, :, None, None] * low_res).sum(dim=1, keepdim=True)
+        candidates = self.geometry.postprocess_masks(low_res, original_size)
+        masks = (weights[:, :, None, None] * candidates).sum(dim=1, keepdim=True)  # postprocess is linear
+        return {
+            "low_res_logits": low_res,
+            "iou_predictions": iou,
+            "selection_weights": weights,
+            "low_res_masks": low_res_sel,
+            "candidate_logits": candidates,
+            "masks": masks,
+            "prompts": prompts,
+        }
