@@ -1,0 +1,84 @@
+"""Metric set: known HD95 cases, empty-mask definitions, agreement with MONAI, Ignite handlers on an evaluator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU
+
+from ultrarefiner.engines import SegmentationMetricHandler, segmentation_metrics, validation_metrics
+
+
+def square(y: int, x: int, size: int = 10, shape: tuple[int, int] = (48, 48)) -> torch.Tensor:
+    m = torch.zeros(1, *shape)
+    m[0, y : y + size, x : x + size] = 1
+    return m
+
+
+def test_hd95_two_squares_offset_by_known_distance():
+    a, b = square(10, 10), square(10, 15)  # same square moved 5 px right
+    m = segmentation_metrics(a, b)
+    assert m["hd95"] == pytest.approx(5.0)
+    assert m["dice"] == pytest.approx(0.5) and m["iou"] == pytest.approx(1 / 3)
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
+    assert m["accuracy"] == pytest.approx(1 - 100 / 48**2)
+    assert segmentation_metrics(square(10, 10), square(17, 10))["hd95"] == pytest.approx(7.0)
+    assert segmentation_metrics(a, a)["hd95"] == 0.0
+
+
+def test_empty_cases_are_defined():
+    empty, lesion = torch.zeros(1, 30, 40), square(5, 5, shape=(30, 40))
+    both = segmentation_metrics(empty, empty)
+    assert both == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "accuracy": 1.0, "hd95": 0.0}
+    missed = segmentation_metrics(empty, lesion)  # empty prediction on a lesion
+    assert missed["hd95"] == pytest.approx(math.hypot(30, 40)) == pytest.approx(50.0)
+    assert missed["dice"] == missed["iou"] == missed["precision"] == missed["recall"] == 0.0
+    false_alarm = segmentation_metrics(lesion, empty)
+    assert false_alarm["hd95"] == pytest.approx(50.0)
+    assert false_alarm["precision"] == false_alarm["recall"] == 0.0
+    assert all(math.isfinite(v) for m in (both, missed, false_alarm) for v in m.values())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside MONAI's own HausdorffDistanceMetric
+def test_batch_and_one_hot_inputs_agree_with_monai():
+    torch.manual_seed(0)
+    pred = torch.stack([square(4, 6, 12, (40, 40)), square(20, 20, 8, (40, 40)), square(5, 5, 15, (40, 40))])
+    label = torch.stack([square(6, 8, 10, (40, 40)), square(18, 22, 9, (40, 40)), square(10, 12, 15, (40, 40))])
+    ours = segmentation_metrics(pred, label)
+    assert ours["dice"].shape == (3,)
+    assert torch.allclose(ours["dice"], DiceMetric(include_background=True, reduction="none")(pred, label)[:, 0])
+    assert torch.allclose(ours["iou"], MeanIoU(include_background=True, reduction="none")(pred, label)[:, 0])
+    for name, monai_name in (("precision", "precision"), ("recall", "sensitivity"), ("accuracy", "accuracy")):
+        cm = ConfusionMatrixMetric(include_background=True, metric_name=monai_name, reduction="none")
+        cm(pred, label)
+        assert torch.allclose(ours[name], cm.aggregate()[0][:, 0]), name
+    hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred, label)[:, 0]
+    assert torch.allclose(ours["hd95"], hd.float())
+    one_hot = segmentation_metrics(torch.cat([1 - pred, pred], 1), torch.cat([1 - label, label], 1))
+    assert all(torch.allclose(one_hot[k], ours[k]) for k in ours)
+    with pytest.raises(ValueError, match="binary mask"):
+        segmentation_metrics(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_ignite_handlers_on_an_evaluator():
+    a, b, empty = square(10, 10), square(10, 15), torch.zeros(1, 48, 48)
+    batches = [
+        {"pred": [torch.cat([1 - a, a]), torch.cat([1 - empty, empty])], "label": [torch.cat([1 - b, b])] * 2},
+        {"pred": [torch.cat([1 - b, b])], "label": [torch.cat([1 - b, b])]},
+    ]
+    evaluator = Engine(
+        lambda engine, batch: [{"pred": p, "label": y} for p, y in zip(batch["pred"], batch["label"], strict=True)]
+    )
+    SegmentationMetricHandler("dice").attach(evaluator, "val_mean_dice")
+    metrics = validation_metrics(names=("iou", "precision", "recall", "accuracy", "hd95"))
+    assert set(metrics) == {"val_mean_iou", "val_precision", "val_recall", "val_accuracy", "val_hd95"}
+    for name, metric in metrics.items():
+        metric.attach(evaluator, name)
+    state = evaluator.run(batches)
+    assert state.metrics["val_mean_dice"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert state.metrics["val_precision"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert state.metrics["val_hd95"] == pytest.approx((5.0 + math.hypot(48, 48) + 0.0) / 3)
+    assert state.metric_details["val_mean_dice"].shape == (3, 1)

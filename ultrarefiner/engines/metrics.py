@@ -1,0 +1,196 @@
+"""The segmentation metric set of all three bundles: Dice, IoU (Jaccard), Precision, Recall, Accuracy, HD95.
+
+Binary foreground metrics per image, from MONAI's confusion matrix (``get_confusion_matrix``) and Hausdorff
+distance (``compute_hausdorff_distance(percentile=95)``); on images where prediction and label are both
+non-empty they equal MONAI's ``DiceMetric``, ``MeanIoU``, ``ConfusionMatrixMetric`` (precision, sensitivity,
+accuracy) and ``HausdorffDistanceMetric(percentile=95)``. Empty masks are defined, never NaN:
+
+- Dice, IoU, Precision, Recall: a 0/0 ratio is 1 when prediction and label are both empty, else 0 (an empty
+  prediction on a lesion has precision 0; a prediction on an empty label has recall 0).
+- HD95 (pixels): 0 when both are empty; the image diagonal sqrt(H**2 + W**2) when exactly one is empty (worse
+  than any distance between two masks in the image).
+- Accuracy: always defined.
+
+Inputs are binary masks (B, 1, H, W) or (1, H, W); two-channel one-hot inputs (B, 2, H, W) are reduced to the
+foreground channel. The same definitions serve the Ignite metrics of the validation loops
+(``SegmentationMetricHandler``, ``validation_metrics``) and the per-image CSV of evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import CumulativeIterationMetric, compute_hausdorff_distance, get_confusion_matrix
+
+METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy", "hd95")
+# Ignite names of the validation metrics; "val_mean_dice" is the key metric of the bundles.
+HANDLER_NAMES = {
+    "dice": "mean_dice",
+    "iou": "mean_iou",
+    "precision": "precision",
+    "recall": "recall",
+    "accuracy": "accuracy",
+    "hd95": "hd95",
+}
+
+
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1|2, H, W) -> bool (B, 1, H, W): the mask itself or the foreground channel of a one-hot pair."""
+    x = torch.as_tensor(x)
+    if x.ndim != 4 or x.shape[1] not in (1, 2):
+        raise ValueError(
+            f"expected a binary mask (B, 1, H, W), (1, H, W) or one-hot (B, 2, H, W), got {tuple(x.shape)}"
+        )
+    return x[:, -1:] > 0.5
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, both_empty: torch.Tensor) -> torch.Tensor:
+    safe = torch.where(den > 0, num / den.clamp(min=1), both_empty.float())
+    return safe.float()
+
+
+def _hd95(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Per image HD95 for bool (B, 1, H, W) masks, empty cases as documented in the module."""
+    b, _, h, w = pred.shape
+    out = torch.empty(b)
+    diagonal = math.hypot(h, w)
+    for i in range(b):
+        p_any, l_any = bool(pred[i].any()), bool(label[i].any())
+        if not p_any and not l_any:
+            out[i] = 0.0
+        elif p_any != l_any:
+            out[i] = diagonal
+        else:
+            with warnings.catch_warnings():  # MONAI's own deprecated internal argument (get_mask_edges)
+                warnings.simplefilter("ignore", FutureWarning)
+                out[i] = compute_hausdorff_distance(
+                    pred[i : i + 1].float(), label[i : i + 1].float(), include_background=True, percentile=95
+                ).reshape(())
+    return out
+
+
+def batch_metrics(
+    pred: torch.Tensor, label: torch.Tensor, names: Sequence[str] = METRIC_NAMES
+) -> dict[str, torch.Tensor]:
+    """Per-image metrics of a batch: name -> float tensor (B,). ``pred``/``label``: (B, 1|2, H, W)."""
+    unknown = set(names) - set(METRIC_NAMES)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {METRIC_NAMES}")
+    p, y = _foreground(pred).cpu(), _foreground(label).cpu()
+    if p.shape != y.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and label {tuple(y.shape)} differ in shape")
+    cm = get_confusion_matrix(p.float(), y.float(), include_background=True)[:, 0]  # (B, 4): tp, fp, tn, fn
+    tp, fp, tn, fn = cm.unbind(-1)
+    both_empty = (tp + fp + fn) == 0
+    values = {
+        "dice": lambda: _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
+        "iou": lambda: _ratio(tp, tp + fp + fn, both_empty),
+        "precision": lambda: _ratio(tp, tp + fp, both_empty),
+        "recall": lambda: _ratio(tp, tp + fn, both_empty),
+        "accuracy": lambda: ((tp + tn) / (tp + fp + tn + fn)).float(),
+        "hd95": lambda: _hd95(p, y),
+    }
+    return {n: values[n]() for n in names}
+
+
+def segmentation_metrics(
+    pred: torch.Tensor, label: torch.Tensor, names: Sequence[str] = METRIC_NAMES
+) -> dict[str, float | torch.Tensor]:
+    """Dice, IoU, Precision, Recall, Accuracy and HD95 of binary masks.
+
+    Arguments:
+      pred, label: one image (1, H, W) -> dict of floats; or a batch (B, 1, H, W) -> dict of (B,) tensors.
+        Values > 0.5 are foreground; (.., 2, H, W) one-hot inputs use channel 1.
+      names: which metrics to compute (HD95 is the slow one).
+    """
+    pred, label = torch.as_tensor(pred), torch.as_tensor(label)
+    single = pred.ndim == 3
+    if single:
+        pred, label = pred.unsqueeze(0), label.unsqueeze(0)
+    out = batch_metrics(pred, label, names)
+    return {k: float(v[0]) for k, v in out.items()} if single else out
+
+
+class SegmentationMetric(CumulativeIterationMetric):
+    """One metric of the set as a MONAI cumulative metric: buffers per-image values, ``aggregate`` is their mean."""
+
+    def __init__(self, metric_name: str = "dice") -> None:
+        """
+        Arguments:
+          metric_name (str): one of ``METRIC_NAMES``.
+        """
+        super().__init__()
+        if metric_name not in METRIC_NAMES:
+            raise ValueError(f"unknown metric {metric_name!r}; known: {METRIC_NAMES}")
+        self.metric_name = metric_name
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if y is None:
+            raise ValueError("a label is required")
+        return batch_metrics(y_pred, y, (self.metric_name,))[self.metric_name].unsqueeze(1)  # (B, 1)
+
+    def aggregate(self) -> torch.Tensor:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor) or data.numel() == 0:
+            raise ValueError(f"no values to aggregate for {self.metric_name}")
+        return data.float().mean()
+
+
+class SegmentationMetricHandler(IgniteMetricHandler):
+    """Ignite metric for SupervisedTrainer/SupervisedEvaluator (``key_val_metric``/``additional_metrics``).
+
+    Expects ``[y_pred, y]`` from ``output_transform`` (default ``from_engine(["pred", "label"])``): decollated lists of
+    (C, H, W) or batches (B, C, H, W), C = 1 (mask) or 2 (one-hot after ``AsDiscreted``).
+    """
+
+    def __init__(
+        self, metric_name: str = "dice", output_transform: Callable | None = None, save_details: bool = True
+    ) -> None:
+        """
+        Arguments:
+          metric_name (str): one of ``METRIC_NAMES``.
+          output_transform (callable): engine output -> [y_pred, y].
+          save_details (bool): keep per-image values in ``engine.state.metric_details``.
+        """
+        super().__init__(
+            metric_fn=SegmentationMetric(metric_name),
+            output_transform=output_transform or from_engine(["pred", "label"]),
+            save_details=save_details,
+        )
+
+
+def logits_and_label_index(output: Any, logits_key: str = "logits", label_key: str = "label") -> tuple[list, list]:
+    """Engine output -> ([logits], [label]) for a loss taking class-index labels (``to_onehot_y=True``): labels
+    one-hot encoded by post-processing, (C > 1, H, W), are turned back into (1, H, W) indices."""
+    logits, labels = from_engine([logits_key, label_key])(output)
+    labels = [y.argmax(0, keepdim=True) if y.shape[0] > 1 else y for y in labels]
+    return logits, labels
+
+
+def validation_metrics(
+    prefix: str = "val_",
+    names: Sequence[str] = ("dice", "iou", "precision", "recall", "accuracy"),
+    output_transform: Callable | None = None,
+    loss_fn: Callable | None = None,
+    loss_output_transform: Callable | None = None,
+) -> dict[str, IgniteMetricHandler]:
+    """Ignite metrics named ``{prefix}mean_dice``, ``{prefix}mean_iou``, ``{prefix}precision``, ``{prefix}recall``,
+    ``{prefix}accuracy`` (and ``{prefix}hd95`` if in ``names``), for a bundle's ``additional_metrics``.
+
+    ``loss_fn`` adds ``{prefix}loss`` (MONAI's loss metric over ``loss_output_transform``, default
+    ``logits_and_label_index``): the evaluator's ``pred`` is usually discretised by post-processing, so keep the raw
+    logits under another key (``CopyItemsd(keys="pred", names="logits")`` as the first post-processing step).
+    """
+    out: dict[str, IgniteMetricHandler] = {
+        f"{prefix}{HANDLER_NAMES[n]}": SegmentationMetricHandler(n, output_transform) for n in names
+    }
+    if loss_fn is not None:
+        out[f"{prefix}loss"] = IgniteMetricHandler(
+            loss_fn=loss_fn, output_transform=loss_output_transform or logits_and_label_index
+        )
+    return out
