@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "ultrarefiner.commands.demo:demo",
     "preprocess": "ultrarefiner.commands.preprocess:preprocess",
+    "predict_transunet": "ultrarefiner.commands.predict_transunet:predict_transunet",
     "augment": "ultrarefiner.commands.augment:augment",
 }
 

@@ -123,6 +123,10 @@ class ConsoleReport:
             self.evaluator.add_event_handler(Events.COMPLETED, self._validation_table)
 
     def _header(self, engine: Engine) -> None:
+        # a resumed run restores the evaluator's best before this runs (checkpoint handler attached earlier)
+        if self.evaluator is not None and getattr(self.evaluator.state, "best_metric_epoch", -1) > 0:
+            self.best = float(self.evaluator.state.best_metric)
+            self.best_epoch = int(self.evaluator.state.best_metric_epoch)
         rule = "=" * 78
         self._print(rule)
         self._print(f"Experiment: {self.experiment} | Dataset: {self.dataset} | Fold {self.fold + 1}/{self.n_splits}")

@@ -1,0 +1,204 @@
+"""bundles/transunet: train, resume after a kill, evaluate, inference, multi-GPU (gloo on CPU), verify, export.
+
+Tiny settings (32x32 input, one ViT block, 2 iterations) on the real configs and code paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bundle_utils import REPO, assert_ok, bundle_cmd, verify_metadata
+
+TRAIN = ["train.json"]
+TINY = {"img_size": 32, "vit_depth": 1, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ultrarefiner.data.preprocess import preprocess
+    from ultrarefiner.data.synthetic import write_busi_tree
+
+    tmp = tmp_path_factory.mktemp("tu")
+    write_busi_tree(tmp / "raw", n_benign=6, n_malignant=4, n_normal=1, seed=5, size=(96, 128))
+    preprocess(tmp / "raw", tmp / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
+    return tmp
+
+
+def overrides(data: Path, **extra) -> dict:
+    return {
+        "data_root": str(data / "processed"),
+        "ckpt_root": str(data / "ckpt"),
+        "model_path": str(data / "models" / "model.pt"),
+        "n_splits": 2,
+        **TINY,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    res = bundle_cmd("run", "transunet", TRAIN, overrides(data, epochs=2))
+    assert_ok(res)
+    return data, res
+
+
+def test_train_writes_checkpoints_and_report(trained):
+    data, res = trained
+    fold = data / "ckpt" / "transunet" / "BUSI" / "fold_0"
+    best = torch.load(fold / "best.pt", weights_only=True)
+    last = torch.load(fold / "last.pt", weights_only=False)
+    assert best["network_kwargs"]["img_size"] == 32 and 0.0 <= best["metric"] <= 1.0
+    assert last["epoch"] == 2 and "optimizer" in last and "lr_scheduler" in last
+    assert (data / "models" / "model.pt").is_file()
+    assert any((fold / "tensorboard").iterdir())
+    out = res.stdout + res.stderr
+    assert "[TRAIN]" in out and "[VALIDATION]" in out
+
+
+def test_resume_after_kill(data):
+    ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"))
+    root = REPO / "bundles" / "transunet"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(root / "configs" / "train.json"),
+        "--bundle_root",
+        str(root),
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+    ]
+    for k, v in ov.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    last = data / "ckpt_kill" / "transunet" / "BUSI" / "fold_0" / "last.pt"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not last.is_file():
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    assert 1 <= epoch_at_kill < 400
+    assert not list(last.parent.glob("*.tmp"))  # no half-written checkpoint left behind
+    res = bundle_cmd("run", "transunet", TRAIN, {**ov, "epochs": epoch_at_kill + 1})
+    assert_ok(res)
+    assert "resumed from" in res.stdout + res.stderr
+    assert torch.load(last, weights_only=False)["epoch"] == epoch_at_kill + 1
+
+
+def test_evaluate_native_resolution(trained):
+    data, _ = trained
+    res = bundle_cmd("run", "transunet", ["train.json", "evaluate.json"], overrides(data))
+    assert_ok(res)
+    ev = data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "eval_test"
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["n_images"] == len(
+        json.loads((data / "processed" / "BUSI" / "datalist.json").read_text())["testing"]
+    )
+    for k in ("dice", "iou", "precision", "recall", "accuracy", "hd95"):
+        assert k in summary["metrics"]
+    rows = (ev / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("image,height,width") and len(rows) == summary["n_images"] + 1
+    assert ",96,128," in rows[1]  # native size, not 32x32
+    assert list((ev / "overlays").glob("*.png"))
+
+
+def test_inference(trained, tmp_path):
+    data, _ = trained
+    res = bundle_cmd(
+        "run",
+        "transunet",
+        ["inference.json"],
+        {
+            "input_dir": str(data / "processed" / "BUSI" / "images"),
+            "output_dir": str(tmp_path / "pred"),
+            "ckpt_path": str(data / "models" / "model.pt"),
+            "img_size": 32,
+            "vit_depth": 1,
+        },
+    )
+    assert_ok(res)
+    from PIL import Image
+
+    outs = sorted((tmp_path / "pred").rglob("*.png"))
+    assert len(outs) == len(list((data / "processed" / "BUSI" / "images").glob("*.png")))
+    src = Image.open(data / "processed" / "BUSI" / "images" / outs[0].name.replace("_seg", ""))
+    assert Image.open(outs[0]).size == src.size
+
+
+def test_multi_gpu_config_with_gloo(data):
+    root = REPO / "bundles" / "transunet"
+    files = json.dumps([str(root / "configs" / "train.json"), str(root / "configs" / "multi_gpu_train.json")])
+    ov = overrides(data, epochs=1, ckpt_root=str(data / "ckpt_ddp"), model_path=str(data / "ddp_model.pt"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--bundle_root",
+        str(root),
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+    ]
+    for k, v in ov.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert_ok(res)
+    assert (data / "ckpt_ddp" / "transunet" / "BUSI" / "fold_0" / "last.pt").is_file()
+
+
+def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
+    data, _ = trained
+    assert_ok(verify_metadata("transunet"))
+    small = {"img_size": 32, "vit_depth": 1}
+    meta = tmp_path / "metadata.json"
+    m = json.loads((REPO / "bundles" / "transunet" / "configs" / "metadata.json").read_text())
+    for io in ("inputs", "outputs"):
+        for v in m["network_data_format"][io].values():
+            v["spatial_shape"] = [32, 32]
+    meta.write_text(json.dumps(m))
+    res = bundle_cmd(
+        "verify_net_in_out", "transunet", ["inference.json"], {"net_id": "network_def", **small, "meta_file": str(meta)}
+    )
+    assert_ok(res)
+    ts = tmp_path / "model.ts"
+    res = bundle_cmd(
+        "ckpt_export",
+        "transunet",
+        ["inference.json"],
+        {
+            "net_id": "network_def",
+            "filepath": str(ts),
+            "ckpt_file": str(data / "models" / "model.pt"),
+            "use_trace": True,
+            "meta_file": str(meta),
+            **small,
+        },
+    )
+    assert_ok(res)
+    scripted = torch.jit.load(str(ts))
+    x = torch.rand(1, 1, 32, 32)
+    from ultrarefiner.engines.transunet_predict import load_transunet
+
+    ref = load_transunet(data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt")
+    assert torch.allclose(scripted(x), ref(x), atol=1e-4)

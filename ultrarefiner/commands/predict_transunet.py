@@ -1,0 +1,47 @@
+"""``python -m ultrarefiner predict-transunet``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ultrarefiner.commands.args import check_range
+
+
+def predict_transunet(
+    data_root: str = "./dataset/processed",
+    dataset: str = "BUSI",
+    checkpoint_root: str = "./checkpoints/transunet",
+    output_dir: str = "./predictions/transunet",
+    n_splits: int = 5,
+    device: str = "auto",
+    batch_size: int = 8,
+    amp: bool = True,
+) -> None:
+    """Out-of-fold TransUNet predictions for phase 2 option B (the refiner trained on real coarse masks).
+
+    Every training image gets the soft prediction of the fold model that did not train on it; test images get
+    each fold model's prediction and their mean. Writes soft masks (8-bit PNG, p*255, native size) under
+    <output_dir>/<dataset>/fold_<k>/coarse/ and <output_dir>/<dataset>/ensemble/coarse/, and
+    <output_dir>/<dataset>/datalist.json (the source datalist plus a "coarse" key per item).
+
+    Args:
+        data_root: output_root of `preprocess`.
+        dataset: dataset or combined name (a folder of data_root with a datalist.json).
+        checkpoint_root: folder with <dataset>/fold_<k>/best.pt from the transunet bundle.
+        output_dir: where predictions go.
+        n_splits: number of folds (must match the datalist).
+        device: cpu, cuda, cuda:1 or auto.
+        batch_size: images per forward pass.
+        amp: bfloat16 autocast.
+    """
+    import torch
+
+    from ultrarefiner.engines.transunet_predict import predict_out_of_fold
+
+    check_range(n_splits, "n_splits", 2, 20, integer=True)
+    check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    path = predict_out_of_fold(
+        data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), bool(amp)
+    )
+    print(f"out-of-fold predictions: {Path(path).resolve()}")
