@@ -18,3 +18,5 @@ from .sam_weights import load_sam_checkpoint as load_sam_checkpoint
 from .transunet import TransUNet as TransUNet
 from .transunet_weights import load_pretrained_npz as load_pretrained_npz
 from .transunet_weights import load_transunet_checkpoint as load_transunet_checkpoint
+from .ultra_refiner import SamImageEncoding as SamImageEncoding
+from .ultra_refiner import UltraRefiner as UltraRefiner
