@@ -1,0 +1,186 @@
+"""Phase-2 engine pieces with a tiny SAM: cache parity, one encoder call per (image, flip), gradients, evaluator."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from refiner_toy import SIZE, write_predictions, write_toy
+from torch.utils.data import DataLoader
+
+from ultrarefiner.data.refiner_data import (
+    MixedRefinerDataset,
+    PredictionCoarseDataset,
+    SimulatedCoarseDataset,
+    load_encoder_image,
+)
+from ultrarefiner.engines.refiner_training import (
+    KeyedEmbeddingCache,
+    RefinerPrepareBatch,
+    create_refiner_evaluator,
+    create_refiner_trainer,
+    encoder_inputs,
+    precompute_embeddings,
+    refine_batch,
+)
+from ultrarefiner.networks.sam_refiner import SAMRefiner
+from ultrarefiner.networks.sam_weights import build_tiny_sam
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("refiner_training")
+    datalist = write_toy(root, n_train=5)  # one image per fold: fold 0's refiner trains on 4 images
+    return {"datalist": datalist, "pred": write_predictions(datalist, root / "pred")}
+
+
+def make_refiner(preprocessing: str = "sam", **kwargs) -> SAMRefiner:
+    return SAMRefiner(build_tiny_sam(img_size=256, seed=0), preprocessing=preprocessing, **kwargs)
+
+
+def count_encoder_images(refiner: SAMRefiner) -> list[int]:
+    calls: list[int] = []
+    refiner.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    return calls
+
+
+def run_trainer(refiner, dataset, cache=None, epochs=1, iterations=None, batch_size=2, **kwargs):
+    losses: list[float] = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    trainer = create_refiner_trainer("cpu", epochs, loader, refiner, cache=cache, epoch_length=iterations, **kwargs)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[0]["loss"]))
+    trainer.run()
+    return trainer, losses
+
+
+@pytest.mark.parametrize("preprocessing", ["sam", "medsam"])
+def test_cache_gives_the_same_losses(toy, preprocessing):
+    ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, make_refiner(preprocessing).geometry, seed=1)
+    plain = make_refiner(preprocessing)
+    cached, exact = copy.deepcopy(plain), copy.deepcopy(plain)
+    _, ref = run_trainer(plain, ds, iterations=2)
+    cache = KeyedEmbeddingCache(cached.sam.image_encoder)
+    _, got = run_trainer(cached, ds, cache, iterations=2)
+    assert len(ref) == len(got) == 2
+    assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=2e-3, atol=1e-4)  # float16 storage
+    _, got32 = run_trainer(exact, ds, KeyedEmbeddingCache(exact.sam.image_encoder, dtype=torch.float32),
+                           iterations=1)
+    assert abs(got32[0] - ref[0]) < 1e-5
+
+
+def test_encoder_input_is_sams_own(toy):
+    """The zero-padded encoder-frame batch gives SAM's normalise-then-pad input for every content size."""
+    ref = make_refiner("sam")
+    ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, ref.geometry, flip_prob=0.0)
+    batch = RefinerPrepareBatch()(next(iter(DataLoader(ds, batch_size=2))), "cpu")
+    x = encoder_inputs(ref, batch["image"], batch["input_size"], batch["original_size"])
+    for i in range(2):
+        content = load_encoder_image(batch["source"][i], False, ref.geometry)[None]
+        assert torch.equal(x[i : i + 1], ref.preprocess_image(content, resized=True))
+
+
+def test_each_image_flip_encoded_once_across_epochs(toy):
+    refiner = make_refiner("sam")
+    calls = count_encoder_images(refiner)
+    ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, samples_per_image=2, seed=5)
+    cache = KeyedEmbeddingCache(refiner.sam.image_encoder)
+    _, losses = run_trainer(refiner, ds, cache, epochs=2, batch_size=4)
+    assert len(losses) == 4  # 8 samples per epoch (4 images x 2), 2 epochs
+    keys = {k for e in range(2) for k in _epoch_keys(ds, e)}
+    assert sum(calls) == len(keys) == cache.misses and cache.hits == 16 - len(keys)
+    assert len(keys) <= 2 * 4  # at most (image, flip) pairs
+    # a new encoder call only for keys never seen: precomputing everything leaves none for training
+    fresh = make_refiner("sam")
+    calls = count_encoder_images(fresh)
+    cache = KeyedEmbeddingCache(fresh.sam.image_encoder)
+    assert precompute_embeddings(fresh, cache, ds, batch_size=3) == 8 and sum(calls) == 8
+    lean = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, fresh.geometry, samples_per_image=2, seed=5,
+                                                with_image=False)
+    run_trainer(fresh, lean, cache, epochs=2, batch_size=4)
+    assert sum(calls) == 8 and cache.misses == 8
+
+
+def test_disk_cache_survives_a_restart(toy, tmp_path):
+    refiner = make_refiner("sam")
+    ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, with_image=False)
+    assert precompute_embeddings(refiner, KeyedEmbeddingCache(refiner.sam.image_encoder, tmp_path), ds) == 8
+    calls = count_encoder_images(refiner)
+    again = KeyedEmbeddingCache(refiner.sam.image_encoder, tmp_path)
+    assert all(k in again for k, _, _ in ds.encoder_sources())
+    assert precompute_embeddings(refiner, again, ds) == 0
+    run_trainer(refiner, ds, again, iterations=1)
+    assert sum(calls) == 0 and again.misses == 0 and again.hits == 2
+
+
+def _epoch_keys(ds, epoch: int) -> list[str]:
+    ds.set_epoch(epoch)
+    keys = [ds[i]["image_key"] for i in range(len(ds))]
+    ds.set_epoch(0)
+    return keys
+
+
+def test_image_free_batches_reload_on_a_miss(toy):
+    refiner = make_refiner("sam")
+    lean = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, with_image=False, seed=2)
+    full = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, seed=2)
+    prep = RefinerPrepareBatch()
+    refiner.eval()
+    with torch.no_grad():
+        a = refine_batch(refiner, prep(next(iter(DataLoader(lean, batch_size=2))), "cpu"),
+                         KeyedEmbeddingCache(refiner.sam.image_encoder, dtype=torch.float32))
+        b = refine_batch(refiner, prep(next(iter(DataLoader(full, batch_size=2))), "cpu"))
+    assert torch.allclose(a["masks"], b["masks"], atol=1e-4)
+    with pytest.raises(ValueError, match="pass an embedding cache"):
+        refine_batch(refiner, prep(next(iter(DataLoader(lean, batch_size=2))), "cpu"))
+
+
+def test_gradients_reach_decoder_not_frozen_encoder(toy):
+    refiner = make_refiner("sam")
+    ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry)
+    encoder_before = copy.deepcopy(refiner.sam.image_encoder.state_dict())
+    decoder_before = copy.deepcopy(refiner.sam.mask_decoder.state_dict())
+    grads: dict[str, float] = {}
+
+    def record(engine):
+        grads.update({n: float(p.grad.abs().sum()) for n, p in refiner.named_parameters() if p.grad is not None})
+
+    loader = DataLoader(ds, batch_size=2)
+    trainer = create_refiner_trainer("cpu", 1, loader, refiner, cache=KeyedEmbeddingCache(refiner.sam.image_encoder),
+                                     epoch_length=1, grad_clip=1.0)
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, record)
+    trainer.run()
+    decoder_grads = [v for n, v in grads.items() if n.startswith("sam.mask_decoder.")]
+    assert decoder_grads and sum(decoder_grads) > 0
+    assert any(n.startswith("sam.prompt_encoder.") and v > 0 for n, v in grads.items())
+    assert not any(n.startswith("sam.image_encoder.") for n in grads)
+    after = refiner.sam.image_encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in encoder_before.items())
+    moved = refiner.sam.mask_decoder.state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in decoder_before.items())
+    out = trainer.state.output[0]
+    assert out["pred"].shape == out["label"].shape == (1, 64, 64) and 0 <= out["pred"].min() <= out["pred"].max() <= 1
+    assert {"loss", "loss_bce", "loss_dice", "loss_iou", "loss_change", "input_dice", "coarse", "grad_norm"} <= set(out)
+    with pytest.raises(ValueError, match="frozen"):  # LoRA makes the encoder trainable: no cache
+        KeyedEmbeddingCache(make_refiner("sam", use_lora=True).sam.image_encoder)
+
+
+def test_mixed_training_and_native_evaluation(toy):
+    refiner = make_refiner("sam")
+    g = refiner.geometry
+    sim = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, g, with_image=False)
+    real = PredictionCoarseDataset(toy["pred"], 0, g, with_image=False)
+    mixed = MixedRefinerDataset(sim, real, real_ratio=0.5, length=4)
+    cache = KeyedEmbeddingCache(refiner.sam.image_encoder)
+    trainer, losses = run_trainer(refiner, mixed, cache, epochs=1, batch_size=4)
+    assert len(losses) == 1 and losses[0] > 0 and isinstance(trainer, SupervisedTrainer)
+    val = PredictionCoarseDataset(toy["pred"], 0, g, split="val", frame="native")
+    evaluator = create_refiner_evaluator("cpu", DataLoader(val, batch_size=1), refiner, cache=cache)
+    evaluator.run()
+    out = evaluator.state.output[0]
+    assert out["pred"].shape == out["label"].shape == (1, *SIZE)  # native resolution
+    with pytest.raises(ValueError, match="geometry"):
+        create_refiner_trainer("cpu", 1, DataLoader(sim), make_refiner("medsam"))

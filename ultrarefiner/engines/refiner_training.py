@@ -1,0 +1,525 @@
+"""Phase-2 (SAM refiner) Ignite pieces for MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``.
+
+Batches come from ``ultrarefiner.data.refiner_data`` (image in the encoder frame, coarse, label, ``image_key``).
+With a frozen image encoder the embeddings go through :class:`KeyedEmbeddingCache`: each (image, flip) is encoded
+once and reused across epochs and across every coarse mask of that image; only the prompt encoder and mask
+decoder run with autograd. The refiner loss needs the coarse mask as well as the label and returns a dict, so the
+trainer uses :class:`RefinerTrainStep` as ``iteration_update`` (with :class:`RefinerPrepareBatch` as
+``prepare_batch``); it fires MONAI's ``IterationEvents`` like ``SupervisedTrainer._iteration`` and fills
+``engine.state.output`` with MONAI keys: ``pred`` (refined probability at the label's resolution), ``label``,
+``loss``, plus ``coarse``, ``input_dice``, ``iou_predictions`` and the loss terms.
+
+Typical use (a bundle does the same through ``_target_``)::
+
+    cache = KeyedEmbeddingCache(refiner.sam.image_encoder, cache_dir)
+    precompute_embeddings(refiner, cache, train_ds, num_workers=8)       # optional: fills the cache in parallel
+    trainer = create_refiner_trainer(device, epochs, train_loader, refiner, optimizer, cache=cache, amp=True)
+    trainer.run()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch.utils.data import DataLoader, Dataset
+
+from ultrarefiner.data.refiner_data import load_encoder_image, resize_backend
+from ultrarefiner.losses.refiner_loss import RefinerLoss, curriculum_weights
+from ultrarefiner.networks.embedding_cache import EmbeddingCache
+from ultrarefiner.networks.sam_geometry import SamGeometry
+
+if TYPE_CHECKING:
+    from ultrarefiner.networks.sam_refiner import SAMRefiner
+
+__all__ = [
+    "DatasetEpochHandler",
+    "KeyedEmbeddingCache",
+    "RefinerEvalStep",
+    "RefinerPrepareBatch",
+    "RefinerTrainStep",
+    "autocast_context",
+    "create_refiner_evaluator",
+    "create_refiner_trainer",
+    "encode_batch",
+    "encoder_inputs",
+    "fill_encoder_padding",
+    "precompute_embeddings",
+    "refine_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+ImageLoader = Callable[[str, bool, SamGeometry], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ cache
+class KeyedEmbeddingCache(EmbeddingCache):
+    """:class:`EmbeddingCache` addressed by the datasets' ``image_key`` (image file digest, flip, resize) instead
+    of a digest of the encoder input: no 3x1024x1024 tensor is hashed or even built on a hit, and samples loaded
+    without images (``with_image=False``) can still be served. Entries stay namespaced by the encoder-weights
+    fingerprint (memory and ``<cache_dir>/<fingerprint>/<key>.pt``), stored in ``dtype``.
+
+    Arguments:
+      encoder: the frozen image encoder (``refiner.sam.image_encoder``); refused if any parameter requires grad.
+      cache_dir: folder of the persistent cache; None keeps entries in memory only.
+      max_items: bound of the in-memory LRU (None: unbounded; ~2 MB per vit_b entry in float16).
+      dtype: storage dtype.
+      store_device: where in-memory entries live (``cuda`` saves the host-to-device copy when they fit).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, cache_dir: str | None = None, max_items: int | None = None,
+                 dtype: torch.dtype = torch.float16, store_device: str | torch.device = "cpu") -> None:
+        super().__init__(encoder, cache_dir, max_items, dtype)
+        self.store_device = torch.device(store_device)
+
+    def __contains__(self, key: str) -> bool:
+        if key in self._memory:
+            return True
+        path = self._disk_path(key)
+        return path is not None and path.is_file()
+
+    def embed(self, keys: Sequence[str], compute: Callable[[list[int]], torch.Tensor],
+              device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Embeddings of a batch, computing only the missing ones (each distinct key once).
+
+        Arguments:
+          keys: B cache keys.
+          compute: ``compute(indices)`` -> (M,C,h,w) encoder outputs for those batch positions (one per distinct
+            missing key); called at most once, under ``torch.no_grad``.
+          device, dtype: of the returned tensor.
+
+        Returns:
+          torch.Tensor: (B,C,h,w).
+        """
+        found: list[torch.Tensor | None] = []
+        for k in keys:
+            v = self._get(k)
+            if v is not None and v.device != self.store_device:  # a disk hit lands on the CPU
+                v = self._memory[k] = v.to(self.store_device)
+            found.append(v)
+        first_missing: dict[str, int] = {}
+        for i, (k, v) in enumerate(zip(keys, found, strict=True)):
+            if v is None:
+                first_missing.setdefault(k, i)
+        self.hits += len(keys) - len(first_missing)
+        self.misses += len(first_missing)
+        if first_missing:
+            idx = list(first_missing.values())
+            with torch.no_grad():
+                computed = compute(idx)
+            if computed.shape[0] != len(idx):
+                raise ValueError(f"compute returned {computed.shape[0]} embeddings for {len(idx)} images")
+            new = {}
+            for k, emb in zip(first_missing, computed, strict=True):
+                new[k] = emb.detach().to(self.store_device, self.dtype)
+                self._put(k, new[k])
+            found = [new[k] if v is None else v for k, v in zip(keys, found, strict=True)]
+        return torch.stack([v.to(device, non_blocking=True) for v in found]).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ encoder input
+def fill_encoder_padding(image: torch.Tensor, input_size: torch.Tensor | None, geometry: SamGeometry) -> torch.Tensor:
+    """Encoder-frame images padded with zeros by the data worker -> images whose SAM preprocessing is exact.
+
+    SAM normalises, then pads with 0 (``Sam.preprocess``); filling the padding with ``pixel_mean`` makes the
+    normalised padding exactly 0, so ``SamGeometry.preprocess_image(x, resized=True)`` (and the refiner's own image
+    path) reproduce SAM's input for a whole batch of different content sizes. MedSAM squashes (no padding): the
+    image is returned as is.
+
+    Arguments:
+      image: (B,1|3,H',W') on the 0-255 scale.
+      input_size: (B,2) content (h', w') per sample, or None (no padding).
+      geometry: the refiner's geometry.
+
+    Returns:
+      torch.Tensor: (B,1|3,H',W') float32 (3 channels where padding was filled).
+    """
+    x = image.float()
+    if geometry.mode != "sam" or input_size is None:
+        return x
+    h, w = x.shape[-2:]
+    sizes = input_size.to(x.device).long()
+    if bool((sizes[:, 0] >= h).all()) and bool((sizes[:, 1] >= w).all()):
+        return x
+    rows = torch.arange(h, device=x.device)[None, :] < sizes[:, :1]  # (B,H')
+    cols = torch.arange(w, device=x.device)[None, :] < sizes[:, 1:2]  # (B,W')
+    inside = (rows[:, :, None] & cols[:, None, :])[:, None]  # (B,1,H',W')
+    mean = geometry.pixel_mean.to(x.device, x.dtype)  # (1,3,1,1)
+    return torch.where(inside, x.expand(-1, 3, -1, -1), mean)
+
+
+def _is_resized(image: torch.Tensor, original_size: Sequence[int]) -> bool:
+    """The refiner's rule: an image whose size differs from ``original_size`` is already in the encoder frame."""
+    return tuple(image.shape[-2:]) != tuple(int(v) for v in original_size)
+
+
+def encoder_inputs(refiner: SAMRefiner, image: torch.Tensor, input_size: torch.Tensor | None,
+                   original_size: Sequence[int]) -> torch.Tensor:
+    """(B,1|3,H',W') batch image -> (B,3,S,S) normalised encoder input (what the image encoder sees)."""
+    x = fill_encoder_padding(image, input_size, refiner.geometry)
+    return refiner.preprocess_image(x, _is_resized(x, original_size))
+
+
+def _cache_keys(refiner: SAMRefiner, keys: Sequence[str]) -> list[str]:
+    """Dataset keys name the resize they were made with; refuse another geometry, and qualify native images
+    (resized by the refiner itself) with the refiner's resize."""
+    expected = resize_backend(refiner.geometry)
+    g = refiner.geometry
+    out = []
+    for k in keys:
+        if k.endswith("-native"):
+            out.append(f"{k}-{g.mode}{g.img_size}-{g.image_resize}")
+        elif k.endswith(expected):
+            out.append(k)
+        else:
+            raise ValueError(f"sample key {k!r} was made for another geometry than the refiner's ({expected}); build "
+                             "the dataset with geometry=refiner.geometry")
+    return out
+
+
+def encode_batch(refiner: SAMRefiner, batch: dict, cache: KeyedEmbeddingCache,
+                 image_loader: ImageLoader = load_encoder_image) -> torch.Tensor:
+    """(B,256,S/16,S/16) embeddings of a prepared batch through the cache (encoder frozen).
+
+    Misses are encoded from ``batch["image"]``, or, for batches loaded without images, from
+    ``image_loader(source, flip, geometry)`` -> (1,h',w') encoder-frame content.
+    """
+    if refiner.encoder_trainable():
+        raise ValueError("an embedding cache needs a frozen image encoder (no LoRA, requires_grad off)")
+    osize = batch["original_size"]
+    device = refiner.sam.pixel_mean.device
+
+    def compute(idx: list[int]) -> torch.Tensor:
+        if "image" in batch:
+            sizes = batch.get("input_size")
+            x = encoder_inputs(refiner, batch["image"][idx], None if sizes is None else sizes[idx], osize)
+        else:
+            xs = []
+            for i in idx:
+                img = image_loader(batch["source"][i], bool(batch["flip"][i]), refiner.geometry)[None].to(device)
+                xs.append(refiner.preprocess_image(img, resized=True))
+            x = torch.cat(xs)
+        return refiner.sam.image_encoder(x.to(device))
+
+    return cache.embed(_cache_keys(refiner, batch["image_key"]), compute, device)
+
+
+def refine_batch(refiner: SAMRefiner, batch: dict, cache: KeyedEmbeddingCache | None = None,
+                 image_loader: ImageLoader = load_encoder_image) -> dict[str, Any]:
+    """The refiner's forward on a prepared batch (see :class:`RefinerPrepareBatch`).
+
+    With ``cache`` (frozen encoder) only the prompt encoder and decoder run on this call's autograd graph;
+    otherwise the refiner encodes ``batch["image"]`` itself (with grad when its encoder is trainable).
+
+    Returns:
+      the ``SAMRefiner.forward`` dict ("masks" (B,1,h,w) logits at ``original_size``, "iou_predictions" (B,K), ...).
+    """
+    osize = batch["original_size"]
+    if cache is not None:
+        emb = encode_batch(refiner, batch, cache, image_loader)
+        return refiner(image_embeddings=emb, coarse=batch["coarse"], original_size=osize)
+    if "image" not in batch:
+        raise ValueError("the batch has no image (dataset with_image=False): pass an embedding cache")
+    x = fill_encoder_padding(batch["image"], batch.get("input_size"), refiner.geometry)
+    return refiner(image=x, coarse=batch["coarse"], original_size=osize)
+
+
+# ------------------------------------------------------------------------------------------------ engine pieces
+class RefinerPrepareBatch:
+    """``prepare_batch`` for refiner engines: collated dataset dict -> dict on ``device``.
+
+    Returns keys: ``coarse`` (B,1,h,w), ``label`` (B,1,hl,wl), ``input_dice`` (B,) float32 on device; ``image``
+    (B,1,H',W') on device and ``input_size`` (B,2) when present; ``original_size`` (H, W) tuple shared by the batch;
+    ``image_key``, ``source`` (lists of str), ``flip`` (list of bool).
+    """
+
+    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
+                 **kwargs: Any) -> dict:
+        sizes = torch.as_tensor(batchdata["original_size"]).reshape(-1, 2)
+        if not bool((sizes == sizes[:1]).all()):
+            raise ValueError(f"samples of different original sizes in one batch ({sizes.tolist()}): use "
+                             "frame='encoder' or batch_size=1")
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> Tensor
+            return t.to(device, non_blocking=non_blocking, **kwargs)
+
+        n = sizes.shape[0]
+        out = {
+            "coarse": dev(batchdata["coarse"]).float(),
+            "label": dev(batchdata["label"]).float(),
+            "input_dice": dev(torch.as_tensor(batchdata["input_dice"])).float().reshape(-1),
+            "original_size": (int(sizes[0, 0]), int(sizes[0, 1])),
+            "image_key": list(batchdata.get("image_key", [""] * n)),
+            "source": list(batchdata.get("source", [""] * n)),
+            "flip": [bool(f) for f in batchdata.get("flip", [False] * n)],
+        }
+        if "image" in batchdata:
+            out["image"] = dev(batchdata["image"])
+        if "input_size" in batchdata:
+            out["input_size"] = torch.as_tensor(batchdata["input_size"]).reshape(-1, 2)
+        return out
+
+
+def autocast_context(device: torch.device | str, enabled: bool, dtype: torch.dtype = torch.bfloat16):
+    """bf16 autocast on CUDA when ``enabled``; a no-op elsewhere (CPU bf16 is slow and not needed)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _float_outputs(out: dict[str, Any]) -> dict[str, Any]:
+    """Loss in float32 whatever the autocast dtype of the forward."""
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+
+
+def _at(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, tuple(size), mode="bilinear",
+                                                                      align_corners=False)
+
+
+def _outputs(batch: dict, out: dict[str, Any]) -> dict[str, Any]:
+    """MONAI-style output dict: pred = sigmoid(selected logits) at the label's resolution, (B,1,hl,wl)."""
+    label = batch["label"]
+    size = label.shape[-2:]
+    res = {
+        Keys.LABEL: label,
+        Keys.PRED: torch.sigmoid(_at(out["masks"].detach().float(), size)),
+        "coarse": _at(batch["coarse"], size),
+        "input_dice": batch["input_dice"],
+        "iou_predictions": out["iou_predictions"].detach().float(),
+        "image_key": batch["image_key"],
+    }
+    if "image" in batch:
+        res[Keys.IMAGE] = batch["image"]
+    return res
+
+
+class RefinerTrainStep:
+    """``iteration_update`` of a ``SupervisedTrainer`` whose network is a ``SAMRefiner`` and whose
+    ``loss_function`` is a :class:`RefinerLoss`.
+
+    One iteration: prepare the batch, embeddings (cache when given), prompts + decoder with grad under bf16
+    autocast (``engine.amp``, CUDA), the loss in float32 (with the coarse mask as its input mask and optional
+    curriculum weights), backward, optional gradient-norm clipping over the trainable parameters, optimizer step.
+    ``engine.state.output``: ``pred`` (B,1,hl,wl) probability, ``label``, ``coarse`` (at label size),
+    ``input_dice`` (B,), ``iou_predictions`` (B,K), ``image_key``, ``loss`` and ``loss_bce``/``loss_dice``/
+    ``loss_iou``/``loss_change`` (detached scalars), ``grad_norm`` when clipping, ``image`` when loaded.
+
+    Arguments:
+      cache: embeddings of the frozen encoder (None: encode every step).
+      grad_clip: max global gradient norm (None or 0: no clipping).
+      curriculum: keyword arguments of ``curriculum_weights`` (e.g. ``{"start_sharpness": 5.0}``) to weight
+        samples easy -> hard over ``engine.state.max_epochs``; None: uniform.
+      amp_dtype: autocast dtype when ``engine.amp`` is on and the device is CUDA.
+      image_loader: loads a cache miss of a batch without images (see :func:`encode_batch`).
+    """
+
+    def __init__(self, cache: KeyedEmbeddingCache | None = None, grad_clip: float | None = 1.0,
+                 curriculum: dict | None = None, amp_dtype: torch.dtype = torch.bfloat16,
+                 image_loader: ImageLoader = load_encoder_image) -> None:
+        self.cache, self.grad_clip, self.curriculum = cache, grad_clip, curriculum
+        self.amp_dtype, self.image_loader = amp_dtype, image_loader
+
+    def __call__(self, engine: Engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        if getattr(engine, "accumulation_steps", 1) != 1:
+            raise ValueError("RefinerTrainStep does not implement gradient accumulation; use a larger batch")
+        device = engine.state.device
+        batch = engine.prepare_batch(batchdata, device, engine.non_blocking, **engine.to_kwargs)
+        net = engine.network
+        net.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with autocast_context(device, engine.amp, self.amp_dtype):
+            out = refine_batch(net, batch, self.cache, self.image_loader)
+        engine.state.output = _outputs(batch, out)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        weights = None
+        if self.curriculum is not None:
+            weights = curriculum_weights(batch["input_dice"], engine.state.epoch - 1, engine.state.max_epochs,
+                                         **self.curriculum)
+        terms = engine.loss_function(_float_outputs(out), batch["label"], input_mask=batch["coarse"],
+                                     sample_weights=weights)
+        loss = terms["loss"]
+        engine.state.output[Keys.LOSS] = loss.detach()
+        for name in ("bce", "dice", "iou", "change"):
+            engine.state.output[f"loss_{name}"] = terms[name].detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip:
+            params = [p for p in net.parameters() if p.requires_grad and p.grad is not None]
+            engine.state.output["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip).detach()
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class RefinerEvalStep:
+    """``iteration_update`` of a ``SupervisedEvaluator`` over a ``SAMRefiner``: eval mode (argmax candidate),
+    no grad, bf16 autocast on CUDA with ``engine.amp``. Output keys as :class:`RefinerTrainStep` without the
+    loss: ``pred`` is the refined probability at the label's resolution (native with ``frame="native"``).
+
+    Arguments:
+      cache: embedding cache of the frozen encoder (None: encode every batch).
+      amp_dtype, image_loader: as in :class:`RefinerTrainStep`.
+    """
+
+    def __init__(self, cache: KeyedEmbeddingCache | None = None, amp_dtype: torch.dtype = torch.bfloat16,
+                 image_loader: ImageLoader = load_encoder_image) -> None:
+        self.cache, self.amp_dtype, self.image_loader = cache, amp_dtype, image_loader
+
+    def __call__(self, engine: Engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        device = engine.state.device
+        batch = engine.prepare_batch(batchdata, device, engine.non_blocking, **engine.to_kwargs)
+        engine.network.eval()
+        with torch.no_grad(), autocast_context(device, engine.amp, self.amp_dtype):
+            out = refine_batch(engine.network, batch, self.cache, self.image_loader)
+        engine.state.output = _outputs(batch, out)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class DatasetEpochHandler:
+    """Calls ``dataset.set_epoch(epoch - 1)`` at each epoch start (new flips / simulated masks per epoch).
+
+    DataLoader workers copy the dataset when an epoch's iterator is created, which happens after EPOCH_STARTED
+    unless workers are persistent: persistent workers would keep epoch 0's state and are refused.
+    """
+
+    def __init__(self, datasets: Dataset | Iterable[Dataset]) -> None:
+        self.datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
+
+    def attach(self, engine: Engine) -> None:
+        loader = getattr(engine, "data_loader", None)
+        if getattr(loader, "persistent_workers", False):
+            raise ValueError("persistent_workers=True keeps each worker's dataset at epoch 0: use non-persistent "
+                             "workers with per-epoch datasets")
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(engine.state.epoch - 1)
+
+
+def _check_geometry(loader: Iterable, refiner: SAMRefiner) -> None:
+    g = getattr(getattr(loader, "dataset", None), "geometry", None)
+    if g is not None and (g.mode, g.img_size) != (refiner.geometry.mode, refiner.geometry.img_size):
+        raise ValueError(f"dataset geometry ({g.mode}, {g.img_size}) differs from the refiner's "
+                         f"({refiner.geometry.mode}, {refiner.geometry.img_size}): use geometry=refiner.geometry")
+
+
+def create_refiner_trainer(
+    device: torch.device | str,
+    max_epochs: int,
+    train_loader: Iterable,
+    refiner: SAMRefiner,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss: RefinerLoss | None = None,
+    cache: KeyedEmbeddingCache | None = None,
+    amp: bool = False,
+    grad_clip: float | None = 1.0,
+    curriculum: dict | None = None,
+    lr: float = 1e-4,
+    train_handlers: Sequence | None = None,
+    **kwargs: Any,
+) -> SupervisedTrainer:
+    """A ``SupervisedTrainer`` wired with :class:`RefinerPrepareBatch`, :class:`RefinerTrainStep` and a
+    :class:`DatasetEpochHandler` for the loader's dataset.
+
+    Arguments:
+      optimizer: default AdamW(lr) over the refiner's trainable parameters.
+      loss: default ``RefinerLoss()``.
+      amp: bf16 autocast on CUDA (no GradScaler is used: bf16 needs none).
+      kwargs: more ``SupervisedTrainer`` arguments (``key_train_metric``, ``postprocessing``, ...).
+    """
+    _check_geometry(train_loader, refiner)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in refiner.parameters() if p.requires_grad], lr=lr)
+    trainer = SupervisedTrainer(
+        device=torch.device(device), max_epochs=max_epochs, train_data_loader=train_loader, network=refiner,
+        optimizer=optimizer, loss_function=loss or RefinerLoss(), prepare_batch=RefinerPrepareBatch(),
+        iteration_update=RefinerTrainStep(cache, grad_clip, curriculum), amp=amp, train_handlers=train_handlers,
+        **kwargs,
+    )
+    dataset = getattr(train_loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "set_epoch"):
+        DatasetEpochHandler(dataset).attach(trainer)
+    return trainer
+
+
+def create_refiner_evaluator(
+    device: torch.device | str,
+    val_loader: Iterable,
+    refiner: SAMRefiner,
+    cache: KeyedEmbeddingCache | None = None,
+    amp: bool = False,
+    val_handlers: Sequence | None = None,
+    **kwargs: Any,
+) -> SupervisedEvaluator:
+    """A ``SupervisedEvaluator`` wired with :class:`RefinerPrepareBatch` and :class:`RefinerEvalStep`
+    (``kwargs``: ``key_val_metric``, ``additional_metrics``, ``postprocessing``, ...)."""
+    _check_geometry(val_loader, refiner)
+    return SupervisedEvaluator(
+        device=torch.device(device), val_data_loader=val_loader, network=refiner, prepare_batch=RefinerPrepareBatch(),
+        iteration_update=RefinerEvalStep(cache), amp=amp, val_handlers=val_handlers, **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ precompute
+class _EncoderImages(Dataset):
+    """(key, path, flip) -> {"key", "image" (1,S,S) zero-padded encoder-frame content, "input_size" (2,)}."""
+
+    def __init__(self, sources: Sequence[tuple[str, str, bool]], geometry: SamGeometry) -> None:
+        self.sources, self.geometry = list(sources), geometry
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> dict:
+        key, path, flip = self.sources[i]
+        img = load_encoder_image(path, flip, self.geometry)
+        s = self.geometry.img_size
+        out = torch.zeros(1, s, s)
+        out[:, : img.shape[1], : img.shape[2]] = img
+        return {"key": key, "image": out, "input_size": torch.tensor(img.shape[1:])}
+
+
+def precompute_embeddings(refiner: SAMRefiner, cache: KeyedEmbeddingCache,
+                          sources: Dataset | Sequence[tuple[str, str, bool]], batch_size: int = 8,
+                          num_workers: int = 0, amp: bool = False) -> int:
+    """Fills ``cache`` with every (image, flip) a dataset can use, loading and resizing images in ``num_workers``
+    DataLoader workers; entries already cached are skipped. Returns the number of embeddings computed.
+
+    Arguments:
+      sources: a refiner dataset (its ``encoder_sources()``) or (image_key, image path, flip) triples.
+    """
+    triples = sources.encoder_sources() if hasattr(sources, "encoder_sources") else list(sources)
+    triples = [t for t in triples if _cache_keys(refiner, [t[0]])[0] not in cache]
+    if not triples:
+        return 0
+    device = refiner.sam.pixel_mean.device
+    loader = DataLoader(_EncoderImages(triples, refiner.geometry), batch_size=batch_size, num_workers=num_workers)
+    before = cache.misses
+    refiner.eval()
+    for b in loader:
+        batch = {"image": b["image"].to(device), "input_size": b["input_size"], "image_key": list(b["key"]),
+                 "original_size": (refiner.geometry.low_res_size, refiner.geometry.low_res_size)}
+        with autocast_context(device, amp):
+            encode_batch(refiner, batch, cache)
+    return cache.misses - before
