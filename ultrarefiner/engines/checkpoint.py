@@ -55,6 +55,9 @@ class TrainingCheckpoints:
         metric_name: key metric (higher is better).
         resume: load ``last.pt`` when it exists.
         network_kwargs: constructor arguments of the network, stored in both files so tools can rebuild it.
+        state_dict_fn: network -> the weights ``best.pt`` stores (default ``state_dict()``; the refiner stores only
+            LoRA adapters + decoder when it has adapters, see ``refiner_checkpoint``).
+        extra: more entries for ``best.pt`` (e.g. ``{"lora": true}``).
     Attach it to the trainer after the ``ValidationHandler`` so that ``last.pt`` includes the epoch's validation.
     """
 
@@ -68,6 +71,8 @@ class TrainingCheckpoints:
         metric_name: str = "val_mean_dice",
         resume: bool = True,
         network_kwargs: dict | None = None,
+        state_dict_fn: Any = None,
+        extra: dict | None = None,
     ):
         self.ckpt_dir = Path(ckpt_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
@@ -75,6 +80,8 @@ class TrainingCheckpoints:
         self.best_metric, self.best_epoch = -float("inf"), -1
         self.trainer: Engine | None = None
         self.network_kwargs = dict(network_kwargs or {})
+        self.state_dict_fn = state_dict_fn or (lambda m: m.state_dict())
+        self.extra = dict(extra or {})
 
     @property
     def last_path(self) -> Path:
@@ -131,8 +138,9 @@ class TrainingCheckpoints:
             if not _is_main_process():
                 return
             unwrapped = getattr(self.network, "module", self.network)
-            best = {"model": unwrapped.state_dict(), "epoch": epoch, "metric": value, "metric_name": self.metric_name}
-            save_checkpoint(self.best_path, {**best, "network_kwargs": self.network_kwargs})
+            best = {"model": self.state_dict_fn(unwrapped), "epoch": epoch, "metric": value,
+                    "metric_name": self.metric_name}
+            save_checkpoint(self.best_path, {**best, "network_kwargs": self.network_kwargs, **self.extra})
 
     def _save_last(self, engine: Engine) -> None:
         if _is_main_process():
