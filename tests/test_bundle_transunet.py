@@ -97,7 +97,10 @@ def test_resume_after_kill(data):
     res = bundle_cmd("run", "transunet", TRAIN, {**ov, "epochs": epoch_at_kill + 1})
     assert_ok(res)
     assert "resumed from" in res.stdout + res.stderr
-    assert torch.load(last, weights_only=False)["epoch"] == epoch_at_kill + 1
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["epoch"] == epoch_at_kill + 1
+    # the poly schedule follows the restarted run's epochs (2 iterations each), not the killed run's 400
+    assert resumed["lr_scheduler"]["total_iters"] == (epoch_at_kill + 1) * 2
 
 
 def test_evaluate_native_resolution(trained):

@@ -120,7 +120,12 @@ class TrainingCheckpoints:
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
+            # the schedule length comes from this run's config (a resumed run may extend the epochs)
+            keys = [k for k in ("total_iters", "T_max") if hasattr(self.lr_scheduler, k)]
+            length = {k: getattr(self.lr_scheduler, k) for k in keys}
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            for k, v in length.items():
+                setattr(self.lr_scheduler, k, v)
         # the restarted run's own max_epochs wins (a schedule may be extended or shortened on restart)
         max_epochs = engine.state.max_epochs
         engine.load_state_dict(state["trainer"])
