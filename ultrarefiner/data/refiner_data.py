@@ -401,18 +401,21 @@ class SimulatedCoarseDataset(_RefinerDataset):
       with_image: load and resize images (see :class:`RefinerSampleBuilder`).
       skip_normal: drop ``class == "normal"`` items (blank masks give no prompt).
       val_images: fold ``fold``'s validation image paths, checked against the items.
+      check_leakage: refuse test-split and fold-``fold`` items (default); False only for evaluation sets
+        (validation or test images with simulated coarse masks), never for training.
     """
 
     def __init__(self, items: Sequence[dict], fold: int | None, geometry: SamGeometry | None, frame: str = "encoder",
                  samples_per_image: int = 1, policy: FailurePolicy | None = None, flip_prob: float = 0.5,
                  seed: int = 0, with_image: bool = True, skip_normal: bool = True,
-                 val_images: Iterable[str] = ()) -> None:
+                 val_images: Iterable[str] = (), check_leakage: bool = True) -> None:
         super().__init__(fold, geometry, frame, with_image, flip_prob, seed)
         self.items = sorted((dict(it) for it in items if not (skip_normal and it.get("class") == "normal")),
                             key=lambda d: (str(d.get("dataset", "")), str(d["image"])))
         if not self.items:
             raise ValueError("no training items")
-        check_no_fold_leakage(((it["image"], it.get("fold")) for it in self.items), fold, val_images)
+        if check_leakage:
+            check_no_fold_leakage(((it["image"], it.get("fold")) for it in self.items), fold, val_images)
         if samples_per_image < 1:
             raise ValueError(f"samples_per_image must be >= 1, got {samples_per_image}")
         self.samples_per_image = int(samples_per_image)

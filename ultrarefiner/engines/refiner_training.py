@@ -219,17 +219,20 @@ def refine_batch(refiner: SAMRefiner, batch: dict, cache: KeyedEmbeddingCache | 
 
     With ``cache`` (frozen encoder) only the prompt encoder and decoder run on this call's autograd graph;
     otherwise the refiner encodes ``batch["image"]`` itself (with grad when its encoder is trainable).
+    ``refiner`` may be wrapped in ``DistributedDataParallel``: the forward goes through the wrapper (gradient
+    synchronisation), attributes are read from its ``module``.
 
     Returns:
       the ``SAMRefiner.forward`` dict ("masks" (B,1,h,w) logits at ``original_size``, "iou_predictions" (B,K), ...).
     """
+    inner = getattr(refiner, "module", refiner)
     osize = batch["original_size"]
     if cache is not None:
-        emb = encode_batch(refiner, batch, cache, image_loader)
+        emb = encode_batch(inner, batch, cache, image_loader)
         return refiner(image_embeddings=emb, coarse=batch["coarse"], original_size=osize)
     if "image" not in batch:
         raise ValueError("the batch has no image (dataset with_image=False): pass an embedding cache")
-    x = fill_encoder_padding(batch["image"], batch.get("input_size"), refiner.geometry)
+    x = fill_encoder_padding(batch["image"], batch.get("input_size"), inner.geometry)
     return refiner(image=x, coarse=batch["coarse"], original_size=osize)
 
 

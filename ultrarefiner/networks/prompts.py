@@ -92,12 +92,17 @@ def soft_depth(prob: torch.Tensor, iterations: int | None = None) -> tuple[torch
     e = prob
     depth = torch.zeros_like(prob)
     hard = torch.zeros_like(prob)
+    tracing = torch.jit.is_tracing()
+    alive = torch.ones((), dtype=prob.dtype, device=prob.device)
     for _ in range(max(1, iterations)):
         on = e.detach() > 0.5
-        if not bool(on.any()):
+        if tracing:
+            # a trace cannot keep a data-dependent break: run every step, masked once nothing is left
+            alive = alive * on.any().to(prob.dtype)
+        elif not bool(on.any()):
             break
-        depth = depth + e
-        hard = hard + on.to(prob.dtype)
+        depth = depth + e * alive
+        hard = hard + on.to(prob.dtype) * alive
         # max_pool pads with -inf, so the image border does not erode (a lesion at the border keeps its depth).
         e = -F.max_pool2d(-e, kernel_size=3, stride=1, padding=1)
     return depth, hard

@@ -1,0 +1,276 @@
+"""bundles/sam_refiner: train, resume after a kill, per-bucket evaluation, inference, multi-GPU (gloo on CPU), LoRA
+checkpoints with option-B data, verify, export.
+
+Tiny settings (a 64-pixel SAM from ``build_tiny_sam`` through the ``sam_def`` config id, 1-2 iterations per run) on
+the real configs and code paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bundle_utils import REPO, assert_ok, bundle_cmd, verify_metadata
+from ultrarefiner.data.imaging import read_image
+from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
+from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
+
+BUNDLE = "sam_refiner"
+TRAIN = ["train.json"]
+TINY_SAM = "$ultrarefiner.networks.build_tiny_sam(img_size=64)"
+TINY = {"sam_def": TINY_SAM, "sam_checkpoint": "", "batch_size": 2, "num_workers": 0, "epoch_length": 1}
+
+
+def tiny_refiner(**kwargs) -> SAMRefiner:
+    return SAMRefiner(build_tiny_sam(img_size=64), preprocessing="medsam", **kwargs)  # what TINY_SAM builds
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ultrarefiner.data.preprocess import preprocess
+    from ultrarefiner.data.synthetic import write_busi_tree
+
+    tmp = tmp_path_factory.mktemp("sr")
+    write_busi_tree(tmp / "raw", n_benign=6, n_malignant=4, n_normal=1, seed=5, size=(96, 128))
+    preprocess(tmp / "raw", tmp / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
+    return tmp
+
+
+def overrides(data: Path, **extra) -> dict:
+    return {
+        "data_root": str(data / "processed"),
+        "ckpt_root": str(data / "ckpt"),
+        "model_path": str(data / "models" / "model.pt"),
+        "n_splits": 2,
+        **TINY,
+        **extra,
+    }
+
+
+def run_cmd(configs: list[str], ov: dict) -> list[str]:
+    root = REPO / "bundles" / BUNDLE
+    files = [str(root / "configs" / c) for c in configs]
+    cmd = ["--config_file", files[0] if len(files) == 1 else json.dumps(files), "--bundle_root", str(root),
+           "--meta_file", str(root / "configs" / "metadata.json")]
+    for k, v in ov.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    res = bundle_cmd("run", BUNDLE, TRAIN, overrides(data, epochs=2))
+    assert_ok(res)
+    return data, res
+
+
+def test_stacked_input_refiner_wraps_the_refiner():
+    refiner = tiny_refiner()
+    net = StackedInputRefiner(refiner).eval()
+    assert list(net.state_dict()) == list(refiner.state_dict())  # same keys: model.pt loads into either
+    assert not refiner.training and net.train().refiner.training
+    net.eval()
+    x = torch.rand(1, 2, 40, 56)
+    with torch.no_grad():
+        ref = refiner(image=x[:, :1] * 255, coarse=x[:, 1:])["masks"]
+        assert torch.equal(net(x), ref) and net(x).shape == (1, 1, 40, 56)
+    with pytest.raises(ValueError, match=r"\(B,2,H,W\)"):
+        net(torch.rand(1, 3, 40, 56))
+    with pytest.raises(ValueError, match="image_resize='torch'"):
+        torch.jit.trace(net, x)
+
+
+def test_data_sources(data, tmp_path):
+    """The config's choice of coarse masks: option A online or shards, option B, a mix; evaluation sets."""
+    from refiner_toy import write_predictions
+
+    from ultrarefiner.data.augmented import generate
+    from ultrarefiner.data.refiner_data import (
+        MixedRefinerDataset,
+        PredictionCoarseDataset,
+        ShardCoarseDataset,
+        SimulatedCoarseDataset,
+    )
+    from ultrarefiner.engines.refiner_setup import evaluation_dataset, inference_datalist, training_dataset
+    from ultrarefiner.errors import BadInputError
+
+    datalist = data / "processed" / "BUSI" / "datalist.json"
+    g = tiny_refiner().geometry
+    preds = write_predictions(datalist, tmp_path / "pred", n_splits=2).parent
+    generate(data / "processed", tmp_path / "aug", ["BUSI"], 4, fold=0, shard_size=4, resolution=64, progress=False)
+    assert isinstance(training_dataset(datalist, 0, g), SimulatedCoarseDataset)
+    shards = training_dataset(datalist, 0, g, "shards", shards_dir=tmp_path / "aug" / "BUSI" / "fold_0")
+    assert isinstance(shards, ShardCoarseDataset) and len(shards) == 4
+    real = training_dataset(datalist, 0, g, "predictions", predictions_dir=preds)
+    assert isinstance(real, PredictionCoarseDataset) and all(it["fold"] != 0 for it in real.items)
+    mix = training_dataset(datalist, 0, g, real_ratio=0.5, predictions_dir=preds, length=6)
+    assert isinstance(mix, MixedRefinerDataset) and mix.n_real == 3
+    with pytest.raises(ValueError, match="predictions_dir"):
+        training_dataset(datalist, 0, g, real_ratio=0.5)
+    with pytest.raises(ValueError, match="data_source"):
+        training_dataset(datalist, 0, g, "sims")
+    test_sim = evaluation_dataset(datalist, 0, g, split="test", samples_per_image=2)
+    sample = test_sim[0]
+    assert sample["original_size"].tolist() == list(sample["label"].shape[-2:]) == [96, 128] and not sample["flip"]
+    assert len(test_sim) == 2 * len(test_sim.items)
+    test_real = evaluation_dataset(datalist, 0, g, "predictions", split="test", predictions_dir=preds)
+    assert all("fold_0/" in it["coarse"] for it in test_real.items)  # fold 0's TransUNet predicted them
+    with pytest.raises(BadInputError, match="coarse mask of"):
+        inference_datalist(data / "processed" / "BUSI" / "images", tmp_path / "nowhere")
+
+
+def test_train_writes_checkpoints_and_report(trained):
+    data, res = trained
+    fold = data / "ckpt" / "sam_finetuned" / "fold_0"
+    best = torch.load(fold / "best.pt", weights_only=True)
+    last = torch.load(fold / "last.pt", weights_only=False)
+    assert best["lora"] is False and best["metric_name"] == "val_mean_dice" and 0.0 <= best["metric"] <= 1.0
+    assert best["network_kwargs"]["preprocessing"] == "medsam"
+    assert last["epoch"] == 2 and "optimizer" in last and "lr_scheduler" in last
+    model = torch.load(data / "models" / "model.pt", weights_only=True)
+    refiner = tiny_refiner()
+    load_refiner_checkpoint(refiner, fold / "best.pt")
+    assert all(torch.equal(v, model[k]) for k, v in refiner.state_dict().items())
+    initial = build_tiny_sam(img_size=64).state_dict()  # frozen encoder untouched, decoder trained
+    assert all(torch.equal(model[f"sam.{k}"], v) for k, v in initial.items() if k.startswith("image_encoder."))
+    assert any(not torch.equal(model[f"sam.{k}"], v) for k, v in initial.items() if k.startswith("mask_decoder."))
+    assert any((fold / "tensorboard").iterdir()) and any((fold / "tensorboard" / "overlays").iterdir())
+    out = res.stdout + res.stderr
+    assert "[TRAIN]" in out and "[VALIDATION]" in out and "Input Dice" in out
+    assert "no --sam_checkpoint given" in out
+
+
+def test_resume_after_kill(data):
+    ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill.pt"))
+    last = data / "ckpt_kill" / "sam_finetuned" / "fold_0" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *run_cmd(TRAIN, ov)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not last.is_file():
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    assert 1 <= epoch_at_kill < 400
+    assert not list(last.parent.glob("*.tmp"))  # no half-written checkpoint left behind
+    res = bundle_cmd("run", BUNDLE, TRAIN, {**ov, "epochs": epoch_at_kill + 1})
+    assert_ok(res)
+    assert "resumed from" in res.stdout + res.stderr
+    assert torch.load(last, weights_only=False)["epoch"] == epoch_at_kill + 1
+
+
+def test_evaluate_per_bucket_table(trained):
+    data, _ = trained
+    res = bundle_cmd("run", BUNDLE, ["train.json", "evaluate.json"], overrides(data, eval_samples_per_image=2))
+    assert_ok(res)
+    ev = data / "ckpt" / "sam_finetuned" / "fold_0" / "eval_test"
+    testing = json.loads((data / "processed" / "BUSI" / "datalist.json").read_text())["testing"]
+    n = 2 * sum(it["class"] != "normal" for it in testing)
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["n_images"] == n
+    for k in ("dice", "iou", "precision", "recall", "accuracy", "hd95"):
+        assert f"input_{k}" in summary["metrics"] and f"refined_{k}" in summary["metrics"]
+    rows = (ev / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("image,sample,dataset,kind,bucket,height,width,input_dice") and len(rows) == n + 1
+    assert ",96,128," in rows[1]  # native size
+    buckets = json.loads((ev / "buckets.json").read_text())
+    assert buckets[-1]["bucket"] == "all" and buckets[-1]["n"] == n == sum(b["n"] for b in buckets[:-1])
+    assert {b["bucket"] for b in buckets[:-1]} <= {"perfect", "mild", "heavy"}
+    assert (ev / "buckets.csv").read_text().splitlines()[0].startswith("bucket,n,input_dice")
+    assert abs(buckets[-1]["refined_dice"] - summary["metrics"]["refined_dice"]["mean"]) < 1e-6
+    assert list((ev / "overlays").glob("*.png"))
+    assert "input vs refined Dice per quality bucket" in res.stdout + res.stderr
+
+
+def test_inference(trained, tmp_path):
+    data, _ = trained
+    images = data / "processed" / "BUSI" / "images"
+    shutil.copytree(data / "processed" / "BUSI" / "masks", tmp_path / "coarse")
+    res = bundle_cmd("run", BUNDLE, ["inference.json"], {
+        "input_dir": str(images), "coarse_dir": str(tmp_path / "coarse"), "output_dir": str(tmp_path / "pred"),
+        "ckpt_path": str(data / "models" / "model.pt"), "sam_def": TINY_SAM})
+    assert_ok(res)
+    outs = sorted((tmp_path / "pred").rglob("*.png"))
+    assert len(outs) == len(list(images.glob("*.png")))
+    name = outs[0].name.replace("_seg", "")
+    got = np.asarray(Image.open(outs[0])) > 127
+    refiner = tiny_refiner().eval()
+    refiner.load_state_dict(torch.load(data / "models" / "model.pt", weights_only=True))
+    image = torch.from_numpy(read_image(images / name).astype(np.float32))[None, None]
+    coarse = torch.from_numpy(read_image(tmp_path / "coarse" / name).astype(np.float32) / 255)[None, None]
+    with torch.no_grad():
+        ref = refiner(image=image, coarse=coarse)["masks"][0, 0] > 0
+    assert got.shape == tuple(image.shape[-2:]) and np.array_equal(got, ref.numpy())
+
+
+def test_multi_gpu_config_with_gloo(data):
+    ov = overrides(data, epochs=1, epoch_length=2, ckpt_root=str(data / "ckpt_ddp"), model_path=str(data / "ddp.pt"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+           *run_cmd(["train.json", "multi_gpu_train.json"], ov)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert_ok(res)
+    fold = data / "ckpt_ddp" / "sam_finetuned" / "fold_0"
+    assert (fold / "last.pt").is_file() and (fold / "best.pt").is_file() and (data / "ddp.pt").is_file()
+
+
+def test_lora_checkpoint_with_real_coarse_masks(data, tmp_path):
+    """LoRA on MedSAM-style base weights, option A mixed with out-of-fold predictions (option B)."""
+    from refiner_toy import write_predictions
+
+    torch.save(build_tiny_sam(img_size=64).state_dict(), tmp_path / "sam.pth")
+    preds = write_predictions(data / "processed" / "BUSI" / "datalist.json", tmp_path / "pred", n_splits=2).parent
+    ov = overrides(data, epochs=1, ckpt_root=str(tmp_path / "ckpt"), model_path=str(tmp_path / "model.pt"),
+                   use_lora="True", sam_checkpoint=str(tmp_path / "sam.pth"), real_ratio=0.5,
+                   predictions_dir=str(preds))
+    res = bundle_cmd("run", BUNDLE, TRAIN, ov)
+    assert_ok(res)
+    assert "SAM initialised from" in res.stdout + res.stderr
+    best_path = tmp_path / "ckpt" / "sam_finetuned" / "fold_0" / "best.pt"
+    best = torch.load(best_path, weights_only=True)
+    keys = list(best["model"])
+    assert best["lora"] is True and any(k.endswith(".lora_A") for k in keys)
+    assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith(("sam.prompt_encoder.", "sam.mask_decoder."))
+               for k in keys)
+    lora = tiny_refiner(use_lora=True).eval()
+    load_refiner_checkpoint(lora, best_path)
+    plain = tiny_refiner().eval()  # models/model.pt: adapters merged, loads without LoRA
+    plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    x = torch.rand(1, 1, 48, 64) * 255
+    coarse = torch.zeros(1, 1, 48, 64)
+    coarse[..., 10:30, 20:40] = 1.0
+    with torch.no_grad():
+        a = lora(image=x, coarse=coarse)["masks"]
+        b = plain(image=x, coarse=coarse)["masks"]
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
+    data, _ = trained
+    assert_ok(verify_metadata(BUNDLE))
+    assert_ok(bundle_cmd("verify_net_in_out", BUNDLE, ["inference.json"],
+                         {"net_id": "network_def", "sam_def": TINY_SAM, "any": 48}))
+    ts = tmp_path / "model.ts"
+    res = bundle_cmd("ckpt_export", BUNDLE, ["inference.json"], {
+        "net_id": "network_def", "filepath": str(ts), "ckpt_file": str(data / "models" / "model.pt"),
+        "use_trace": True, "input_shape": [1, 2, 96, 128], "image_resize": "torch", "sam_def": TINY_SAM})
+    assert_ok(res)
+    traced = torch.jit.load(str(ts))
+    ref = StackedInputRefiner(tiny_refiner(image_resize="torch")).eval()
+    ref.load_state_dict(torch.load(data / "models" / "model.pt", weights_only=True))
+    x = torch.rand(1, 2, 96, 128)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), ref(x), atol=1e-4)
