@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "preprocess": "ultrarefiner.commands.preprocess:preprocess",
     "predict_transunet": "ultrarefiner.commands.predict_transunet:predict_transunet",
     "augment": "ultrarefiner.commands.augment:augment",
+    "predict": "ultrarefiner.commands.predict:predict",
 }
 
 

@@ -17,13 +17,14 @@ import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .embedding_cache import EmbeddingCache
 from .sam_geometry import SamGeometry
 from .sam_refiner import SAMRefiner
 
-__all__ = ["SamImageEncoding", "UltraRefiner"]
+__all__ = ["SamImageEncoding", "UltraRefiner", "UltraRefinerExport"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +234,56 @@ class UltraRefiner(nn.Module):
         refined = self.refiner(image=sam_image, coarse=coarse_probs, image_embeddings=image_embeddings,
                                original_size=original_size)
         return {"coarse_logits": coarse_logits, "coarse_probs": coarse_probs, **refined}
+
+
+class UltraRefinerExport(nn.Module):
+    def __init__(self, transunet: nn.Module, refiner: SAMRefiner) -> None:
+        """
+        One-tensor interface of ``UltraRefiner`` for ``verify_net_in_out``, TorchScript export and deployment.
+
+        Holds the same ``transunet`` and ``refiner`` children as ``UltraRefiner``, so its state_dict keys are the same
+        (a phase-3 ``models/model.pt`` loads into either). The TransUNet input is made inside: min-max scaling per
+        image to [0,1] and an anti-aliased bilinear resize to ``transunet.img_size`` (the MONAI pipeline's
+        ``ScaleIntensity`` + anti-aliased ``Resize`` differ from it by interpolation details only). No embedding
+        cache. For ``torch.jit.trace`` build the refiner with ``image_resize="torch"`` (the exact resize runs in
+        numpy); a trace is fixed to its input size.
+
+        Arguments:
+          transunet (nn.Module): coarse segmenter (``img_size`` attribute).
+          refiner (SAMRefiner): the refiner.
+        """
+        super().__init__()
+        if not isinstance(refiner, SAMRefiner):
+            raise TypeError(f"refiner must be a SAMRefiner, got {type(refiner).__name__}")
+        self.transunet = transunet
+        self.refiner = refiner
+        self.img_size = int(getattr(transunet, "img_size", 224))
+
+    @classmethod
+    def from_model(cls, model: UltraRefiner) -> UltraRefinerExport:
+        """The export interface sharing ``model``'s sub-networks (and weights)."""
+        return cls(model.transunet, model.refiner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Arguments:
+          x (torch.Tensor): (B,1,H,W) float32 grayscale image scaled to [0,1] (8-bit image / 255), native size; the
+            batch shares one size.
+
+        Returns:
+          torch.Tensor: (B,2,H,W) float32 lesion probabilities at the input size: channel 0 coarse (TransUNet,
+          bilinearly resized), channel 1 refined (SAM refiner).
+        """
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"x must be (B,1,H,W), got {tuple(x.shape)}")
+        x = x.float()
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        scaled = (x - lo) / (hi - lo).clamp_min(1e-8)
+        small = F.interpolate(scaled, (self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                              antialias=True).clamp(0.0, 1.0)
+        coarse = torch.softmax(self.transunet(small).float(), dim=1)[:, 1:].sum(dim=1, keepdim=True)
+        refined = self.refiner(image=x * 255.0, coarse=coarse, original_size=size)["masks"]
+        coarse_native = F.interpolate(coarse, size, mode="bilinear", align_corners=False)
+        return torch.cat([coarse_native, torch.sigmoid(refined.float())], dim=1)

@@ -1,0 +1,279 @@
+"""bundles/ultrarefiner: initialisation from phase-1/phase-2 checkpoints (full and LoRA), missing-checkpoint message,
+train, resume after a kill (--from_scratch), evaluate (coarse vs refined, paired comparison, iterations and gate),
+inference, multi-GPU (gloo on CPU), verify_metadata / verify_net_in_out / TorchScript export.
+
+Tiny networks (TransUNet 32x32 with one narrow ViT block, a 256-pixel SAM) on the real configs and code paths; the
+phase-1/phase-2 checkpoints are written by the test in the formats the other bundles document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bundle_utils import REPO, SCHEMA, assert_ok, bundle_cmd
+
+BUNDLE = REPO / "bundles" / "ultrarefiner"
+TRAIN = ["train.json"]
+TU = {"img_size": 32, "num_classes": 2, "in_channels": 1, "variant": "R50-ViT-B_16", "vit_depth": 1, "hidden_size": 32,
+      "num_heads": 2, "mlp_dim": 64, "block_units": [1, 1, 1], "decoder_channels": [32, 16, 16, 8]}
+SAM = {"model_type": "tiny", "img_size": 256}
+NET = {"img_size": 32, "transunet_kwargs": TU, "sam_kwargs": SAM}
+TINY = {**NET, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
+
+
+def write_phase1(ckpt_root: Path, dataset: str = "BUSI", fold: int = 0) -> Path:
+    """TransUNet best.pt as the transunet bundle writes it ({"model", "network_kwargs", ...})."""
+    from ultrarefiner.networks import TransUNet
+
+    torch.manual_seed(1)
+    path = ckpt_root / "transunet" / dataset / f"fold_{fold}" / "best.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": TransUNet(**TU).state_dict(), "epoch": 3, "metric": 0.5, "metric_name": "val_mean_dice",
+                "network_kwargs": TU}, path)
+    return path
+
+
+def write_phase2(ckpt_root: Path, fold: int = 0) -> Path:
+    """Full refiner best.pt as the sam_refiner bundle writes it ({"model": SAMRefiner.state_dict(), "lora": False})."""
+    from ultrarefiner.networks import SAMRefiner, build_tiny_sam
+
+    refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=2))
+    path = ckpt_root / "sam_finetuned" / f"fold_{fold}" / "best.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": refiner.state_dict(), "lora": False, "epoch": 3, "metric": 0.6}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ultrarefiner.data.preprocess import preprocess
+    from ultrarefiner.data.synthetic import write_busi_tree
+
+    tmp = tmp_path_factory.mktemp("ur")
+    write_busi_tree(tmp / "raw", n_benign=4, n_malignant=3, n_normal=1, seed=5, size=(96, 128))
+    preprocess(tmp / "raw", tmp / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
+    write_phase1(tmp / "ckpt")
+    write_phase2(tmp / "ckpt")
+    return tmp
+
+
+def overrides(data: Path, **extra) -> dict:
+    return {"data_root": str(data / "processed"), "ckpt_root": str(data / "ckpt"),
+            "model_path": str(data / "models" / "model.pt"), "n_splits": 2, **TINY, **extra}
+
+
+def _cmd(configs: list[str], ov: dict, launcher: list[str] | None = None) -> list[str]:
+    files = [str(BUNDLE / "configs" / c) for c in configs]
+    cmd = (launcher or [sys.executable, "-m", "monai.bundle"]) + ["run", "--config_file",
+                                                                 files[0] if len(files) == 1 else json.dumps(files)]
+    cmd += ["--bundle_root", str(BUNDLE), "--meta_file", str(BUNDLE / "configs" / "metadata.json")]
+    for k, v in ov.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    res = bundle_cmd("run", "ultrarefiner", TRAIN, overrides(data, epochs=1))
+    assert_ok(res)
+    return data, res
+
+
+def test_train_initialises_from_phase_checkpoints(trained):
+    data, res = trained
+    fold = data / "ckpt" / "ultra_refiner" / "fold_0"
+    best = torch.load(fold / "best.pt", weights_only=True)
+    last = torch.load(fold / "last.pt", weights_only=False)
+    assert best["network_kwargs"]["transunet"] == TU and best["network_kwargs"]["sam"] == SAM
+    assert best["metric_name"] == "val_mean_dice" and 0.0 <= best["metric"] <= 1.0
+    assert last["epoch"] == 1 and [g["name"] for g in last["optimizer"]["param_groups"]] == ["transunet", "sam"]
+    assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [1e-4, 1e-5]
+    assert (data / "models" / "model.pt").is_file()
+    # started from the phase-1/phase-2 weights: TransUNet moved a little, the frozen SAM encoder not at all
+    phase1 = torch.load(data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt", weights_only=True)["model"]
+    phase2 = torch.load(data / "ckpt" / "sam_finetuned" / "fold_0" / "best.pt", weights_only=True)["model"]
+    model = last["model"]
+    drift = max(float((model[f"transunet.{k}"].float() - v.float()).abs().max()) for k, v in phase1.items()
+                if "running_" not in k and "num_batches" not in k)  # BatchNorm statistics move by themselves
+    assert 0.0 < drift < 0.05
+    enc = [k for k in phase2 if k.startswith("sam.image_encoder.")]
+    assert enc and all(torch.equal(model[f"refiner.{k}"], phase2[k]) for k in enc)
+    out = res.stdout + res.stderr
+    assert "[TRAIN]" in out and "[VALIDATION]" in out and "Coarse Dice" in out and "HD95" in out
+    summary = json.loads((fold / "val_report" / "summary.json").read_text())
+    assert "refined_vs_coarse" in summary["comparisons"]["all"]
+
+
+def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from ultrarefiner.engines.e2e_setup import MissingCheckpointError
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    for k, v in {"ckpt_root": str(tmp_path / "none"), "device": "$torch.device('cpu')", **NET}.items():
+        parser[k] = v
+    with pytest.raises(RuntimeError) as e:  # the config parser wraps what the expression raised
+        parser.get_parsed_content("network")
+    assert isinstance(e.value.__cause__, MissingCheckpointError)
+    msg = str(e.value.__cause__)
+    assert str(tmp_path / "none" / "transunet" / "BUSI" / "fold_0" / "best.pt") in msg
+    assert str(tmp_path / "none" / "sam_finetuned" / "fold_0" / "best.pt") in msg
+    assert "--from_scratch true" in msg and "--transunet_ckpt" in msg and "--refiner_ckpt" in msg
+    # overridable ids, and a TransUNet checkpoint of another architecture is refused with the option to fix
+    refiner = write_phase2(tmp_path)
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "network_kwargs": {**TU, "vit_depth": 2}}, other)
+    parser["transunet_ckpt"], parser["refiner_ckpt"] = str(other), str(refiner)
+    with pytest.raises(RuntimeError) as e:
+        parser.get_parsed_content("network", lazy=False)
+    assert "vit_depth=2 (config: 1)" in str(e.value.__cause__)
+
+
+def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path):
+    from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.errors import BadInputError
+    from ultrarefiner.networks import SAMRefiner, build_tiny_sam, lora_state_dict
+    from ultrarefiner.networks.lora import has_lora
+
+    base = build_tiny_sam(img_size=256, seed=3)
+    torch.save(base.state_dict(), tmp_path / "medsam_base.pth")
+    lora = SAMRefiner(build_tiny_sam(img_size=256, seed=3), use_lora=True, lora_rank=2, lora_alpha=4.0)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    torch.save({"model": lora_state_dict(lora), "lora": True}, tmp_path / "refiner.pt")
+    write_phase1(tmp_path)
+    tu = tmp_path / "transunet" / "BUSI" / "fold_0" / "best.pt"
+    nk = {"transunet": TU, "sam": SAM, "refiner": {}}
+    with pytest.raises(BadInputError, match="--sam_checkpoint"):
+        init_network(build_ultrarefiner(nk), tu, tmp_path / "refiner.pt", transunet_kwargs=TU)
+    net = init_network(build_ultrarefiner(nk, sam_checkpoint=tmp_path / "medsam_base.pth"), tu, tmp_path / "refiner.pt",
+                       sam_checkpoint=tmp_path / "medsam_base.pth", transunet_kwargs=TU)
+    assert not has_lora(net) and net.cache_embeddings
+    assert not any(p.requires_grad for p in net.refiner.sam.image_encoder.parameters())
+    image = torch.rand(1, 1, 48, 64) * 255
+    with torch.no_grad():
+        merged, adapted = net.refiner.encode_image(image), lora.eval().encode_image(image)
+    assert torch.allclose(merged, adapted, atol=1e-4)
+
+
+def test_resume_after_kill_from_scratch(data):
+    ov = overrides(data, epochs=400, val_interval=1000, ckpt_root=str(data / "ckpt_kill"), from_scratch=True)
+    last = data / "ckpt_kill" / "ultra_refiner" / "fold_0" / "last.pt"
+    proc = subprocess.Popen(_cmd(TRAIN, ov), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not last.is_file() and proc.poll() is None:
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    assert 1 <= epoch_at_kill < 400
+    assert not list(last.parent.glob("*.tmp"))
+    res = bundle_cmd("run", "ultrarefiner", TRAIN, {**ov, "epochs": epoch_at_kill + 1})
+    assert_ok(res)
+    out = res.stdout + res.stderr
+    assert "resumed from" in out and "--from_scratch" in out
+    assert torch.load(last, weights_only=False)["epoch"] == epoch_at_kill + 1
+
+
+def test_evaluate_coarse_vs_refined_with_iterations_and_gate(trained):
+    data, _ = trained
+    res = bundle_cmd("run", "ultrarefiner", ["train.json", "evaluate.json"],
+                     overrides(data, iterations=1, quality_gate=True))
+    assert_ok(res)
+    ev = data / "ckpt" / "ultra_refiner" / "fold_0" / "eval_test_iter1_gate"
+    summary = json.loads((ev / "summary.json").read_text())
+    n_test = len(json.loads((data / "processed" / "BUSI" / "datalist.json").read_text())["testing"])
+    assert summary["n_images"] == n_test
+    assert summary["pred_keys"] == ["coarse", "refined", "iterative", "gated"]
+    for key in summary["pred_keys"]:
+        for m in ("dice", "iou", "precision", "recall", "accuracy", "hd95"):
+            assert f"{key}_{m}" in summary["metrics"]
+    assert "BUSI" in summary["per_dataset"]
+    comps = summary["comparisons"]["all"]
+    assert {"refined_vs_coarse", "iterative_vs_coarse", "gated_vs_coarse", "iterative_vs_refined"} <= set(comps)
+    dice = comps["refined_vs_coarse"]["dice"]
+    assert dice["improved"] + dice["worsened"] + dice["unchanged"] == n_test and len(dice["ci95"]) == 2
+    rows = (ev / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("image,dataset,height,width,coarse_dice") and len(rows) == n_test + 1
+    assert ",BUSI,96,128," in rows[1]  # native size
+    assert (ev / "comparison.csv").read_text().startswith("dataset,comparison,metric")
+    assert list((ev / "overlays").glob("*.png"))
+    out = res.stdout + res.stderr
+    assert "refined-coarse [95% CI]" in out
+
+
+def test_inference_config(trained, tmp_path):
+    data, _ = trained
+    from PIL import Image
+
+    images = sorted((data / "processed" / "BUSI" / "images").glob("*.png"))[:2]
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in images:
+        (src / p.name).write_bytes(p.read_bytes())
+    res = bundle_cmd("run", "ultrarefiner", ["inference.json"],
+                     {"input_dir": str(src), "output_dir": str(tmp_path / "out"),
+                      "ckpt_path": str(data / "models" / "model.pt"), **NET})
+    assert_ok(res)
+    report = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert report["n_images"] == 2 and report["skipped"] == []
+    for e in report["images"]:
+        assert -1.5 < e["pred_iou"] < 1.5
+        for kind in ("coarse", "refined", "overlay"):
+            assert Image.open(tmp_path / "out" / e[kind]).size == (128, 96)
+
+
+def test_multi_gpu_config_with_gloo(data):
+    ov = overrides(data, epochs=1, epoch_length=1, output_dir=str(data / "ddp_out"),
+                   model_path=str(data / "ddp_model.pt"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
+    res = subprocess.run(_cmd(TRAIN + ["multi_gpu_train.json"], ov, launcher), capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    assert_ok(res)
+    assert (data / "ddp_out" / "last.pt").is_file() and (data / "ddp_out" / "best.pt").is_file()
+
+
+def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
+    """The bundle commands, called in-process (the same functions ``python -m monai.bundle`` runs)."""
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
+    data, _ = trained
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    meta = tmp_path / "metadata.json"
+    m = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    for io in ("inputs", "outputs"):
+        for v in m["network_data_format"][io].values():
+            v["spatial_shape"] = [48, 64]
+    meta.write_text(json.dumps(m))
+    config = str(BUNDLE / "configs" / "inference.json")
+    verify_net_in_out(net_id="export_network_def", meta_file=str(meta), config_file=config, device="cpu", **NET)
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="export_network_def", filepath=str(ts), ckpt_file=str(data / "models" / "model.pt"),
+                meta_file=str(meta), config_file=config, use_trace=True, bundle_root=str(BUNDLE), image_resize="torch",
+                **NET)
+    from ultrarefiner.engines.ultra_predict import load_ultrarefiner
+    from ultrarefiner.networks.ultra_refiner import UltraRefinerExport
+
+    model = load_ultrarefiner(data / "ckpt" / "ultra_refiner" / "fold_0" / "best.pt")
+    model.refiner.geometry.image_resize = "torch"
+    eager = UltraRefinerExport.from_model(model).eval()
+    x = torch.rand(1, 1, 48, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        traced, ref = torch.jit.load(str(ts))(x), eager(x)
+    assert traced.shape == (1, 2, 48, 64) and torch.allclose(traced, ref, atol=1e-4)

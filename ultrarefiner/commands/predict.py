@@ -1,0 +1,69 @@
+"""``python -m ultrarefiner predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ultrarefiner.commands.args import check_range
+
+
+def predict(
+    input: str,
+    output_dir: str = "./predictions/ultrarefiner",
+    bundle: str = "bundles/ultrarefiner",
+    checkpoint: str | None = None,
+    iterations: int = 0,
+    quality_gate: bool = False,
+    gate_threshold: float = 0.5,
+    threshold: float = 0.5,
+    nifti: bool = False,
+    device: str = "auto",
+    amp: bool = True,
+) -> None:
+    """Coarse (TransUNet) and refined (SAM refiner) lesion masks of one image or a folder of images.
+
+    Writes, per image, <output_dir>/coarse/<name>.png and <output_dir>/refined/<name>.png (0/255 masks at the
+    image's native size), <output_dir>/overlays/<name>.png (the image with the coarse contour in blue and the
+    refined one in red) and, with --nifti, <output_dir>/nifti/<name>_{coarse,refined}.nii.gz; and
+    <output_dir>/predictions.json with the refiner's predicted IoU per image. Unreadable files are skipped and
+    listed under "skipped" in predictions.json; the command fails only when no image could be predicted.
+
+    Args:
+        input: an image file (PNG, JPEG, BMP, TIFF; converted to 8-bit grayscale) or a folder of them.
+        output_dir: where outputs go (created; existing files are replaced atomically).
+        bundle: the ultrarefiner bundle; its configs/inference.json describes the network when the checkpoint
+            does not (a plain models/model.pt).
+        checkpoint: UltraRefiner weights: models/model.pt of the bundle (default) or a best.pt/last.pt of training
+            (<ckpt_root>/ultra_refiner/fold_<k>/best.pt).
+        iterations: iterative refinement: feed the refined mask back as the prompt N more times and keep, per
+            image, the pass with the highest predicted IoU (0: off, the default).
+        quality_gate: keep the coarse mask for an image when the refiner's predicted IoU of its mask is below
+            --gate_threshold (off by default; measure on your data with the bundle's evaluate.json first).
+        gate_threshold: predicted-IoU threshold of the quality gate.
+        threshold: probability threshold of the written masks.
+        nifti: also write NIfTI (.nii.gz) masks.
+        device: cpu, cuda, cuda:1 or auto.
+        amp: bfloat16 autocast on CUDA.
+    """
+    import logging
+
+    import torch
+
+    from ultrarefiner.engines.ultra_predict import UltraPredictor, load_ultrarefiner
+
+    check_range(iterations, "iterations", 0, 100, integer=True)
+    check_range(gate_threshold, "gate_threshold", 0.0, 1.0)
+    check_range(threshold, "threshold", 0.0, 1.0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    ckpt = Path(checkpoint) if checkpoint else Path(bundle) / "models" / "model.pt"
+    model = load_ultrarefiner(ckpt, bundle, dev)
+    predictor = UltraPredictor(model, dev, iterations=int(iterations), quality_gate=bool(quality_gate),
+                               gate_threshold=float(gate_threshold), threshold=float(threshold), amp=bool(amp),
+                               nifti=bool(nifti))
+    report = predictor.predict(input, output_dir)
+    out = Path(output_dir).resolve()
+    print(f"{report['n_images']} image(s) predicted into {out}; {report['n_skipped']} skipped")
+    for s in report["skipped"]:
+        print(f"  skipped {s['image']}: {s['reason']}")
+    print(f"report: {out / 'predictions.json'}")

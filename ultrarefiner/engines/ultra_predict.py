@@ -1,0 +1,353 @@
+"""UltraRefiner inference: coarse and refined masks, optional iterative refinement and quality gate, outputs on disk.
+
+``refine`` is the one prediction routine of phase 3 (validation, ``evaluate.json``, ``inference.json`` and
+``python -m ultrarefiner predict``):
+
+1. TransUNet's coarse probability (224) prompts the refiner on the native image -> refined mask, and SAM's predicted
+   IoU of the chosen candidate (``pred_iou``).
+2. Iterative refinement (``iterations`` N > 0): the refined probability is fed back as the prompt (points, box and
+   mask prompt re-derived from it) N times, reusing the image embedding; per image the pass with the highest
+   predicted IoU is kept (the first refinement included), so iterating never lowers the predicted IoU.
+3. Quality gate (``quality_gate``): SAM's IoU head estimates the IoU of its mask with the lesion. When that estimate
+   is below ``gate_threshold`` (default 0.5: the refiner expects to miss at least half the lesion-or-prediction
+   union), the refinement is not trusted and the coarse TransUNet mask is kept for that image. The rule uses the
+   refiner's own confidence only; the coarse mask has no IoU estimate of its own.
+
+Both extras are off by default: whether they help must be measured on real data (``evaluate.json`` reports them
+next to the plain refinement).
+
+Output layout of ``UltraPredictor.predict`` (all files written atomically)::
+
+    <output_dir>/coarse/<name>.png     TransUNet mask at native size (0/255)
+    <output_dir>/refined/<name>.png    final refined mask (after iterations / gate when enabled)
+    <output_dir>/overlays/<name>.png   image with the coarse (blue) and refined (red) contours
+    <output_dir>/nifti/<name>_{coarse,refined}.nii.gz   on request
+    <output_dir>/predictions.json      settings, per image: size, predicted IoU, chosen pass, gated; skipped files
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
+from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.utils.io import atomic_write, write_json, write_png
+
+__all__ = [
+    "COARSE_COLOUR",
+    "REFINED_COLOUR",
+    "UltraPredictor",
+    "list_inputs",
+    "load_network",
+    "load_ultrarefiner",
+    "overlay_coarse_refined",
+    "refine",
+    "selected_iou",
+]
+
+logger = logging.getLogger(__name__)
+
+GT_COLOUR = (0, 255, 0)
+COARSE_COLOUR = (0, 128, 255)
+REFINED_COLOUR = (255, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------ core
+def selected_iou(outputs: dict) -> torch.Tensor:
+    """(B,) SAM's predicted IoU of the selected candidate (eval mode: the argmax candidate)."""
+    return (outputs["iou_predictions"].float() * outputs["selection_weights"].float()).sum(dim=1)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def refine(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    sam_image: torch.Tensor,
+    original_size: Sequence[int] | None = None,
+    iterations: int = 0,
+    quality_gate: bool = False,
+    gate_threshold: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """
+    Coarse and refined lesion probabilities at the SAM image's frame (module docstring).
+
+    Arguments:
+      model (UltraRefiner): in eval mode (or DDP-wrapped).
+      image (torch.Tensor): (B,1,S,S) TransUNet input in [0,1].
+      sam_image (torch.Tensor): (B,1|3,H,W) 0-255 native image (or encoder frame with ``original_size``).
+      original_size: (H, W) shared by the batch; None: the SAM image's own size.
+      iterations (int): extra passes with the refined mask as the prompt (0: off).
+      quality_gate (bool): keep the coarse mask where the predicted IoU is below ``gate_threshold``.
+      gate_threshold (float): see ``quality_gate``.
+
+    Returns:
+      dict of float32 tensors: "coarse" (B,1,H,W) TransUNet probability resized to (H, W); "refined" (B,1,H,W)
+      first refinement; "pred_iou" (B,) its predicted IoU; with iterations: "iterative" (B,1,H,W) best pass,
+      "iterative_iou" (B,), "best_pass" (B,) (0 = first refinement); with the gate: "gated" (B,1,H,W), "gate" (B,)
+      1 where the coarse mask was kept; always "final" (B,1,H,W) (gated, else iterative, else refined) and
+      "final_iou" (B,) (the IoU estimate of the chosen refinement, before the gate).
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    net = _unwrap(model)
+    net.eval()
+    if original_size is None:
+        original_size = tuple(int(s) for s in sam_image.shape[-2:])
+    size = (int(original_size[0]), int(original_size[1]))
+    embeddings = net.encode_image(sam_image, size)
+    out = net(image, image_embeddings=embeddings.float(), original_size=size)
+    coarse = F.interpolate(out["coarse_probs"].float(), size, mode="bilinear", align_corners=False).clamp(0, 1)
+    logits = out["masks"].float()
+    iou = selected_iou(out)
+    result = {"coarse": coarse, "refined": torch.sigmoid(logits), "pred_iou": iou}
+    best_logits, best_iou = logits, iou
+    if iterations:
+        best_pass = torch.zeros_like(iou)
+        prompt = torch.sigmoid(logits)
+        for k in range(1, iterations + 1):
+            step = net.refiner(coarse=prompt, image_embeddings=embeddings.float(), original_size=size)
+            step_iou = selected_iou(step)
+            step_logits = step["masks"].float()
+            better = step_iou > best_iou
+            best_logits = torch.where(better[:, None, None, None], step_logits, best_logits)
+            best_iou = torch.where(better, step_iou, best_iou)
+            best_pass = torch.where(better, torch.full_like(best_pass, k), best_pass)
+            prompt = torch.sigmoid(step_logits)
+        result.update(iterative=torch.sigmoid(best_logits), iterative_iou=best_iou, best_pass=best_pass)
+    final = torch.sigmoid(best_logits)
+    if quality_gate:
+        keep_coarse = best_iou < gate_threshold
+        final = torch.where(keep_coarse[:, None, None, None], coarse, final)
+        result.update(gated=final, gate=keep_coarse.float())
+    result.update(final=final, final_iou=best_iou)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def overlay_coarse_refined(image: np.ndarray, coarse: np.ndarray | None, refined: np.ndarray | None,
+                           label: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3): ``image`` (H, W) gray ([0, 1] or stretched), contours of the bool masks: ground truth
+    green, coarse blue, refined red (drawn in that order, so the refined contour is on top)."""
+    from ultrarefiner.engines.overlays import _gray_uint8, contour
+
+    gray = _gray_uint8(image)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    for mask, colour in ((label, GT_COLOUR), (coarse, COARSE_COLOUR), (refined, REFINED_COLOUR)):
+        if mask is not None:
+            rgb[contour(np.asarray(mask, bool))] = colour
+    return rgb
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike) -> torch.nn.Module:
+    """Load phase-3 weights (``best.pt``/``last.pt``/``models/model.pt``) into ``network`` (strict); returns it."""
+    from ultrarefiner.engines.checkpoint import load_weights
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise BadInputError(path, "UltraRefiner checkpoint not found (train bundles/ultrarefiner first, or pass "
+                                  "--ckpt_path / --checkpoint)")
+    try:
+        network.load_state_dict(load_weights(path), strict=True)
+    except RuntimeError as e:
+        raise BadInputError(path, f"does not match the configured UltraRefiner (network_kwargs?): {e}") from e
+    return network
+
+
+def load_ultrarefiner(
+    checkpoint: str | os.PathLike,
+    bundle: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    overrides: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """UltraRefiner with the weights of ``checkpoint``, for inference (no embedding cache).
+
+    The architecture comes from the checkpoint's ``network_kwargs`` (``best.pt``/``last.pt`` of the bundle), else
+    from ``<bundle>/configs/inference.json`` (``network_kwargs``, with ``overrides`` of its ids) for a plain
+    ``models/model.pt``.
+    """
+    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise BadInputError(path, "UltraRefiner checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInputError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
+    if not (isinstance(kwargs, dict) and "transunet" in kwargs):
+        if bundle is None:
+            raise BadInputError(path, "holds no network_kwargs; give the bundle whose inference.json describes it")
+        from monai.bundle import ConfigParser
+
+        config = Path(bundle) / "configs" / "inference.json"
+        if not config.is_file():
+            raise BadInputError(config, "bundle config not found")
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        for k, v in (overrides or {}).items():
+            parser[k] = v
+        kwargs = parser.get_parsed_content("network_kwargs")
+    model = build_ultrarefiner(kwargs, cache_embeddings=False)
+    return load_network(model, path).to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------ predictor
+def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """One image file, a folder (its image files, sorted, not recursive) or a list of files."""
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise BadInputError(p, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            return files
+        if not p.exists():
+            raise BadInputError(p, "input not found")
+        return [p]
+    return [Path(s) for s in source]
+
+
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique (``a.png`` and ``a.jpg`` -> ``a_png``, ``a_jpg``)."""
+    stems = [p.stem for p in paths]
+    dup = {s for s in stems if stems.count(s) > 1}
+    names = [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if p.stem in dup else p.stem for p in paths]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
+def _write_nifti(path: Path, mask: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(mask.T[:, :, None]).astype(np.uint8), np.eye(4))  # x = column
+    data = gzip.compress(img.to_bytes())
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+class UltraPredictor:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        img_size: int | None = None,
+        iterations: int = 0,
+        quality_gate: bool = False,
+        gate_threshold: float = 0.5,
+        threshold: float = 0.5,
+        amp: bool = False,
+        nifti: bool = False,
+    ) -> None:
+        """
+        Predict coarse and refined masks of image files and write them (module docstring).
+
+        Arguments:
+          network (UltraRefiner): with its weights loaded.
+          device: where the network runs.
+          img_size (int or None): TransUNet input side; None: ``network.transunet.img_size``.
+          iterations, quality_gate, gate_threshold: see ``refine`` (off by default).
+          threshold (float): probability threshold of the written masks.
+          amp (bool): bfloat16 autocast (CUDA only).
+          nifti (bool): also write NIfTI masks.
+        """
+        from monai.transforms import Compose, Resize, ScaleIntensity
+
+        self.network = network.to(device).eval()
+        self.device = torch.device(device)
+        size = img_size or getattr(_unwrap(network).transunet, "img_size", 224)
+        # the evaluation pipeline's TransUNet input: min-max to [0, 1], anti-aliased bilinear resize
+        self.transform = Compose([ScaleIntensity(), Resize((size, size), mode="bilinear", anti_aliasing=True)])
+        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), bool(quality_gate), gate_threshold
+        self.threshold, self.amp, self.nifti = threshold, amp, nifti
+
+    def settings(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "quality_gate": self.quality_gate,
+                "gate_threshold": self.gate_threshold if self.quality_gate else None, "threshold": self.threshold}
+
+    def predict_array(self, image: np.ndarray) -> dict[str, Any]:
+        """(H, W) uint8 image -> dict of numpy arrays (coarse/refined probabilities, (H, W)) and scalars."""
+        native = torch.from_numpy(np.array(image, dtype=np.uint8))[None]  # (1, H, W) uint8, own copy
+        small = torch.as_tensor(self.transform(native.float()), dtype=torch.float32)[None].clamp(0, 1)
+        sam_image = native[None]
+        dev = self.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == "cuda"):
+            out = refine(self.network, small.to(dev), sam_image, None, self.iterations, self.quality_gate,
+                         self.gate_threshold)
+        result = {"coarse": out["coarse"][0, 0].cpu().numpy(), "refined": out["final"][0, 0].cpu().numpy(),
+                  "pred_iou": float(out["pred_iou"][0]), "final_iou": float(out["final_iou"][0])}
+        if "best_pass" in out:
+            result["best_pass"] = int(out["best_pass"][0])
+        if "gate" in out:
+            result["gated"] = bool(out["gate"][0] > 0)
+        return result
+
+    def predict(self, inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
+        """Predict every input image, write the outputs and ``predictions.json``; returns that report.
+
+        Unreadable files are listed under "skipped" with the reason (and logged); they never stop the run. Raises
+        ``UltraRefinerError`` when no input could be predicted.
+        """
+        from tqdm import tqdm
+
+        out = Path(output_dir)
+        paths = list_inputs(inputs)
+        names = _output_names(paths)
+        images, skipped = [], []
+        for path, name in tqdm(list(zip(paths, names, strict=True)), desc="predict", leave=False, disable=None):
+            try:
+                image = read_image(path)
+            except BadInputError as e:
+                logger.warning(f"skipped {e}")
+                skipped.append({"image": str(path), "reason": e.reason})
+                continue
+            if min(image.shape) < 2:
+                skipped.append({"image": str(path), "reason": f"image too small {image.shape}"})
+                logger.warning(f"skipped {path}: image too small {image.shape}")
+                continue
+            res = self.predict_array(image)
+            coarse, refined = res["coarse"] > self.threshold, res["refined"] > self.threshold
+            entry = {"image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
+                     "pred_iou": round(res["pred_iou"], 6), "coarse": f"coarse/{name}.png",
+                     "refined": f"refined/{name}.png", "overlay": f"overlays/{name}.png",
+                     "coarse_area": int(coarse.sum()), "refined_area": int(refined.sum())}
+            if self.iterations:
+                entry.update(final_iou=round(res["final_iou"], 6), best_pass=res["best_pass"])
+            if self.quality_gate:
+                entry["gated"] = res["gated"]
+            write_png(out / entry["coarse"], coarse.astype(np.uint8) * 255)
+            write_png(out / entry["refined"], refined.astype(np.uint8) * 255)
+            write_png(out / entry["overlay"], overlay_coarse_refined(image.astype(np.float32) / 255.0, coarse, refined))
+            if self.nifti:
+                for kind, mask in (("coarse", coarse), ("refined", refined)):
+                    rel = f"nifti/{name}_{kind}.nii.gz"
+                    _write_nifti(out / rel, mask)
+                    entry[f"{kind}_nifti"] = rel
+            images.append(entry)
+        report = {"settings": self.settings(), "n_images": len(images), "n_skipped": len(skipped),
+                  "images": images, "skipped": skipped}
+        write_json(out / "predictions.json", report)
+        if skipped:
+            logger.warning(f"{len(skipped)} of {len(paths)} input files skipped (listed in {out / 'predictions.json'})")
+        if not images:
+            raise UltraRefinerError(f"no input image could be predicted ({len(skipped)} skipped: "
+                                    f"{'; '.join(s['image'] + ': ' + s['reason'] for s in skipped[:5])})")
+        logger.info(f"predicted {len(images)} image(s) into {out}")
+        return report
