@@ -18,7 +18,7 @@ def test_ruff_clean():
         and subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode
     ):
         pytest.skip("ruff not installed")
-    paths = [p for p in ("ultrarefiner", "tests", "benchmarks", "bundles") if (REPO / p).is_dir()]
+    paths = [p for p in ("ultrarefiner", "tests", "benchmarks", "bundles", "monailabel_app") if (REPO / p).is_dir()]
     res = subprocess.run(
         [sys.executable, "-m", "ruff", "check", *paths],
         cwd=REPO,

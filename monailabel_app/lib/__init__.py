@@ -1,0 +1,1 @@
+"""Infer and train tasks of the UltraRefiner MONAI Label app."""
