@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +13,9 @@ from ultrarefiner.cli import COMMANDS
 from ultrarefiner.commands.args import check_range, parse_list
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "ultrarefiner", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "ultrarefiner", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
     )
 
 
@@ -52,10 +53,35 @@ def test_preprocess_validation(tmp_path, args, message):
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
-def test_demo_runs_on_phantoms(tmp_path):
-    res = run("demo", "--output_dir", str(tmp_path / "demo"), "--n_images", "12")
+def test_demo_prepare_only(tmp_path):
+    res = run("demo", "--output_dir", str(tmp_path / "demo"), "--n_images", "12", "--prepare_only")
     assert res.returncode == 0, res.stderr
     assert "BUSI" in res.stdout and "samples" in res.stdout
-    report = json.loads((tmp_path / "demo" / "processed" / "preprocess_report.json").read_text())
+    report = json.loads((tmp_path / "demo" / "dataset" / "processed" / "preprocess_report.json").read_text())
     assert report["datasets"]["BUSI"]["samples"] == 10  # 12 phantoms, 2 normal
-    assert (tmp_path / "demo" / "processed" / "BUSI" / "datalist.json").is_file()
+
+
+def test_readme_walkthrough_is_the_demo_script():
+    from ultrarefiner.walkthrough import WALKTHROUGH
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "```bash\n" + WALKTHROUGH + "```" in readme
+
+
+def test_demo_runs_all_three_phases(tmp_path):
+    """The README walkthrough with tiny settings: every phase, evaluation and prediction (a few minutes)."""
+    out = tmp_path / "demo"
+    res = run("demo", "--output_dir", str(out), "--n_images", "24", timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert "coarse" in res.stdout and "refined" in res.stdout and "improved/worsened" in res.stdout
+    for k in range(5):
+        assert (out / "checkpoints" / "transunet" / "BUSI" / f"fold_{k}" / "best.pt").is_file()
+    assert (out / "predictions" / "transunet" / "BUSI" / "datalist.json").is_file()
+    assert list((out / "dataset" / "augmented" / "BUSI" / "fold_0").glob("*"))
+    assert (out / "checkpoints" / "sam_finetuned" / "fold_0" / "best.pt").is_file()
+    summary = json.loads((out / "checkpoints" / "ultra_refiner" / "fold_0" / "eval_test" / "summary.json").read_text())
+    assert summary["n_images"] > 0
+    preds = json.loads((out / "predictions" / "ultrarefiner" / "predictions.json").read_text())
+    overlays = list((out / "predictions" / "ultrarefiner" / "overlays").glob("*.png"))
+    assert overlays and str(overlays[0].resolve()) in res.stdout
+    assert preds
