@@ -124,12 +124,11 @@ class TrainingCheckpoints:
             keys = [k for k in ("total_iters", "T_max") if hasattr(self.lr_scheduler, k)]
             length = {k: getattr(self.lr_scheduler, k) for k in keys}
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            changed = any(getattr(self.lr_scheduler, k) != v for k, v in length.items())
             for k, v in length.items():
                 setattr(self.lr_scheduler, k, v)
-            if changed and hasattr(self.lr_scheduler, "_get_closed_form_lr"):
-                # chainable schedulers multiply the current LR, which may already be 0 at the old end: restart
-                # from the closed form of the new schedule at the current step
+            if hasattr(self.lr_scheduler, "_get_closed_form_lr"):
+                # chainable schedulers multiply the current LR, which is 0 at the end of a finished schedule: take
+                # the closed form of this run's schedule at the current step (equal to it when nothing changed)
                 for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler._get_closed_form_lr(), strict=True):
                     group["lr"] = lr
                 self.lr_scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
