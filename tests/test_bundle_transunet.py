@@ -65,7 +65,7 @@ def test_train_writes_checkpoints_and_report(trained):
 
 
 def test_resume_after_kill(data):
-    ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"))
+    ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill_model.pt"))
     root = REPO / "bundles" / "transunet"
     cmd = [
         sys.executable,

@@ -76,12 +76,14 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def _update_large_files(folder: Path) -> None:
-    """Adds/updates one large_files.yml entry per packaged file over 25 MB, with its hash (url kept as given)."""
+    """Fills the hash of every packaged file that large_files.yml lists and adds entries for unlisted files over
+    25 MB (url kept as given)."""
     entries = read_large_files(folder)
     by_path = {str(e.get("path")): e for e in entries if isinstance(e, dict)}
     for path in sorted((folder / "models").glob("*")) if (folder / "models").is_dir() else []:
-        if path.is_file() and path.stat().st_size > LARGE_FILE_BYTES:
-            rel = path.relative_to(folder).as_posix()
+        rel = path.relative_to(folder).as_posix()
+        # listed files get the hash of what is packaged, whatever their size; unlisted ones over 25 MB are added
+        if path.is_file() and (rel in by_path or path.stat().st_size > LARGE_FILE_BYTES):
             entry = by_path.setdefault(rel, {"path": rel, "url": ""})
             entry.update(hash_val=_sha256(path), hash_type=HASH_TYPE)
     if not by_path:
