@@ -28,6 +28,19 @@ def bundle_cmd(
     python: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """``python -m monai.bundle <command> --config_file [...] --bundle_root bundles/<bundle> --k v ...``."""
+    cmd = bundle_argv(command, bundle, configs, overrides, python)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout)
+
+
+def bundle_argv(
+    command: str,
+    bundle: str,
+    configs: list[str] | None = None,
+    overrides: dict | None = None,
+    python: list[str] | None = None,
+) -> list[str]:
+    """The argument list of ``bundle_cmd`` (``python`` replaces ``[sys.executable, "-m", "monai.bundle"]``, e.g. with
+    a ``torch.distributed.run`` prefix)."""
     root = REPO / "bundles" / bundle
     files = [str(root / "configs" / c) for c in (configs or [])]
     cmd = (python or [sys.executable, "-m", "monai.bundle"]) + [command]
@@ -35,9 +48,7 @@ def bundle_cmd(
         cmd += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
     cmd += ["--bundle_root", str(root), "--meta_file", str(root / "configs" / "metadata.json")]
     cmd += ["--logging_file", str(root / "configs" / "logging.conf")] if command == "run" else []
-    cmd += _args(overrides or {})
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout)
-    return res
+    return cmd + _args(overrides or {})
 
 
 def verify_metadata(bundle: str) -> subprocess.CompletedProcess:

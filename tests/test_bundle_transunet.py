@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_utils import REPO, assert_ok, bundle_cmd, verify_metadata
+from bundle_utils import REPO, assert_ok, bundle_argv, bundle_cmd, verify_metadata
 
 TRAIN = ["train.json"]
 TINY = {"img_size": 32, "vit_depth": 1, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
@@ -66,21 +66,7 @@ def test_train_writes_checkpoints_and_report(trained):
 
 def test_resume_after_kill(data):
     ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill_model.pt"))
-    root = REPO / "bundles" / "transunet"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(root / "configs" / "train.json"),
-        "--bundle_root",
-        str(root),
-        "--meta_file",
-        str(root / "configs" / "metadata.json"),
-    ]
-    for k, v in ov.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    cmd = bundle_argv("run", "transunet", TRAIN, ov)
     last = data / "ckpt_kill" / "transunet" / "BUSI" / "fold_0" / "last.pt"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -144,27 +130,9 @@ def test_inference(trained, tmp_path):
 
 
 def test_multi_gpu_config_with_gloo(data):
-    root = REPO / "bundles" / "transunet"
-    files = json.dumps([str(root / "configs" / "train.json"), str(root / "configs" / "multi_gpu_train.json")])
     ov = overrides(data, epochs=1, ckpt_root=str(data / "ckpt_ddp"), model_path=str(data / "ddp_model.pt"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        files,
-        "--bundle_root",
-        str(root),
-        "--meta_file",
-        str(root / "configs" / "metadata.json"),
-    ]
-    for k, v in ov.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
+    cmd = bundle_argv("run", "transunet", ["train.json", "multi_gpu_train.json"], ov, python=torchrun)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert_ok(res)
     assert (data / "ckpt_ddp" / "transunet" / "BUSI" / "fold_0" / "last.pt").is_file()

@@ -26,16 +26,21 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_weights(path: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
-    """Network weights from ``best.pt``/``last.pt`` (``obj[key]``) or from a plain state_dict file."""
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load`` (CPU, ``weights_only``) with errors that name the file: missing or unreadable."""
     from ultrarefiner.errors import BadInputError
 
     if not Path(path).is_file():
-        raise BadInputError(path, "checkpoint not found")
+        raise BadInputError(path, f"{what} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BadInputError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_weights(path: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
+    """Network weights from ``best.pt``/``last.pt`` (``obj[key]``) or from a plain state_dict file."""
+    obj = read_checkpoint(path)
     return obj[key] if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict) else obj
 
 

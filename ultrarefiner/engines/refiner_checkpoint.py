@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
+from ultrarefiner.engines.checkpoint import read_checkpoint
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks.lora import has_lora, load_lora_state_dict, lora_state_dict
 
@@ -27,12 +27,7 @@ def refiner_state_dict(refiner: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def read_refiner_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint dict (``model``, ``lora``, ``network_kwargs``...), with errors that name the file."""
-    if not Path(path).is_file():
-        raise BadInputError(path, "refiner checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInputError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    obj = read_checkpoint(path, "refiner checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise BadInputError(path, "not a refiner checkpoint (no 'model' state_dict)")
     obj.setdefault("lora", any(".lora_A" in k for k in obj["model"]))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ultrarefiner.data.datalist import datalist_path
 from ultrarefiner.data.pipeline import get_transforms
-from ultrarefiner.engines.checkpoint import load_weights
+from ultrarefiner.engines.checkpoint import load_weights, read_checkpoint
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
 
@@ -31,12 +31,7 @@ def load_transunet(ckpt: str | os.PathLike, device: torch.device | str = "cpu", 
     """Rebuild the network from the ``network_kwargs`` stored in ``best.pt``/``last.pt`` and load its weights."""
     from ultrarefiner.networks import TransUNet
 
-    if not Path(ckpt).is_file():
-        raise BadInputError(ckpt, "checkpoint not found")
-    try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInputError(ckpt, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    obj = read_checkpoint(ckpt)
     kwargs = {**(obj.get("network_kwargs") or {}), **overrides} if isinstance(obj, dict) else overrides
     model = TransUNet(**kwargs)
     model.load_state_dict(load_weights(ckpt))
