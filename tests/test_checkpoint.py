@@ -44,7 +44,9 @@ def test_resume_extends_schedule_from_closed_form(tmp_path):
     last = torch.load(tmp_path / "last.pt", weights_only=False)
     assert last["epoch"] == 2 and last["network_kwargs"] == {"k": 1}
 
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"partial")  # what a kill during atomic_write leaves
     trainer, opt, _ = _run(tmp_path, epochs=4)  # restart with a longer schedule: resumes at epoch 2
+    assert not list(tmp_path.glob(".*.tmp"))
     assert trainer.state.epoch == 4
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # ended at the new schedule's end...
     resumed = torch.load(tmp_path / "last.pt", weights_only=False)

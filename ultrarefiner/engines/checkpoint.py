@@ -118,7 +118,15 @@ class TrainingCheckpoints:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
         return state
 
+    def _remove_stale_temporaries(self) -> None:
+        """A kill during ``atomic_write`` leaves its temporary file (the checkpoint itself stays whole): drop it."""
+        if _is_main_process() and self.ckpt_dir.is_dir():
+            for name in ("last.pt", "best.pt"):
+                for tmp in self.ckpt_dir.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
     def _load(self, engine: Engine) -> None:
+        self._remove_stale_temporaries()
         if not (self.resume and self.last_path.is_file()):
             return
         state = torch.load(self.last_path, map_location="cpu", weights_only=False)
