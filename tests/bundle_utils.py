@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,3 +71,17 @@ def verify_metadata(bundle: str) -> subprocess.CompletedProcess:
 
 def assert_ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, f"exit {res.returncode}\nSTDOUT:\n{res.stdout[-6000:]}\nSTDERR:\n{res.stderr[-6000:]}"
+
+
+def kill_when_written(cmd: list[str], path: Path, timeout: float = 300, settle: float = 2) -> None:
+    """Start ``cmd`` (cwd: the repository), wait until it writes ``path`` (or exits), let it run ``settle`` more
+    seconds, then SIGKILL its whole process group: an interrupted training run."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not path.is_file() and proc.poll() is None:
+            time.sleep(0.5)
+        time.sleep(settle)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

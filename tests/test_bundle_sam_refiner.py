@@ -8,12 +8,9 @@ the real configs and code paths.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_utils import REPO, assert_ok, bundle_cmd, verify_metadata
+from bundle_utils import REPO, assert_ok, bundle_cmd, kill_when_written, verify_metadata
 from ultrarefiner.data.imaging import read_image
 from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
@@ -154,19 +151,9 @@ def test_train_writes_checkpoints_and_report(trained):
 def test_resume_after_kill(data):
     ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill.pt"))
     last = data / "ckpt_kill" / "sam_finetuned" / "fold_0" / "last.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *run_cmd(TRAIN, ov)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not last.is_file():
-            time.sleep(0.5)
-        time.sleep(2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    kill_when_written([sys.executable, "-m", "monai.bundle", "run", *run_cmd(TRAIN, ov)], last, settle=2)
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
-    torch.load(last, weights_only=False)  # the kill never leaves a half-written checkpoint
     res = bundle_cmd("run", BUNDLE, TRAIN, {**ov, "epochs": epoch_at_kill + 1})
     assert_ok(res)
     assert "resumed from" in res.stdout + res.stderr

@@ -6,17 +6,14 @@ Tiny settings (32x32 input, one ViT block, 2 iterations) on the real configs and
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from bundle_utils import REPO, assert_ok, bundle_argv, bundle_cmd, verify_metadata
+from bundle_utils import REPO, assert_ok, bundle_argv, bundle_cmd, kill_when_written, verify_metadata
 
 TRAIN = ["train.json"]
 TINY = {"img_size": 32, "vit_depth": 1, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
@@ -68,18 +65,9 @@ def test_resume_after_kill(data):
     ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill_model.pt"))
     cmd = bundle_argv("run", "transunet", TRAIN, ov)
     last = data / "ckpt_kill" / "transunet" / "BUSI" / "fold_0" / "last.pt"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not last.is_file():
-            time.sleep(0.5)
-        time.sleep(2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    kill_when_written(cmd, last, settle=2)
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
-    torch.load(last, weights_only=False)  # the kill never leaves a half-written checkpoint
     res = bundle_cmd("run", "transunet", TRAIN, {**ov, "epochs": epoch_at_kill + 1})
     assert_ok(res)
     assert "resumed from" in res.stdout + res.stderr

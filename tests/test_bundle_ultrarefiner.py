@@ -9,17 +9,14 @@ phase-1/phase-2 checkpoints are written by the test in the formats the other bun
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from bundle_utils import REPO, SCHEMA, assert_ok, bundle_cmd
+from bundle_utils import REPO, SCHEMA, assert_ok, bundle_cmd, kill_when_written
 
 BUNDLE = REPO / "bundles" / "ultrarefiner"
 TRAIN = ["train.json"]
@@ -171,19 +168,9 @@ def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path
 def test_resume_after_kill_from_scratch(data):
     ov = overrides(data, epochs=400, val_interval=1000, ckpt_root=str(data / "ckpt_kill"), from_scratch=True)
     last = data / "ckpt_kill" / "ultra_refiner" / "fold_0" / "last.pt"
-    proc = subprocess.Popen(_cmd(TRAIN, ov), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not last.is_file() and proc.poll() is None:
-            time.sleep(0.5)
-        time.sleep(1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    kill_when_written(_cmd(TRAIN, ov), last, settle=1)
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
-    torch.load(last, weights_only=False)  # the kill never leaves a half-written checkpoint
     res = bundle_cmd("run", "ultrarefiner", TRAIN, {**ov, "epochs": epoch_at_kill + 1})
     assert_ok(res)
     out = res.stdout + res.stderr
