@@ -44,7 +44,18 @@ def _fraction(mask: np.ndarray) -> float:
     return round(float(mask.mean()), 6)
 
 
-class BundleSegmentation(InferTask):
+class _PredictorTask(InferTask):
+    """An infer task served by a predictor object (``is_ready()``, ``checkpoint``) from ``ultrarefiner.zoo``."""
+
+    def is_valid(self) -> bool:
+        return self.predictor.is_ready()
+
+    def get_path(self, validate: bool = True) -> str | None:
+        path = self.predictor.checkpoint
+        return str(path) if path.is_file() or not validate else None
+
+
+class BundleSegmentation(_PredictorTask):
     def __init__(self, predictor: BundlePredictor, description: str) -> None:
         """
         An automatic model: the bundle's own inference config run on the requested image.
@@ -57,13 +68,6 @@ class BundleSegmentation(InferTask):
         super().__init__(type=InferType.SEGMENTATION, labels=dict(LABELS), dimension=2, description=description,
                          config={"output_name": list(predictor.outputs)})
         self.predictor = predictor
-
-    def is_valid(self) -> bool:
-        return self.predictor.is_ready()
-
-    def get_path(self, validate: bool = True) -> str | None:
-        path = self.predictor.checkpoint
-        return str(path) if path.is_file() or not validate else None
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict]:
         start = time.time()
@@ -87,7 +91,7 @@ class BundleSegmentation(InferTask):
         return _write_result(masks[name]), result
 
 
-class SamRefinerInteractive(InferTask):
+class SamRefinerInteractive(_PredictorTask):
     def __init__(self, predictor: InteractivePredictor, description: str) -> None:
         """
         The interactive SAM refiner.
@@ -99,13 +103,6 @@ class SamRefinerInteractive(InferTask):
         super().__init__(type=InferType.DEEPGROW, labels=dict(LABELS), dimension=2, description=description,
                          config={"use_label_prompt": True})
         self.predictor = predictor
-
-    def is_valid(self) -> bool:
-        return self.predictor.is_ready()
-
-    def get_path(self, validate: bool = True) -> str | None:
-        path = self.predictor.checkpoint
-        return str(path) if path.is_file() or not validate else None
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict]:
         start = time.time()
