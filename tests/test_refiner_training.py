@@ -184,3 +184,17 @@ def test_mixed_training_and_native_evaluation(toy):
     assert out["pred"].shape == out["label"].shape == (1, *SIZE)  # native resolution
     with pytest.raises(ValueError, match="geometry"):
         create_refiner_trainer("cpu", 1, DataLoader(sim), make_refiner("medsam"))
+
+
+def test_cache_serves_fp16_store_under_bf16_autocast():
+    """The trainer runs the cache lookup inside a bf16 autocast (AMP on CUDA): a fp16 store must come back in the
+    requested dtype (stacking fp16 under a bf16 autocast raises 'Unexpected floating ScalarType' in torch)."""
+    encoder = torch.nn.Conv2d(1, 4, 1).requires_grad_(False)
+    cache = KeyedEmbeddingCache(encoder)  # stores float16
+    emb = torch.randn(2, 4, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cache.embed(["a", "b"], lambda idx: emb[idx], "cpu", dtype=torch.bfloat16)
+        again = cache.embed(["b", "a"], lambda idx: pytest.fail("cached keys were recomputed"), "cpu",
+                            dtype=torch.float32)
+    assert out.dtype == torch.bfloat16 and again.dtype == torch.float32
+    assert torch.allclose(again, emb.flip(0), atol=1e-2)

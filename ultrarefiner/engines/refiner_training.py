@@ -123,7 +123,8 @@ class KeyedEmbeddingCache(EmbeddingCache):
                 new[k] = emb.detach().to(self.store_device, self.dtype)
                 self._put(k, new[k])
             found = [new[k] if v is None else v for k, v in zip(keys, found, strict=True)]
-        return torch.stack([v.to(device, non_blocking=True) for v in found]).to(dtype)
+        # cast before stacking: stack under a bf16 autocast rejects the fp16 store dtype
+        return torch.stack([v.to(device, dtype, non_blocking=True) for v in found])
 
 
 # ------------------------------------------------------------------------------------------------ encoder input
