@@ -35,38 +35,66 @@ _MODES = ("sam", "medsam")
 _RESIZES = ("exact", "torch")
 
 
+def _spline_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_out, 4) source indices and weights of a cubic B-spline zoom n_in -> n_out as ``scipy.ndimage.zoom`` computes
+    them with ``order=3, mode='mirror', grid_mode=True``: pixel-centre coordinates, whole-sample mirror at the edges
+    (for coordinates and taps alike), scipy's own weight formulas."""
+    cc = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    if n_in == 1:
+        cc[:] = 0.0
+    else:
+        cc = np.abs(cc)
+        over = cc > n_in - 1
+        cc[over] = 2 * (n_in - 1) - cc[over]
+    fl = np.floor(cc)
+    y = cc - fl
+    z = 1.0 - y
+    w1 = (y * y * (y - 2.0) * 3.0 + 4.0) / 6.0
+    w2 = (z * z * (z - 2.0) * 3.0 + 4.0) / 6.0
+    w0 = z * z * z / 6.0
+    weights = np.stack([w0, w1, w2, 1.0 - w0 - w1 - w2], axis=1)
+    idx = fl.astype(np.int64)[:, None] - 1 + np.arange(4)
+    if n_in == 1:
+        return np.zeros_like(idx), weights
+    period = 2 * n_in - 2
+    idx = np.abs(idx) % period
+    return np.where(idx >= n_in, period - idx, idx), weights
+
+
 def medsam_resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     """MedSAM's image resize: skimage ``resize(img, (size, size), order=3, preserve_range=True,
-    anti_aliasing=True).astype(np.uint8)``.
+    anti_aliasing=True).astype(np.uint8)``, re-stated separably.
 
-    Uses scikit-image when installed; otherwise re-states that call with scipy.ndimage (what skimage >= 0.19 runs:
-    Gaussian pre-filter with sigma max(0, (factor - 1) / 2) in 'mirror' mode, ``ndimage.zoom(order=3,
-    mode='mirror', grid_mode=True)``, clip to the input range).
+    skimage >= 0.19 runs: Gaussian pre-filter with sigma max(0, (factor - 1) / 2) in 'mirror' mode,
+    ``ndimage.zoom(order=3, mode='mirror', grid_mode=True)``, clip to the input range. The zoom's cubic B-spline is
+    separable, so here it is the same spline prefilter (scipy's) followed by two 4-tap passes (rows, then columns)
+    instead of scipy's 16-tap (64 with a channel axis) loop per output pixel: the same arithmetic up to floating-point
+    summation order, about 15x faster (16 ms vs 250 ms for a BUSI image to 1024 on one core). Truncation to uint8
+    then differs by one grey level where a value lies within ~1e-12 of an integer: 0.03% of the pixels of 33 BUSI
+    images, never more than 1 (``tests/test_sam_refiner.py`` checks against skimage).
 
     Arguments:
-      image (np.ndarray): (H, W, 3) uint8.
+      image (np.ndarray): (H, W, C) uint8.
       size (int): output side.
 
     Returns:
-      np.ndarray: (size, size, 3) uint8.
+      np.ndarray: (size, size, C) uint8.
     """
-    try:
-        from skimage import transform  # type: ignore[import-not-found]
-    except ImportError:
-        transform = None
-    if transform is not None:
-        out = transform.resize(image, (size, size), order=3, preserve_range=True, anti_aliasing=True)
-        return out.astype(np.uint8)
     from scipy import ndimage
 
     img = image.astype(np.float64)
-    factors = np.array(img.shape, dtype=float) / np.array((size, size, img.shape[2]), dtype=float)
-    sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
+    h, w = img.shape[:2]
+    sigma = np.maximum(0.0, (np.array([h / size, w / size]) - 1.0) / 2.0)
     if np.any(sigma > 0):
-        img = ndimage.gaussian_filter(img, sigma, cval=0.0, mode="mirror")
-    out = ndimage.zoom(img, 1.0 / factors, order=3, mode="mirror", cval=0.0, grid_mode=True)
-    out = np.clip(out, image.min(), image.max())
-    return out.astype(np.uint8)
+        img = ndimage.gaussian_filter(img, [*sigma, *([0.0] * (img.ndim - 2))], cval=0.0, mode="mirror")
+    if (h, w) != (size, size):  # scipy's zoom returns the input unchanged when every factor is 1
+        for axis in (0, 1):  # a zoom factor of 1 on the channel axis: its prefilter and taps cancel exactly
+            img = ndimage.spline_filter1d(img, 3, axis=axis, output=np.float64, mode="mirror")
+        iy, wy = _spline_taps(h, size)
+        ix, wx = _spline_taps(w, size)
+        rows = np.einsum("ok,ok...->o...", wy, img[iy])  # (size, W, C)
+        img = np.einsum("ok,pok...->po...", wx, rows[:, ix])  # (size, size, C)
+    return np.clip(img, image.min(), image.max()).astype(np.uint8)
 
 
 class SamGeometry:
