@@ -82,3 +82,24 @@ def test_ignite_handlers_on_an_evaluator():
     assert state.metrics["val_precision"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
     assert state.metrics["val_hd95"] == pytest.approx((5.0 + math.hypot(48, 48) + 0.0) / 3)
     assert state.metric_details["val_mean_dice"].shape == (3, 1)
+
+
+def test_batch_one_hot_matches_per_item_monai_postprocessing():
+    """The TransUNet trainer post-processes whole batches (decollate=False); the result must equal MONAI's per-item
+    Activationsd(softmax) + AsDiscreted(argmax, to_onehot) on the decollated items."""
+    from monai.data import decollate_batch
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    from ultrarefiner.engines.metrics import BatchOneHotd
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"pred": torch.randn(3, 2, 8, 9, generator=g),
+             "label": torch.randint(0, 2, (3, 1, 8, 9), generator=g).float()}
+    ours = BatchOneHotd(num_classes=2)(batch)
+    post = Compose([Activationsd(keys="pred", softmax=True),
+                    AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=[2, 2])])
+    items = [post(i) for i in decollate_batch(batch)]
+    assert torch.equal(ours["pred"], torch.stack([i["pred"] for i in items]))
+    assert torch.equal(ours["label"], torch.stack([i["label"] for i in items]))
+    with pytest.raises(ValueError, match="logits"):
+        BatchOneHotd(num_classes=3)(batch)

@@ -194,3 +194,26 @@ def validation_metrics(
             loss_fn=loss_fn, output_transform=loss_output_transform or logits_and_label_index
         )
     return out
+
+
+class BatchOneHotd:
+    """Training post-processing of a whole collated batch (trainer ``decollate=False``): ``pred`` logits (B, C, H, W)
+    -> one-hot argmax, ``label`` class indices (B, 1, H, W) -> one-hot (B, C, H, W), as ``Activationsd(softmax) +
+    AsDiscreted(argmax, to_onehot)`` per item. Decollating a batch into per-item MetaTensors and post-processing each
+    costs ~120 ms per batch of 24 at 224 px on one CPU core, several times a TransUNet step on a GPU; this is two
+    tensor ops on the device.
+    """
+
+    def __init__(self, num_classes: int = 2, pred_key: str = "pred", label_key: str = "label") -> None:
+        self.num_classes, self.pred_key, self.label_key = num_classes, pred_key, label_key
+
+    def __call__(self, data: Any) -> dict:
+        from monai.networks.utils import one_hot
+
+        d = dict(data)
+        pred = torch.as_tensor(d[self.pred_key]).detach()
+        if pred.ndim != 4 or pred.shape[1] != self.num_classes:
+            raise ValueError(f"expected {self.pred_key} logits (B, {self.num_classes}, H, W), got {tuple(pred.shape)}")
+        d[self.pred_key] = one_hot(pred.argmax(1, keepdim=True), self.num_classes, dim=1)
+        d[self.label_key] = one_hot(torch.as_tensor(d[self.label_key]).long(), self.num_classes, dim=1)
+        return d
