@@ -125,7 +125,7 @@ def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
     msg = str(e.value.__cause__)
     assert str(tmp_path / "none" / "transunet" / "BUSI" / "fold_0" / "best.pt") in msg
     assert str(tmp_path / "none" / "sam_finetuned" / "fold_0" / "best.pt") in msg
-    assert "--from_scratch true" in msg and "--transunet_ckpt" in msg and "--refiner_ckpt" in msg
+    assert "--from_scratch True" in msg and "--transunet_ckpt" in msg and "--refiner_ckpt" in msg
     # overridable ids, and a TransUNet checkpoint of another architecture is refused with the option to fix
     refiner = write_phase2(tmp_path)
     other = tmp_path / "other.pt"

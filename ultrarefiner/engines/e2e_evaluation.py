@@ -39,6 +39,7 @@ from monai.utils import CommonKeys as Keys
 from ultrarefiner.engines.evaluation import SegmentationReport, summarise
 from ultrarefiner.engines.metrics import METRIC_NAMES
 from ultrarefiner.engines.ultra_predict import overlay_coarse_refined, refine
+from ultrarefiner.utils.flags import as_flag
 from ultrarefiner.utils.io import atomic_write, write_json, write_png
 
 __all__ = ["E2EEvalStep", "E2EReport", "PRED_KEYS", "bootstrap_ci", "paired_comparison"]
@@ -70,7 +71,8 @@ class E2EEvalStep:
           amp_dtype: autocast dtype.
           image_key: batch key of the native image in [0,1] put in the output as ``image`` (overlays).
         """
-        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), bool(quality_gate), gate_threshold
+        quality_gate = as_flag(quality_gate, "quality_gate")
+        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), quality_gate, gate_threshold
         self.amp, self.amp_dtype, self.image_key = amp, amp_dtype, image_key
 
     def __call__(self, engine: Engine, batchdata: dict) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint, rea
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.networks.lora import apply_lora, has_lora, merge_lora
 from ultrarefiner.networks.sam_geometry import SamGeometry
+from ultrarefiner.utils.flags import as_flag
 
 __all__ = [
     "MissingCheckpointError",
@@ -119,7 +120,7 @@ def _missing_message(missing: list[tuple[str, str, Path]]) -> str:
              + ("this checkpoint is" if len(missing) == 1 else "these checkpoints are") + " missing:"]
     lines += [f"  {what} (--{option}): {path}" for what, option, path in missing]
     lines.append("Train them with bundles/transunet and bundles/sam_refiner for the same fold, or point the options "
-                 "above at existing files; --from_scratch true starts from random weights instead (experiments "
+                 "above at existing files; --from_scratch True starts from random weights instead (experiments "
                  "only: results are far below the published ones).")
     return "\n".join(lines)
 
@@ -218,7 +219,7 @@ def init_network(
       MissingCheckpointError: a checkpoint does not exist (the message names it and suggests ``--from_scratch``).
       BadInputError: a checkpoint does not match the configured network.
     """
-    if from_scratch:
+    if as_flag(from_scratch, "from_scratch"):
         logger.warning("--from_scratch: TransUNet starts from random weights and the refiner from "
                        + (f"{sam_checkpoint}" if sam_checkpoint else "random weights")
                        + "; the phase-1/phase-2 checkpoints are not used")

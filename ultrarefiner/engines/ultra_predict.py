@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
 from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.utils.flags import as_flag
 from ultrarefiner.utils.io import atomic_write, write_json, write_png
 
 __all__ = [
@@ -275,7 +276,8 @@ class UltraPredictor:
         size = img_size or getattr(_unwrap(network).transunet, "img_size", 224)
         # the evaluation pipeline's TransUNet input: min-max to [0, 1], anti-aliased bilinear resize
         self.transform = Compose([ScaleIntensity(), Resize((size, size), mode="bilinear", anti_aliasing=True)])
-        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), bool(quality_gate), gate_threshold
+        quality_gate = as_flag(quality_gate, "quality_gate")
+        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), quality_gate, gate_threshold
         self.threshold, self.amp, self.nifti = threshold, amp, nifti
 
     def settings(self) -> dict[str, Any]:
