@@ -30,6 +30,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # run from
 common=(--data_root "$DATA_ROOT" --ckpt_root "$CKPT" --dataset_name BUSI --fold 0
         --num_workers "$WORKERS")
 bench_refiner=(--model vit_b --batch 8 --steps 20 --amp)
+tiny_model_path() { [ "$TINY" = 1 ] && echo "--model_path $CKPT/models/$1.pt"; }  # the demo configs write ./models/
 bench_e2e=(--image-resize torch --steps 15)
 if [ "$TINY" = 1 ]; then bench_refiner=(--model tiny --batch 2 --steps 2); bench_e2e=(--tiny --steps 2); fi
 
@@ -71,22 +72,22 @@ bench)
   stage bench_refiner_cache "$CAP_BENCH" $PY benchmarks/bench_refiner_cache.py "${bench_refiner[@]}"
   stage bench_e2e "$CAP_BENCH" $PY benchmarks/bench_e2e.py "${bench_e2e[@]}" ;;
 p1)
-  stage p1_train "$CAP_P1" $PY -m monai.bundle run --config_file "$(configs transunet train)" --bundle_root bundles/transunet "${common[@]}" --epochs "$E1"
-  stage p1_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs transunet train evaluate)" --bundle_root bundles/transunet "${common[@]}" ;;
+  stage p1_train "$CAP_P1" $PY -m monai.bundle run --config_file "$(configs transunet train)" --bundle_root bundles/transunet "${common[@]}" $(tiny_model_path transunet) --epochs "$E1"
+  stage p1_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs transunet train evaluate)" --bundle_root bundles/transunet "${common[@]}" $(tiny_model_path transunet) ;;
 p2)
   # option A: SDF failure simulation online (the augment shards hold the same transform's output)
-  stage p2_train "$CAP_P2" $PY -m monai.bundle run --config_file "$(configs sam_refiner train)" --bundle_root bundles/sam_refiner "${common[@]}" --sam_checkpoint "" \
+  stage p2_train "$CAP_P2" $PY -m monai.bundle run --config_file "$(configs sam_refiner train)" --bundle_root bundles/sam_refiner "${common[@]}" $(tiny_model_path sam_refiner) --sam_checkpoint "" \
       --epochs "$E2" --batch_size 8 --samples_per_image "$SPI" --curriculum "{'start_sharpness': 5.0}"
-  stage p2_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs sam_refiner train evaluate)" --bundle_root bundles/sam_refiner "${common[@]}" \
+  stage p2_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs sam_refiner train evaluate)" --bundle_root bundles/sam_refiner "${common[@]}" $(tiny_model_path sam_refiner) \
       --sam_checkpoint "" ;;
 p3)
-  stage p3_train "$CAP_P3" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train)" --bundle_root bundles/ultrarefiner "${common[@]}" --sam_checkpoint "" \
+  stage p3_train "$CAP_P3" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train)" --bundle_root bundles/ultrarefiner "${common[@]}" $(tiny_model_path ultrarefiner) --sam_checkpoint "" \
       --epochs "$E3"
-  stage p3_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" \
+  stage p3_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" $(tiny_model_path ultrarefiner) \
       --sam_checkpoint ""
-  stage p3_eval_iter2 "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" \
+  stage p3_eval_iter2 "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" $(tiny_model_path ultrarefiner) \
       --sam_checkpoint "" --iterations 2
-  stage p3_eval_gate "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" \
+  stage p3_eval_gate "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" $(tiny_model_path ultrarefiner) \
       --sam_checkpoint "" --quality_gate True ;;
 *) echo "unknown stage $s"; exit 2 ;;
 esac; done
