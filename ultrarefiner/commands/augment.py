@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ultrarefiner.commands.args import check_range, parse_list
 from ultrarefiner.errors import BadInputError
+from ultrarefiner.utils.flags import as_flag
 
 
 def _floats(value, name: str, count: int) -> tuple[float, ...]:
@@ -99,7 +100,8 @@ def augment(
         ranges[name] = (lo, hi)
     if fold is None:
         print("note: no --fold: every training image is used; for cross-validation make one folder per --fold K")
-    policy = dict(bucket_probs=probs, mild_range=ranges["mild"], heavy_range=ranges["heavy"], soft=bool(soft))
+    policy = dict(bucket_probs=probs, mild_range=ranges["mild"], heavy_range=ranges["heavy"],
+                  soft=as_flag(soft, "soft"))
     summary = generate(
         root,
         output_dir,
@@ -112,7 +114,7 @@ def augment(
         num_workers=int(num_workers),
         policy=policy,
         preview=int(preview),
-        overwrite=bool(overwrite),
+        overwrite=as_flag(overwrite, "overwrite"),
     )
     fractions = ", ".join(f"{b} {v:.1%}" for b, v in summary["bucket_fraction"].items())
     print(f"{summary['n_samples']} samples from {summary['n_sources']} images in {summary['folder']}")

@@ -35,6 +35,7 @@ def export_bundle(
     from pathlib import Path
 
     from ultrarefiner.commands.args import parse_list
+    from ultrarefiner.utils.flags import as_flag
     from ultrarefiner.zoo.export import export_bundle as run_export
 
     if isinstance(overrides, str):
@@ -45,7 +46,8 @@ def export_bundle(
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f"--overrides must be a JSON object, got {overrides!r}")
     shape = [int(s) for s in parse_list(spatial_shape, "spatial_shape")] if spatial_shape else None
-    result = run_export(Path(bundle), Path(output), ckpt_file, overrides, shape, schema, bool(verify), bool(zip))
+    result = run_export(Path(bundle), Path(output), ckpt_file, overrides, shape, schema, as_flag(verify, "verify"),
+                        as_flag(zip, "zip"))
     print(f"exported {result.folder}")
     if result.zip:
         print(f"zip      {result.zip}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ultrarefiner.commands.args import check_range
-from ultrarefiner.utils.flags import as_flag
 
 
 def predict(
@@ -59,10 +58,8 @@ def predict(
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     ckpt = Path(checkpoint) if checkpoint else Path(bundle) / "models" / "model.pt"
     model = load_ultrarefiner(ckpt, bundle, dev)
-    gate = as_flag(quality_gate, "quality_gate")
-    predictor = UltraPredictor(model, dev, iterations=int(iterations), quality_gate=gate,
-                               gate_threshold=float(gate_threshold), threshold=float(threshold), amp=bool(amp),
-                               nifti=bool(nifti))
+    predictor = UltraPredictor(model, dev, iterations=int(iterations), quality_gate=quality_gate,
+                               gate_threshold=float(gate_threshold), threshold=float(threshold), amp=amp, nifti=nifti)
     report = predictor.predict(input, output_dir)
     out = Path(output_dir).resolve()
     print(f"{report['n_images']} image(s) predicted into {out}; {report['n_skipped']} skipped")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ultrarefiner.commands.args import check_range
+from ultrarefiner.utils.flags import as_flag
 
 
 def predict_transunet(
@@ -42,6 +43,6 @@ def predict_transunet(
     check_range(batch_size, "batch_size", 1, 1024, integer=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     path = predict_out_of_fold(
-        data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), bool(amp)
+        data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), as_flag(amp, "amp")
     )
     print(f"out-of-fold predictions: {Path(path).resolve()}")

@@ -8,6 +8,7 @@ from ultrarefiner.commands.args import check_range, parse_list
 from ultrarefiner.data.duplicates import DHASH_THRESHOLD
 from ultrarefiner.data.layouts import KNOWN_DATASETS
 from ultrarefiner.errors import BadInputError
+from ultrarefiner.utils.flags import as_flag
 
 LAYOUTS = ("auto", "folder")
 
@@ -67,7 +68,7 @@ def preprocess(
         test_ratio=test_ratio,
         n_splits=int(n_splits),
         seed=int(seed),
-        official_folds=bool(official_folds),
+        official_folds=as_flag(official_folds, "official_folds"),
         dup_threshold=int(dup_threshold),
         num_workers=int(num_workers),
     )

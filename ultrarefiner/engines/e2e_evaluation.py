@@ -71,8 +71,8 @@ class E2EEvalStep:
           amp_dtype: autocast dtype.
           image_key: batch key of the native image in [0,1] put in the output as ``image`` (overlays).
         """
-        quality_gate = as_flag(quality_gate, "quality_gate")
-        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), quality_gate, gate_threshold
+        self.iterations, self.gate_threshold = int(iterations), gate_threshold
+        self.quality_gate = as_flag(quality_gate, "quality_gate")
         self.amp, self.amp_dtype, self.image_key = amp, amp_dtype, image_key
 
     def __call__(self, engine: Engine, batchdata: dict) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import CumulativeIterationMetric, compute_hausdorff_distance, get_confusion_matrix
+from monai.networks.utils import one_hot
 
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy", "hd95")
 # Ignite names of the validation metrics; "val_mean_dice" is the key metric of the bundles.
@@ -208,8 +209,6 @@ class BatchOneHotd:
         self.num_classes, self.pred_key, self.label_key = num_classes, pred_key, label_key
 
     def __call__(self, data: Any) -> dict:
-        from monai.networks.utils import one_hot
-
         d = dict(data)
         pred = torch.as_tensor(d[self.pred_key]).detach()
         if pred.ndim != 4 or pred.shape[1] != self.num_classes:

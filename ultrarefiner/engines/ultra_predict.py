@@ -276,9 +276,9 @@ class UltraPredictor:
         size = img_size or getattr(_unwrap(network).transunet, "img_size", 224)
         # the evaluation pipeline's TransUNet input: min-max to [0, 1], anti-aliased bilinear resize
         self.transform = Compose([ScaleIntensity(), Resize((size, size), mode="bilinear", anti_aliasing=True)])
-        quality_gate = as_flag(quality_gate, "quality_gate")
-        self.iterations, self.quality_gate, self.gate_threshold = int(iterations), quality_gate, gate_threshold
-        self.threshold, self.amp, self.nifti = threshold, amp, nifti
+        self.iterations, self.gate_threshold, self.threshold = int(iterations), gate_threshold, threshold
+        self.quality_gate = as_flag(quality_gate, "quality_gate")
+        self.amp, self.nifti = as_flag(amp, "amp"), as_flag(nifti, "nifti")
 
     def settings(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "quality_gate": self.quality_gate,
