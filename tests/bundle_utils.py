@@ -85,3 +85,20 @@ def kill_when_written(cmd: list[str], path: Path, timeout: float = 300, settle: 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def preprocessed_phantoms(root: Path, n_benign: int = 6, n_malignant: int = 4) -> Path:
+    """A synthetic BUSI tree (96x128 phantoms) preprocessed into ``root/processed`` with 2 folds and a 25% test
+    split, as the bundle tests train on; returns ``root``."""
+    from ultrarefiner.data.preprocess import preprocess
+    from ultrarefiner.data.synthetic import write_busi_tree
+
+    write_busi_tree(root / "raw", n_benign=n_benign, n_malignant=n_malignant, n_normal=1, seed=5, size=(96, 128))
+    preprocess(root / "raw", root / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
+    return root
+
+
+def phantom_overrides(data: Path, tiny: dict, **extra) -> dict:
+    """Bundle overrides for ``preprocessed_phantoms`` data under ``data``, plus a test's tiny settings."""
+    return {"data_root": str(data / "processed"), "ckpt_root": str(data / "ckpt"),
+            "model_path": str(data / "models" / "model.pt"), "n_splits": 2, **tiny, **extra}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_utils import REPO, assert_ok, bundle_cmd, kill_when_written, verify_metadata
+from bundle_utils import (
+    assert_ok,
+    bundle_argv,
+    bundle_cmd,
+    kill_when_written,
+    phantom_overrides,
+    preprocessed_phantoms,
+    verify_metadata,
+)
 from ultrarefiner.data.imaging import read_image
 from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
@@ -35,34 +42,11 @@ def tiny_refiner(**kwargs) -> SAMRefiner:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from ultrarefiner.data.preprocess import preprocess
-    from ultrarefiner.data.synthetic import write_busi_tree
-
-    tmp = tmp_path_factory.mktemp("sr")
-    write_busi_tree(tmp / "raw", n_benign=6, n_malignant=4, n_normal=1, seed=5, size=(96, 128))
-    preprocess(tmp / "raw", tmp / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
-    return tmp
+    return preprocessed_phantoms(tmp_path_factory.mktemp("sr"))
 
 
 def overrides(data: Path, **extra) -> dict:
-    return {
-        "data_root": str(data / "processed"),
-        "ckpt_root": str(data / "ckpt"),
-        "model_path": str(data / "models" / "model.pt"),
-        "n_splits": 2,
-        **TINY,
-        **extra,
-    }
-
-
-def run_cmd(configs: list[str], ov: dict) -> list[str]:
-    root = REPO / "bundles" / BUNDLE
-    files = [str(root / "configs" / c) for c in configs]
-    cmd = ["--config_file", files[0] if len(files) == 1 else json.dumps(files), "--bundle_root", str(root),
-           "--meta_file", str(root / "configs" / "metadata.json")]
-    for k, v in ov.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    return cmd
+    return phantom_overrides(data, TINY, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +135,7 @@ def test_train_writes_checkpoints_and_report(trained):
 def test_resume_after_kill(data):
     ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill.pt"))
     last = data / "ckpt_kill" / "sam_finetuned" / "fold_0" / "last.pt"
-    kill_when_written([sys.executable, "-m", "monai.bundle", "run", *run_cmd(TRAIN, ov)], last, settle=2)
+    kill_when_written(bundle_argv("run", BUNDLE, TRAIN, ov), last, settle=2)
     epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
     res = bundle_cmd("run", BUNDLE, TRAIN, {**ov, "epochs": epoch_at_kill + 1})
@@ -206,9 +190,8 @@ def test_inference(trained, tmp_path):
 
 def test_multi_gpu_config_with_gloo(data):
     ov = overrides(data, epochs=1, epoch_length=2, ckpt_root=str(data / "ckpt_ddp"), model_path=str(data / "ddp.pt"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
-           *run_cmd(["train.json", "multi_gpu_train.json"], ov)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
+    res = bundle_cmd("run", BUNDLE, ["train.json", "multi_gpu_train.json"], ov, timeout=600, python=torchrun)
     assert_ok(res)
     fold = data / "ckpt_ddp" / "sam_finetuned" / "fold_0"
     assert (fold / "last.pt").is_file() and (fold / "best.pt").is_file() and (data / "ddp.pt").is_file()

@@ -6,14 +6,22 @@ Tiny settings (32x32 input, one ViT block, 2 iterations) on the real configs and
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from bundle_utils import REPO, assert_ok, bundle_argv, bundle_cmd, kill_when_written, verify_metadata
+from bundle_utils import (
+    REPO,
+    assert_ok,
+    bundle_argv,
+    bundle_cmd,
+    kill_when_written,
+    phantom_overrides,
+    preprocessed_phantoms,
+    verify_metadata,
+)
 
 TRAIN = ["train.json"]
 TINY = {"img_size": 32, "vit_depth": 1, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
@@ -21,24 +29,11 @@ TINY = {"img_size": 32, "vit_depth": 1, "batch_size": 2, "num_workers": 0, "cach
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from ultrarefiner.data.preprocess import preprocess
-    from ultrarefiner.data.synthetic import write_busi_tree
-
-    tmp = tmp_path_factory.mktemp("tu")
-    write_busi_tree(tmp / "raw", n_benign=6, n_malignant=4, n_normal=1, seed=5, size=(96, 128))
-    preprocess(tmp / "raw", tmp / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
-    return tmp
+    return preprocessed_phantoms(tmp_path_factory.mktemp("tu"))
 
 
 def overrides(data: Path, **extra) -> dict:
-    return {
-        "data_root": str(data / "processed"),
-        "ckpt_root": str(data / "ckpt"),
-        "model_path": str(data / "models" / "model.pt"),
-        "n_splits": 2,
-        **TINY,
-        **extra,
-    }
+    return phantom_overrides(data, TINY, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +116,7 @@ def test_inference(trained, tmp_path):
 def test_multi_gpu_config_with_gloo(data):
     ov = overrides(data, epochs=1, ckpt_root=str(data / "ckpt_ddp"), model_path=str(data / "ddp_model.pt"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
-    cmd = bundle_argv("run", "transunet", ["train.json", "multi_gpu_train.json"], ov, python=torchrun)
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    res = bundle_cmd("run", "transunet", ["train.json", "multi_gpu_train.json"], ov, timeout=600, python=torchrun)
     assert_ok(res)
     assert (data / "ckpt_ddp" / "transunet" / "BUSI" / "fold_0" / "last.pt").is_file()
 

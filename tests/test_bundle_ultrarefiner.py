@@ -9,14 +9,22 @@ phase-1/phase-2 checkpoints are written by the test in the formats the other bun
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from bundle_utils import REPO, SCHEMA, assert_ok, bundle_cmd, kill_when_written
+from bundle_utils import (
+    REPO,
+    SCHEMA,
+    assert_ok,
+    bundle_argv,
+    bundle_cmd,
+    kill_when_written,
+    phantom_overrides,
+    preprocessed_phantoms,
+)
 
 BUNDLE = REPO / "bundles" / "ultrarefiner"
 TRAIN = ["train.json"]
@@ -52,30 +60,14 @@ def write_phase2(ckpt_root: Path, fold: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from ultrarefiner.data.preprocess import preprocess
-    from ultrarefiner.data.synthetic import write_busi_tree
-
-    tmp = tmp_path_factory.mktemp("ur")
-    write_busi_tree(tmp / "raw", n_benign=4, n_malignant=3, n_normal=1, seed=5, size=(96, 128))
-    preprocess(tmp / "raw", tmp / "processed", ["BUSI"], n_splits=2, test_ratio=0.25, num_workers=1)
+    tmp = preprocessed_phantoms(tmp_path_factory.mktemp("ur"), n_benign=4, n_malignant=3)
     write_phase1(tmp / "ckpt")
     write_phase2(tmp / "ckpt")
     return tmp
 
 
 def overrides(data: Path, **extra) -> dict:
-    return {"data_root": str(data / "processed"), "ckpt_root": str(data / "ckpt"),
-            "model_path": str(data / "models" / "model.pt"), "n_splits": 2, **TINY, **extra}
-
-
-def _cmd(configs: list[str], ov: dict, launcher: list[str] | None = None) -> list[str]:
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = (launcher or [sys.executable, "-m", "monai.bundle"]) + ["run", "--config_file",
-                                                                 files[0] if len(files) == 1 else json.dumps(files)]
-    cmd += ["--bundle_root", str(BUNDLE), "--meta_file", str(BUNDLE / "configs" / "metadata.json")]
-    for k, v in ov.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    return cmd
+    return phantom_overrides(data, TINY, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +160,7 @@ def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path
 def test_resume_after_kill_from_scratch(data):
     ov = overrides(data, epochs=400, val_interval=1000, ckpt_root=str(data / "ckpt_kill"), from_scratch=True)
     last = data / "ckpt_kill" / "ultra_refiner" / "fold_0" / "last.pt"
-    kill_when_written(_cmd(TRAIN, ov), last, settle=1)
+    kill_when_written(bundle_argv("run", "ultrarefiner", TRAIN, ov), last, settle=1)
     epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
     res = bundle_cmd("run", "ultrarefiner", TRAIN, {**ov, "epochs": epoch_at_kill + 1})
@@ -230,8 +222,7 @@ def test_multi_gpu_config_with_gloo(data):
     ov = overrides(data, epochs=1, epoch_length=1, output_dir=str(data / "ddp_out"),
                    model_path=str(data / "ddp_model.pt"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
-    res = subprocess.run(_cmd(TRAIN + ["multi_gpu_train.json"], ov, launcher), capture_output=True, text=True,
-                         cwd=REPO, timeout=600)
+    res = bundle_cmd("run", "ultrarefiner", TRAIN + ["multi_gpu_train.json"], ov, timeout=600, python=launcher)
     assert_ok(res)
     assert (data / "ddp_out" / "last.pt").is_file() and (data / "ddp_out" / "best.pt").is_file()
 
