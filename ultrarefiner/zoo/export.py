@@ -28,13 +28,19 @@ from ultrarefiner.errors import BadInputError
 from ultrarefiner.zoo.readiness import LARGE_FILE_BYTES, Report, check_bundle, read_large_files
 from ultrarefiner.zoo.registry import get_entry
 
-__all__ = ["ExportResult", "export_bundle", "find_schema"]
+__all__ = ["DEFAULT_SCHEMA", "ExportResult", "export_bundle", "find_schema"]
 
 logger = logging.getLogger(__name__)
 
 COPIED = ("configs", "docs", "scripts", "LICENSE", "large_files.yml", "large_files.yaml", "large_files.json")
 SKIPPED = {".gitkeep", "__pycache__", ".DS_Store"}
 HASH_TYPE = "sha256"
+# Local copies of MONAI's bundle metadata schemas, so that verify_metadata runs offline (package data, file name as
+# in the metadata's "schema" URL). meta_schema_20240725.json: unchanged copy of
+# https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json
+# (Project MONAI, Apache-2.0).
+SCHEMA_DIR = Path(__file__).resolve().parent
+DEFAULT_SCHEMA = SCHEMA_DIR / "meta_schema_20240725.json"
 
 
 @dataclass
@@ -46,12 +52,12 @@ class ExportResult:
 
 
 def find_schema(meta: Mapping[str, Any], explicit: str | os.PathLike | None = None) -> Path | None:
-    """A local copy of the metadata schema: ``explicit``, ``$MONAI_META_SCHEMA``, or the schema file name (from the
-    metadata's ``schema`` URL) in ``../shared/monai/`` next to this repository. None: let MONAI download it."""
+    """A local copy of the metadata schema: ``explicit``, ``$MONAI_META_SCHEMA``, or the copy shipped in this package
+    under the schema file name of the metadata's ``schema`` URL (``SCHEMA_DIR``). None: let MONAI download it."""
     name = str(meta.get("schema", "")).rsplit("/", 1)[-1]
     candidates = [explicit, os.environ.get("MONAI_META_SCHEMA")]
     if name:
-        candidates.append(Path(__file__).resolve().parents[3] / "shared" / "monai" / name)
+        candidates.append(SCHEMA_DIR / name)
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)
