@@ -11,7 +11,7 @@ Models (``ultrarefiner.zoo.registry.BUNDLES``; one is served when its weights fi
 * ``ultrarefiner``  automatic, refined + coarse masks: when ``bundles/ultrarefiner/configs/inference.json`` exists;
 * ``sam_refiner``   interactive (clicks, ROI box, existing label): the ``sam_refiner`` bundle's network when its
   inference config exists, else (or with ``--conf sam_refiner_network direct``) ``SAMRefiner`` around
-  ``build_sam`` (MedSAM/SAM weights).
+  ``build_sam`` (LiteMedSAM's packaged weights by default).
 
 Train tasks run each bundle's ``configs/train.json`` on the labelled studies.
 
@@ -24,8 +24,8 @@ App options (``--conf KEY VALUE``):
   for ``sam_refiner`` without a bundle config: ``build_tiny_sam`` arguments when the model type is ``tiny``;
 * ``sam_refiner_network``         ``bundle`` (default: the sam_refiner bundle's ``network_def`` when its inference
   config exists) or ``direct`` (``SAMRefiner`` around ``build_sam``/``build_tiny_sam``, no bundle needed);
-* ``sam_refiner_model_type``      direct only: ``vit_b`` (default), ``vit_l``, ``vit_h`` or ``tiny``;
-* ``sam_refiner_preprocessing``   direct only: ``medsam`` (default, MedSAM weights) or ``sam`` (Meta's weights).
+* ``sam_refiner_model_type``      direct only: ``lite_medsam`` (default), ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny``;
+* ``sam_refiner_preprocessing``   direct only: the model's own by default (``litemedsam``/``medsam``), or ``sam``.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class UltraRefinerApp(MONAILabelApp):
             if entry.interactive:
                 predictor = InteractivePredictor(
                     bundle, checkpoint, self._overrides(name),
-                    model_type=self.conf.get(f"{name}_model_type", "vit_b"),
-                    preprocessing=self.conf.get(f"{name}_preprocessing", "medsam"),
+                    model_type=self.conf.get(f"{name}_model_type", "lite_medsam"),
+                    preprocessing=self.conf.get(f"{name}_preprocessing") or None,
                     use_bundle_config=self.conf.get(f"{name}_network", "bundle") != "direct",
                 )
                 task: InferTask = SamRefinerInteractive(predictor, entry.description)

@@ -28,7 +28,9 @@ from bundle_utils import (
 )
 from ultrarefiner.data.imaging import read_image
 from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
+from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
+from ultrarefiner.networks.embedding_cache import weights_fingerprint
 
 BUNDLE = "sam_refiner"
 TRAIN = ["train.json"]
@@ -84,7 +86,6 @@ def test_data_sources(data, tmp_path):
         SimulatedCoarseDataset,
     )
     from ultrarefiner.engines.refiner_setup import evaluation_dataset, inference_datalist, training_dataset
-    from ultrarefiner.errors import BadInputError
 
     datalist = data / "processed" / "BUSI" / "datalist.json"
     g = tiny_refiner().geometry
@@ -117,19 +118,46 @@ def test_train_writes_checkpoints_and_report(trained):
     best = torch.load(fold / "best.pt", weights_only=True)
     last = torch.load(fold / "last.pt", weights_only=False)
     assert best["lora"] is False and best["metric_name"] == "val_mean_dice" and 0.0 <= best["metric"] <= 1.0
-    assert best["network_kwargs"]["preprocessing"] == "medsam"
+    kwargs = best["network_kwargs"]  # the bundle's prompt settings; None: inferred from the encoder
+    assert kwargs["preprocessing"] is None and kwargs["multimask_output"] is None
+    assert kwargs["use_point_prompt"] is False and kwargs["box_source"] == "largest"
+    rebuilt = SAMRefiner(build_tiny_sam(img_size=64), **{k: kwargs[k] for k in ("preprocessing", "multimask_output")})
+    assert rebuilt.preprocessing == "medsam" and rebuilt.multimask_output is False
     assert last["epoch"] == 2 and "optimizer" in last and "lr_scheduler" in last
+    # frozen encoder: best.pt holds only what trained, and a fingerprint of the encoder it was trained with
+    initial = build_tiny_sam(img_size=64)
+    assert best["partial"] is True and best["model"]
+    assert all(k.startswith(("sam.prompt_encoder.", "sam.mask_decoder.")) for k in best["model"])
+    assert {k for k in tiny_refiner().state_dict() if k.startswith(("sam.prompt_encoder.", "sam.mask_decoder."))} \
+        == set(best["model"])
+    assert best["encoder"] == {"class": "ImageEncoderViT", "fingerprint": weights_fingerprint(initial.image_encoder)}
+    # models/model.pt: the same partial form, no optimizer state, loads into a fresh refiner
     model = torch.load(data / "models" / "model.pt", weights_only=True)
-    refiner = tiny_refiner()
-    load_refiner_checkpoint(refiner, fold / "best.pt")
-    assert all(torch.equal(v, model[k]) for k, v in refiner.state_dict().items())
-    initial = build_tiny_sam(img_size=64).state_dict()  # frozen encoder untouched, decoder trained
-    assert all(torch.equal(model[f"sam.{k}"], v) for k, v in initial.items() if k.startswith("image_encoder."))
-    assert any(not torch.equal(model[f"sam.{k}"], v) for k, v in initial.items() if k.startswith("mask_decoder."))
+    assert set(model) >= {"model", "partial", "encoder", "network_kwargs"} and "optimizer" not in model
+    assert model["partial"] is True and model["encoder"] == best["encoder"]
+    assert model["network_kwargs"] == best["network_kwargs"]
+    assert model["model"].keys() == best["model"].keys()
+    assert all(torch.equal(v, best["model"][k]) for k, v in model["model"].items())
+    from_model, from_best = tiny_refiner().eval(), tiny_refiner().eval()
+    load_refiner_checkpoint(from_model, data / "models" / "model.pt")
+    load_refiner_checkpoint(from_best, fold / "best.pt")
+    sd = from_model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in model["model"].items())
+    assert all(torch.equal(sd[f"sam.{k}"], v) for k, v in initial.state_dict().items()
+               if k.startswith("image_encoder."))  # frozen encoder untouched (the base weights)
+    assert any(not torch.equal(sd[f"sam.{k}"], v) for k, v in initial.state_dict().items()
+               if k.startswith("mask_decoder."))  # decoder trained
+    x, coarse = torch.rand(1, 1, 48, 64) * 255, torch.zeros(1, 1, 48, 64)
+    coarse[..., 10:30, 20:40] = 1.0
+    with torch.no_grad():
+        assert torch.equal(from_model(image=x, coarse=coarse)["masks"], from_best(image=x, coarse=coarse)["masks"])
+    # a decoder never meets an encoder it was not trained with
+    with pytest.raises(BadInputError, match="another image encoder"):
+        load_refiner_checkpoint(SAMRefiner(build_tiny_sam(img_size=64, seed=1)), data / "models" / "model.pt")
     assert any((fold / "tensorboard").iterdir()) and any((fold / "tensorboard" / "overlays").iterdir())
     out = res.stdout + res.stderr
     assert "[TRAIN]" in out and "[VALIDATION]" in out and "Input Dice" in out
-    assert "no --sam_checkpoint given" in out
+    assert "SAM starts from random initialisation" in out
 
 
 def test_resume_after_kill(data):
@@ -180,7 +208,7 @@ def test_inference(trained, tmp_path):
     name = outs[0].name.replace("_seg", "")
     got = np.asarray(Image.open(outs[0])) > 127
     refiner = tiny_refiner().eval()
-    refiner.load_state_dict(torch.load(data / "models" / "model.pt", weights_only=True))
+    load_refiner_checkpoint(refiner, data / "models" / "model.pt")
     image = torch.from_numpy(read_image(images / name).astype(np.float32))[None, None]
     coarse = torch.from_numpy(read_image(tmp_path / "coarse" / name).astype(np.float32) / 255)[None, None]
     with torch.no_grad():
@@ -215,6 +243,8 @@ def test_lora_checkpoint_with_real_coarse_masks(data, tmp_path):
     assert best["lora"] is True and any(k.endswith(".lora_A") for k in keys)
     assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith(("sam.prompt_encoder.", "sam.mask_decoder."))
                for k in keys)
+    base_encoder = build_tiny_sam(img_size=64).image_encoder  # the record is of the base weights, not the adapters
+    assert best["partial"] is True and best["encoder"]["fingerprint"] == weights_fingerprint(base_encoder)
     lora = tiny_refiner(use_lora=True).eval()
     load_refiner_checkpoint(lora, best_path)
     plain = tiny_refiner().eval()  # models/model.pt: adapters merged, loads without LoRA
@@ -240,7 +270,7 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     assert_ok(res)
     traced = torch.jit.load(str(ts))
     ref = StackedInputRefiner(tiny_refiner(image_resize="torch")).eval()
-    ref.load_state_dict(torch.load(data / "models" / "model.pt", weights_only=True))
+    load_refiner_checkpoint(ref.refiner, data / "models" / "model.pt")
     x = torch.rand(1, 2, 96, 128)
     with torch.no_grad():
         assert torch.allclose(traced(x), ref(x), atol=1e-4)

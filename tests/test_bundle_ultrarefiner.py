@@ -32,7 +32,8 @@ TU = {"img_size": 32, "num_classes": 2, "in_channels": 1, "variant": "R50-ViT-B_
       "num_heads": 2, "mlp_dim": 64, "block_units": [1, 1, 1], "decoder_channels": [32, 16, 16, 8]}
 SAM = {"model_type": "tiny", "img_size": 256}
 NET = {"img_size": 32, "transunet_kwargs": TU, "sam_kwargs": SAM}
-TINY = {**NET, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
+# the tiny SAM has no packaged weights: its base weights are its own (seeded) random init
+TINY = {**NET, "sam_checkpoint": "", "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
 
 
 def write_phase1(ckpt_root: Path, dataset: str = "BUSI", fold: int = 0) -> Path:
@@ -47,14 +48,21 @@ def write_phase1(ckpt_root: Path, dataset: str = "BUSI", fold: int = 0) -> Path:
     return path
 
 
-def write_phase2(ckpt_root: Path, fold: int = 0) -> Path:
-    """Full refiner best.pt as the sam_refiner bundle writes it ({"model": SAMRefiner.state_dict(), "lora": False})."""
+def write_phase2(ckpt_root: Path, fold: int = 0, full: bool = False) -> Path:
+    """Refiner best.pt as the sam_refiner bundle writes it: with the frozen encoder (default) only the prompt encoder
+    and mask decoder (``{"model", "lora": False, "partial": True, "encoder"}``) over the base weights (the config's
+    tiny SAM, seed 0); ``full``: every weight, as with a trained encoder (another encoder here, seed 2)."""
+    from ultrarefiner.engines.refiner_checkpoint import encoder_record, refiner_state_dict
     from ultrarefiner.networks import SAMRefiner, build_tiny_sam
 
-    refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=2))
+    refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=2 if full else 0), freeze_image_encoder=not full)
+    with torch.no_grad():  # a "trained" decoder: different from the base weights
+        for p in refiner.sam.mask_decoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     path = ckpt_root / "sam_finetuned" / f"fold_{fold}" / "best.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": refiner.state_dict(), "lora": False, "epoch": 3, "metric": 0.6}, path)
+    torch.save({"model": refiner_state_dict(refiner), "lora": False, **encoder_record(refiner), "epoch": 3,
+                "metric": 0.6}, path)
     return path
 
 
@@ -94,8 +102,13 @@ def test_train_initialises_from_phase_checkpoints(trained):
     drift = max(float((model[f"transunet.{k}"].float() - v.float()).abs().max()) for k, v in phase1.items()
                 if "running_" not in k and "num_batches" not in k)  # BatchNorm statistics move by themselves
     assert 0.0 < drift < 0.05
-    enc = [k for k in phase2 if k.startswith("sam.image_encoder.")]
-    assert enc and all(torch.equal(model[f"refiner.{k}"], phase2[k]) for k in enc)
+    assert phase2 and all(k.startswith(("sam.prompt_encoder.", "sam.mask_decoder.")) for k in phase2)  # partial
+    dec = [k for k in phase2 if k.startswith("sam.mask_decoder.")]
+    assert max(float((model[f"refiner.{k}"] - phase2[k]).abs().max()) for k in dec) < 1e-3  # phase 2's decoder
+    from ultrarefiner.networks import build_tiny_sam
+
+    base = build_tiny_sam(img_size=256).state_dict()  # the base encoder the decoder was trained on, not moved
+    assert all(torch.equal(model[f"refiner.sam.{k}"], v) for k, v in base.items() if k.startswith("image_encoder."))
     out = res.stdout + res.stderr
     assert "[TRAIN]" in out and "[VALIDATION]" in out and "Coarse Dice" in out and "HD95" in out
     summary = json.loads((fold / "val_report" / "summary.json").read_text())
@@ -109,7 +122,8 @@ def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
-    for k, v in {"ckpt_root": str(tmp_path / "none"), "device": "$torch.device('cpu')", **NET}.items():
+    for k, v in {"ckpt_root": str(tmp_path / "none"), "device": "$torch.device('cpu')", **NET,
+                 "sam_checkpoint": ""}.items():
         parser[k] = v
     with pytest.raises(RuntimeError) as e:  # the config parser wraps what the expression raised
         parser.get_parsed_content("network")
@@ -126,6 +140,32 @@ def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
     with pytest.raises(RuntimeError) as e:
         parser.get_parsed_content("network", lazy=False)
     assert "vit_depth=2 (config: 1)" in str(e.value.__cause__)
+
+
+def test_full_and_partial_refiner_checkpoints(tmp_path):
+    """Phase 3 takes a partial phase-2 checkpoint over the base encoder it was trained on (refusing another encoder)
+    and a full one (trained encoder) with every weight."""
+    from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.errors import BadInputError
+    from ultrarefiner.networks import build_tiny_sam
+
+    tu = write_phase1(tmp_path)
+    nk = {"transunet": TU, "sam": SAM, "refiner": {}}
+    partial = write_phase2(tmp_path)
+    phase2 = torch.load(partial, weights_only=True)["model"]
+    net = init_network(build_ultrarefiner(nk), tu, partial, transunet_kwargs=TU)
+    sd = net.refiner.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in phase2.items())
+    base = build_tiny_sam(img_size=256).state_dict()
+    assert all(torch.equal(sd[f"sam.{k}"], v) for k, v in base.items() if k.startswith("image_encoder."))
+    other = build_ultrarefiner({**nk, "sam": {**SAM, "seed": 5}})  # another base encoder
+    with pytest.raises(BadInputError, match="another image encoder"):
+        init_network(other, tu, partial, transunet_kwargs=TU)
+    full = write_phase2(tmp_path / "full", full=True)
+    phase2 = torch.load(full, weights_only=True)["model"]
+    assert any(k.startswith("sam.image_encoder.") for k in phase2)
+    sd = init_network(build_ultrarefiner(nk), tu, full, transunet_kwargs=TU).refiner.state_dict()
+    assert sd.keys() == phase2.keys() and all(torch.equal(sd[k], v) for k, v in phase2.items())
 
 
 def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path):

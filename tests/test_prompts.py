@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from ultrarefiner.networks.prompts import (
     PromptGenerator,
+    component_labels,
+    largest_component,
     moment_box,
     negative_point,
     positive_point,
@@ -205,3 +207,35 @@ def test_positive_point_inside_random_non_convex_shapes():
         assert ok.all()
         for i in range(len(masks)):
             assert _value_at(batch[i : i + 1], xy[i]) == 1
+
+
+def test_component_labels_and_largest_component():
+    m = two_blobs()
+    lab = component_labels(m > 0.5)
+    assert lab[m == 0].eq(0).all() and len(torch.unique(lab[m > 0])) == 2
+    right = (torch.arange(100) >= 50).float()  # the big second blob lies right of column 50, the small one left
+    assert torch.equal(largest_component(m), m * right)
+    assert torch.equal(largest_component(crescent()), crescent())  # 8-connected: one component
+    assert torch.equal(largest_component(torch.zeros(2, 1, 30, 40)), torch.zeros(2, 1, 30, 40))
+    # per sample in a batch, and on the downsampled working frame (400x320 -> 128x102): back at full resolution
+    big = soften(F.interpolate(m, scale_factor=4, mode="nearest"), 0.05)
+    flipped = big.flip(-1).flip(-2)
+    comp = largest_component(torch.cat([big, flipped]), max_side=128)
+    right = (torch.arange(400) >= 200).float()
+    assert torch.equal(comp[0:1], (big > 0.5).float() * right)
+    assert torch.equal(comp[1:2], (flipped > 0.5).float() * right.flip(0))
+
+
+def test_box_of_the_largest_component_and_its_gradient():
+    p = soften(two_blobs(), background=0.05).requires_grad_(True)
+    largest = PromptGenerator(use_point_prompt=False)(p)["boxes"]  # box_source="largest" is the default
+    whole = PromptGenerator(use_point_prompt=False, box_source="whole")(p)["boxes"]
+    assert torch.allclose(largest, torch.tensor([[60.0, 45, 81, 66]]), atol=1.0)
+    assert torch.equal(whole.detach(), tight_box(p)[0]) and whole[0, 0] < 12  # stretched over the small blob too
+    (g,) = torch.autograd.grad(largest.sum(), p)
+    assert g[..., 40:75, 55:90].abs().sum() > 0
+    assert g[..., :35, :35].abs().sum() == 0  # nothing reaches the blob left out of the box
+    empty = torch.zeros(1, 1, 32, 40)
+    assert torch.equal(PromptGenerator(use_point_prompt=False)(empty)["boxes"], torch.tensor([[0.0, 0, 39, 31]]))
+    with pytest.raises(ValueError, match="box_source"):
+        PromptGenerator(box_source="biggest")

@@ -61,7 +61,8 @@ def test_change_penalty_weighted_by_input_quality():
 
 def test_iou_head_gets_gradient_through_refiner():
     torch.manual_seed(0)
-    ref = SAMRefiner(build_tiny_sam(img_size=128, encoder_depth=1, seed=0), preprocessing="sam").train()
+    ref = SAMRefiner(build_tiny_sam(img_size=128, encoder_depth=1, seed=0), preprocessing="sam",
+                     multimask_output=True).train()  # soft selection over three candidates
     img = torch.randint(0, 256, (2, 3, 48, 64)).float()
     coarse = torch.zeros(2, 1, 48, 64)
     coarse[0, :, 10:30, 10:40] = 1

@@ -44,7 +44,8 @@ def test_sam_mode_matches_predictor(sam1024, size):
     h, w = size
     img = _image(h, w)
     coarse = _ellipse(h, w, w * 0.45, h * 0.5, w * 0.2, h * 0.25)  # hard mask
-    ref = SAMRefiner(sam1024, preprocessing="sam", use_negative_point=True).eval()
+    ref = SAMRefiner(sam1024, preprocessing="sam", use_point_prompt=True, use_negative_point=True,
+                     multimask_output=True).eval()
     with torch.no_grad():
         out = ref(_as_tensor(img), coarse)
     pr = out["prompts"]
@@ -168,7 +169,7 @@ def test_batched_decoder_equals_per_sample(sam256):
     b, h, w = 3, 96, 128
     img = torch.stack([_as_tensor(_image(h, w, seed=s))[0] for s in range(b)])
     coarse = torch.cat([_ellipse(h, w, 30 + 25 * i, 50, 15 + 5 * i, 20) for i in range(b)]) * 0.9 + 0.05
-    kw = dict(preprocessing="sam", use_negative_point=True)
+    kw = dict(preprocessing="sam", use_point_prompt=True, use_negative_point=True, multimask_output=True)
     batched = SAMRefiner(sam256, batched_decoder=True, **kw).eval()
     looped = SAMRefiner(sam256, batched_decoder=False, **kw).eval()
     with torch.no_grad():
@@ -203,7 +204,7 @@ def test_coarse_at_lower_resolution_than_image(sam256):
     img = _as_tensor(_image(h, w))
     full = _ellipse(h, w, 80, 60, 40, 30)
     half = F.interpolate(full, size=(60, 80), mode="area")
-    ref = SAMRefiner(sam256, preprocessing="sam").eval()
+    ref = SAMRefiner(sam256, preprocessing="sam", use_point_prompt=True).eval()
     with torch.no_grad():
         a = ref(img, full)["prompts"]
         b = ref(img, half)["prompts"]
@@ -232,7 +233,8 @@ def test_outputs_selection_and_freezing(sam256):
     h, w = 64, 96
     img = _as_tensor(_image(h, w, seed=6)).expand(2, -1, -1, -1)
     coarse = torch.cat([_ellipse(h, w, 40, 30, 15, 12), torch.zeros(1, 1, h, w)])  # second one empty
-    ref = SAMRefiner(sam256, preprocessing="medsam", use_negative_point=True, freeze_prompt_encoder=True)
+    ref = SAMRefiner(sam256, preprocessing="medsam", use_point_prompt=True, use_negative_point=True,
+                     multimask_output=True, freeze_prompt_encoder=True)
     ref.train()
     out = ref(img, coarse)
     assert out["low_res_logits"].shape == (2, 3, 64, 64) and out["iou_predictions"].shape == (2, 3)
@@ -325,3 +327,21 @@ def test_no_prompt_at_all_and_unit_scale_image_refused(sam256):
     assert out["masks"].shape == (2, 1, 40, 60)
     with pytest.raises(ValueError, match="0-255"):
         ref(img.float() / 255, torch.zeros(2, 1, 40, 60))
+
+
+@pytest.mark.parametrize("mode, k", [("sam", 3), ("medsam", 1)])
+def test_default_prompts_and_outputs_follow_the_preprocessing(sam256, mode, k):
+    """Defaults: box (of the largest component) + mask prompts, no points; single-mask output for MedSAM-style
+    weights, three candidates for Meta's SAM."""
+    h, w = 60, 80
+    coarse = _ellipse(h, w, 25, 30, 12, 10) + _ellipse(h, w, 70, 10, 3, 3)  # lesion + a stray blob
+    ref = SAMRefiner(sam256, preprocessing=mode).eval()
+    assert ref.multimask_output is (k == 3)
+    with torch.no_grad():
+        out = ref(_as_tensor(_image(h, w)), coarse)
+    assert out["prompts"]["point_coords"] is None and out["prompts"]["point_labels"] is None
+    assert out["prompts"]["mask_input"] is not None
+    assert out["low_res_logits"].shape[1] == k and out["iou_predictions"].shape == (1, k)
+    assert out["prompts"]["boxes"].tolist() == [[14.0, 21.0, 36.0, 39.0]]  # the stray blob is left out
+    with pytest.raises(ValueError, match="litemedsam"):
+        SAMRefiner(sam256, preprocessing="litemedsam")

@@ -109,3 +109,35 @@ def test_build_sam_and_refiner_from_checkpoint(vit_b_files):
     torch.save({"model": tiny.state_dict()}, path)
     ref = SAMRefiner(build_tiny_sam(img_size=256, seed=5), checkpoint=path)
     assert torch.equal(ref.sam.mask_decoder.iou_token.weight, tiny.mask_decoder.iou_token.weight)
+
+
+def test_init_sam_weight_sources(vit_b, vit_b_files, tmp_path):
+    """init_sam: a file loads strictly; "random" keeps the init; empty/None/"packaged" is LiteMedSAM's packaged file,
+    refused for a ViT SAM (MedSAM weights are the user's); a build_tiny_sam test model stays random when empty."""
+    from ultrarefiner.engines.e2e_setup import build_sam_model
+    from ultrarefiner.engines.refiner_setup import init_sam
+    from ultrarefiner.networks.lite_medsam import build_lite_medsam, packaged_lite_medsam_path
+
+    tiny = build_tiny_sam(img_size=128, encoder_depth=1, seed=3)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    for empty in ("", None, "random"):
+        assert init_sam(tiny, empty) is tiny
+        assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+    other = build_tiny_sam(img_size=128, encoder_depth=1, seed=4)
+    torch.save(other.state_dict(), tmp_path / "tiny.pth")
+    init_sam(tiny, tmp_path / "tiny.pth")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in tiny.state_dict().items())
+    assert build_sam_model("tiny", "", img_size=128, encoder_depth=1).image_encoder.img_size == 128
+    for missing in ("", None, "packaged"):
+        with pytest.raises(BadInputError, match="random"):
+            init_sam(vit_b, missing)
+    key = "mask_decoder.iou_token.weight"
+    kept = vit_b.state_dict()[key].clone()
+    assert torch.equal(init_sam(vit_b, "random").state_dict()[key], kept)
+    sd, paths, _ = vit_b_files
+    assert torch.equal(init_sam(vit_b, paths["plain"]).state_dict()[key], sd[key].float())
+    # LiteMedSAM: empty means its packaged weights
+    packaged = torch.load(packaged_lite_medsam_path(), map_location="cpu", weights_only=True)
+    for empty in ("", "packaged"):
+        lite = init_sam(build_lite_medsam(None), empty)
+        assert torch.equal(lite.state_dict()[key], packaged[key])

@@ -147,8 +147,8 @@ def test_loss_weights_combine(weights):
     out = loss_fn(outputs, label)
     assert torch.allclose(out["loss"], weights[0] * out["coarse"] + weights[1] * out["refined"])
     small_label = F.interpolate(label, (S, S), mode="nearest")
-    assert torch.allclose(out["coarse"], DiceCELoss(to_onehot_y=True, softmax=True)(outputs["coarse_logits"],
-                                                                                    small_label))
+    phase1 = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)  # phase 1's loss
+    assert torch.allclose(out["coarse"], phase1(outputs["coarse_logits"], small_label))
     bce = F.binary_cross_entropy_with_logits(outputs["masks"], label)
     prob = torch.sigmoid(outputs["masks"])
     dice = (1 - (2 * (prob * label).sum((1, 2, 3)) + 1e-5) / (prob.sum((1, 2, 3)) + label.sum((1, 2, 3)) + 1e-5))

@@ -155,6 +155,8 @@ def resize_backend(geometry: SamGeometry | None) -> str:
         return "native"
     if geometry.mode == "sam":
         return f"sam{geometry.img_size}-pil"
+    if geometry.mode == "litemedsam":
+        return f"litemedsam{geometry.img_size}-cv2area"
     try:
         import skimage  # noqa: F401  # type: ignore[import-not-found]
 

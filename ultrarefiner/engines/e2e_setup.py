@@ -55,8 +55,9 @@ from monai.transforms import (
 from ultrarefiner.data.pipeline import load_transforms, spatial_transforms
 from ultrarefiner.engines.checkpoint import load_weights
 from ultrarefiner.engines.e2e_training import E2EPrepareBatch
-from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint, read_refiner_checkpoint
+from ultrarefiner.engines.refiner_checkpoint import check_encoder, load_refiner_checkpoint, read_refiner_checkpoint
 from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.networks.lite_medsam import is_lite_medsam
 from ultrarefiner.networks.lora import apply_lora, has_lora, merge_lora
 from ultrarefiner.networks.sam_geometry import SamGeometry
 from ultrarefiner.utils.flags import as_flag
@@ -83,20 +84,19 @@ class MissingCheckpointError(UltraRefinerError, FileNotFoundError):
 
 
 # ------------------------------------------------------------------------------------------------ network
-def build_sam_model(model_type: str = "vit_b", checkpoint: str | os.PathLike | None = None, **tiny_kwargs: Any):
-    """A segment-anything ``Sam``: ``vit_b``/``vit_l``/``vit_h`` from the registry, or ``tiny`` (``build_tiny_sam``
-    with ``tiny_kwargs``, for tests and smoke runs); ``checkpoint`` (SAM/MedSAM file) loaded strictly when given."""
-    from ultrarefiner.networks.sam_weights import build_sam, build_tiny_sam, load_sam_checkpoint
+def build_sam_model(model_type: str = "lite_medsam", checkpoint: str | os.PathLike | None = "packaged",
+                    **tiny_kwargs: Any):
+    """A segment-anything ``Sam``: ``lite_medsam`` (default), ``vit_b``/``vit_l``/``vit_h`` from the registry, or
+    ``tiny`` (``build_tiny_sam`` with ``tiny_kwargs``, for tests and smoke runs); weights from ``checkpoint`` as
+    ``refiner_setup.init_sam`` reads it (``packaged``/empty: LiteMedSAM's packaged file, ``random``, or a file)."""
+    from ultrarefiner.engines.refiner_setup import init_sam
+    from ultrarefiner.networks.sam_weights import build_sam, build_tiny_sam
 
-    checkpoint = checkpoint or None
     if model_type == "tiny":
-        sam = build_tiny_sam(**tiny_kwargs)
-        if checkpoint is not None:
-            load_sam_checkpoint(sam, checkpoint)
-        return sam
+        return init_sam(build_tiny_sam(**tiny_kwargs), checkpoint)
     if tiny_kwargs:
         raise ValueError(f"sam kwargs {sorted(tiny_kwargs)} are only valid with model_type 'tiny'")
-    return build_sam(model_type, checkpoint)
+    return init_sam(build_sam(model_type, None), checkpoint)
 
 
 def build_ultrarefiner(network_kwargs: Mapping[str, Any], sam_checkpoint: str | os.PathLike | None = None,
@@ -110,7 +110,11 @@ def build_ultrarefiner(network_kwargs: Mapping[str, Any], sam_checkpoint: str | 
         raise ValueError("network_kwargs needs 'transunet' (and optionally 'sam', 'refiner'), "
                          f"got {sorted(network_kwargs)}")
     transunet = TransUNet(**dict(network_kwargs["transunet"]))
-    sam = build_sam_model(checkpoint=sam_checkpoint, **dict(network_kwargs.get("sam") or {}))
+    sam_kwargs = dict(network_kwargs.get("sam") or {})
+    if sam_checkpoint is None:  # inference: the weights come from the bundle's model file; LiteMedSAM's are packaged
+        lite = sam_kwargs.get("model_type", "lite_medsam") == "lite_medsam"
+        sam_checkpoint = "packaged" if lite else "random"
+    sam = build_sam_model(checkpoint=sam_checkpoint, **sam_kwargs)
     refiner = SAMRefiner(sam, **dict(network_kwargs.get("refiner") or {}))
     return UltraRefiner(transunet, refiner, **ultra_kwargs)
 
@@ -165,7 +169,7 @@ def _load_refiner(network: torch.nn.Module, path: Path, sam_checkpoint: str | os
     obj = read_refiner_checkpoint(path)
     encoder = refiner.sam.image_encoder
     if obj["lora"]:
-        if not sam_checkpoint:
+        if not sam_checkpoint and not is_lite_medsam(refiner.sam):
             raise BadInputError(path, "is a LoRA-only refiner checkpoint: the image encoder comes from the base "
                                       "SAM/MedSAM weights its adapters were trained on; pass --sam_checkpoint "
                                       "<medsam_vit_b.pth>")
@@ -178,9 +182,12 @@ def _load_refiner(network: torch.nn.Module, path: Path, sam_checkpoint: str | os
         merge_lora(encoder)  # back to a plain, frozen ViT: embeddings can be cached
         encoder.requires_grad_(False)
         logger.info(f"LoRA adapters of {path} (rank {rank}, alpha {alpha}, {targets}) merged into the image encoder")
-    elif has_lora(refiner):  # full phase-2 weights, fresh phase-3 adapters
+    elif has_lora(refiner):  # full (or decoder-only) phase-2 weights, fresh phase-3 adapters
         own = refiner.state_dict()
         adapters = {k for k in own if k.endswith((".lora_A", ".lora_B"))}
+        if obj["partial"]:  # the frozen encoder stays the base weights the decoder was trained with
+            check_encoder(refiner, obj, path)
+            adapters |= {k for k in own if k.startswith("sam.image_encoder.")}
         sd = {k: v for k, v in obj["model"].items()}
         missing, unexpected = sorted(set(own) - set(sd) - adapters), sorted(set(sd) - set(own))
         if missing or unexpected:
@@ -265,13 +272,15 @@ class SamFramed(MapTransform):
             raise ValueError(f"sam_frame must be one of {SAM_FRAMES}, got {frame!r}")
         self.frame = frame
         self.geometry = SamGeometry(preprocessing, encoder_size)
-        self.label_size = int(label_size or encoder_size // 4)
+        self.label_size = int(label_size or self.geometry.low_res_size)
         self.image_key, self.label_key, self.size_key = image_key, label_key, size_key
 
     def _square_image(self, image: np.ndarray) -> np.ndarray:
         s = self.geometry.img_size
         if self.geometry.mode == "medsam":
             return self.geometry.resize_uint8(image[..., None])[..., 0]  # MedSAM's own squash
+        if self.geometry.mode == "litemedsam":
+            return cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)  # LiteMedSAM's resize, square target
         from torchvision.transforms.functional import resize, to_pil_image
 
         return np.asarray(resize(to_pil_image(image), [s, s]))  # SamPredictor's PIL resize, square target

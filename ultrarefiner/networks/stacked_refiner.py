@@ -5,13 +5,19 @@ with ONE tensor; ``SAMRefiner.forward`` takes keyword arguments and returns a di
 and nothing else: preprocessing, prompts and candidate selection stay the refiner's own.
 
 Its ``state_dict`` is the wrapped refiner's (keys ``sam.*``, no extra prefix), so the bundle's ``models/model.pt``
-loads into either, and the refiner stays reachable as ``.refiner``.
+loads into either, and the refiner stays reachable as ``.refiner``. ``load_state_dict`` also takes a whole refiner
+checkpoint dict, such as the partial ``models/model.pt`` of a frozen encoder (prompt encoder + mask decoder over the
+base weights), so that MONAI's ``ckpt_export`` (which hands the file's dict to ``load_state_dict``) exports it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .sam_refiner import SAMRefiner
 
@@ -50,6 +56,16 @@ class StackedInputRefiner(nn.Module):
         super().train(mode)
         self.refiner.train(mode)
         return self
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, or, given a refiner checkpoint dict (``{"model": ..., "partial"/"lora":
+        ...}``), ``refiner_checkpoint.apply_refiner_checkpoint`` (strict on the keys it holds, encoder checked)."""
+        from ultrarefiner.engines.refiner_checkpoint import apply_refiner_checkpoint, is_refiner_checkpoint
+
+        if is_refiner_checkpoint(state_dict):
+            apply_refiner_checkpoint(self, state_dict)
+            return _IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """

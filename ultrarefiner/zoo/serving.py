@@ -173,8 +173,8 @@ class InteractivePredictor:
         bundle_dir: str | os.PathLike | None = None,
         checkpoint: str | os.PathLike | None = None,
         overrides: Mapping[str, Any] | None = None,
-        model_type: str = "vit_b",
-        preprocessing: str = "medsam",
+        model_type: str = "lite_medsam",
+        preprocessing: str | None = None,
         device: str | torch.device | None = None,
         cache_size: int = 4,
         use_bundle_config: bool = True,
@@ -185,15 +185,18 @@ class InteractivePredictor:
         The network comes from the bundle's ``configs/inference.json`` (``network_def``: a ``SAMRefiner`` or a
         module with a ``refiner`` attribute) when it exists and ``use_bundle_config``; otherwise a ``SAMRefiner`` is
         built directly around ``build_sam(model_type)`` (``tiny``: ``build_tiny_sam(**overrides)``, for tests). The
-        checkpoint is a SAM/MedSAM file or a refiner state dict (``sam.`` keys; ``load_sam_checkpoint``), or a
-        LoRA-only refiner checkpoint (``load_refiner_checkpoint``).
+        checkpoint is a SAM/MedSAM/LiteMedSAM file or a refiner state dict (``sam.`` keys; ``load_sam_checkpoint``),
+        or a partial refiner checkpoint (decoder only, or LoRA adapters; ``load_refiner_checkpoint``) such as the
+        shipped ``models/model.pt`` of the sam_refiner bundle.
 
         Arguments:
           bundle_dir: the ``sam_refiner`` bundle folder (optional).
           checkpoint: weights (default ``<bundle_dir>/models/model.pt``).
           overrides: bundle config overrides, or ``build_tiny_sam`` arguments for ``model_type="tiny"``.
-          model_type: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (used without a bundle inference config).
-          preprocessing: ``medsam`` (MedSAM weights) or ``sam`` (Meta's), without a bundle inference config.
+          model_type: ``lite_medsam`` (default), ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (used without a bundle
+            inference config).
+          preprocessing: without a bundle inference config: None (the model's own: ``litemedsam`` for LiteMedSAM,
+            ``medsam`` for vit_b), ``medsam`` or ``sam`` (Meta's weights).
           device: default CUDA when available.
           cache_size: image embeddings kept (successive clicks on one image skip the image encoder).
           use_bundle_config: build the network from the bundle's inference config when there is one.
@@ -239,14 +242,17 @@ class InteractivePredictor:
             if not isinstance(refiner, SAMRefiner):
                 raise BadInputError(self.config_file, f"network_def is a {type(network).__name__}, not a SAMRefiner")
         else:
-            sam = build_tiny_sam(**self.overrides) if self.model_type == "tiny" else build_sam(self.model_type)
+            if self.model_type == "tiny":
+                sam = build_tiny_sam(**self.overrides)
+            else:  # LiteMedSAM's packaged weights under the decoder; the other types load theirs from the file
+                sam = build_sam(self.model_type, "packaged" if self.model_type == "lite_medsam" else None)
             refiner = SAMRefiner(sam=sam, preprocessing=self.preprocessing)
         try:
             obj = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except Exception:  # unreadable: load_sam_checkpoint raises the error naming the file
             obj = None
-        if isinstance(obj, dict) and obj.get("lora") is True:
-            load_refiner_checkpoint(refiner, self.checkpoint)  # adapters on top of the base weights in network_def
+        if isinstance(obj, dict) and (obj.get("lora") is True or obj.get("partial") is True):
+            load_refiner_checkpoint(refiner, self.checkpoint)  # decoder/adapters over the base weights of network_def
         else:
             load_sam_checkpoint(refiner.sam, self.checkpoint)  # SAM/MedSAM file or refiner state dict ("sam." keys)
         return refiner.eval().to(self.device)
