@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "predict_transunet": "ultrarefiner.commands.predict_transunet:predict_transunet",
     "augment": "ultrarefiner.commands.augment:augment",
     "predict": "ultrarefiner.commands.predict:predict",
+    "refine": "ultrarefiner.commands.refine:refine",
     "export_bundle": "ultrarefiner.commands.export_bundle:export_bundle",
 }
 

@@ -13,6 +13,15 @@ import numpy as np
 from PIL import Image
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)  # the only way to read the umask; done once at import, os.umask is process-wide
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
 
@@ -25,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; outputs get the usual mode, as open() would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

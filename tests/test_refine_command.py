@@ -1,0 +1,290 @@
+"""``python -m ultrarefiner refine`` and ``engines.refine_folder``: refined masks of any segmenter's coarse masks.
+
+One real run through the command line (LiteMedSAM zero-shot with its packaged weights: seconds per image on a CPU,
+so it refines only two images); everything else calls the engine directly, with a stub refiner where a forward
+pass is needed: batching by size, bad samples skipped and listed, resuming, option errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import save
+from ultrarefiner.cli import main
+from ultrarefiner.engines import refine_folder as engine
+from ultrarefiner.errors import UltraRefinerError
+
+H, W = 96, 128
+
+
+def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def _scene(seed: int, h: int = H, w: int = W) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, label, coarse): a bright ellipse on noise; the coarse mask is a smaller, shifted ellipse."""
+    rng = np.random.default_rng(seed)
+    label = _ellipse(h, w, h / 2, w / 2, h / 4, w / 5)
+    image = np.clip(50 + 150 * label + rng.normal(0, 10, (h, w)), 0, 255).astype(np.uint8)
+    coarse = _ellipse(h, w, h / 2 + 4, w / 2 + 6, h / 5, w / 6)
+    return image, label.astype(np.uint8) * 255, coarse.astype(np.uint8) * 255
+
+
+def _csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """images/, masks/, labels/ with two good samples (one binary, one soft coarse mask) and five bad ones."""
+    root = tmp_path_factory.mktemp("refine_data")
+    img, msk, lab = root / "images", root / "masks", root / "labels"
+    for i in (0, 1):
+        image, label, coarse = _scene(i)
+        if i == 1:  # a probability map (p * 255) instead of a 0/255 mask
+            coarse = np.where(coarse > 0, 230, 40).astype(np.uint8)
+        save(img / f"good{i}.png", image)
+        save(msk / f"good{i}.png", coarse)
+        save(lab / f"good{i}.png", label)
+    image, label, coarse = _scene(2)
+    # truncated image: its header reads, its pixels do not (fails in the data worker)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (H, W), dtype=np.uint8)).save(buf, format="PNG")
+    (img / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (img / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")  # no readable header either
+    save(img / "mismatch.png", image)
+    save(msk / "mismatch.png", coarse[:64, :64])
+    save(img / "blank.png", image)
+    save(msk / "blank.png", np.zeros((H, W), np.uint8))
+    save(img / "nomask.png", image)
+    for stem in ("truncated", "garbage", "blank", "mismatch", "nomask"):
+        save(lab / f"{stem}.png", label)
+        if stem in ("truncated", "garbage"):
+            save(msk / f"{stem}.png", coarse)
+    return {"images": img, "masks": msk, "labels": lab}
+
+
+@pytest.fixture(scope="module")
+def cli_run(folders, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The real command line, zero-shot LiteMedSAM, with labels, NIfTI and two data workers: the one run of this
+    file that refines with SAM."""
+    out = tmp_path_factory.mktemp("refine_out") / "out"
+    res = subprocess.run([sys.executable, "-m", "ultrarefiner", "refine", "--images", str(folders["images"]),
+                          "--masks", str(folders["masks"]), "--labels", str(folders["labels"]), "--output_dir",
+                          str(out), "--zero_shot", "--nifti", "true", "--device", "cpu", "--amp", "false",
+                          "--batch_size", "4", "--num_workers", "2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_cli_masks_overlays_and_report(cli_run):
+    import nibabel as nib
+
+    out, res = cli_run
+    mode = _umask_mode()
+    for stem in ("good0", "good1"):
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        assert mask.shape == (H, W) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255} and (mask == 255).any()
+        overlay = np.asarray(Image.open(out / "overlays" / f"{stem}.png"))
+        assert overlay.shape == (H, W, 3)
+        nii = np.asarray(nib.load(out / "masks" / f"{stem}.nii.gz").dataobj)
+        assert nii.shape == (W, H, 1) and np.array_equal(nii[:, :, 0].T > 0, mask > 0)
+    for f in [*(out / "masks").iterdir(), *(out / "overlays").iterdir(), out / "report.json", out / "report.csv",
+              out / "skipped.csv", out / "progress.jsonl"]:
+        assert stat.S_IMODE(f.stat().st_mode) == mode, f  # the umask's permissions, not mkstemp's 0600
+    assert not list(out.rglob("*.tmp"))
+
+    rows = _csv(out / "report.csv")
+    assert [r["stem"] for r in rows] == ["good0", "good1"]
+    for r in rows:
+        assert 0.0 < float(r["pred_iou"]) <= 1.5 and math.isfinite(float(r["pred_iou"]))
+        assert int(r["coarse_area"]) > 0 and int(r["refined_area"]) > 0
+        assert 0.0 <= float(r["refined_dice"]) <= 1.0 and 0.0 <= float(r["coarse_iou"]) <= 1.0
+        assert float(r["refined_hd95"]) >= 0.0
+    # the soft mask's coarse area counts p > 0.5 only (230/255, not 40/255): the same ellipse as the binary one
+    assert rows[0]["coarse_area"] == rows[1]["coarse_area"]
+    saved = json.loads((out / "report.json").read_text())
+    summary = saved["summary"]
+    assert summary["n_images"] == 2 and summary["n_labelled"] == 2 and summary["n_skipped"] == 5
+    dice = summary["refined_vs_coarse"]["dice"]
+    assert {"mean_a", "mean_b", "mean_diff", "ci95", "improved", "worsened", "unchanged"} <= set(dice)
+    assert len(dice["ci95"]) == 2 and dice["n"] == 2
+    assert set(summary["refined_vs_coarse"]) >= {"dice", "iou", "hd95"}
+    assert saved["settings"]["refiner"] == engine.ZERO_SHOT
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 2
+    assert "refined 2 image(s)" in res.stdout and "refined-coarse [95% CI]" in res.stdout and "hd95" in res.stdout
+    assert "5 sample(s) skipped" in res.stdout
+
+
+def test_bad_samples_are_listed_and_skipped(cli_run, folders):
+    out, _ = cli_run
+    reasons = {r["stem"]: r for r in _csv(out / "skipped.csv")}
+    assert set(reasons) == {"truncated", "garbage", "mismatch", "blank", "nomask"}
+    assert "unreadable image" in reasons["truncated"]["reason"]
+    assert "unreadable image" in reasons["garbage"]["reason"]
+    assert "differs from the image size" in reasons["mismatch"]["reason"]
+    assert reasons["mismatch"]["file"] == str(folders["masks"] / "mismatch.png")
+    assert "blank coarse mask" in reasons["blank"]["reason"]
+    assert "no coarse mask" in reasons["nomask"]["reason"]
+    assert not (out / "masks" / "blank.png").exists()
+
+
+def test_second_run_skips_finished_images(cli_run, folders, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(cli_run[0], out)
+    before = json.loads((out / "report.json").read_text())
+    lines = (out / "progress.jsonl").read_text().splitlines()
+    mtime = (out / "masks" / "good0.png").stat().st_mtime_ns
+
+    def no_build(*_):
+        raise AssertionError("nothing is left to refine: the refiner must not be built")
+
+    monkeypatch.setattr(engine, "build_refiner", no_build)
+    with (out / "progress.jsonl").open("a") as f:
+        f.write('{"stem": "cut sho')  # a crash in the middle of a line is tolerated
+    report = engine.refine_folder(folders["images"], folders["masks"], out, labels=folders["labels"],
+                                  zero_shot=True, device="cpu", num_workers=0)
+    s = report["summary"]
+    assert s["n_refined_now"] == 0 and s["n_resumed"] == 2 and s["n_skipped"] == 5
+    assert report["images"] == before["images"]
+    assert (out / "progress.jsonl").read_text().splitlines()[: len(lines)] == lines
+    assert (out / "masks" / "good0.png").stat().st_mtime_ns == mtime
+    # results of another refiner are not mixed into this folder
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(UltraRefinerError, match="another refiner"):
+        engine.refine_folder(folders["images"], folders["masks"], out, checkpoint=other, device="cpu")
+
+
+class _StubRefiner(torch.nn.Module):
+    """SAMRefiner's interface without SAM: refined = coarse > 0.5, three candidates (the third selected)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, int]] = []
+
+    def forward(self, image: torch.Tensor, coarse: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert image.shape == coarse.shape and image.shape[1] == 1  # one size per batch
+        assert float(image.max()) > 1.0 and 0.0 <= float(coarse.min()) and float(coarse.max()) <= 1.0
+        if (image[:, 0, 0, 0] == 7).any():
+            raise ValueError("odd image")
+        b = image.shape[0]
+        self.calls.append((b, *image.shape[-2:]))
+        iou = torch.tensor([[0.2, 0.5, 0.9]]).repeat(b, 1)
+        return {"masks": (coarse - 0.5) * 20, "iou_predictions": iou,
+                "selection_weights": torch.nn.functional.one_hot(torch.full((b,), 2), 3).float()}
+
+
+def test_engine_batches_by_size_with_a_stub_refiner(tmp_path, monkeypatch):
+    """Fast engine path: batches of one image size, a failing image skipped alone, the selected candidate's IoU."""
+    stub = _StubRefiner()
+    monkeypatch.setattr(engine, "build_refiner", lambda _: stub)
+    sizes = {"a": (40, 48), "b": (40, 48), "c": (40, 48), "d": (30, 50), "odd": (40, 48)}
+    for i, (stem, (h, w)) in enumerate(sizes.items()):
+        image, _, coarse = _scene(i, h, w)
+        image[0, 0] = 7 if stem == "odd" else 100
+        save(tmp_path / "img" / f"{stem}.png", image)
+        save(tmp_path / "msk" / f"{stem}.png", coarse)
+    out = tmp_path / "out"
+    report = engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, zero_shot=True, batch_size=2,
+                                  device="cpu", num_workers=0)
+    # the failing batch (odd + a mate) is retried image by image: the mate is refined alone
+    assert sorted(stub.calls) == [(1, 30, 50), (1, 40, 48), (2, 40, 48)]
+    assert [r["stem"] for r in report["images"]] == ["a", "b", "c", "d"]
+    assert [s["stem"] for s in report["skipped"]] == ["odd"]
+    assert "refiner failed (ValueError: odd image)" in report["skipped"][0]["reason"]
+    for r in report["images"]:
+        assert r["pred_iou"] == pytest.approx(0.9) and r["refined_area"] == r["coarse_area"] > 0
+        assert "refined_dice" not in r
+        coarse = np.asarray(Image.open(tmp_path / "msk" / f"{r['stem']}.png")) > 127
+        assert np.array_equal(np.asarray(Image.open(out / "masks" / f"{r['stem']}.png")) > 0, coarse)
+    assert "refined_vs_coarse" not in report["summary"]
+    assert "predicted IoU" in engine.format_summary(report)
+
+
+def test_build_refiner_uses_the_checkpoint_architecture(tmp_path, monkeypatch):
+    import ultrarefiner.engines.refiner_checkpoint as rc
+    import ultrarefiner.networks as networks
+
+    built, loaded = [], []
+    monkeypatch.setattr(networks, "SAMRefiner", lambda **kw: built.append(kw) or torch.nn.Identity())
+    monkeypatch.setattr(rc, "load_refiner_checkpoint", lambda refiner, path: loaded.append(path))
+    lora = tmp_path / "lora.pt"
+    torch.save({"model": {}, "lora": True, "network_kwargs": {"model_type": "lite_medsam", "use_lora": True,
+                                                              "lora_rank": 8, "freeze_mask_decoder": True}}, lora)
+    engine.build_refiner(lora)
+    assert built[-1] == {"checkpoint": "packaged", "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8}
+    full = tmp_path / "full.pt"
+    torch.save({"model": {}, "network_kwargs": {"model_type": "vit_b", "preprocessing": "medsam"}}, full)
+    engine.build_refiner(full)
+    assert built[-1] == {"checkpoint": None, "model_type": "vit_b", "preprocessing": "medsam"}
+    assert loaded == [lora, full]
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}, "partial": True, "network_kwargs": {"model_type": "vit_b"}}, partial)
+    with pytest.raises(UltraRefinerError, match="base SAM"):
+        engine.build_refiner(partial)
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_option_errors(folders, tmp_path, capsys, monkeypatch):
+    base = ["refine", "--images", str(folders["images"]), "--masks", str(folders["masks"]),
+            "--output_dir", str(tmp_path / "out")]
+    err = _cli_error([*base, "--checkpoint", str(tmp_path / "x.pt"), "--zero_shot"], capsys)
+    assert "--checkpoint and --zero_shot" in err and "Traceback" not in err
+    err = _cli_error([*base, "--checkpoint", str(tmp_path / "missing.pt")], capsys)
+    assert "missing.pt" in err and "not found" in err
+    monkeypatch.setattr(engine, "DEFAULT_REFINER", tmp_path / "bundle" / "model.pt")
+    err = _cli_error(base, capsys)
+    assert "--checkpoint" in err and "--zero_shot" in err and str(tmp_path / "bundle" / "model.pt") in err
+    missing = tmp_path / "no_such_images"
+    err = _cli_error(["refine", "--images", str(missing), "--masks", str(folders["masks"]), "--output_dir",
+                      str(tmp_path / "out"), "--zero_shot"], capsys)
+    assert str(missing) in err and "images folder not found" in err
+    (tmp_path / "empty").mkdir()
+    err = _cli_error(["refine", "--images", str(tmp_path / "empty"), "--masks", str(folders["masks"]),
+                      "--output_dir", str(tmp_path / "out"), "--zero_shot"], capsys)
+    assert str(tmp_path / "empty") in err and "no image files" in err
+    err = _cli_error([*base, "--zero_shot", "--nifti", "maybe"], capsys)
+    assert "--nifti" in err
+    err = _cli_error([*base, "--zero_shot", "--batch_size", "0"], capsys)
+    assert "--batch_size" in err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_nothing_refinable_fails(folders, tmp_path, capsys):
+    img, msk = tmp_path / "img", tmp_path / "msk"
+    img.mkdir()
+    msk.mkdir()
+    shutil.copy(folders["images"] / "blank.png", img / "blank.png")
+    shutil.copy(folders["masks"] / "blank.png", msk / "blank.png")
+    err = _cli_error(["refine", "--images", str(img), "--masks", str(msk), "--output_dir", str(tmp_path / "out"),
+                      "--zero_shot", "--num_workers", "0"], capsys)
+    assert "no image could be refined" in err and "blank coarse mask" in err
+    assert "blank" in (tmp_path / "out" / "skipped.csv").read_text()

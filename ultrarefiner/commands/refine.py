@@ -1,0 +1,78 @@
+"""``python -m ultrarefiner refine``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ultrarefiner.commands.args import check_range
+from ultrarefiner.utils.flags import as_flag
+
+
+def refine(
+    images: str,
+    masks: str,
+    output_dir: str,
+    labels: str | None = None,
+    checkpoint: str | None = None,
+    zero_shot: bool = False,
+    batch_size: int = 4,
+    nifti: bool = False,
+    device: str = "auto",
+    amp: bool = True,
+    num_workers: int = 4,
+) -> None:
+    """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
+
+    Images (PNG, JPEG, BMP, TIFF; read as 8-bit grayscale) and coarse masks (PNG: binary 0/255 or probability*255)
+    are matched by file stem. Writes <output_dir>/masks/<stem>.png (refined, 0/255, the image's native size; with
+    --nifti also <stem>.nii.gz), <output_dir>/overlays/<stem>.png (label green, coarse blue, refined red),
+    report.csv and report.json (predicted IoU and mask areas per image; with --labels Dice, IoU, HD95... of coarse
+    and refined masks and their paired comparison with a bootstrap 95% CI), progress.jsonl and skipped.csv.
+    Re-running the same command resumes: finished images are not refined again. Bad samples (unreadable files, a
+    missing, blank or differently sized mask) are listed in skipped.csv; the command fails only when no image could
+    be refined.
+
+    Args:
+        images: folder of images.
+        masks: folder of coarse masks, <stem>.png for each image <stem>.*.
+        output_dir: where the outputs go (created).
+        labels: optional folder of ground-truth masks (<stem>.png) for the metrics.
+        checkpoint: phase-2 refiner checkpoint (sam_refiner best.pt or models/model.pt); default: the shipped
+            bundles/sam_refiner/models/model.pt.
+        zero_shot: use LiteMedSAM's packaged weights without a refiner checkpoint (not with --checkpoint).
+        batch_size: images of one size per forward pass.
+        nifti: also write NIfTI (.nii.gz, 0/1) masks.
+        device: cpu, cuda, cuda:1 or auto (CUDA when available).
+        amp: bfloat16 autocast on CUDA.
+        num_workers: data workers reading the files.
+    """
+    import logging
+
+    from ultrarefiner.engines.refine_folder import PROGRESS, SKIPPED_CSV, format_summary, refine_folder
+
+    check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    check_range(num_workers, "num_workers", 0, 64, integer=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    report = refine_folder(
+        images,
+        masks,
+        output_dir,
+        labels=labels,
+        checkpoint=checkpoint,
+        zero_shot=as_flag(zero_shot, "zero_shot"),
+        batch_size=int(batch_size),
+        nifti=as_flag(nifti, "nifti"),
+        device=device,
+        amp=as_flag(amp, "amp"),
+        num_workers=int(num_workers),
+    )
+    out = Path(output_dir).resolve()
+    print(format_summary(report))
+    if report["skipped"]:
+        print(f"{len(report['skipped'])} sample(s) skipped (listed in {out / SKIPPED_CSV}):")
+        for s in report["skipped"][:20]:
+            print(f"  {s['stem']}: {s['file']}: {s['reason']}")
+        if len(report["skipped"]) > 20:
+            print(f"  ... and {len(report['skipped']) - 20} more")
+    print(f"refined masks: {out / 'masks'}; report: {out / 'report.csv'}, {out / 'report.json'} "
+          f"(progress: {out / PROGRESS})")

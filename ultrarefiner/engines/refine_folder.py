@@ -1,0 +1,555 @@
+"""Refine any segmenter's masks: a folder of images and a folder of coarse masks in, refined masks and a report out.
+
+``refine_folder`` is the engine of ``python -m ultrarefiner refine``. Images and coarse masks (and optional ground
+truth labels) are matched by file stem; every image is refined at its native size by a ``SAMRefiner`` (the shipped
+phase-2 refiner, a phase-2 checkpoint, or LiteMedSAM zero-shot) prompted by its coarse mask.
+
+Output layout (every file written atomically, with the umask's normal permissions)::
+
+    <output_dir>/masks/<stem>.png       refined mask (0/255, native size); <stem>.nii.gz (0/1) with nifti
+    <output_dir>/overlays/<stem>.png    the image in gray: label green, coarse blue, refined red contours
+    <output_dir>/progress.jsonl         one JSON record per finished image (appended as images finish)
+    <output_dir>/report.csv             one row per image: predicted IoU, areas, coarse/refined metrics with labels
+    <output_dir>/report.json            settings, summary (with labels: refined vs coarse, paired bootstrap 95% CI),
+                                        per-image rows, skipped samples
+    <output_dir>/skipped.csv            samples of this run that could not be refined: stem, file, reason
+
+Resuming: an image whose ``masks/<stem>.png`` exists and that has a record in ``progress.jsonl`` is not refined
+again (unless labels are given now and its record has no metrics); the report is always rebuilt from
+``progress.jsonl``, so it covers every image refined into ``output_dir``. A folder holding results of another
+refiner is refused rather than mixed. Coarse masks must have the image's size (resize them first). Bad samples
+(unreadable files, a missing or blank coarse mask, sizes that differ) are listed in ``skipped.csv`` and never stop
+the run; it fails only when no image at all has a result.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import ultrarefiner
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask
+from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.utils.io import FILE_MODE, atomic_write
+
+__all__ = ["DEFAULT_REFINER", "build_refiner", "format_summary", "refine_folder", "resolve_refiner"]
+
+logger = logging.getLogger(__name__)
+
+# the shipped phase-2 refiner (bundles/sam_refiner/models/model.pt of the repository)
+DEFAULT_REFINER = Path(ultrarefiner.__file__).resolve().parents[1] / "bundles" / "sam_refiner" / "models" / "model.pt"
+ZERO_SHOT = "zero-shot LiteMedSAM (packaged weights)"
+THRESHOLD = 0.5  # probability threshold of coarse and refined masks (refined: logit > 0)
+PROGRESS, REPORT_CSV, REPORT_JSON, SKIPPED_CSV = "progress.jsonl", "report.csv", "report.json", "skipped.csv"
+# architecture keys of a checkpoint's network_kwargs that the refiner must be built with (training-only keys such
+# as the freeze flags do not change inference)
+_ARCH_KEYS = ("model_type", "preprocessing", "image_resize", "use_lora", "lora_rank", "lora_alpha")
+
+
+# ------------------------------------------------------------------------------------------------ file writing
+def _file_mode() -> int:
+    return FILE_MODE
+
+
+def _write_atomic(path: Path, write: Callable[[str], None], mode: int) -> None:
+    """``atomic_write`` (which gives the usual permissions); ``mode`` is kept for the callers' signature."""
+    atomic_write(path, write)
+
+
+def _write_png(path: Path, array: np.ndarray, mode: int) -> None:
+    from PIL import Image
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    _write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), mode)
+
+
+def _write_text(path: Path, text: str, mode: int) -> None:
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode)
+
+
+def _write_nifti(path: Path, mask: np.ndarray, mode: int) -> None:
+    import nibabel as nib
+
+    # same orientation as ``predict``: x = column, y = row, one slice; labels 0/1
+    img = nib.Nifti1Image(np.ascontiguousarray(mask.T[:, :, None]).astype(np.uint8), np.eye(4))
+    data = gzip.compress(img.to_bytes())
+    _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data), mode)
+
+
+def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ refiner
+def resolve_refiner(checkpoint: str | os.PathLike | None = None, zero_shot: bool = False) -> Path | None:
+    """The refiner checkpoint to load: ``checkpoint``, else the shipped ``DEFAULT_REFINER``; None for zero-shot.
+
+    Raises:
+      UltraRefinerError: both ``checkpoint`` and ``zero_shot``.
+      BadInputError: the checkpoint (or the shipped refiner) does not exist; the message says what to pass.
+    """
+    if checkpoint and zero_shot:
+        raise UltraRefinerError("--checkpoint and --zero_shot exclude each other: give one of them")
+    if zero_shot:
+        return None
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise BadInputError(path, "refiner checkpoint not found")
+        return path
+    path = Path(DEFAULT_REFINER)
+    if not path.is_file():
+        raise BadInputError(path, "the shipped phase-2 refiner is not there (not trained/exported yet): pass "
+                                  "--checkpoint F (a sam_refiner best.pt or models/model.pt) or --zero_shot "
+                                  "(LiteMedSAM's packaged weights, no refiner training)")
+    return path
+
+
+def build_refiner(checkpoint: Path | None) -> torch.nn.Module:
+    """A ``SAMRefiner`` with LiteMedSAM's packaged weights, plus ``checkpoint`` (a phase-2 refiner) when given.
+
+    The refiner is built with the architecture recorded in the checkpoint's ``network_kwargs`` (model type,
+    preprocessing, LoRA adapters) when it has them, so that LoRA and non-default checkpoints load.
+    """
+    from ultrarefiner.engines.checkpoint import read_checkpoint
+    from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
+    from ultrarefiner.networks import SAMRefiner
+
+    if checkpoint is None:
+        return SAMRefiner()
+    obj = read_checkpoint(checkpoint, "refiner checkpoint")
+    kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
+    arch = {k: kwargs[k] for k in _ARCH_KEYS if k in kwargs} if isinstance(kwargs, dict) else {}
+    partial = isinstance(obj, dict) and bool(obj.get("partial") or obj.get("lora"))
+    base: str | None = "packaged"
+    if arch.get("model_type", "lite_medsam") != "lite_medsam":
+        if partial:
+            raise BadInputError(checkpoint, f"holds only part of a {arch['model_type']} refiner; its base SAM "
+                                            "weights are not packaged (export the full refiner: models/model.pt)")
+        base = None  # the checkpoint holds every weight
+    del obj
+    refiner = SAMRefiner(checkpoint=base, **arch)
+    load_refiner_checkpoint(refiner, checkpoint)
+    return refiner
+
+
+def _refiner_name(checkpoint: Path | None) -> str:
+    return ZERO_SHOT if checkpoint is None else f"checkpoint {checkpoint.resolve()}"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise BadInputError(folder, "images folder not found")
+    if not folder.is_dir():
+        raise BadInputError(folder, "images must be a folder")
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the images folder")
+    return files
+
+
+def _by_stem(folder: Path, what: str) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise BadInputError(folder, f"{what} folder not found")
+    out: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
+            out.setdefault(f.stem, []).append(f)
+    return out
+
+
+def _match(images: Path, masks: Path, labels: Path | None) -> tuple[list[dict], list[dict]]:
+    """Items {stem, image, mask[, label]} and skipped samples {stem, file, reason}."""
+    image_files = _list_images(images)
+    mask_files = _by_stem(masks, "masks")
+    label_files = _by_stem(labels, "labels") if labels is not None else None
+    stems = [f.stem for f in image_files]
+    items, skipped = [], []
+    for f in image_files:
+        if stems.count(f.stem) > 1:  # a.png and a.jpg would write the same outputs
+            skipped.append(dict(stem=f.stem, file=str(f), reason="several image files share this stem"))
+            continue
+        item = {"stem": f.stem, "image": str(f)}
+        for key, found, what in (("mask", mask_files, "coarse mask"), ("label", label_files, "label")):
+            if found is None:
+                continue
+            candidates = found.get(f.stem, [])
+            if len(candidates) != 1:
+                reason = (f"no {what} named {f.stem}.* in {masks if key == 'mask' else labels}" if not candidates
+                          else f"several {what} files for this stem: {', '.join(c.name for c in candidates)}")
+                skipped.append(dict(stem=f.stem, file=str(f), reason=reason))
+                break
+            item[key] = str(candidates[0])
+        else:
+            items.append(item)
+    orphans = sorted(set(mask_files) - set(stems))
+    if orphans:
+        logger.warning(f"{len(orphans)} coarse mask(s) without an image in {images} (ignored), e.g. "
+                       f"{', '.join(orphans[:3])}")
+    return items, skipped
+
+
+class _SampleDataset(torch.utils.data.Dataset):
+    """Reads and checks one sample in a data worker; a bad sample comes back as {stem, file, reason}."""
+
+    def __init__(self, items: Sequence[dict]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        try:
+            return self._load(item)
+        except BadInputError as e:
+            return dict(stem=item["stem"], file=e.path, reason=e.reason)
+        except Exception as e:  # anything else a broken file triggers must not stop the run
+            return dict(stem=item["stem"], file=item["image"], reason=f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    def _load(item: dict) -> dict[str, Any]:
+        def bad(file: str, reason: str) -> dict[str, str]:
+            return dict(stem=item["stem"], file=file, reason=reason)
+
+        image = read_image(item["image"])
+        if min(image.shape) < 2:
+            return bad(item["image"], f"image too small {image.shape}")
+        coarse = read_image(item["mask"])  # uint8 0..255: binary 0/255 or probability * 255
+        if coarse.shape != image.shape:
+            return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}")
+        if int(coarse.max()) <= 255 * THRESHOLD:
+            hint = " (values 0/1: write masks as 0/255)" if int(coarse.max()) == 1 else ""
+            return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine{hint}")
+        out = {**item, "pixels": image, "coarse": coarse}
+        if "label" in item:
+            label = read_mask(item["label"])
+            if label.shape != image.shape:
+                return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}")
+            out["truth"] = label
+        return out
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _size_batches(items: Sequence[dict], batch_size: int) -> tuple[list[list[int]], list[dict]]:
+    """Index batches of images of one size (the refiner takes one original size per batch), from the headers."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    skipped = []
+    for i, item in enumerate(items):
+        try:
+            groups.setdefault(image_size(item["image"]), []).append(i)
+        except BadInputError as e:
+            skipped.append(dict(stem=item["stem"], file=e.path, reason=e.reason))
+    batches = [idx[k : k + batch_size] for _, idx in sorted(groups.items()) for k in range(0, len(idx), batch_size)]
+    return batches, skipped
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def _read_progress(path: Path) -> dict[str, dict]:
+    """Latest record per stem; a line cut short by a crash is ignored (that image is simply refined again)."""
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            records[str(rec["stem"])] = rec
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logger.warning(f"{path}:{n}: unreadable progress line ignored")
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ refinement
+@torch.inference_mode()
+def _forward(refiner: torch.nn.Module, samples: Sequence[dict], device: torch.device,
+             amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Refined bool masks (B, H, W) and predicted IoUs (B,) of same-size samples."""
+    # uint8 on the 0-255 scale: what the refiner's preprocessing expects, and 4x less to copy than float
+    image = torch.from_numpy(np.stack([s["pixels"] for s in samples]))[:, None].to(device)
+    coarse = torch.from_numpy(np.stack([s["coarse"] for s in samples]))[:, None].to(device).float().div_(255.0)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        out = refiner(image=image, coarse=coarse)
+    chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default; argmax for K > 1
+    iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
+    masks = out["masks"].float()[:, 0] > 0  # logits: probability > 0.5
+    return masks.cpu().numpy(), iou.cpu().numpy()
+
+
+def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    from ultrarefiner.engines.metrics import METRIC_NAMES, segmentation_metrics
+
+    y = torch.from_numpy(label)[None].float()
+    out: dict[str, float] = {}
+    for key, mask in (("coarse", coarse), ("refined", refined)):
+        values = segmentation_metrics(torch.from_numpy(mask)[None].float(), y)
+        out.update({f"{key}_{m}": round(float(values[m]), 6) for m in METRIC_NAMES})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _columns(rows: Sequence[dict]) -> list[str]:
+    from ultrarefiner.engines.metrics import METRIC_NAMES
+
+    cols = ["stem", "image", "mask", "label", "height", "width", "pred_iou", "coarse_area", "refined_area"]
+    cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")]
+    return [c for c in cols if any(c in r for r in rows)]
+
+
+def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any]:
+    from ultrarefiner.engines.e2e_evaluation import paired_comparison
+    from ultrarefiner.engines.evaluation import summarise
+    from ultrarefiner.engines.metrics import METRIC_NAMES
+
+    labelled = [r for r in rows if "refined_dice" in r]
+    cols = ["pred_iou", "coarse_area", "refined_area"]
+    cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")] if labelled else []
+    out: dict[str, Any] = {"n_images": len(rows), "n_refined_now": n_new, "n_resumed": len(rows) - n_new,
+                           "n_skipped": len(skipped), "n_labelled": len(labelled), "metrics": summarise(rows, cols)}
+    if labelled:
+        nan = float("nan")
+        out["refined_vs_coarse"] = {
+            m: paired_comparison([r.get(f"coarse_{m}", nan) for r in labelled],
+                                 [r.get(f"refined_{m}", nan) for r in labelled], m)
+            for m in METRIC_NAMES
+        }
+    return out
+
+
+def _fmt(x: Any, signed: bool = False, digits: int = 4) -> str:
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "-"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """Console table of ``report["summary"]``: predicted IoU, areas and, with labels, coarse vs refined metrics
+    with the refined - coarse difference, its 95% bootstrap CI and improved/worsened/unchanged counts."""
+    s = report["summary"]
+    m = s["metrics"]
+    lines = [f"refined {s['n_images']} image(s) ({s['n_refined_now']} now, {s['n_resumed']} from earlier runs); "
+             f"skipped {s['n_skipped']}",
+             f"{'predicted IoU':<16s}{_fmt(m['pred_iou']['mean']):>8s} ± {_fmt(m['pred_iou']['sd'])}",
+             f"{'mean area (px)':<16s}coarse {_fmt(m['coarse_area']['mean'], digits=1)}, "
+             f"refined {_fmt(m['refined_area']['mean'], digits=1)}"]
+    comp = s.get("refined_vs_coarse")
+    if comp:
+        lines.append(f"with labels: {s['n_labelled']} image(s)")
+        lines.append(f"{'metric':<10s}{'coarse':^18s}{'refined':^18s}  refined-coarse [95% CI]"
+                     f"          improved/worsened/unchanged")
+        for name, c in comp.items():
+            a, b = m[f"coarse_{name}"], m[f"refined_{name}"]
+            lines.append(f"{name:<10s}{_fmt(a['mean']):>8s} ± {_fmt(a['sd']):<7s}{_fmt(b['mean']):>8s} ± "
+                         f"{_fmt(b['sd']):<7s}  {_fmt(c['mean_diff'], True)} [{_fmt(c['ci95'][0], True)}, "
+                         f"{_fmt(c['ci95'][1], True)}]   {c['improved']}/{c['worsened']}/{c['unchanged']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UltraRefinerError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def refine_folder(
+    images: str | os.PathLike,
+    masks: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    zero_shot: bool = False,
+    batch_size: int = 4,
+    nifti: bool = False,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    num_workers: int = 2,
+) -> dict[str, Any]:
+    """Refine every image's coarse mask and write the outputs of the module docstring; returns the report.
+
+    Arguments:
+      images, masks: folders of images and coarse masks (PNG 0/255, or probabilities * 255), matched by stem.
+      output_dir: where the outputs go (created; a second run resumes).
+      labels: optional folder of ground-truth masks (matched by stem): metrics and the paired comparison.
+      checkpoint: phase-2 refiner checkpoint; None: the shipped refiner (``DEFAULT_REFINER``) unless ``zero_shot``.
+      zero_shot: LiteMedSAM's packaged weights without a refiner checkpoint.
+      batch_size: images of one size per forward pass.
+      nifti: also write ``masks/<stem>.nii.gz``.
+      device: cpu, cuda, cuda:N; None/"auto": CUDA when available.
+      amp: bfloat16 autocast (CUDA only).
+      num_workers: data workers reading the files.
+
+    Raises:
+      UltraRefinerError / BadInputError: bad options or folders, or no image has a result at all.
+    """
+    from tqdm import tqdm
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
+    ckpt = resolve_refiner(checkpoint, zero_shot)
+    dev = _device(device)
+    name = _refiner_name(ckpt)
+    images, masks, out = Path(images), Path(masks), Path(output_dir)
+    items, skipped = _match(images, masks, Path(labels) if labels is not None else None)
+    mode = _file_mode()
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / PROGRESS
+    records = _read_progress(progress)
+    others = sorted({r.get("refiner") for r in records.values()} - {name}, key=str)
+    if others:
+        raise UltraRefinerError(f"{out} holds results of another refiner ({others[0]}), not of {name}: use another "
+                                f"--output_dir, or delete {progress} to start over")
+
+    def done(item: dict) -> bool:
+        rec = records.get(item["stem"])
+        mask_png = out / "masks" / f"{item['stem']}.png"
+        if rec is None or not mask_png.is_file() or ("label" in item and "refined_dice" not in rec):
+            return False  # no result yet, or none with the metrics now asked for
+        nii = out / "masks" / f"{item['stem']}.nii.gz"
+        if nifti and not nii.is_file():  # asked for now, not then: convert the saved mask
+            _write_nifti(nii, read_mask(mask_png), mode)
+        return True
+
+    pending = [it for it in items if not done(it)]
+    batches, unreadable = _size_batches(pending, batch_size)
+    skipped += unreadable
+    n_new = 0
+    if batches:
+        refiner: torch.nn.Module | None = None  # built on the first good sample: no cost when all are bad
+        loader = torch.utils.data.DataLoader(_SampleDataset(pending), batch_sampler=batches, collate_fn=_as_list,
+                                             num_workers=num_workers)
+        bar = tqdm(total=sum(len(b) for b in batches), desc="refine", unit="image", disable=None)
+        writers = max(1, min(4, os.cpu_count() or 1))
+        # metrics, PNGs and overlays of one batch are computed by threads while the refiner runs the next batch
+        # (they dominate on a GPU); records are logged in the main thread once their files are on disk
+        saving: deque[Future] = deque()
+        with progress.open("a", encoding="utf-8") as log, ThreadPoolExecutor(writers) as pool:
+
+            def finish(keep: int) -> None:
+                nonlocal n_new
+                while len(saving) > keep:
+                    record = saving.popleft().result()  # a failed write (disk full...) stops the run
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()  # a crash loses at most the images being written
+                    records[record["stem"]] = record
+                    n_new += 1
+
+            for batch in loader:
+                good = [s for s in batch if "reason" not in s]
+                skipped += [s for s in batch if "reason" in s]
+                if good and refiner is None:
+                    refiner = build_refiner(ckpt).to(dev)
+                    refiner.eval()  # after .to(): TinyViT caches attention biases on eval, on the device they are on
+                for sample, refined, iou in _refine_batch(refiner, good, dev, amp, skipped):
+                    saving.append(pool.submit(_save, sample, refined, iou, out, nifti, mode, name))
+                finish(keep=2 * writers)  # bounded: finished samples must not pile up in memory
+                bar.update(len(batch))
+            finish(keep=0)
+        bar.close()
+    report = _write_report(out, records, skipped, n_new, mode, dict(
+        images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
+        threshold=THRESHOLD, batch_size=batch_size, device=str(dev), amp=bool(amp and dev.type == "cuda"),
+        nifti=bool(nifti)))
+    if skipped:
+        logger.warning(f"{len(skipped)} sample(s) skipped, listed in {out / SKIPPED_CSV}")
+    if not report["images"]:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:5])
+        raise UltraRefinerError(f"no image could be refined ({len(skipped)} skipped: {reasons})")
+    return report
+
+
+def _refine_batch(refiner: torch.nn.Module, samples: list[dict], device: torch.device, amp: bool,
+                  skipped: list[dict]):
+    """Yield (sample, refined mask, predicted IoU); when a batch fails, its samples are retried one by one and the
+    ones that still fail are skipped with the error (an odd image must not take its batch mates down)."""
+    if not samples:
+        return
+    try:
+        masks, ious = _forward(refiner, samples, device, amp)
+    except (RuntimeError, ValueError) as e:
+        if len(samples) > 1:
+            for s in samples:
+                yield from _refine_batch(refiner, [s], device, amp, skipped)
+            return
+        skipped.append(dict(stem=samples[0]["stem"], file=samples[0]["image"],
+                            reason=f"refiner failed ({type(e).__name__}: {e})"))
+        return
+    yield from zip(samples, masks, ious, strict=True)
+
+
+def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, mode: int, name: str) -> dict:
+    """Write the mask (and NIfTI) and the overlay of one sample; its progress record."""
+    from ultrarefiner.engines.ultra_predict import overlay_coarse_refined
+
+    stem = sample["stem"]
+    coarse = sample["coarse"] > 255 * THRESHOLD
+    label = sample.get("truth")
+    _write_png(out / "masks" / f"{stem}.png", refined.astype(np.uint8) * 255, mode)
+    if nifti:
+        _write_nifti(out / "masks" / f"{stem}.nii.gz", refined, mode)
+    picture = overlay_coarse_refined(sample["pixels"].astype(np.float32) / 255.0, coarse, refined, label)
+    _write_png(out / "overlays" / f"{stem}.png", picture, mode)
+    record = {"stem": stem, "image": sample["image"], "mask": sample["mask"]}
+    if label is not None:
+        record["label"] = sample["label"]
+    h, w = refined.shape
+    record.update(height=int(h), width=int(w), pred_iou=round(float(iou), 6), coarse_area=int(coarse.sum()),
+                  refined_area=int(refined.sum()))
+    if label is not None:
+        record.update(_metrics(coarse, refined, label))
+    record["refiner"] = name
+    return record
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so report.json is strict JSON (a CI of one image is NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_report(out: Path, records: dict[str, dict], skipped: list[dict], n_new: int, mode: int,
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    """report.csv, report.json and skipped.csv from the progress records whose mask is on disk."""
+    rows = [{k: v for k, v in r.items() if k != "refiner"} for stem, r in sorted(records.items())
+            if (out / "masks" / f"{stem}.png").is_file()]
+    skipped = sorted(skipped, key=lambda s: (s["stem"], s["file"]))
+    _write_text(out / REPORT_CSV, _csv_text(rows, _columns(rows)), mode)
+    _write_text(out / SKIPPED_CSV, _csv_text(skipped, ["stem", "file", "reason"]), mode)
+    report = {"settings": settings, "summary": _summary(rows, skipped, n_new), "images": rows, "skipped": skipped}
+    report = _finite(report)
+    _write_text(out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", mode)
+    return report
