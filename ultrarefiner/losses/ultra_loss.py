@@ -36,8 +36,8 @@ class UltraRefinerLoss(nn.Module):
         self,
         coarse_weight: float = 0.3,
         refined_weight: float = 0.7,
-        coarse_lambda_ce: float = 1.0,
-        coarse_lambda_dice: float = 1.0,
+        coarse_lambda_ce: float = 0.5,
+        coarse_lambda_dice: float = 0.5,
         refined_bce_weight: float = 1.0,
         refined_dice_weight: float = 1.0,
         refined_iou_weight: float = 0.0,
@@ -47,7 +47,9 @@ class UltraRefinerLoss(nn.Module):
         Arguments:
           coarse_weight (float): weight of L_coarse (0 trains TransUNet through the refiner only).
           refined_weight (float): weight of L_refined.
-          coarse_lambda_ce, coarse_lambda_dice (float): CE and Dice weights inside L_coarse (``DiceCELoss``).
+          coarse_lambda_ce, coarse_lambda_dice (float): CE and Dice weights inside L_coarse (``DiceCELoss``); 0.5/0.5
+            as phase 1's loss, so that L_coarse is the loss TransUNet was trained with and the 0.3/0.7 split means
+            what it says (1/1 doubled L_coarse).
           refined_bce_weight, refined_dice_weight (float): BCE and Dice weights inside L_refined.
           refined_iou_weight (float): weight of SAM's IoU-prediction MSE inside L_refined (0: off).
           smooth (float): Dice smoothing of L_refined.
