@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ultrarefiner.losses.refiner_loss import RefinerLoss, curriculum_order, curriculum_weights
+from ultrarefiner.losses.refiner_loss import RefinerLoss, curriculum_weights
 from ultrarefiner.networks.sam_refiner import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_tiny_sam
 
@@ -92,7 +92,7 @@ def test_sample_weights():
     assert first_only["loss"] < 0.02
 
 
-def test_curriculum_weights_and_order():
+def test_curriculum_weights():
     dice = torch.tensor([0.9, 0.2, 0.6, 0.95, 0.0])
     w0 = curriculum_weights(dice, epoch=0, total_epochs=10)
     assert torch.isclose(w0.mean(), torch.tensor(1.0))
@@ -102,6 +102,17 @@ def test_curriculum_weights_and_order():
     assert torch.allclose(w_late, torch.ones(5))
     mid = curriculum_weights(dice, epoch=2, total_epochs=10)
     assert 1 < mid[3] / mid[4] < w0[3] / w0[4]
-    assert curriculum_order(dice, 0, 10).tolist() == [3, 0]  # ceil(0.3 * 5) easiest
-    assert curriculum_order(dice, 5, 10).tolist() == [3, 0, 2, 1, 4]
-    assert curriculum_order(dice, 2, 10).tolist() == [3, 0, 2]  # ceil(0.58 * 5)
+
+
+def test_curriculum_option_accepts_the_bare_flag_and_off_words():
+    import pytest
+    import torch
+
+    from ultrarefiner.engines.refiner_training import RefinerTrainStep, parse_curriculum
+
+    assert parse_curriculum(True) == {} and parse_curriculum("true") == {}
+    assert parse_curriculum(None) is None and parse_curriculum(False) is None and parse_curriculum("false") is None
+    assert parse_curriculum({"start_sharpness": 3.0}) == {"start_sharpness": 3.0}
+    assert RefinerTrainStep(curriculum=True).curriculum == {}  # the original scripts' bare --curriculum
+    with pytest.raises(ValueError, match="GradScaler"):
+        RefinerTrainStep(amp_dtype=torch.float16)

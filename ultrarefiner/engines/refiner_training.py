@@ -36,6 +36,7 @@ from ultrarefiner.data.refiner_data import load_encoder_image, resize_backend
 from ultrarefiner.losses.refiner_loss import RefinerLoss, curriculum_weights
 from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.networks.sam_geometry import SamGeometry
+from ultrarefiner.utils.flags import as_flag
 
 if TYPE_CHECKING:
     from ultrarefiner.networks.sam_refiner import SAMRefiner
@@ -309,6 +310,14 @@ def _outputs(batch: dict, out: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def parse_curriculum(value: Any) -> dict | None:
+    """``curriculum`` option -> ``curriculum_weights`` keyword arguments, or None (off). Accepts a dict, a bare flag
+    (True: the defaults) and the on/off words of ``as_flag``."""
+    if value is None or isinstance(value, dict):
+        return value
+    return {} if as_flag(value, "curriculum") else None
+
+
 class RefinerTrainStep:
     """``iteration_update`` of a ``SupervisedTrainer`` whose network is a ``SAMRefiner`` and whose
     ``loss_function`` is a :class:`RefinerLoss`.
@@ -323,16 +332,21 @@ class RefinerTrainStep:
     Arguments:
       cache: embeddings of the frozen encoder (None: encode every step).
       grad_clip: max global gradient norm (None or 0: no clipping).
-      curriculum: keyword arguments of ``curriculum_weights`` (e.g. ``{"start_sharpness": 5.0}``) to weight
-        samples easy -> hard over ``engine.state.max_epochs``; None: uniform.
-      amp_dtype: autocast dtype when ``engine.amp`` is on and the device is CUDA.
+      curriculum: easy-to-hard curriculum by loss weighting (``curriculum_weights``: a sample with input Dice d
+        weighs exp(-s (1 - d)), s decaying from 5 to 0 over the first half of ``engine.state.max_epochs``). True
+        (the original scripts' bare ``--curriculum``) uses those defaults, a dict sets them (e.g.
+        ``{"start_sharpness": 3.0}``), None/False (or 'false') keeps uniform weights.
+      amp_dtype: autocast dtype when ``engine.amp`` is on and the device is CUDA: bfloat16 (float16 would need a
+        GradScaler, which this step does not have; refused as in phase 3).
       image_loader: loads a cache miss of a batch without images (see :func:`encode_batch`).
     """
 
     def __init__(self, cache: KeyedEmbeddingCache | None = None, grad_clip: float | None = 1.0,
                  curriculum: dict | None = None, amp_dtype: torch.dtype = torch.bfloat16,
                  image_loader: ImageLoader = load_encoder_image) -> None:
-        self.cache, self.grad_clip, self.curriculum = cache, grad_clip, curriculum
+        if amp_dtype != torch.bfloat16:
+            raise ValueError(f"amp_dtype must be torch.bfloat16 (no GradScaler here), got {amp_dtype}")
+        self.cache, self.grad_clip, self.curriculum = cache, grad_clip, parse_curriculum(curriculum)
         self.amp_dtype, self.image_loader = amp_dtype, image_loader
 
     def __call__(self, engine: Engine, batchdata: dict) -> dict:

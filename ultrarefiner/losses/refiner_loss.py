@@ -14,14 +14,13 @@ Total = bce_weight * BCE(selected) + dice_weight * Dice(selected) + iou_weight *
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RefinerLoss", "curriculum_order", "curriculum_weights", "dice_score"]
+__all__ = ["RefinerLoss", "curriculum_weights", "dice_score"]
 
 
 def _resize_like(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -152,26 +151,3 @@ def curriculum_weights(input_dice: torch.Tensor, epoch: int, total_epochs: int, 
     s = start_sharpness * max(0.0, 1.0 - epoch / end)
     w = torch.exp(-s * (1.0 - input_dice.float().clamp(0, 1)))
     return w / w.mean().clamp_min(1e-12)
-
-
-def curriculum_order(input_dice: torch.Tensor, epoch: int, total_epochs: int, start_fraction: float = 0.3,
-                     warmup_fraction: float = 0.5) -> torch.Tensor:
-    """Indices of the samples admitted this epoch, easiest (highest input Dice) first.
-
-    The admitted fraction grows linearly from ``start_fraction`` at epoch 0 to 1 at
-    ``warmup_fraction * total_epochs``; a sampler shuffles or iterates over the returned indices.
-
-    Arguments:
-      input_dice (torch.Tensor): (N,) coarse-mask Dice per sample.
-      epoch, total_epochs, warmup_fraction: as in ``curriculum_weights``.
-      start_fraction (float): fraction of the easiest samples used at epoch 0.
-
-    Returns:
-      torch.Tensor: (M,) long indices into the N samples, M = ceil(fraction * N) >= 1, sorted easy -> hard.
-    """
-    n = input_dice.numel()
-    end = max(1.0, warmup_fraction * total_epochs)
-    frac = min(1.0, start_fraction + (1.0 - start_fraction) * epoch / end)
-    m = max(1, min(n, math.ceil(frac * n - 1e-9)))
-    order = torch.argsort(input_dice.float(), descending=True, stable=True)
-    return order[:m]
