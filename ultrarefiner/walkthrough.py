@@ -8,6 +8,9 @@ turns it into the demo's version by a few explicit text rules, so the commands t
 - ``--pretrained_npz``/``--sam_checkpoint`` arguments are dropped (no pretrained files in the demo: random init);
 - ``--target_samples 100000`` becomes 200 and ``--num_workers 8`` becomes 1;
 - ``bundles/`` paths point at this checkout's bundles.
+
+The script's ``python`` is the interpreter that runs the demo, virtualenv included (``run_walkthrough`` puts a
+wrapper that execs ``sys.executable`` first on ``PATH``, see ``ultrarefiner.commands.demo.python_on_path``).
 """
 
 from __future__ import annotations
@@ -37,21 +40,21 @@ python -m ultrarefiner predict-transunet --data_root ./dataset/processed --datas
 python -m ultrarefiner augment --data_root ./dataset/processed --output_dir ./dataset/augmented --datasets BUSI \\
     --target_samples 100000 --use_sdf --num_workers 8 --fold 0 --preview 24
 
-# 5. Phase 2, SAM refiner on fold 0: option A shards, 30% option B predictions mixed in
+# 5. Phase 2, SAM refiner (LiteMedSAM, packaged weights) on fold 0: option A shards, 30% option B predictions mixed in
 #    -> ./checkpoints/sam_finetuned/fold_0/best.pt
 python -m monai.bundle run --config_file bundles/sam_refiner/configs/train.json --bundle_root bundles/sam_refiner \\
-    --dataset_name BUSI --fold 0 --sam_checkpoint ./pretrained/medsam_vit_b.pth \\
+    --dataset_name BUSI --fold 0 \\
     --data_source shards --real_ratio 0.3 --predictions_dir ./predictions/transunet
 
 # 6. Phase 3, end to end from the phase-1 and phase-2 checkpoints of fold 0
 #    -> ./checkpoints/ultra_refiner/fold_0/best.pt and bundles/ultrarefiner/models/model.pt
 python -m monai.bundle run --config_file bundles/ultrarefiner/configs/train.json \\
-    --bundle_root bundles/ultrarefiner --dataset_name BUSI --fold 0 --sam_checkpoint ./pretrained/medsam_vit_b.pth
+    --bundle_root bundles/ultrarefiner --dataset_name BUSI --fold 0
 
 # 7. Coarse vs refined on the test split, paired comparison -> ./checkpoints/ultra_refiner/fold_0/eval_test/
 python -m monai.bundle run \\
     --config_file "['bundles/ultrarefiner/configs/train.json','bundles/ultrarefiner/configs/evaluate.json']" \\
-    --bundle_root bundles/ultrarefiner --dataset_name BUSI --fold 0 --sam_checkpoint ./pretrained/medsam_vit_b.pth
+    --bundle_root bundles/ultrarefiner --dataset_name BUSI --fold 0
 
 # 8. Predict new images: coarse and refined masks, overlays, predicted IoU -> ./predictions/ultrarefiner/
 python -m ultrarefiner predict --input ./dataset/processed/BUSI/images --output_dir ./predictions/ultrarefiner \\

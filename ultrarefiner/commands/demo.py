@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -13,12 +14,21 @@ from pathlib import Path
 from ultrarefiner.commands.args import check_range
 
 
-def _python_on_path(folder: Path) -> dict[str, str]:
-    """Environment whose ``python`` is this interpreter (the walkthrough says ``python -m ...``)."""
+def python_on_path(folder: Path) -> dict[str, str]:
+    """Environment whose ``python`` is exactly this interpreter (the walkthrough says ``python -m ...``).
+
+    ``folder/python`` is a wrapper script that execs ``sys.executable`` as it was started, not a symlink: Python finds
+    its virtual environment from the path it is started by (``pyvenv.cfg`` next to it or one folder up), so a link
+    elsewhere to a venv's python (itself a link to the base interpreter) starts the base interpreter outside the venv,
+    where ultrarefiner is not installed.
+    """
+    if not sys.executable:
+        raise RuntimeError("sys.executable is empty: cannot tell which python runs the demo")
+    folder = Path(folder).absolute()  # PATH entries must not depend on the subprocesses' working directory
     folder.mkdir(parents=True, exist_ok=True)
-    link = folder / "python"
-    if not link.exists():
-        link.symlink_to(sys.executable)
+    wrapper = folder / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n', encoding="utf-8")
+    wrapper.chmod(0o755)
     env = dict(os.environ)
     env["PATH"] = f"{folder}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -35,10 +45,12 @@ def run_walkthrough(workdir: str | os.PathLike, raw_root: str | None = None, log
     if raw_root is not None:
         script = script.replace("--raw_root ./dataset/raw", f"--raw_root {Path(raw_root).resolve()}")
     workdir = Path(workdir)
-    env = _python_on_path(Path(tempfile.mkdtemp(prefix="ultrarefiner_bin_")))
     start = time.time()
-    # bash -e: the first failing step stops the demo with its own error on screen
-    res = subprocess.run(["bash", "-e", "-x", "-c", script], cwd=workdir, env=env)
+    # the wrapper lies in the demo folder, not /tmp: /tmp may be mounted noexec
+    with tempfile.TemporaryDirectory(prefix=".ultrarefiner_bin_", dir=workdir.absolute()) as bindir:
+        env = python_on_path(Path(bindir))
+        # bash -e: the first failing step stops the demo with its own error on screen
+        res = subprocess.run(["bash", "-e", "-x", "-c", script], cwd=workdir, env=env)
     if res.returncode:
         raise RuntimeError(f"the walkthrough stopped with exit status {res.returncode} (see the output above)")
     return time.time() - start
