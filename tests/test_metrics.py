@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from ignite.engine import Engine
-from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU
+from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric
 
 from ultrarefiner.engines import SegmentationMetricHandler, segmentation_metrics, validation_metrics
 
@@ -27,18 +27,23 @@ def test_hd95_two_squares_offset_by_known_distance():
     assert m["accuracy"] == pytest.approx(1 - 100 / 48**2)
     assert segmentation_metrics(square(10, 10), square(17, 10))["hd95"] == pytest.approx(7.0)
     assert segmentation_metrics(a, a)["hd95"] == 0.0
+    # NSD at 2 px: boundaries 1 px apart are all within tolerance, 5 px apart only where the edges overlap
+    assert segmentation_metrics(square(10, 10), square(11, 10))["nsd"] == pytest.approx(1.0)
+    assert 0.0 < m["nsd"] < 0.8
 
 
 def test_empty_cases_are_defined():
     empty, lesion = torch.zeros(1, 30, 40), square(5, 5, shape=(30, 40))
     both = segmentation_metrics(empty, empty)
-    assert both == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "accuracy": 1.0, "hd95": 0.0}
+    assert both == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "accuracy": 1.0, "hd95": 0.0,
+                    "nsd": 1.0}
     missed = segmentation_metrics(empty, lesion)  # empty prediction on a lesion
     assert missed["hd95"] == pytest.approx(math.hypot(30, 40)) == pytest.approx(50.0)
     assert missed["dice"] == missed["iou"] == missed["precision"] == missed["recall"] == 0.0
     false_alarm = segmentation_metrics(lesion, empty)
     assert false_alarm["hd95"] == pytest.approx(50.0)
     assert false_alarm["precision"] == false_alarm["recall"] == 0.0
+    assert missed["nsd"] == false_alarm["nsd"] == 0.0
     assert all(math.isfinite(v) for m in (both, missed, false_alarm) for v in m.values())
 
 
@@ -57,6 +62,8 @@ def test_batch_and_one_hot_inputs_agree_with_monai():
         assert torch.allclose(ours[name], cm.aggregate()[0][:, 0]), name
     hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred, label)[:, 0]
     assert torch.allclose(ours["hd95"], hd.float())
+    nsd = SurfaceDiceMetric(class_thresholds=[2.0], include_background=True, reduction="none")(pred, label)[:, 0]
+    assert torch.allclose(ours["nsd"], nsd.float())
     one_hot = segmentation_metrics(torch.cat([1 - pred, pred], 1), torch.cat([1 - label, label], 1))
     assert all(torch.allclose(one_hot[k], ours[k]) for k in ours)
     with pytest.raises(ValueError, match="binary mask"):

@@ -175,6 +175,24 @@ def test_param_groups_have_two_learning_rates():
     assert [g["lr"] for g in opt.param_groups] == [3e-4, 2e-6]
 
 
+def test_iou_head_frozen_unless_trained():
+    """With no IoU term and no selection gradient the IoU head only got zero gradients, on which AdamW's weight decay
+    drifted it; it is frozen now (and trained when asked)."""
+    model = _build()
+    small, native, label = _images()
+    opt = build_e2e_optimizer(model, weight_decay=0.5)
+    head = model.refiner.sam.mask_decoder.iou_prediction_head
+    assert not any(p.requires_grad for p in head.parameters())
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    out = model(small, native)
+    UltraRefinerLoss()(out, label)["loss"].backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    model = _build()
+    build_e2e_optimizer(model, train_iou_head=True)
+    assert all(p.requires_grad for p in model.refiner.sam.mask_decoder.iou_prediction_head.parameters())
+
+
 def test_clip_gradients_per_group():
     model = _build()
     opt = build_e2e_optimizer(model)

@@ -7,7 +7,8 @@
 - ``E2EReport``: an evaluator handler writing, when the run completes::
 
       metrics.csv      one row per image: image, dataset, height, width, <key>_<metric> for every prediction key
-                       (dice, iou, precision, recall, accuracy, hd95 in pixels at native resolution), pred_iou
+                       (dice, iou, precision, recall, accuracy, hd95 in pixels, nsd at 2 px; native resolution),
+                       pred_iou
       summary.json     overall and per-dataset mean/sd/median of every column, and the paired comparisons
       comparison.csv   per dataset (and "all"), metric and pair: means, mean difference b - a with its 95% CI,
                        images improved / worsened / unchanged

@@ -40,6 +40,7 @@ def build_e2e_optimizer(
     sam_lr: float = 1e-5,
     weight_decay: float = 1e-4,
     optimizer: str = "adamw",
+    train_iou_head: bool | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Optimizer with the param groups "transunet" and "sam" (in that order).
@@ -50,6 +51,12 @@ def build_e2e_optimizer(
       sam_lr: learning rate of the SAM refiner (trainable prompt encoder, mask decoder, LoRA adapters).
       weight_decay: decoupled (AdamW) or L2 (Adam/SGD) weight decay of both groups.
       optimizer: ``adamw`` (default), ``adam`` or ``sgd``.
+      train_iou_head: train SAM's IoU head (``mask_decoder.iou_prediction_head``). None: only when the segmentation
+        loss reaches it (the refiner's ``selection_grad``); pass True when the loss has an IoU term
+        (``refined_iou_weight > 0``). Otherwise the head is frozen and left out: a zero-weighted IoU term still
+        gives it zero gradients, on which weight decay alone would drift the predictions that evaluation's candidate
+        choice and the quality gate read. Frozen parameters stay in their group (a fixed layout for resume); with
+        ``requires_grad`` off they never get a gradient, and the optimizer skips them.
       kwargs: further optimizer arguments (betas, momentum, ...).
 
     Returns:
@@ -57,6 +64,10 @@ def build_e2e_optimizer(
     """
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    if train_iou_head is None:
+        train_iou_head = bool(getattr(model.refiner, "selection_grad", False))
+    if not train_iou_head:
+        model.refiner.sam.mask_decoder.iou_prediction_head.requires_grad_(False)
     transunet_params = list(model.transunet.parameters())
     sam_params = list(model.refiner.parameters())
     if {id(p) for p in transunet_params} & {id(p) for p in sam_params}:

@@ -1,12 +1,16 @@
-"""The segmentation metric set of all three bundles: Dice, IoU (Jaccard), Precision, Recall, Accuracy, HD95.
+"""The segmentation metric set of all three bundles: Dice, IoU (Jaccard), Precision, Recall, Accuracy, HD95, NSD.
 
 Binary foreground metrics per image, from MONAI's confusion matrix (``get_confusion_matrix``) and Hausdorff
 distance (``compute_hausdorff_distance(percentile=95)``); on images where prediction and label are both
 non-empty they equal MONAI's ``DiceMetric``, ``MeanIoU``, ``ConfusionMatrixMetric`` (precision, sensitivity,
-accuracy) and ``HausdorffDistanceMetric(percentile=95)``. Empty masks are defined, never NaN:
+accuracy), ``HausdorffDistanceMetric(percentile=95)`` and ``SurfaceDiceMetric`` (normalised surface Dice, NSD,
+with a tolerance of ``NSD_TOLERANCE`` = 2 pixels of the frame the metric is computed in, as MedSAM's 2D
+evaluation; the fraction of both boundaries within the tolerance of the other). Empty masks are defined, never
+NaN:
 
 - Dice, IoU, Precision, Recall: a 0/0 ratio is 1 when prediction and label are both empty, else 0 (an empty
   prediction on a lesion has precision 0; a prediction on an empty label has recall 0).
+- NSD: 1 when both are empty, 0 when exactly one is.
 - HD95 (pixels): 0 when both are empty; the image diagonal sqrt(H**2 + W**2) when exactly one is empty (worse
   than any distance between two masks in the image).
 - Accuracy: always defined.
@@ -25,10 +29,16 @@ from typing import Any
 
 import torch
 from monai.handlers import IgniteMetricHandler, from_engine
-from monai.metrics import CumulativeIterationMetric, compute_hausdorff_distance, get_confusion_matrix
+from monai.metrics import (
+    CumulativeIterationMetric,
+    compute_hausdorff_distance,
+    compute_surface_dice,
+    get_confusion_matrix,
+)
 from monai.networks.utils import one_hot
 
-METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy", "hd95")
+METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy", "hd95", "nsd")
+NSD_TOLERANCE = 2.0  # pixels
 # Ignite names of the validation metrics; "val_mean_dice" is the key metric of the bundles.
 HANDLER_NAMES = {
     "dice": "mean_dice",
@@ -37,6 +47,7 @@ HANDLER_NAMES = {
     "recall": "recall",
     "accuracy": "accuracy",
     "hd95": "hd95",
+    "nsd": "nsd",
 }
 
 
@@ -75,6 +86,21 @@ def _hd95(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _nsd(pred: torch.Tensor, label: torch.Tensor, tolerance: float = NSD_TOLERANCE) -> torch.Tensor:
+    """Per image normalised surface Dice for bool (B, 1, H, W) masks, empty cases as documented in the module."""
+    out = torch.empty(pred.shape[0])
+    for i in range(pred.shape[0]):
+        p_any, l_any = bool(pred[i].any()), bool(label[i].any())
+        if p_any != l_any or not p_any:
+            out[i] = float(p_any == l_any)
+        else:
+            with warnings.catch_warnings():  # MONAI's own deprecated internal argument (get_mask_edges)
+                warnings.simplefilter("ignore", FutureWarning)
+                out[i] = compute_surface_dice(pred[i : i + 1].float(), label[i : i + 1].float(),
+                                              class_thresholds=[tolerance], include_background=True).reshape(())
+    return out
+
+
 def batch_metrics(
     pred: torch.Tensor, label: torch.Tensor, names: Sequence[str] = METRIC_NAMES
 ) -> dict[str, torch.Tensor]:
@@ -95,6 +121,7 @@ def batch_metrics(
         "recall": lambda: _ratio(tp, tp + fn, both_empty),
         "accuracy": lambda: ((tp + tn) / (tp + fp + tn + fn)).float(),
         "hd95": lambda: _hd95(p, y),
+        "nsd": lambda: _nsd(p, y),
     }
     return {n: values[n]() for n in names}
 
@@ -107,7 +134,7 @@ def segmentation_metrics(
     Arguments:
       pred, label: one image (1, H, W) -> dict of floats; or a batch (B, 1, H, W) -> dict of (B,) tensors.
         Values > 0.5 are foreground; (.., 2, H, W) one-hot inputs use channel 1.
-      names: which metrics to compute (HD95 is the slow one).
+      names: which metrics to compute (HD95 and NSD are the slow ones).
     """
     pred, label = torch.as_tensor(pred), torch.as_tensor(label)
     single = pred.ndim == 3

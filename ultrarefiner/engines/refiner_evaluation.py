@@ -2,13 +2,14 @@
 
 :class:`RefinerReport` is an Ignite handler for a refiner evaluator (``RefinerEvalStep``, native frame, batch
 size 1). For every sample it measures the coarse mask (input) and the refined mask against the ground truth at the
-image's native resolution (Dice, IoU, precision, recall, accuracy, HD95 in pixels; ``engines.metrics``) and writes,
-when the run completes::
+image's native resolution (Dice, IoU, precision, recall, accuracy, HD95 in pixels, NSD at 2 px;
+``engines.metrics``) and writes, when the run completes::
 
     <output_dir>/metrics.csv     one row per sample: image, sample, dataset, kind, bucket, height, width,
                                  input_<metric>, refined_<metric>, delta_dice
     <output_dir>/buckets.csv     one row per quality bucket (perfect / mild / heavy, then "all"): n, input vs refined
-    <output_dir>/buckets.json    Dice and IoU (mean, sd), HD95 mean, mean Dice change, fractions improved/degraded
+    <output_dir>/buckets.json    Dice and IoU (mean, sd), HD95 and NSD means, mean Dice change, fractions
+                                 improved/degraded
     <output_dir>/summary.json    n_images, mean / sd / median of every metric column, and the bucket table
     <output_dir>/overlays/       the worst and best cases by refined Dice: coarse (left) and refined (right)
                                  contours in red over the native image, ground truth in green
@@ -102,6 +103,8 @@ def bucket_table(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.01) -> 
             "refined_iou": mean("refined_iou"),
             "input_hd95": mean("input_hd95"),
             "refined_hd95": mean("refined_hd95"),
+            "input_nsd": mean("input_nsd"),
+            "refined_nsd": mean("refined_nsd"),
             "improved": float((delta > tolerance).mean()) if len(delta) else float("nan"),
             "degraded": float((delta < -tolerance).mean()) if len(delta) else float("nan"),
         }
@@ -146,7 +149,7 @@ class RefinerReport:
       pred_key: refined probability (1,H,W) at native size in the engine output.
       coarse_key: coarse mask (1,H,W) given to the refiner, at the label's size.
       label_key: native ground truth (1,H,W).
-      metrics: metric names (``engines.metrics.METRIC_NAMES``; HD95 is the slow one).
+      metrics: metric names (``engines.metrics.METRIC_NAMES``; HD95 and NSD are the slow ones).
       n_overlays: worst and best cases drawn (0: none).
       tolerance: Dice change counted as improved/degraded.
       prefix: prefix of the means written to ``engine.state.metrics`` (e.g. ``test_refined_dice``).
