@@ -74,6 +74,17 @@ def assert_ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, f"exit {res.returncode}\nSTDOUT:\n{res.stdout[-6000:]}\nSTDERR:\n{res.stderr[-6000:]}"
 
 
+def assert_best_is_reported(best: dict, last: dict, output: str) -> None:
+    """``best.pt`` holds the best validation Dice of the run and its epoch, as the console report printed them (the
+    first column of each epoch's ``[VALIDATION]`` table, 4 decimals); ``last.pt`` records the same best."""
+    lines = output.splitlines()
+    dice = [float(lines[i + 1].split()[0]) for i, line in enumerate(lines[:-1]) if line.startswith("[VALIDATION] Dice")]
+    assert len(dice) == last["epoch"], f"one validation table per epoch expected:\n{output[-3000:]}"
+    assert best["metric_name"] == "val_mean_dice" and abs(best["metric"] - max(dice)) <= 5e-5, (best["metric"], dice)
+    assert dice[best["epoch"] - 1] == max(dice), (best["epoch"], dice)
+    assert (last["best_metric"], last["best_epoch"]) == (best["metric"], best["epoch"])
+
+
 def kill_when_written(cmd: list[str], path: Path, timeout: float = 300, settle: float = 2) -> None:
     """Start ``cmd`` (cwd: the repository), wait until it writes ``path`` (or exits), let it run ``settle`` more
     seconds, then SIGKILL its whole process group: an interrupted training run."""

@@ -197,13 +197,18 @@ def test_command_validates_arguments(processed, tmp_path, capsys):
 def test_cli_end_to_end(processed, tmp_path, capsys):
     out = tmp_path / "aug"
     argv = ["augment", f"--data_root={processed}", f"--output_dir={out}", "--datasets=TOY", "--target_samples=8"]
-    main(argv + ["--shard_size=4", "--resolution=64", "--num_workers=1", "--fold=1", "--preview=4", "--soft"])
+    main(argv + ["--shard_size=4", "--resolution=64", "--num_workers=1", "--fold=1", "--preview=4"])
     text = capsys.readouterr().out
     assert "8 samples from 8 images" in text and "shards made 2" in text
     folder = out / "TOY" / "fold_1"
     assert (folder / "preview.png").is_file() and (folder / "summary.json").is_file()
     coarse = np.concatenate([AugmentedShards(folder)[i]["coarse"].ravel() for i in range(8)])
-    assert ((coarse > 0.02) & (coarse < 0.98)).any()  # soft maps stored
+    assert ((coarse > 0.02) & (coarse < 0.98)).any()  # soft maps by default, as the online simulation feeds
+    hard = tmp_path / "hard"
+    main(["augment", f"--data_root={processed}", f"--output_dir={hard}", "--datasets=TOY", "--target_samples=4",
+          "--shard_size=4", "--resolution=64", "--num_workers=1", "--fold=1", "--soft=False"])
+    coarse = np.concatenate([AugmentedShards(hard / "TOY" / "fold_1")[i]["coarse"].ravel() for i in range(4)])
+    assert set(np.unique(coarse).tolist()) <= {0.0, 1.0}
     with pytest.raises(SystemExit):
         main(["augment", f"--data_root={processed}", "--datasets=TOY", "--mix=1,1,1"])
     assert "ultrarefiner: error: --mix" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from bundle_utils import (
+    assert_best_is_reported,
     assert_ok,
     bundle_argv,
     bundle_cmd,
@@ -27,6 +28,7 @@ from bundle_utils import (
     verify_metadata,
 )
 from ultrarefiner.data.imaging import read_image
+from ultrarefiner.engines.checkpoint import config_fingerprint
 from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
@@ -114,10 +116,11 @@ def test_data_sources(data, tmp_path):
 
 def test_train_writes_checkpoints_and_report(trained):
     data, res = trained
-    fold = data / "ckpt" / "sam_finetuned" / "fold_0"
+    fold = data / "ckpt" / "sam_refiner" / "BUSI" / "fold_0"
     best = torch.load(fold / "best.pt", weights_only=True)
     last = torch.load(fold / "last.pt", weights_only=False)
-    assert best["lora"] is False and best["metric_name"] == "val_mean_dice" and 0.0 <= best["metric"] <= 1.0
+    assert best["lora"] is False
+    assert_best_is_reported(best, last, res.stdout + res.stderr)
     kwargs = best["network_kwargs"]  # the bundle's prompt settings; None: inferred from the encoder
     assert kwargs["preprocessing"] is None and kwargs["multimask_output"] is None
     assert kwargs["use_point_prompt"] is False and kwargs["box_source"] == "largest"
@@ -136,6 +139,10 @@ def test_train_writes_checkpoints_and_report(trained):
     assert set(model) >= {"model", "partial", "encoder", "network_kwargs"} and "optimizer" not in model
     assert model["partial"] is True and model["encoder"] == best["encoder"]
     assert model["network_kwargs"] == best["network_kwargs"]
+    # the run they belong to, in best.pt, last.pt and the exported model
+    assert best["identity"] == last["identity"] == model["identity"] == {
+        "phase": "sam_refiner", "dataset": "BUSI", "fold": 0, "fingerprint": config_fingerprint(kwargs)}
+    assert best["settings"]["epochs"] == 2 and best["settings"]["data_source"] == "simulated"
     assert model["model"].keys() == best["model"].keys()
     assert all(torch.equal(v, best["model"][k]) for k, v in model["model"].items())
     from_model, from_best = tiny_refiner().eval(), tiny_refiner().eval()
@@ -162,7 +169,7 @@ def test_train_writes_checkpoints_and_report(trained):
 
 def test_resume_after_kill(data):
     ov = overrides(data, epochs=400, ckpt_root=str(data / "ckpt_kill"), model_path=str(data / "kill.pt"))
-    last = data / "ckpt_kill" / "sam_finetuned" / "fold_0" / "last.pt"
+    last = data / "ckpt_kill" / "sam_refiner" / "BUSI" / "fold_0" / "last.pt"
     kill_when_written(bundle_argv("run", BUNDLE, TRAIN, ov), last, settle=2)
     epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
@@ -176,7 +183,7 @@ def test_evaluate_per_bucket_table(trained):
     data, _ = trained
     res = bundle_cmd("run", BUNDLE, ["train.json", "evaluate.json"], overrides(data, eval_samples_per_image=2))
     assert_ok(res)
-    ev = data / "ckpt" / "sam_finetuned" / "fold_0" / "eval_test"
+    ev = data / "ckpt" / "sam_refiner" / "BUSI" / "fold_0" / "eval_test"
     testing = json.loads((data / "processed" / "BUSI" / "datalist.json").read_text())["testing"]
     n = 2 * sum(it["class"] != "normal" for it in testing)
     summary = json.loads((ev / "summary.json").read_text())
@@ -221,7 +228,7 @@ def test_multi_gpu_config_with_gloo(data):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
     res = bundle_cmd("run", BUNDLE, ["train.json", "multi_gpu_train.json"], ov, timeout=600, python=torchrun)
     assert_ok(res)
-    fold = data / "ckpt_ddp" / "sam_finetuned" / "fold_0"
+    fold = data / "ckpt_ddp" / "sam_refiner" / "BUSI" / "fold_0"
     assert (fold / "last.pt").is_file() and (fold / "best.pt").is_file() and (data / "ddp.pt").is_file()
 
 
@@ -237,7 +244,7 @@ def test_lora_checkpoint_with_real_coarse_masks(data, tmp_path):
     res = bundle_cmd("run", BUNDLE, TRAIN, ov)
     assert_ok(res)
     assert "SAM initialised from" in res.stdout + res.stderr
-    best_path = tmp_path / "ckpt" / "sam_finetuned" / "fold_0" / "best.pt"
+    best_path = tmp_path / "ckpt" / "sam_refiner" / "BUSI" / "fold_0" / "best.pt"
     best = torch.load(best_path, weights_only=True)
     keys = list(best["model"])
     assert best["lora"] is True and any(k.endswith(".lora_A") for k in keys)

@@ -14,6 +14,7 @@ import torch
 
 from bundle_utils import (
     REPO,
+    assert_best_is_reported,
     assert_ok,
     bundle_argv,
     bundle_cmd,
@@ -48,8 +49,9 @@ def test_train_writes_checkpoints_and_report(trained):
     fold = data / "ckpt" / "transunet" / "BUSI" / "fold_0"
     best = torch.load(fold / "best.pt", weights_only=True)
     last = torch.load(fold / "last.pt", weights_only=False)
-    assert best["network_kwargs"]["img_size"] == 32 and 0.0 <= best["metric"] <= 1.0
+    assert best["network_kwargs"]["img_size"] == 32
     assert last["epoch"] == 2 and "optimizer" in last and "lr_scheduler" in last
+    assert_best_is_reported(best, last, res.stdout + res.stderr)
     assert (data / "models" / "model.pt").is_file()
     assert any((fold / "tensorboard").iterdir())
     out = res.stdout + res.stderr

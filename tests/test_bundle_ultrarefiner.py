@@ -9,15 +9,18 @@ phase-1/phase-2 checkpoints are written by the test in the formats the other bun
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bundle_utils import (
     REPO,
     SCHEMA,
+    assert_best_is_reported,
     assert_ok,
     bundle_argv,
     bundle_cmd,
@@ -36,19 +39,21 @@ NET = {"img_size": 32, "transunet_kwargs": TU, "sam_kwargs": SAM}
 TINY = {**NET, "sam_checkpoint": "", "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
 
 
-def write_phase1(ckpt_root: Path, dataset: str = "BUSI", fold: int = 0) -> Path:
-    """TransUNet best.pt as the transunet bundle writes it ({"model", "network_kwargs", ...})."""
+def write_phase1(ckpt_root: Path, dataset: str = "BUSI", fold: int = 0, identity: dict | None = None) -> Path:
+    """TransUNet best.pt as the transunet bundle writes it ({"model", "network_kwargs", ...}); ``identity``: the
+    run it records (none: a file of an older version)."""
     from ultrarefiner.networks import TransUNet
 
     torch.manual_seed(1)
     path = ckpt_root / "transunet" / dataset / f"fold_{fold}" / "best.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": TransUNet(**TU).state_dict(), "epoch": 3, "metric": 0.5, "metric_name": "val_mean_dice",
-                "network_kwargs": TU}, path)
+                "network_kwargs": TU, **({"identity": identity} if identity else {})}, path)
     return path
 
 
-def write_phase2(ckpt_root: Path, fold: int = 0, full: bool = False) -> Path:
+def write_phase2(ckpt_root: Path, fold: int = 0, full: bool = False, dataset: str = "BUSI",
+                 identity: dict | None = None) -> Path:
     """Refiner best.pt as the sam_refiner bundle writes it: with the frozen encoder (default) only the prompt encoder
     and mask decoder (``{"model", "lora": False, "partial": True, "encoder"}``) over the base weights (the config's
     tiny SAM, seed 0); ``full``: every weight, as with a trained encoder (another encoder here, seed 2)."""
@@ -59,10 +64,10 @@ def write_phase2(ckpt_root: Path, fold: int = 0, full: bool = False) -> Path:
     with torch.no_grad():  # a "trained" decoder: different from the base weights
         for p in refiner.sam.mask_decoder.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    path = ckpt_root / "sam_finetuned" / f"fold_{fold}" / "best.pt"
+    path = ckpt_root / "sam_refiner" / dataset / f"fold_{fold}" / "best.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": refiner_state_dict(refiner), "lora": False, **encoder_record(refiner), "epoch": 3,
-                "metric": 0.6}, path)
+                "metric": 0.6, **({"identity": identity} if identity else {})}, path)
     return path
 
 
@@ -87,17 +92,21 @@ def trained(data):
 
 def test_train_initialises_from_phase_checkpoints(trained):
     data, res = trained
-    fold = data / "ckpt" / "ultra_refiner" / "fold_0"
+    fold = data / "ckpt" / "ultrarefiner" / "BUSI" / "fold_0"
     best = torch.load(fold / "best.pt", weights_only=True)
     last = torch.load(fold / "last.pt", weights_only=False)
     assert best["network_kwargs"]["transunet"] == TU and best["network_kwargs"]["sam"] == SAM
-    assert best["metric_name"] == "val_mean_dice" and 0.0 <= best["metric"] <= 1.0
+    assert_best_is_reported(best, last, res.stdout + res.stderr)
+    for obj in (best, last):  # the run they belong to
+        assert {k: obj["identity"][k] for k in ("phase", "dataset", "fold")} == {
+            "phase": "ultrarefiner", "dataset": "BUSI", "fold": 0}
+        assert obj["identity"]["fingerprint"] and obj["settings"]["epochs"] == 1
     assert last["epoch"] == 1 and [g["name"] for g in last["optimizer"]["param_groups"]] == ["transunet", "sam"]
     assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [1e-4, 1e-5]
     assert (data / "models" / "model.pt").is_file()
     # started from the phase-1/phase-2 weights: TransUNet moved a little, the frozen SAM encoder not at all
     phase1 = torch.load(data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt", weights_only=True)["model"]
-    phase2 = torch.load(data / "ckpt" / "sam_finetuned" / "fold_0" / "best.pt", weights_only=True)["model"]
+    phase2 = torch.load(data / "ckpt" / "sam_refiner" / "BUSI" / "fold_0" / "best.pt", weights_only=True)["model"]
     model = last["model"]
     drift = max(float((model[f"transunet.{k}"].float() - v.float()).abs().max()) for k, v in phase1.items()
                 if "running_" not in k and "num_batches" not in k)  # BatchNorm statistics move by themselves
@@ -130,7 +139,7 @@ def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
     assert isinstance(e.value.__cause__, MissingCheckpointError)
     msg = str(e.value.__cause__)
     assert str(tmp_path / "none" / "transunet" / "BUSI" / "fold_0" / "best.pt") in msg
-    assert str(tmp_path / "none" / "sam_finetuned" / "fold_0" / "best.pt") in msg
+    assert str(tmp_path / "none" / "sam_refiner" / "BUSI" / "fold_0" / "best.pt") in msg
     assert "--from_scratch True" in msg and "--transunet_ckpt" in msg and "--refiner_ckpt" in msg
     # overridable ids, and a TransUNet checkpoint of another architecture is refused with the option to fix
     refiner = write_phase2(tmp_path)
@@ -168,6 +177,37 @@ def test_full_and_partial_refiner_checkpoints(tmp_path):
     assert sd.keys() == phase2.keys() and all(torch.equal(sd[k], v) for k, v in phase2.items())
 
 
+def test_phase_checkpoints_of_another_run_are_refused(tmp_path, caplog):
+    """Phase 3 of BUSI fold 0 takes phase-1/phase-2 files of BUSI fold 0, or files without a recorded run; another
+    fold's model (trained on this fold's validation images) or phase is refused, naming the file and both; another
+    dataset's file is a transfer, used with a warning."""
+    from ultrarefiner.engines.checkpoint import run_identity
+    from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.errors import CheckpointMismatchError
+
+    nk = {"transunet": TU, "sam": SAM, "refiner": {}}
+    run = {"transunet_kwargs": TU, "dataset": "BUSI", "fold": 0}
+    tu = write_phase1(tmp_path / "ok", identity=run_identity("transunet", "BUSI", 0, TU))
+    refiner = write_phase2(tmp_path / "ok", identity=run_identity("sam_refiner", "BUSI", 0, {"model_type": "tiny"}))
+    init_network(build_ultrarefiner(nk), tu, refiner, **run)
+    init_network(build_ultrarefiner(nk), write_phase1(tmp_path / "old"), write_phase2(tmp_path / "old"), **run)
+
+    other_fold = write_phase1(tmp_path / "fold1", fold=1, identity=run_identity("transunet", "BUSI", 1, TU))
+    with pytest.raises(CheckpointMismatchError) as e:
+        init_network(build_ultrarefiner(nk), other_fold, refiner, **run)
+    msg = str(e.value)
+    assert str(other_fold) in msg and "fold differs" in msg and "--transunet_ckpt" in msg
+    assert "the file holds phase 'transunet', dataset 'BUSI', fold 1" in msg
+    assert "this run is phase 'transunet', dataset 'BUSI', fold 0" in msg
+    other_dataset = write_phase2(tmp_path / "busbra", dataset="BUSBRA",
+                                 identity=run_identity("sam_refiner", "BUSBRA", 0, {"model_type": "tiny"}))
+    with caplog.at_level(logging.WARNING):
+        init_network(build_ultrarefiner(nk), tu, other_dataset, **run)
+    assert "trained on dataset 'BUSBRA'" in caplog.text and "transfer" in caplog.text
+    with pytest.raises(CheckpointMismatchError, match="phase differs"):  # the options swapped round
+        init_network(build_ultrarefiner(nk), refiner, tu, **run)
+
+
 def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path):
     from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
     from ultrarefiner.errors import BadInputError
@@ -199,7 +239,7 @@ def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path
 
 def test_resume_after_kill_from_scratch(data):
     ov = overrides(data, epochs=400, val_interval=1000, ckpt_root=str(data / "ckpt_kill"), from_scratch=True)
-    last = data / "ckpt_kill" / "ultra_refiner" / "fold_0" / "last.pt"
+    last = data / "ckpt_kill" / "ultrarefiner" / "BUSI" / "fold_0" / "last.pt"
     kill_when_written(bundle_argv("run", "ultrarefiner", TRAIN, ov), last, settle=1)
     epoch_at_kill = torch.load(last, weights_only=False)["epoch"]  # the kill never leaves a half-written file
     assert 1 <= epoch_at_kill < 400
@@ -215,7 +255,7 @@ def test_evaluate_coarse_vs_refined_with_iterations_and_gate(trained):
     res = bundle_cmd("run", "ultrarefiner", ["train.json", "evaluate.json"],
                      overrides(data, iterations=1, quality_gate=True))
     assert_ok(res)
-    ev = data / "ckpt" / "ultra_refiner" / "fold_0" / "eval_test_iter1_gate"
+    ev = data / "ckpt" / "ultrarefiner" / "BUSI" / "fold_0" / "eval_test_iter1_gate"
     summary = json.loads((ev / "summary.json").read_text())
     n_test = len(json.loads((data / "processed" / "BUSI" / "datalist.json").read_text())["testing"])
     assert summary["n_images"] == n_test
@@ -252,8 +292,17 @@ def test_inference_config(trained, tmp_path):
     assert_ok(res)
     report = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert report["n_images"] == 2 and report["skipped"] == []
+    from ultrarefiner.data.imaging import read_image
+    from ultrarefiner.engines.ultra_predict import UltraPredictor, load_ultrarefiner
+
+    # the same model.pt predicted here in-process: the report holds SAM's IoU estimate of the refined mask written
+    model = load_ultrarefiner(data / "models" / "model.pt", bundle=BUNDLE, overrides=NET)
+    predictor = UltraPredictor(model, "cpu", amp=False)
     for e in report["images"]:
-        assert -1.5 < e["pred_iou"] < 1.5
+        ref = predictor.predict_array(read_image(e["image"]))
+        assert e["pred_iou"] == pytest.approx(ref["pred_iou"], abs=1e-5)
+        refined = np.asarray(Image.open(tmp_path / "out" / e["refined"])) > 0
+        assert np.array_equal(refined, ref["refined"] > 0.5) and e["refined_area"] == int(refined.sum())
         for kind in ("coarse", "refined", "overlay"):
             assert Image.open(tmp_path / "out" / e[kind]).size == (128, 96)
 
@@ -288,7 +337,7 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     from ultrarefiner.engines.ultra_predict import load_ultrarefiner
     from ultrarefiner.networks.ultra_refiner import UltraRefinerExport
 
-    model = load_ultrarefiner(data / "ckpt" / "ultra_refiner" / "fold_0" / "best.pt")
+    model = load_ultrarefiner(data / "ckpt" / "ultrarefiner" / "BUSI" / "fold_0" / "best.pt")
     model.refiner.geometry.image_resize = "torch"
     eager = UltraRefinerExport.from_model(model).eval()
     x = torch.rand(1, 1, 48, 64, generator=torch.Generator().manual_seed(7))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ from ultrarefiner.networks.lora import (
 )
 from ultrarefiner.networks.sam_refiner import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_tiny_sam
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def _randomize_adapters(model, seed=0):
@@ -71,10 +75,24 @@ def test_zero_init_then_merge_preserves_outputs(sam):
 
 
 def test_dropout_only_on_adapter_path():
+    torch.manual_seed(0)
     base = nn.Linear(8, 6)
-    layer = LoRALinear.from_linear(base, rank=2, alpha=2.0, dropout=0.5).train()
-    x = torch.randn(4, 8)
-    assert torch.allclose(layer(x), base(x))  # B = 0: dropout does not touch the base path
+    layer = LoRALinear.from_linear(base, rank=2, alpha=2.0, dropout=0.5)
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        assert torch.allclose(layer.train()(x), base(x))  # B = 0 at init: the adapted layer is the base layer
+        layer.lora_B.normal_(0, 0.5)  # a trained adapter
+        update = x @ layer.lora_A.t() @ layer.lora_B.t() * layer.scaling
+        evaluated = layer.eval()(x)
+        assert torch.allclose(evaluated, base(x) + update, atol=1e-6) and torch.equal(layer(x), evaluated)
+        layer.train()
+        torch.manual_seed(1)
+        trained = layer(x)
+        torch.manual_seed(1)  # the same draw: the mask nn.Dropout(0.5) applied to the adapter's input
+        mask = nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+        dropped = base(x) + (x * mask) @ layer.lora_A.t() @ layer.lora_B.t() * layer.scaling
+    assert not torch.allclose(trained, evaluated, atol=1e-3)  # train mode: dropout changes the output ...
+    assert torch.allclose(trained, dropped, atol=1e-6)  # ... on the adapter path only, the base output is whole
     with pytest.raises(ValueError):
         LoRALinear(8, 6, rank=0)
 
@@ -105,3 +123,30 @@ def test_bad_targets_rejected(sam):
         apply_lora(sam.image_encoder, target_modules=("qkv", "attention"))
     assert apply_lora(sam.image_encoder, target_modules="proj") == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
     assert apply_lora(sam.image_encoder, target_modules=("proj",)) == []  # idempotent
+
+
+@pytest.mark.parametrize("bundle", ["sam_refiner", "ultrarefiner"])
+def test_bundle_lora_options_decide_the_adapters(bundle):
+    """``lora_target_modules`` and ``lora_dropout`` of a training config reach the adapters built on the default
+    encoder (LiteMedSAM's TinyViT) and the ``refiner_kwargs`` its checkpoints store."""
+    from monai.bundle import ConfigParser
+
+    def build(**overrides) -> tuple[dict, dict[str, LoRALinear]]:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+        small = {"img_size": 64, "vit_depth": 1} if bundle == "ultrarefiner" else {}  # phase 3's TransUNet
+        parser.update({"use_lora": True, **small, **overrides})
+        refiner = parser.get_parsed_content("network_def").refiner
+        adapters = {n: m for n, m in refiner.sam.image_encoder.named_modules() if isinstance(m, LoRALinear)}
+        return parser.get_parsed_content("refiner_kwargs"), adapters
+
+    kwargs, adapters = build()
+    assert kwargs["lora_target_modules"] == ["qkv"] and kwargs["lora_dropout"] == 0.0
+    assert adapters and {".".join(n.split(".")[-2:]) for n in adapters} == {"attn.qkv"}
+    assert all(isinstance(m.lora_dropout, nn.Identity) for m in adapters.values())
+    n_blocks = len(adapters)
+    kwargs, adapters = build(lora_target_modules=["proj", "mlp"], lora_dropout=0.2)
+    assert kwargs["lora_target_modules"] == ["proj", "mlp"] and kwargs["lora_dropout"] == 0.2
+    assert {".".join(n.split(".")[-2:]) for n in adapters} == {"attn.proj", "mlp.fc1", "mlp.fc2"}
+    assert len(adapters) == 3 * n_blocks  # the same attention blocks, three linears each
+    assert all(isinstance(m.lora_dropout, nn.Dropout) and m.lora_dropout.p == 0.2 for m in adapters.values())

@@ -87,3 +87,35 @@ def test_corrupt_checkpoint_is_named(fold_models, tmp_path):
 
     with pytest.raises(BadInputError, match="best.pt"):
         predict_out_of_fold(tmp / "processed", "BUSI", tmp_path / "ckpt", tmp_path / "o", n_splits=2)
+
+
+def test_combined_datalist_keeps_each_datasets_masks(fold_models, tmp_path):
+    """Two datasets with the same file names in one combined datalist: each image's coarse mask is its own (a
+    per-dataset subfolder), not the other dataset's written over it."""
+    import shutil
+
+    from ultrarefiner.data.preprocess import write_combined
+
+    tmp, models = fold_models
+    processed = tmp_path / "processed"
+    shutil.copytree(tmp / "processed" / "BUSI", processed / "BUSI")
+    shutil.copytree(tmp / "processed" / "BUSI", processed / "BUSX")
+    dl = json.loads((processed / "BUSX" / "datalist.json").read_text())
+    for e in dl["training"] + dl["testing"]:
+        e["dataset"] = "BUSX"
+        path = processed / "BUSX" / e["image"]
+        Image.fromarray(np.asarray(Image.open(path))[:, ::-1].copy()).save(path)  # other pixels, same name
+    (processed / "BUSX" / "datalist.json").write_text(json.dumps(dl))
+    name = json.loads(write_combined(processed, ["BUSI", "BUSX"]).read_text())["name"]
+    for k in range(2):
+        shutil.copytree(tmp / "ckpt" / "BUSI" / f"fold_{k}", tmp_path / "ckpt" / name / f"fold_{k}")
+    main(["predict-transunet", "--data_root", str(processed), "--dataset", name, "--checkpoint_root",
+          str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "pred"), "--n_splits", "2", "--device", "cpu"])
+    out = tmp_path / "pred" / name
+    combined = json.loads((out / "datalist.json").read_text())
+    entries = combined["training"] + combined["testing"]
+    assert len({e["coarse"] for e in entries}) == len(entries) == 2 * (len(dl["training"]) + len(dl["testing"]))
+    for e in combined["training"]:
+        assert f"/coarse/{e['dataset']}/" in e["coarse"]
+        expected = predict_probabilities(models[e["fold"]], [{"image": str(out / e["image"])}], 32, amp=False)[0]
+        assert np.abs(_prob(out / e["coarse"]) - expected).max() <= 1 / 255 + 1e-6

@@ -231,10 +231,13 @@ def test_build_refiner_uses_the_checkpoint_architecture(tmp_path, monkeypatch):
     monkeypatch.setattr(networks, "SAMRefiner", lambda **kw: built.append(kw) or torch.nn.Identity())
     monkeypatch.setattr(rc, "load_refiner_checkpoint", lambda refiner, path: loaded.append(path))
     lora = tmp_path / "lora.pt"
-    torch.save({"model": {}, "lora": True, "network_kwargs": {"model_type": "lite_medsam", "use_lora": True,
-                                                              "lora_rank": 8, "freeze_mask_decoder": True}}, lora)
+    torch.save({"model": {}, "lora": True, "network_kwargs": {
+        "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8, "lora_target_modules": ["qkv", "proj"],
+        "lora_dropout": 0.1, "freeze_mask_decoder": True}}, lora)
     engine.build_refiner(lora)
-    assert built[-1] == {"checkpoint": "packaged", "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8}
+    # the adapted layers are architecture (the adapters' keys); dropout and freeze flags are training-only
+    assert built[-1] == {"checkpoint": "packaged", "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8,
+                         "lora_target_modules": ["qkv", "proj"]}
     full = tmp_path / "full.pt"
     torch.save({"model": {}, "network_kwargs": {"model_type": "vit_b", "preprocessing": "medsam"}}, full)
     engine.build_refiner(full)

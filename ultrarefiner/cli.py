@@ -6,6 +6,7 @@ Commands import torch and friends inside their bodies so that ``--help`` stays f
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command name -> "module:function"; each function's docstring is its --help text.
@@ -25,8 +26,16 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), func)
 
 
+def os_error_message(e: OSError) -> str:
+    """``<path>: <cause>`` (``/out/masks/a.png: No space left on device``) for a failed file operation."""
+    cause = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; user errors are printed as one line (no traceback) and exit with status 2."""
+    """Entry point; user errors and failed file operations (read-only folder, full disk) are printed as one line
+    (no traceback) and exit with status 2."""
     import fire
 
     from ultrarefiner.errors import UltraRefinerError
@@ -35,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = {name.replace("_", "-"): _load(spec) for name, spec in COMMANDS.items()}
     try:
         fire.Fire(commands, command=argv, name="ultrarefiner")
-    except (UltraRefinerError, ValueError, FileNotFoundError) as e:
+    except (UltraRefinerError, ValueError) as e:
         print(f"ultrarefiner: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"ultrarefiner: error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)

@@ -36,7 +36,7 @@ def augment(
     mix: str = "0.10,0.55,0.35",
     mild: str = "0.80,0.95",
     heavy: str = "0.40,0.80",
-    soft: bool = False,
+    soft: bool = True,
     preview: int = 0,
     overwrite: bool = False,
 ) -> None:
@@ -64,7 +64,9 @@ def augment(
         mix: fractions of perfect, mild and heavy samples (sum 1).
         mild: Dice range of the mild bucket, low,high.
         heavy: Dice range of the heavy bucket, low,high.
-        soft: store soft probability maps (sigmoid of the corrupted signed distance) instead of 0/1 masks.
+        soft: store soft probability maps (sigmoid of the corrupted signed distance), as the online simulation
+            (option A without shards) and phase 3's TransUNet probabilities give the refiner; False: 0/1 masks
+            (smaller shards).
         preview: write preview.png with this many samples (ground truth green, coarse red, modes and Dice).
         overwrite: regenerate everything, even finished shards or a folder made with other settings.
     """

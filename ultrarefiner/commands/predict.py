@@ -34,7 +34,7 @@ def predict(
         bundle: the ultrarefiner bundle; its configs/inference.json describes the network when the checkpoint
             does not (a plain models/model.pt).
         checkpoint: UltraRefiner weights: models/model.pt of the bundle (default) or a best.pt/last.pt of training
-            (<ckpt_root>/ultra_refiner/fold_<k>/best.pt).
+            (<ckpt_root>/ultrarefiner/<dataset>/fold_<k>/best.pt).
         iterations: iterative refinement: feed the refined mask back as the prompt N more times and keep, per
             image, the pass with the highest predicted IoU (0: off, the default).
         quality_gate: keep the coarse mask for an image when the refiner's predicted IoU of its mask is below

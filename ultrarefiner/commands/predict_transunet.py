@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ultrarefiner.commands.args import check_range
@@ -23,7 +24,10 @@ def predict_transunet(
     Every training image gets the soft prediction of the fold model that did not train on it; test images get
     each fold model's prediction and their mean. Writes soft masks (8-bit PNG, p*255, native size) under
     <output_dir>/<dataset>/fold_<k>/coarse/ and <output_dir>/<dataset>/ensemble/coarse/, and
-    <output_dir>/<dataset>/datalist.json (the source datalist plus a "coarse" key per item).
+    <output_dir>/<dataset>/datalist.json (the source datalist plus a "coarse" key per item); a combined datalist
+    (e.g. BUSBRA_BUSI) puts each dataset's masks in its own coarse/<name>/ subfolder. Unreadable images or
+    masks are skipped and listed in <output_dir>/<dataset>/skipped.json; the output folder is replaced only when
+    every fold succeeded.
 
     Args:
         data_root: output_root of `preprocess`.
@@ -37,7 +41,7 @@ def predict_transunet(
     """
     import torch
 
-    from ultrarefiner.engines.transunet_predict import predict_out_of_fold
+    from ultrarefiner.engines.transunet_predict import SKIPPED_JSON, predict_out_of_fold
 
     check_range(n_splits, "n_splits", 2, 20, integer=True)
     check_range(batch_size, "batch_size", 1, 1024, integer=True)
@@ -46,3 +50,8 @@ def predict_transunet(
         data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), as_flag(amp, "amp")
     )
     print(f"out-of-fold predictions: {Path(path).resolve()}")
+    skipped = json.loads(Path(path).read_text(encoding="utf-8")).get("skipped", [])
+    if skipped:
+        print(f"{len(skipped)} image(s) skipped (listed in {(Path(path).parent / SKIPPED_JSON).resolve()}):")
+        for s in skipped[:20]:
+            print(f"  {s['file']}: {s['reason']}")

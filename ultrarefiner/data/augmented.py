@@ -32,7 +32,7 @@ import numpy as np
 
 from ultrarefiner.data.datalist import combined_name, datalist_path, load_split
 from ultrarefiner.errors import BadInputError
-from ultrarefiner.utils.io import atomic_write, write_json, write_png
+from ultrarefiner.utils.io import atomic_write, remove_stale_temporaries, write_json, write_png
 
 FORMAT_VERSION = 1
 
@@ -224,8 +224,7 @@ def generate(
                 cfg_path, f"made with other settings ({', '.join(diff)}); use another --output_dir or --overwrite"
             )
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard_*.tmp"):  # temp files of a killed run: never read, safe to drop
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(out)  # temp files of a killed run (shards, json): never read, safe to drop
     write_json(cfg_path, config)
 
     n_shards = math.ceil(target_samples / shard_size)

@@ -14,13 +14,14 @@ Paths are relative to the datalist's folder, so ``monai.data.load_decathlon_data
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
-from ultrarefiner.errors import BadInputError
+from ultrarefiner.errors import BadInputError, BadOptionError
 
 SPLITS = ("train", "val", "test", "trainval")
 
@@ -45,14 +46,65 @@ def datalist_path(data_root: str | os.PathLike, dataset_name: str) -> Path:
     return path
 
 
+def folder_images(input_dir: str | os.PathLike, pattern: str = "*.png") -> list[Path]:
+    """The files of ``input_dir`` matching ``pattern``, sorted (hidden files left out).
+
+    Raises:
+        BadInputError: the folder does not exist, is not a folder, or holds no matching file (an inference that
+            silently writes nothing looks like success).
+    """
+    folder = Path(input_dir)
+    if not folder.exists():
+        raise BadInputError(folder, "input folder not found")
+    if not folder.is_dir():
+        raise BadInputError(folder, "input_dir must be a folder")
+    files = sorted(f for f in folder.glob(pattern) if f.is_file() and not f.name.startswith("."))
+    if not files:
+        raise BadInputError(folder, f"no {pattern} image in this folder")
+    return files
+
+
+def image_datalist(input_dir: str | os.PathLike, pattern: str = "*.png") -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` of :func:`folder_images`, for the bundles' ``inference.json``."""
+    return [{"image": str(f)} for f in folder_images(input_dir, pattern)]
+
+
+def check_fold(fold: object, n_splits: int, datalist: str | os.PathLike) -> int | None:
+    """``fold`` as an int in ``0..n_splits-1`` (``n_splits`` 0: unknown, only ``>= 0`` is checked), or None.
+
+    Raises:
+        BadOptionError: (a ValueError) naming the datalist and the valid folds.
+    """
+    if fold is None:
+        return None
+    valid = f"0..{n_splits - 1}" if n_splits else "0 or more"
+    if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or fold < 0 or (n_splits and fold >= n_splits):
+        raise BadOptionError(f"fold {fold!r} does not exist in {datalist}: it has "
+                         f"{f'{n_splits} folds' if n_splits else 'folds'} ({valid}); set --fold to one of them")
+    return int(fold)
+
+
+def check_datalist_fold(datalist: str | os.PathLike, fold: object) -> int | None:
+    """:func:`check_fold` against the ``n_splits`` of a ``datalist.json``: the first entry of a training config's
+    ``initialize``, so that a wrong ``--fold`` stops the run before it creates ``fold_<k>/`` or builds anything."""
+    path = Path(datalist)
+    with open(path, encoding="utf-8") as f:
+        n_splits = int(json.load(f).get("n_splits", 0))
+    return check_fold(fold, n_splits, path)
+
+
 def load_split(datalist: str | os.PathLike, fold: int | None = 0, split: str = "train") -> list[dict]:
     """Items of one split with absolute paths.
 
     Args:
         datalist: path of a ``datalist.json``.
-        fold: validation fold k; ``train`` is every training item not in fold k, ``val`` the items of fold k.
-            ``None`` (or a negative value) means no validation fold: ``train`` is all training items.
+        fold: validation fold k in 0..n_splits-1; ``train`` is every training item not in fold k, ``val`` the
+            items of fold k. ``None`` means no validation fold: ``train`` is all training items.
         split: ``train``, ``val``, ``trainval`` (all training items) or ``test``.
+
+    Raises:
+        ValueError: an unknown split, or a fold outside 0..n_splits-1 (a negative fold would silently validate on
+            training images), before anything is loaded.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -60,11 +112,10 @@ def load_split(datalist: str | os.PathLike, fold: int | None = 0, split: str = "
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
     n_splits = int(meta.get("n_splits", 0))
-    if fold is not None and fold >= 0 and n_splits and fold >= n_splits:
-        raise ValueError(f"fold {fold} does not exist in {path}: it has {n_splits} folds (0..{n_splits - 1})")
+    check_fold(fold, n_splits, path)
     key = "testing" if split == "test" else "training"
     items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=str(path.parent))
-    if split in ("test", "trainval") or fold is None or fold < 0:
+    if split in ("test", "trainval") or fold is None:
         return items
     if split == "val":
         return [d for d in items if d["fold"] == fold]

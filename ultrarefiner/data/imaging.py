@@ -47,6 +47,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_gray_uint8(_open(path))
 
 
+def _alpha(img: Image.Image) -> np.ndarray | None:
+    """The alpha channel (H, W) uint8 of an image with transparency (RGBA, LA, PA, P with a transparent colour)."""
+    if not img.has_transparency_data:
+        return None
+    return np.asarray(img.convert("RGBA").getchannel("A"))
+
+
 def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray:
     """Read a mask as (H, W) bool.
 
@@ -54,14 +61,30 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
         path: the mask file.
         colour_coded: masks whose class is a colour (BUS_UCLM: green benign, red malignant, black
             background): any non-black pixel is lesion. Otherwise lesion = luminance > 127, which is right
-            for 1-bit, 8-bit, RGB and RGBA (alpha ignored: taking the max over channels would make an
-            opaque alpha channel an all-lesion mask).
+            for 1-bit, 8-bit, 16-bit, RGB and RGBA with a constant alpha.
+
+    A varying alpha channel carries the mask too: where the colour is the same everywhere (e.g. white, with
+    the background transparent) the mask is the opaque region; otherwise it is what shows over black (bright
+    and opaque). A mask whose opaque region is dark and whose bright region is transparent is refused
+    (BadInputError): which of the two is the lesion cannot be told.
     """
     img = _open(path)
     if colour_coded:
-        arr = np.asarray(img.convert("RGB"))
-        return arr.max(axis=-1) > 0
-    return to_gray_uint8(img) > 127
+        drawn = np.asarray(img.convert("RGB")).max(axis=-1) > 0
+    else:
+        drawn = to_gray_uint8(img) > 127
+    alpha = _alpha(img)
+    if alpha is None or alpha.min() == alpha.max():  # a constant alpha carries nothing
+        return drawn
+    opaque = alpha > 127
+    gray = np.asarray(img.convert("RGB").convert("L"))
+    if gray.min() == gray.max():  # one colour everywhere: only the alpha channel draws the mask
+        return opaque
+    mask = drawn & opaque
+    if opaque.any() and not mask.any():
+        raise BadInputError(path, "RGBA mask with a dark opaque region and a bright transparent one: cannot tell "
+                                  "which is the lesion; save the mask as 8-bit grayscale 0/255")
+    return mask
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -40,7 +40,7 @@ from monai.transforms import (
 )
 
 from ultrarefiner.data.datalist import load_split
-from ultrarefiner.transforms.io import RecordSized
+from ultrarefiner.transforms.io import CheckSameSized, RecordSized
 
 GEOMETRIES = ("transunet", "sam", "sam_square")
 CACHES = ("none", "memory", "disk")
@@ -58,6 +58,7 @@ def load_transforms(keys: Sequence[str] = ("image", "label")) -> list:
         ScaleIntensityd(keys="image"),
     ]
     if label_keys:
+        out.insert(2, CheckSameSized(keys=label_keys, reference=keys[0]))  # before anything resizes them
         out += [ScaleIntensityd(keys=label_keys), AsDiscreted(keys=label_keys, threshold=0.5)]
     return out
 

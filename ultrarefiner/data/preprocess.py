@@ -23,7 +23,7 @@ from ultrarefiner.data.imaging import read_image, read_mask
 from ultrarefiner.data.layouts import BadFile, RawSample, list_dataset
 from ultrarefiner.data.splits import assign_folds, split_test
 from ultrarefiner.errors import BadInputError, UltraRefinerError
-from ultrarefiner.utils.io import write_json, write_png
+from ultrarefiner.utils.io import remove_stale_temporaries, write_json, write_png
 
 REPORT_NAME = "preprocess_report.json"
 
@@ -57,7 +57,9 @@ def _convert(sample: RawSample, out_dir: Path) -> _Converted:
                 return _Converted(
                     sample,
                     bad=BadFile(
-                        str(m), f"mask size {part.shape[::-1]} (W, H) differs from image size {image.shape[::-1]}"
+                        str(m),
+                        f"mask size {part.shape[1]}x{part.shape[0]} (WxH) differs from image size "
+                        f"{image.shape[1]}x{image.shape[0]} of {sample.image}",
                     ),
                 )
             mask |= part
@@ -109,6 +111,8 @@ def preprocess_dataset(raw_root: Path, output_root: Path, name: str, opts: Prepa
     official_folds, dup_threshold, num_workers = opts.official_folds, opts.dup_threshold, opts.num_workers
     listing = list_dataset(raw_root, name, layout)
     out_dir = output_root / name
+    for sub in ("images", "masks", "."):  # temporary files of a killed run: never read, safe to drop
+        remove_stale_temporaries(out_dir / sub)
     report: dict = {"found": len(listing.samples), "bad_files": [vars(b) for b in listing.bad], "notes": listing.notes}
     with ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL/zlib release the GIL while (de)coding
         converted = list(
@@ -216,6 +220,7 @@ def preprocess(raw_root: str | os.PathLike, output_root: str | os.PathLike, data
     """
     raw_root, output_root = Path(raw_root), Path(output_root)
     report_path = output_root / REPORT_NAME
+    remove_stale_temporaries(output_root)
     report = {"datasets": {}}
     if report_path.is_file():  # keep entries of datasets prepared by earlier runs
         try:

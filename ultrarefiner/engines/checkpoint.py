@@ -4,18 +4,29 @@
 iteration, best validation metric); it is rewritten atomically after every epoch, after validation.
 ``<ckpt_dir>/best.pt`` holds the network weights of the best validation epoch (``{"model", "epoch",
 "metric", "metric_name"}``). A restarted run finds ``last.pt`` and continues from the next epoch.
+
+Both files record the run they belong to: ``identity`` = ``{"phase", "dataset", "fold", "fingerprint"}`` (phase: the
+bundle name; fingerprint: a short hash of ``network_kwargs``, what must match for the weights to mean the same) and
+``settings`` (the schedule and data options of the config). A restart refuses a ``last.pt`` of another phase,
+dataset, fold or network (``CheckpointMismatchError``): resuming it would continue that run and overwrite its
+checkpoints. Changed ``settings`` (more epochs, another learning rate) are only logged: extending a run is normal.
+Files written before identities were recorded resume with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
+from ultrarefiner.errors import CheckpointMismatchError
 from ultrarefiner.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -35,13 +46,148 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BadInputError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise BadInputError(path, unreadable_reason(e)) from e
+
+
+def unreadable_reason(e: Exception) -> str:
+    """Why ``torch.load`` failed, in one short line (torch's messages run to a paragraph of advice)."""
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__}: {first[:200]})"
 
 
 def load_weights(path: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
     """Network weights from ``best.pt``/``last.pt`` (``obj[key]``) or from a plain state_dict file."""
     obj = read_checkpoint(path)
     return obj[key] if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict) else obj
+
+
+IDENTITY_FIELDS = ("phase", "dataset", "fold")
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON types only (what ``torch.load(weights_only=True)`` reads back), integral floats as ints: ``--lora_alpha 4``
+    and the default 4.0 are one setting."""
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return int(obj) if obj.is_integer() else obj
+    return str(obj)  # dtypes, devices, paths
+
+
+def config_fingerprint(obj: Any) -> str:
+    """Short hash of a JSON-like description (e.g. ``network_kwargs``), independent of key order."""
+    return hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_identity(phase: str | None, dataset: str | None, fold: int | str | None,
+                 network_kwargs: Mapping | None = None) -> dict:
+    """What a checkpoint records of its run (module docstring); None where the run does not say."""
+    if fold is not None:
+        try:
+            fold = int(fold)
+        except (TypeError, ValueError):
+            fold = str(fold)
+    return {"phase": phase, "dataset": None if dataset is None else str(dataset), "fold": fold,
+            "fingerprint": config_fingerprint(network_kwargs) if network_kwargs else None}
+
+
+def describe_identity(identity: Mapping | None) -> str:
+    """``phase 'sam_refiner', dataset 'BUSI', fold 0, network fingerprint 1a2b...`` (the fields that are set)."""
+    identity = identity or {}
+    parts = [f"{k} {identity[k]!r}" for k in ("phase", "dataset", "fold") if identity.get(k) is not None]
+    if identity.get("fingerprint"):
+        parts.append(f"network fingerprint {identity['fingerprint']}")
+    return ", ".join(parts) or "no recorded identity"
+
+
+def check_identity(path: str | os.PathLike, found: Mapping | None, expected: Mapping,
+                   fields: tuple[str, ...] = IDENTITY_FIELDS, hint: str = "") -> None:
+    """Refuse a checkpoint whose recorded ``fields`` differ from ``expected``; a field that either side leaves unset
+    (files written before identities were recorded, runs that do not say) is not compared.
+
+    Raises:
+      CheckpointMismatchError: naming ``path``, what it holds and what this run is.
+    """
+    if not found:
+        return
+    differ = [f for f in fields if found.get(f) is not None and expected.get(f) is not None
+              and str(found[f]) != str(expected[f])]
+    if differ:
+        raise CheckpointMismatchError(
+            path, f"belongs to another run ({', '.join(differ)} differ{'s' if len(differ) == 1 else ''}): the file "
+                  f"holds {describe_identity(found)}; "
+                  f"this run is {describe_identity(expected)}" + (f". {hint}" if hint else ""),
+            dict(found), dict(expected))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping) and obj:
+        return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def differences(old: Mapping, new: Mapping) -> list[str]:
+    """``key: old -> new`` for every (nested) entry that differs between two JSON-like descriptions."""
+    a, b = _flatten(_canonical(old)), _flatten(_canonical(new))
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys())
+            if k and a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+# what each phase's checkpoint is called in messages, and the bundle that writes it
+PHASES = {
+    1: "phase-1 TransUNet checkpoint (bundles/transunet)",
+    2: "phase-2 SAM refiner checkpoint (bundles/sam_refiner)",
+    3: "phase-3 UltraRefiner checkpoint (bundles/ultrarefiner)",
+}
+
+
+def checkpoint_phase(obj: Any) -> int | None:
+    """1, 2 or 3: the training phase that wrote a checkpoint (``torch.load`` result), None when it cannot be told.
+
+    Read from the stored ``network_kwargs`` (phase 3: ``transunet``/``sam``/``refiner``; phase 1: TransUNet's
+    ``variant``/``vit_depth``; phase 2: the refiner's ``model_type``...), else from the weight names of a plain
+    state_dict (``models/model.pt``): ``transunet.``/``refiner.`` (3), ``sam.`` only (2), TransUNet's modules (1).
+    """
+    if not isinstance(obj, dict):
+        return None
+    identity = obj.get("identity")
+    if isinstance(identity, dict) and identity.get("phase") in ("transunet", "sam_refiner", "ultrarefiner"):
+        return {"transunet": 1, "sam_refiner": 2, "ultrarefiner": 3}[identity["phase"]]  # recorded by training
+    kwargs = obj.get("network_kwargs")
+    if isinstance(kwargs, dict) and kwargs:
+        if {"transunet", "refiner", "sam"} & set(kwargs):
+            return 3
+        if {"variant", "vit_depth", "num_classes"} & set(kwargs):
+            return 1
+        if {"model_type", "use_mask_prompt", "box_source", "image_resize", "use_lora"} & set(kwargs):
+            return 2
+    weights = obj.get("model") if isinstance(obj.get("model"), dict) else obj
+    roots = {str(k).split(".", 1)[0] for k, v in weights.items() if torch.is_tensor(v)}
+    if not roots:
+        return None
+    if {"transunet", "refiner"} <= roots:
+        return 3
+    if roots == {"sam"} or "lora" in obj or "partial" in obj:
+        return 2
+    if {"segmentation_head", "decoder"} <= roots:
+        return 1
+    return None
+
+
+def require_phase(path: str | os.PathLike, obj: Any, phase: int, user: str) -> None:
+    """Refuse a checkpoint written by another training phase, naming the file, its phase and what ``user`` needs.
+
+    A checkpoint whose phase cannot be told passes: the strict weight loading that follows reports it.
+    """
+    from ultrarefiner.errors import BadInputError
+
+    found = checkpoint_phase(obj)
+    if found is not None and found != phase:
+        raise BadInputError(path, f"is a {PHASES[found]}; {user} needs a {PHASES[phase]}")
 
 
 def _is_main_process() -> bool:
@@ -63,6 +209,9 @@ class TrainingCheckpoints:
         state_dict_fn: network -> the weights ``best.pt`` stores (default ``state_dict()``; the refiner stores only
             LoRA adapters + decoder when it has adapters, see ``refiner_checkpoint``).
         extra: more entries for ``best.pt`` (e.g. ``{"lora": true}``).
+        phase, dataset, fold: the run's identity (module docstring): phase is the bundle name (``transunet``,
+            ``sam_refiner``, ``ultrarefiner``); None: not recorded, not checked.
+        settings: the config's schedule and data options, recorded and compared on resume (differences logged).
     Attach it to the trainer after the ``ValidationHandler`` so that ``last.pt`` includes the epoch's validation.
     """
 
@@ -78,6 +227,10 @@ class TrainingCheckpoints:
         network_kwargs: dict | None = None,
         state_dict_fn: Any = None,
         extra: dict | None = None,
+        phase: str | None = None,
+        dataset: str | None = None,
+        fold: int | None = None,
+        settings: dict | None = None,
     ):
         self.ckpt_dir = Path(ckpt_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
@@ -87,6 +240,8 @@ class TrainingCheckpoints:
         self.network_kwargs = dict(network_kwargs or {})
         self.state_dict_fn = state_dict_fn or (lambda m: m.state_dict())
         self.extra = dict(extra or {})
+        self.identity = run_identity(phase, dataset, fold, self.network_kwargs)
+        self.settings = _canonical({"optimizer": type(optimizer).__name__, **(settings or {})})
 
     @property
     def last_path(self) -> Path:
@@ -113,6 +268,8 @@ class TrainingCheckpoints:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "network_kwargs": self.network_kwargs,
+            "identity": self.identity,
+            "settings": self.settings,
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
@@ -130,6 +287,7 @@ class TrainingCheckpoints:
         if not (self.resume and self.last_path.is_file()):
             return
         state = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        self._check_resumable(state)
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
@@ -152,7 +310,31 @@ class TrainingCheckpoints:
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         if self.evaluator is not None:
             self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = self.best_metric, self.best_epoch
-        logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch} (best {self.best_metric:.4f})")
+        logger.info(f"resumed from {self.last_path} ({describe_identity(state.get('identity'))}) at epoch "
+                    f"{engine.state.epoch} (best {self.best_metric:.4f})")
+
+    def _check_resumable(self, state: dict) -> None:
+        """Only this run's own ``last.pt`` resumes: same phase, dataset, fold and network (module docstring)."""
+        found = state.get("identity")
+        if not found:
+            logger.warning(f"{self.last_path} records no run identity (written by an older version): resuming it as "
+                           f"{describe_identity(self.identity)} without checking that it belongs to this run")
+            return
+        hint = ("Resuming it would continue that run and overwrite its checkpoints: give this run its own folder "
+                "(--ckpt_root or --output_dir), or pass --resume False to start over in this one")
+        check_identity(self.last_path, found, self.identity, hint=hint)
+        fingerprint = found.get("fingerprint")
+        if fingerprint and self.identity["fingerprint"] and fingerprint != self.identity["fingerprint"]:
+            changed = "; ".join(differences(state.get("network_kwargs") or {}, self.network_kwargs))
+            raise CheckpointMismatchError(
+                self.last_path, f"was trained with other network settings (file -> this run: "
+                                f"{changed or 'network_kwargs differ'}): "
+                                f"the file holds {describe_identity(found)}; this run is "
+                                f"{describe_identity(self.identity)}. {hint}", found, self.identity)
+        changed = differences(state.get("settings") or {}, self.settings)
+        if state.get("settings") is not None and changed:
+            logger.warning(f"{self.last_path}: resuming with this run's settings, changed since the checkpoint: "
+                           + "; ".join(changed))
 
     def _maybe_save_best(self, evaluator: Engine) -> None:
         value = float(evaluator.state.metrics.get(self.metric_name, float("nan")))
@@ -164,7 +346,8 @@ class TrainingCheckpoints:
             unwrapped = getattr(self.network, "module", self.network)
             best = {"model": self.state_dict_fn(unwrapped), "epoch": epoch, "metric": value,
                     "metric_name": self.metric_name}
-            save_checkpoint(self.best_path, {**best, "network_kwargs": self.network_kwargs, **self.extra})
+            save_checkpoint(self.best_path, {**best, "network_kwargs": self.network_kwargs, "identity": self.identity,
+                                             "settings": self.settings, **self.extra})
 
     def _save_last(self, engine: Engine) -> None:
         if _is_main_process():
@@ -182,4 +365,9 @@ def export_best(ckpt_dir: str | os.PathLike, dst: str | os.PathLike) -> Path | N
         return None
     if not _is_main_process():
         return None
-    return save_checkpoint(dst, load_weights(best))
+    obj = read_checkpoint(best)
+    # a plain state_dict, as the Model Zoo and CheckpointLoader expect: the identity stays in best.pt (logged here)
+    weights = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    identity = obj.get("identity") if isinstance(obj, dict) else None
+    logger.info(f"best weights of {best} ({describe_identity(identity)}) exported to {dst}")
+    return save_checkpoint(dst, weights)

@@ -6,8 +6,11 @@ Network description (``network_kwargs``, stored in every phase-3 checkpoint so t
      "refiner": SAMRefiner kwargs (preprocessing, image_resize, use_lora, ...)}
 
 Initialisation (``init_network``): TransUNet from ``<ckpt_root>/transunet/<dataset>/fold_<k>/best.pt`` (its stored
-``network_kwargs`` must match the config), the refiner from ``<ckpt_root>/sam_finetuned/fold_<k>/best.pt``
-(``engines.refiner_checkpoint`` format, full or LoRA-only). A LoRA-only checkpoint is loaded on top of the base
+``network_kwargs`` must match the config), the refiner from ``<ckpt_root>/sam_refiner/<dataset>/fold_<k>/best.pt``
+(``engines.refiner_checkpoint`` format, full or LoRA-only). A file that records its run (``identity``,
+``engines.checkpoint``) must come from phase 1 / phase 2 of this run's dataset and fold: another fold's model was
+trained on this fold's validation images. Files without an identity (older runs, the shipped
+``bundles/sam_refiner/models/model.pt``) are taken as they are. A LoRA-only checkpoint is loaded on top of the base
 SAM/MedSAM file (``sam_checkpoint``) and, unless phase 3 trains adapters itself (``use_lora``), merged into the
 encoder weights: the encoder is then a frozen plain ViT again and its embeddings can be cached.
 
@@ -53,7 +56,7 @@ from monai.transforms import (
 )
 
 from ultrarefiner.data.pipeline import load_transforms, spatial_transforms
-from ultrarefiner.engines.checkpoint import load_weights
+from ultrarefiner.engines.checkpoint import check_identity, load_weights, run_identity
 from ultrarefiner.engines.e2e_training import E2EPrepareBatch
 from ultrarefiner.engines.refiner_checkpoint import check_encoder, load_refiner_checkpoint, read_refiner_checkpoint
 from ultrarefiner.errors import BadInputError, UltraRefinerError
@@ -123,14 +126,32 @@ def _missing_message(missing: list[tuple[str, str, Path]]) -> str:
     lines = ["UltraRefiner starts from the phase-1 (TransUNet) and phase-2 (SAM refiner) weights, but "
              + ("this checkpoint is" if len(missing) == 1 else "these checkpoints are") + " missing:"]
     lines += [f"  {what} (--{option}): {path}" for what, option, path in missing]
-    lines.append("Train them with bundles/transunet and bundles/sam_refiner for the same fold, or point the options "
-                 "above at existing files; --from_scratch True starts from random weights instead (experiments "
-                 "only: results are far below the published ones).")
+    lines.append("Train them with bundles/transunet and bundles/sam_refiner for the same dataset and fold, or point "
+                 "the options above at existing files; --from_scratch True starts from random weights instead "
+                 "(experiments only: results are far below the published ones).")
     return "\n".join(lines)
 
 
-def _load_transunet(transunet: torch.nn.Module, path: Path, transunet_kwargs: Mapping[str, Any] | None) -> None:
+def _check_source(path: Path, obj: object, phase: str, dataset: str | None, fold: int | None, option: str) -> None:
+    """A phase-1/phase-2 file that records its run must be that phase's and, for this dataset, of this fold (another
+    fold's model was trained on this fold's validation images). A file of another dataset is a transfer (e.g. the
+    BUSI refiner on BUSBRA): no image is shared, so it is allowed with a warning."""
+    found = obj.get("identity") if isinstance(obj, Mapping) else None
+    expected = run_identity(phase, dataset, fold)
+    fields: tuple[str, ...] = ("phase", "dataset", "fold")
+    if found and found.get("dataset") is not None and dataset is not None and str(found["dataset"]) != str(dataset):
+        logger.warning(f"--{option} {path} was trained on dataset {found['dataset']!r}, this run is {dataset!r}: "
+                       "used as a transfer (no fold check across datasets)")
+        fields = ("phase",)
+    check_identity(path, found, expected, fields=fields,
+                   hint=f"Phase 3 starts from the {phase} run of its own dataset and fold (another fold's model was "
+                        f"trained on this fold's validation images): point --{option} at that run's best.pt")
+
+
+def _load_transunet(transunet: torch.nn.Module, path: Path, transunet_kwargs: Mapping[str, Any] | None,
+                    dataset: str | None = None, fold: int | None = None) -> None:
     obj = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+    _check_source(path, obj, "transunet", dataset, fold, "transunet_ckpt")
     stored = obj.get("network_kwargs") if isinstance(obj, dict) else None
     if stored and transunet_kwargs:
         diff = {k: (stored[k], transunet_kwargs[k]) for k in stored.keys() & transunet_kwargs.keys()
@@ -164,9 +185,10 @@ def _lora_settings(obj: Mapping[str, Any], rank: int, alpha: float) -> tuple[int
 
 
 def _load_refiner(network: torch.nn.Module, path: Path, sam_checkpoint: str | os.PathLike | None,
-                  lora_rank: int, lora_alpha: float) -> None:
+                  lora_rank: int, lora_alpha: float, dataset: str | None = None, fold: int | None = None) -> None:
     refiner = network.refiner
     obj = read_refiner_checkpoint(path)
+    _check_source(path, obj, "sam_refiner", dataset, fold, "refiner_ckpt")
     encoder = refiner.sam.image_encoder
     if obj["lora"]:
         if not sam_checkpoint and not is_lite_medsam(refiner.sam):
@@ -209,6 +231,8 @@ def init_network(
     transunet_kwargs: Mapping[str, Any] | None = None,
     lora_rank: int = 4,
     lora_alpha: float = 4.0,
+    dataset: str | None = None,
+    fold: int | None = None,
 ) -> torch.nn.Module:
     """Load the phase-1 and phase-2 weights into ``network`` (an ``UltraRefiner``); returns ``network``.
 
@@ -221,9 +245,12 @@ def init_network(
       sam_checkpoint: base SAM/MedSAM file; required by LoRA-only refiner checkpoints.
       transunet_kwargs: the configured TransUNet arguments.
       lora_rank, lora_alpha: adapter settings of a LoRA checkpoint that does not store them.
+      dataset, fold: this run's; a checkpoint that records another phase, dataset or fold is refused (None: not
+        checked).
 
     Raises:
       MissingCheckpointError: a checkpoint does not exist (the message names it and suggests ``--from_scratch``).
+      CheckpointMismatchError: a checkpoint records another phase, dataset or fold (the message names both).
       BadInputError: a checkpoint does not match the configured network.
     """
     if as_flag(from_scratch, "from_scratch"):
@@ -236,8 +263,8 @@ def init_network(
     missing = [f for f in files if not f[2].is_file()]
     if missing:
         raise MissingCheckpointError(_missing_message(missing))
-    _load_transunet(network.transunet, Path(transunet_ckpt), transunet_kwargs)
-    _load_refiner(network, Path(refiner_ckpt), sam_checkpoint, lora_rank, lora_alpha)
+    _load_transunet(network.transunet, Path(transunet_ckpt), transunet_kwargs, dataset, fold)
+    _load_refiner(network, Path(refiner_ckpt), sam_checkpoint, lora_rank, lora_alpha, dataset, fold)
     logger.info(f"UltraRefiner initialised from {transunet_ckpt} and {refiner_ckpt}")
     return network
 

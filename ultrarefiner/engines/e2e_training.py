@@ -77,7 +77,8 @@ def build_e2e_optimizer(
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
     opt = cls(groups, lr=transunet_lr, weight_decay=weight_decay, **kwargs)
     n_train = {g["name"]: sum(p.numel() for p in g["params"] if p.requires_grad) for g in opt.param_groups}
-    logger.info(f"e2e optimizer {optimizer}: transunet lr {transunet_lr:g}, sam lr {sam_lr:g}, trainable {n_train}")
+    logger.info(f"ultrarefiner optimizer {optimizer}: transunet lr {transunet_lr:g}, sam lr {sam_lr:g}, "
+                f"trainable {n_train}")
     return opt
 
 

@@ -55,8 +55,9 @@ ZERO_SHOT = "zero-shot LiteMedSAM (packaged weights)"
 THRESHOLD = 0.5  # probability threshold of coarse and refined masks (refined: logit > 0)
 PROGRESS, REPORT_CSV, REPORT_JSON, SKIPPED_CSV = "progress.jsonl", "report.csv", "report.json", "skipped.csv"
 # architecture keys of a checkpoint's network_kwargs that the refiner must be built with (training-only keys such
-# as the freeze flags do not change inference)
-_ARCH_KEYS = ("model_type", "preprocessing", "image_resize", "use_lora", "lora_rank", "lora_alpha")
+# as the freeze flags or lora_dropout do not change inference; lora_target_modules decides which layers hold adapters)
+_ARCH_KEYS = ("model_type", "preprocessing", "image_resize", "use_lora", "lora_rank", "lora_alpha",
+              "lora_target_modules")
 
 
 # ------------------------------------------------------------------------------------------------ file writing
@@ -128,13 +129,14 @@ def build_refiner(checkpoint: Path | None) -> torch.nn.Module:
     The refiner is built with the architecture recorded in the checkpoint's ``network_kwargs`` (model type,
     preprocessing, LoRA adapters) when it has them, so that LoRA and non-default checkpoints load.
     """
-    from ultrarefiner.engines.checkpoint import read_checkpoint
+    from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
     from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
     from ultrarefiner.networks import SAMRefiner
 
     if checkpoint is None:
         return SAMRefiner()
     obj = read_checkpoint(checkpoint, "refiner checkpoint")
+    require_phase(checkpoint, obj, 2, "refine")
     kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
     arch = {k: kwargs[k] for k in _ARCH_KEYS if k in kwargs} if isinstance(kwargs, dict) else {}
     partial = isinstance(obj, dict) and bool(obj.get("partial") or obj.get("lora"))

@@ -1,7 +1,7 @@
 """Checkpoint format of the SAM refiner (phase 2), read by the end-to-end bundle (phase 3) and MONAI Label.
 
-``<ckpt_root>/sam_finetuned/fold_<k>/best.pt`` is written by ``TrainingCheckpoints`` with
-``state_dict_fn=refiner_state_dict``:
+``<ckpt_root>/sam_refiner/<dataset>/fold_<k>/best.pt`` is written by ``TrainingCheckpoints`` with
+``state_dict_fn=refiner_state_dict`` (and its ``identity``, ``engines.checkpoint``):
 
 - frozen image encoder (the default): ``{"model": prompt encoder + mask decoder, "lora": False, "partial": True,
   "encoder": {...}}``: the encoder is not stored (it is the base weights, e.g. LiteMedSAM's packaged file), only
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ultrarefiner.engines.checkpoint import read_checkpoint
+from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks.embedding_cache import weights_fingerprint
 from ultrarefiner.networks.lora import has_lora, load_lora_state_dict, lora_state_dict
@@ -83,7 +83,9 @@ def _normalise(obj: object, source: str | os.PathLike) -> dict:
 
 def read_refiner_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint dict (``model``, ``lora``, ``network_kwargs``...), with errors that name the file."""
-    return _normalise(read_checkpoint(path, "refiner checkpoint"), path)
+    obj = read_checkpoint(path, "refiner checkpoint")
+    require_phase(path, obj, 2, "the SAM refiner")
+    return _normalise(obj, path)
 
 
 def is_refiner_checkpoint(obj: object) -> bool:

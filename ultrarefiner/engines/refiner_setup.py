@@ -18,7 +18,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.utils.data import Dataset
 
-from ultrarefiner.data.datalist import load_split
+from ultrarefiner.data.datalist import folder_images, load_split
 from ultrarefiner.data.refiner_data import (
     MixedRefinerDataset,
     PredictionCoarseDataset,
@@ -261,7 +261,7 @@ def export_refiner(ckpt_dir: str | os.PathLike, model_path: str | os.PathLike, n
     if obj["partial"] and not obj["lora"]:
         # frozen base encoder: ship only what trained (prompt encoder + mask decoder), the encoder comes from the
         # base weights (LiteMedSAM's packaged file); the record lets the loader refuse any other encoder
-        keep = ("network_kwargs", "partial", "encoder", "epoch", "metric", "metric_name")
+        keep = ("network_kwargs", "partial", "encoder", "identity", "epoch", "metric", "metric_name")
         save_checkpoint(model_path, {"model": obj["model"], "lora": False, **{k: obj[k] for k in keep if k in obj}})
         logger.info(f"best refiner decoder ({best}) exported to {model_path}")
         return str(model_path)
@@ -281,9 +281,7 @@ def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLi
     Raises:
       BadInputError: no image in ``input_dir``, or an image without its coarse mask (the message names the file).
     """
-    images = sorted(Path(input_dir).glob("*.png"))
-    if not images:
-        raise BadInputError(input_dir, "no *.png image found")
+    images = folder_images(input_dir, "*.png")
     items = []
     for image in images:
         coarse = Path(coarse_dir) / f"{image.stem}{coarse_postfix}.png"

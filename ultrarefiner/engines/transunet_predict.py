@@ -19,19 +19,28 @@ from monai.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ultrarefiner.data.datalist import datalist_path
+from ultrarefiner.data.imaging import read_image, read_mask
 from ultrarefiner.data.pipeline import get_transforms
-from ultrarefiner.engines.checkpoint import load_weights, read_checkpoint
-from ultrarefiner.errors import BadInputError
-from ultrarefiner.utils.io import write_json, write_png
+from ultrarefiner.engines.checkpoint import check_identity, load_weights, read_checkpoint, require_phase, run_identity
+from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.utils.io import staged_folder, write_json, write_png
 
 logger = logging.getLogger(__name__)
 
 
-def load_transunet(ckpt: str | os.PathLike, device: torch.device | str = "cpu", **overrides) -> torch.nn.Module:
-    """Rebuild the network from the ``network_kwargs`` stored in ``best.pt``/``last.pt`` and load its weights."""
+def load_transunet(ckpt: str | os.PathLike, device: torch.device | str = "cpu", expect: dict | None = None,
+                   **overrides) -> torch.nn.Module:
+    """Rebuild the network from the ``network_kwargs`` stored in ``best.pt``/``last.pt`` and load its weights.
+
+    ``expect``: the run identity (``engines.checkpoint.run_identity``) the file must have where it records one.
+    """
     from ultrarefiner.networks import TransUNet
 
     obj = read_checkpoint(ckpt)
+    require_phase(ckpt, obj, 1, "TransUNet prediction")  # else: TypeError on TransUNet(**phase-3 kwargs)
+    if expect and isinstance(obj, dict):
+        check_identity(ckpt, obj.get("identity"), expect,
+                       hint="out-of-fold predictions need model k of this dataset for fold k (fold_<k>/best.pt)")
     kwargs = {**(obj.get("network_kwargs") or {}), **overrides} if isinstance(obj, dict) else overrides
     model = TransUNet(**kwargs)
     model.load_state_dict(load_weights(ckpt))
@@ -66,6 +75,15 @@ def predict_probabilities(
     return out
 
 
+def coarse_name(folder: str, entry: dict, dataset: str) -> str:
+    """``<folder>/coarse/<file name>`` of an entry's coarse mask; in a combined datalist (``BUSBRA_BUSI``) each
+    dataset gets its own subfolder, ``<folder>/coarse/<entry's dataset>/<file name>``: two datasets may both have a
+    ``benign_0001.png`` and must not overwrite each other's mask."""
+    own = entry.get("dataset")
+    sub = f"{own}/" if own and own != dataset else ""
+    return f"{folder}/coarse/{sub}{Path(entry['image']).name}"
+
+
 def _save_prob(path: Path, prob: np.ndarray) -> None:
     write_png(path, np.round(prob * 255).astype(np.uint8))
 
@@ -80,6 +98,24 @@ def write_overlays(folder: Path, entries: list[dict], probs: list[np.ndarray], n
         image = np.asarray(Image.open(e["image"]).convert("L"), np.float32) / 255.0
         label = np.asarray(Image.open(e["label"]).convert("L")) > 127
         write_png(folder / f"{Path(e['image']).stem}.png", overlay_contours(image, label, p > 0.5))
+
+
+SKIPPED_JSON = "skipped.json"
+
+
+def _bad_reason(entry: dict, root: Path) -> dict | None:
+    """{"image", "file", "reason"} when a datalist item's image or mask cannot be used, else None."""
+    image_path, label_path = root / entry["image"], root / entry["label"]
+    try:
+        image = read_image(image_path)
+        label = read_mask(label_path)
+    except BadInputError as e:
+        return {"image": str(image_path), "file": e.path, "reason": e.reason}
+    if label.shape != image.shape:
+        (h, w), (lh, lw) = image.shape, label.shape
+        return {"image": str(image_path), "file": str(label_path),
+                "reason": f"mask size {lw}x{lh} (WxH) differs from the size {w}x{h} of {image_path}"}
+    return None
 
 
 def predict_out_of_fold(
@@ -97,6 +133,10 @@ def predict_out_of_fold(
     ``fold_<k>`` holds model k's predictions of its held-out fold and of the test split, and ``overlays/`` of
     a few held-out images; ``ensemble`` holds the mean of the fold models on the test split. Returns the
     datalist path.
+
+    Images or masks that cannot be read (or differ in size) are left out of the new datalist and listed, with the
+    reason, in ``skipped.json`` (and the datalist's ``skipped``). The folder is built next to its destination and
+    put in place at the end: a failed run leaves no partial output and keeps an earlier one whole.
     """
     src = datalist_path(data_root, dataset)
     meta = json.loads(src.read_text(encoding="utf-8"))
@@ -108,48 +148,63 @@ def predict_out_of_fold(
         raise BadInputError(missing[0], f"checkpoint not found ({len(missing)} of {n_splits} folds missing)")
     out = Path(output_dir) / dataset
     absolute = lambda e: {**e, "image": str(src.parent / e["image"]), "label": str(src.parent / e["label"])}  # noqa: E731
-    training, testing = meta["training"], meta["testing"]
+    skipped = []
+    for e in meta["training"] + meta["testing"]:  # one bad file must not abort the folds half-way (no file named)
+        bad = _bad_reason(e, src.parent)
+        if bad is not None:
+            logger.warning(f"skipped {bad['file']}: {bad['reason']}")
+            skipped.append(bad)
+    bad_images = {os.path.relpath(b["image"], src.parent) for b in skipped}
+    training = [e for e in meta["training"] if os.path.normpath(e["image"]) not in bad_images]
+    testing = [e for e in meta["testing"] if os.path.normpath(e["image"]) not in bad_images]
+    if not training and not testing:
+        raise UltraRefinerError(f"no usable image in {src} ({len(skipped)} skipped: "
+                                f"{'; '.join(b['file'] + ': ' + b['reason'] for b in skipped[:3])})")
     ensemble = [np.zeros((e["height"], e["width"]), np.float32) for e in testing]
     new_training, new_testing = [], [dict(e) for e in testing]
-    for k, ckpt in enumerate(ckpts):
-        model = load_transunet(ckpt, device)
-        img_size = model.img_size if hasattr(model, "img_size") else 224
-        held_out = [e for e in training if e["fold"] == k]
-        probs = predict_probabilities(
-            model, [absolute(e) for e in held_out + testing], img_size, device, batch_size, amp, desc=f"fold {k}"
-        )
-        write_overlays(out / f"fold_{k}" / "overlays", [absolute(e) for e in held_out], probs[: len(held_out)])
-        for e, p in zip(held_out, probs[: len(held_out)], strict=True):
-            rel = f"fold_{k}/coarse/{Path(e['image']).name}"
-            _save_prob(out / rel, p)
-            new_training.append(
-                {
-                    **e,
-                    "image": os.path.relpath(src.parent / e["image"], out),
-                    "label": os.path.relpath(src.parent / e["label"], out),
-                    "coarse": rel,
-                }
+    with staged_folder(out) as stage:  # paths in the datalist are relative to ``out``: same parent as ``stage``
+        for k, ckpt in enumerate(ckpts):
+            model = load_transunet(ckpt, device, expect=run_identity("transunet", dataset, k))  # no fold mix-up
+            img_size = model.img_size if hasattr(model, "img_size") else 224
+            held_out = [e for e in training if e["fold"] == k]
+            probs = predict_probabilities(
+                model, [absolute(e) for e in held_out + testing], img_size, device, batch_size, amp, desc=f"fold {k}"
             )
-        for i, p in enumerate(probs[len(held_out) :]):
-            rel = f"fold_{k}/coarse/{Path(testing[i]['image']).name}"
-            _save_prob(out / rel, p)
-            new_testing[i][f"coarse_fold_{k}"] = rel
-            ensemble[i] += p / n_splits
-    for i, e in enumerate(new_testing):
-        rel = f"ensemble/coarse/{Path(e['image']).name}"
-        _save_prob(out / rel, ensemble[i])
-        e.update(
-            image=os.path.relpath(src.parent / e["image"], out),
-            label=os.path.relpath(src.parent / e["label"], out),
-            coarse=rel,
-        )
-    order = {e["image"]: i for i, e in enumerate(training)}
-    new_training.sort(key=lambda e: order[os.path.relpath(out / e["image"], src.parent)])
-    result = {
-        **{k: v for k, v in meta.items() if k not in ("training", "testing")},
-        "source_datalist": str(src),
-        "checkpoints": [str(c) for c in ckpts],
-        "training": new_training,
-        "testing": new_testing,
-    }
-    return write_json(out / "datalist.json", result)
+            write_overlays(stage / f"fold_{k}" / "overlays", [absolute(e) for e in held_out], probs[: len(held_out)])
+            for e, p in zip(held_out, probs[: len(held_out)], strict=True):
+                rel = coarse_name(f"fold_{k}", e, dataset)
+                _save_prob(stage / rel, p)
+                new_training.append(
+                    {
+                        **e,
+                        "image": os.path.relpath(src.parent / e["image"], out),
+                        "label": os.path.relpath(src.parent / e["label"], out),
+                        "coarse": rel,
+                    }
+                )
+            for i, p in enumerate(probs[len(held_out) :]):
+                rel = coarse_name(f"fold_{k}", testing[i], dataset)
+                _save_prob(stage / rel, p)
+                new_testing[i][f"coarse_fold_{k}"] = rel
+                ensemble[i] += p / n_splits
+        for i, e in enumerate(new_testing):
+            rel = coarse_name("ensemble", e, dataset)
+            _save_prob(stage / rel, ensemble[i])
+            e.update(
+                image=os.path.relpath(src.parent / e["image"], out),
+                label=os.path.relpath(src.parent / e["label"], out),
+                coarse=rel,
+            )
+        order = {e["image"]: i for i, e in enumerate(training)}
+        new_training.sort(key=lambda e: order[os.path.relpath(out / e["image"], src.parent)])
+        result = {
+            **{k: v for k, v in meta.items() if k not in ("training", "testing")},
+            "source_datalist": str(src),
+            "checkpoints": [str(c) for c in ckpts],
+            "training": new_training,
+            "testing": new_testing,
+            "skipped": skipped,
+        }
+        write_json(stage / SKIPPED_JSON, skipped)
+        write_json(stage / "datalist.json", result)
+    return out / "datalist.json"

@@ -161,11 +161,25 @@ def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike) -> torc
     if not path.is_file():
         raise BadInputError(path, "UltraRefiner checkpoint not found (train bundles/ultrarefiner first, or pass "
                                   "--ckpt_path / --checkpoint)")
+    weights = load_weights(path)
+    own = network.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:  # a count and a few names, not the thousands of a whole state_dict
+        raise BadInputError(path, f"does not match the configured UltraRefiner (network_kwargs?): "
+                                  f"{_few(missing)} missing, {_few(unexpected)} unexpected weights")
     try:
-        network.load_state_dict(load_weights(path), strict=True)
-    except RuntimeError as e:
-        raise BadInputError(path, f"does not match the configured UltraRefiner (network_kwargs?): {e}") from e
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # shape mismatches: MONAI-style one line per tensor, keep the first few
+        lines = str(e).splitlines()
+        raise BadInputError(path, f"does not match the configured UltraRefiner (network_kwargs?): "
+                                  f"{' '.join(lines[:4])[:600]}") from e
     return network
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    """``"12 (a, b, c, ...)"``: a count and the first names."""
+    shown = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+    return f"{len(names)} ({shown})" if names else "0"
 
 
 def load_ultrarefiner(
@@ -180,6 +194,7 @@ def load_ultrarefiner(
     from ``<bundle>/configs/inference.json`` (``network_kwargs``, with ``overrides`` of its ids) for a plain
     ``models/model.pt``.
     """
+    from ultrarefiner.engines.checkpoint import require_phase, unreadable_reason
     from ultrarefiner.engines.e2e_setup import build_ultrarefiner
 
     path = Path(checkpoint)
@@ -188,7 +203,8 @@ def load_ultrarefiner(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BadInputError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise BadInputError(path, unreadable_reason(e)) from e
+    require_phase(path, obj, 3, "UltraRefiner prediction")
     kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
     if not (isinstance(kwargs, dict) and "transunet" in kwargs):
         if bundle is None:

@@ -24,3 +24,34 @@ class RecordSized(MapTransform):
         key = self.first_key(d)
         d[self.name] = tuple(int(s) for s in d[key].shape[-2:])
         return d
+
+
+class CheckSameSized(MapTransform):
+    """Refuse a sample whose mask-like ``keys`` differ in spatial size from ``reference`` (the image).
+
+    Resizing would stretch a mask of another image's size to fit without a word; the error names both files and
+    both sizes (W x H, as image viewers show them).
+    """
+
+    def __init__(self, keys: KeysCollection, reference: str = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.reference = reference
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from ultrarefiner.errors import BadInputError
+
+        d = dict(data)
+        ref = d[self.reference]
+        size = tuple(int(s) for s in ref.shape[-2:])
+        for key in self.key_iterator(d):
+            other = tuple(int(s) for s in d[key].shape[-2:])
+            if other != size:
+                raise BadInputError(_source(d[key], key), f"{key} size {other[1]}x{other[0]} (WxH) differs from the "
+                                                          f"size {size[1]}x{size[0]} of {_source(ref, self.reference)}")
+        return d
+
+
+def _source(value: object, key: Hashable) -> str:
+    """The file a loaded array came from (MONAI metadata), else the dictionary key."""
+    meta = getattr(value, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or key)

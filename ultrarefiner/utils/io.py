@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ def _default_file_mode() -> int:
 
 
 FILE_MODE = _default_file_mode()
+DIR_MODE = FILE_MODE | ((FILE_MODE & 0o444) >> 2)  # rw for whom the umask allows, plus x where r: 0644 -> 0755
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -29,18 +32,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     temporary file is created in the destination folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; outputs get the usual mode, as open() would give
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and _about(e.filename, path):
+            # name the file the user asked for, not our temporary one (PIL/torch often give no name at all)
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e  # errno picks the subclass
         raise
     return path
+
+
+def _about(filename: object, path: Path) -> bool:
+    """Whether an error's file name is unset or concerns writing ``path``: the temporary file next to it, or a
+    folder above it that could not be created."""
+    if filename is None:
+        return True
+    name = Path(os.fsdecode(filename)) if isinstance(filename, str | bytes | os.PathLike) else None
+    return name is not None and (name.parent == path.parent or name in path.parents)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = ".*.tmp") -> int:
+    """Delete the temporary files that a killed ``atomic_write`` left in ``folder``; returns how many.
+
+    Call it at the start of a command that owns ``folder``: the files are never read, and the outputs they were
+    meant to replace are still whole.
+    """
+    folder = Path(folder)
+    n = 0
+    for stale in folder.glob(pattern) if folder.is_dir() else []:
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
@@ -60,3 +91,71 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     if array.dtype != np.uint8:
         raise TypeError(f"write_png expects uint8, got {array.dtype} for {path}")
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def _restore_interrupted_swap(dest: Path) -> None:
+    """A kill between the two renames of ``replace_folder`` leaves the old folder as ``.<name>.*.old`` and no
+    ``dest``: put it back. Leftover ``.partial`` folders of killed builds are dropped."""
+    olds = sorted(dest.parent.glob(f".{dest.name}.*.old"))
+    if olds and not dest.exists():
+        os.replace(olds.pop(), dest)
+    for stale in olds + sorted(dest.parent.glob(f".{dest.name}.*.partial")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def replace_folder(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Put folder ``src`` in place of ``dest`` (removing the old ``dest``) with two renames on one file system; a
+    failure between them puts the old folder back."""
+    src, dest = Path(src), Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+        os.replace(dest, old)
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder out of sight and put it in place of ``dest`` only when the ``with`` block succeeds.
+
+    Yields an empty temporary folder next to ``dest`` (same file system, so the final renames are cheap). On an
+    error the temporary folder is removed and an existing ``dest`` stays exactly as it was: a failed run never
+    leaves a half-written output, nor destroys a good one.
+    """
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _restore_interrupted_swap(dest)
+        stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    except OSError as e:
+        renamed = _renamed(e, None, dest)
+        if renamed is e:
+            raise
+        raise renamed from e
+    try:
+        os.chmod(stage, DIR_MODE)  # mkdtemp creates 0700
+        yield stage
+        replace_folder(stage, dest)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        renamed = _renamed(e, stage, dest) if isinstance(e, OSError) else e
+        if renamed is e:
+            raise
+        raise renamed from e
+
+
+def _renamed(e: OSError, stage: Path | None, dest: Path) -> OSError:
+    """``e`` naming the path the user asked for: ``dest`` for the staging folder itself, ``dest/x`` for ``stage/x``."""
+    name = str(e.filename) if e.filename is not None else None
+    if e.errno is None or (name is not None and stage is not None and not name.startswith(str(stage))):
+        return e
+    tail = name[len(str(stage)):] if name is not None and stage is not None else ""
+    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(dest) + tail)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ultrarefiner.errors import BadInputError
+from ultrarefiner.utils.io import FILE_MODE, staged_folder
 from ultrarefiner.zoo.readiness import LARGE_FILE_BYTES, Report, check_bundle, read_large_files
 from ultrarefiner.zoo.registry import get_entry
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 COPIED = ("configs", "docs", "scripts", "LICENSE", "large_files.yml", "large_files.yaml", "large_files.json")
 SKIPPED = {".gitkeep", "__pycache__", ".DS_Store"}
 HASH_TYPE = "sha256"
+BUNDLE_PHASES = {"transunet": 1, "sam_refiner": 2, "ultrarefiner": 3}  # whose checkpoint each bundle packages
 # Local copies of MONAI's bundle metadata schemas, so that verify_metadata runs offline (package data, file name as
 # in the metadata's "schema" URL). meta_schema_20240725.json: unchanged copy of
 # https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json
@@ -156,43 +158,76 @@ def export_bundle(
     entry = get_entry(src.name)
     overrides = dict(overrides or {})
 
-    folder = Path(output).resolve() / src.name
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    dest = Path(output).resolve() / src.name
+    weights = Path(ckpt_file).resolve() if ckpt_file else src / "models" / "model.pt"
+    if ckpt_file and not weights.is_file():
+        raise BadInputError(weights, "checkpoint not found")
+    if weights.is_file():  # a truncated or wrong-phase file is named now, before anything is built
+        from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase  # torch: only when needed
+
+        phase = BUNDLE_PHASES.get(src.name)
+        obj = read_checkpoint(weights)
+        if phase is not None:
+            require_phase(weights, obj, phase, f"bundles/{src.name}")
+        del obj
+
+    result = ExportResult(folder=dest, zip=None, readiness=Report())
+    zip_path = dest.parent / f"{src.name}_v{meta.get('version', '0')}.zip"
+    zip_tmp = None
+    try:
+        # built and checked out of sight: a failed export leaves an earlier export (folder and zip) untouched
+        with staged_folder(dest) as folder:
+            _fill(folder, src, weights, bool(ckpt_file))
+            if verify:
+                result.readiness = check_bundle(folder)
+                if not result.readiness.ok:
+                    raise BadInputError(src, "not ready for the Model Zoo:\n" + result.readiness.text())
+                _verify(folder, meta, entry.net_id, entry.use_trace, overrides, spatial_shape, schema, timeout,
+                        result, weights)
+            _update_large_files(folder)
+            if make_zip:
+                fd, zip_tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{zip_path.name}.", suffix=".tmp")
+                os.close(fd)
+                _write_zip(Path(zip_tmp), folder, src.name)
+        if zip_tmp is not None:
+            os.chmod(zip_tmp, FILE_MODE)
+            os.replace(zip_tmp, zip_path)
+            result.zip = zip_path
+        elif zip_path.exists():  # an earlier export's zip no longer matches the folder
+            logger.warning(f"removed {zip_path}: it held an earlier export (--nozip)")
+            zip_path.unlink()
+    finally:
+        if zip_tmp is not None and os.path.exists(zip_tmp):
+            os.remove(zip_tmp)
+    return result
+
+
+def _fill(folder: Path, src: Path, weights: Path, own_weights: bool) -> None:
+    """Copy what the Zoo takes from bundle ``src`` into ``folder``, with ``weights`` as ``models/model.pt``."""
     for name in COPIED:
         if (src / name).exists():
             _copy_tree(src / name, folder / name)
     (folder / "models").mkdir()
-    weights = Path(ckpt_file).resolve() if ckpt_file else src / "models" / "model.pt"
-    if ckpt_file and not weights.is_file():
-        raise BadInputError(weights, "checkpoint not found")
     for path in sorted((src / "models").glob("*")) if (src / "models").is_dir() else []:
-        if path.is_file() and path.name not in SKIPPED and not (ckpt_file and path.name == "model.pt"):
+        if path.is_file() and path.name not in SKIPPED and not (own_weights and path.name == "model.pt"):
             shutil.copy2(path, folder / "models" / path.name)
     if weights.is_file():
         shutil.copy2(weights, folder / "models" / "model.pt")
 
-    result = ExportResult(folder=folder, zip=None, readiness=Report())
-    if verify:
-        result.readiness = check_bundle(folder)
-        if not result.readiness.ok:
-            raise BadInputError(src, "not ready for the Model Zoo:\n" + result.readiness.text())
-        _verify(folder, meta, entry.net_id, entry.use_trace, overrides, spatial_shape, schema, timeout, result)
-    _update_large_files(folder)
-    if make_zip:
-        result.zip = folder.parent / f"{src.name}_v{meta.get('version', '0')}.zip"
-        with zipfile.ZipFile(result.zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():  # weights barely compress: store them
-                    stored = path.parent.name == "models"
-                    zf.write(path, path.relative_to(folder.parent).as_posix(),
-                             compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
-    return result
+
+def _write_zip(path: Path, folder: Path, name: str) -> None:
+    """``folder``'s files under ``<name>/`` (the export's final folder name, whatever ``folder`` is called)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():  # weights barely compress: store them
+                stored = file.parent.name == "models"
+                zf.write(file, f"{name}/{file.relative_to(folder).as_posix()}",
+                         compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
 
 
 def _verify(folder: Path, meta: dict, net_id: str, use_trace: bool, overrides: dict, spatial_shape: Sequence[int]
-            | None, schema: str | os.PathLike | None, timeout: int, result: ExportResult) -> None:
+            | None, schema: str | os.PathLike | None, timeout: int, result: ExportResult,
+            source_weights: Path | None = None) -> None:
     meta_file = folder / "configs" / "metadata.json"
     schema_path = find_schema(meta, schema)
     with tempfile.TemporaryDirectory(prefix="ultrarefiner_export_") as tmp:
@@ -225,5 +260,5 @@ def _verify(folder: Path, meta: dict, net_id: str, use_trace: bool, overrides: d
         args = ["--net_id", net_id, "--filepath", str(ts), "--ckpt_file", str(weights), *common]
         args += ["--use_trace", "true"] if use_trace else []
         res = _bundle_cmd("ckpt_export", folder, args, overrides, folder, timeout)
-        _require(res, "ckpt_export", folder)
+        _require(res, "ckpt_export of these weights", source_weights or weights)  # the weights failed, not the folder
         result.checks["ckpt_export"] = f"passed: {ts.relative_to(folder)}"
