@@ -4,6 +4,11 @@
 #   bash benchmarks/busi_fold0.sh                                     # all stages (GPU: about 7 minutes on one H200)
 #   STAGES="p2 p3" bash benchmarks/busi_fold0.sh                      # later stages only (need the earlier checkpoints)
 #   TINY=1 E1=1 E2=1 E3=1 WORKERS=0 bash benchmarks/busi_fold0.sh     # CPU dry run: small TransUNet, 2 iterations
+#   STAGES="env p1 p1pred p3" P1_CONFIG=benchmarks/configs/transunet_adamw.json P1_EVAL=0 \
+#     REFINER_CKPT=bundles/sam_refiner/models/model.pt EMB_CACHE=/tmp/emb P3_ARGS="--epoch_length 50" \
+#     WORKERS=1 E1=5 B1=8 E3=2 B3=4 CAP_P1=2700 CAP_P3=1800 CAP_EVAL=720 bash benchmarks/busi_fold0.sh
+#       # 2 CPU cores (bundles/ultrarefiner/docs/README.md): TransUNet with AdamW (the published SGD at lr 0.01
+#       # predicts only background after its first epoch), phase 3 from the shipped refiner, short epochs
 #
 # Every stage runs the README's own commands (`monai.bundle run` with CLI overrides) under a wall-clock cap
 # (`timeout`): a capped training stops at its last atomic checkpoint and the next stage uses its best.pt, so a run
@@ -31,13 +36,18 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # run from the repository root
 
 common=(--data_root "$DATA_ROOT" --ckpt_root "$CKPT" --dataset_name BUSI --fold 0 --num_workers "$WORKERS")
-tiny_p1=(); tiny_p3=()
+tiny_net=(); tiny_p1=(); tiny_p3=()
 if [ "$TINY" = 1 ]; then  # the demo's small TransUNet; the refiner stays the real LiteMedSAM
-  tiny_p1=(--img_size 64 --vit_depth 2 --epoch_length 2 --batch_size 2 --model_path "$CKPT/models/transunet.pt")
+  tiny_net=(--img_size 64 --vit_depth 2)  # the network alone: inference.json has no training options
+  tiny_p1=("${tiny_net[@]}" --epoch_length 2 --batch_size 2 --model_path "$CKPT/models/transunet.pt")
   tiny_p3=(--img_size 64 --vit_depth 2 --epoch_length 2 --batch_size 2 --model_path "$CKPT/models/ultrarefiner.pt")
   B2=2
 fi
 p2_extra=(--model_path "$CKPT/models/sam_refiner.pt")
+p3_extra=()  # phase 3 from another refiner checkpoint (the shipped one) instead of this run's phase 2
+[ -n "${REFINER_CKPT:-}" ] && p3_extra+=(--refiner_ckpt "$REFINER_CKPT")
+# frozen-encoder embeddings on disk: a restarted or capped phase 3 does not encode the training images again
+[ -n "${EMB_CACHE:-}" ] && p3_extra+=(--embedding_cache_dir "$EMB_CACHE")
 [ "$TINY" = 1 ] && p2_extra+=(--epoch_length 2)
 
 configs() {  # configs BUNDLE NAME... -> "['bundles/B/configs/NAME.json',...]"
@@ -73,8 +83,10 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_
       'ignite', ignite.__version__, 'timm', timm.__version__)"; } 2>&1 | tee -a "$OUT/summary.txt"
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "environment check failed" | tee -a "$OUT/summary.txt"; exit 1; } ;;
 p1)
-  stage p1_train "$CAP_P1" $PY -m monai.bundle run --config_file "$(configs transunet train)" --bundle_root bundles/transunet "${common[@]}" --epochs "$E1" --batch_size "$B1" "${tiny_p1[@]}"
-  stage p1_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs transunet train evaluate)" --bundle_root bundles/transunet "${common[@]}" "${tiny_p1[@]}" ;;
+  p1_files="$(configs transunet train)"  # P1_CONFIG: one more config file merged last (e.g. another optimizer)
+  [ -n "${P1_CONFIG:-}" ] && p1_files="${p1_files%]},'$P1_CONFIG']"
+  stage p1_train "$CAP_P1" $PY -m monai.bundle run --config_file "$p1_files" --bundle_root bundles/transunet "${common[@]}" --epochs "$E1" --batch_size "$B1" "${tiny_p1[@]}"
+  [ "${P1_EVAL:-1}" = 1 ] && stage p1_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs transunet train evaluate)" --bundle_root bundles/transunet "${common[@]}" "${tiny_p1[@]}" ;;
 p1pred)
   # TransUNet masks of the test images (the coarse masks that `refine` and the prompt study take as input (c))
   $PY -c "import json, os, sys; from PIL import Image
@@ -83,7 +95,7 @@ d = sys.argv[1]; os.makedirs(d, exist_ok=True)
 for it in load_split(datalist_path('$DATA_ROOT', 'BUSI'), 0, 'test'):
     Image.open(it['image']).convert('L').save(os.path.join(d, os.path.splitext(os.path.basename(it['image']))[0] + '.png'))
 " "$CKPT/test_images"
-  stage p1_predict "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs transunet inference)" --bundle_root bundles/transunet --input_dir "$CKPT/test_images" --output_dir "$CKPT/transunet_test_masks" --ckpt_path "$CKPT/transunet/BUSI/fold_0/best.pt" "${tiny_p1[@]}"
+  stage p1_predict "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs transunet inference)" --bundle_root bundles/transunet --input_dir "$CKPT/test_images" --output_dir "$CKPT/transunet_test_masks" --ckpt_path "$CKPT/transunet/BUSI/fold_0/best.pt" "${tiny_net[@]}"
   for f in "$CKPT"/transunet_test_masks/*_seg.png; do mv "$f" "${f%_seg.png}.png"; done  # named as the images
   pack ;;
 p2)
@@ -94,8 +106,8 @@ p2)
   stage p2_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs sam_refiner train evaluate)" --bundle_root bundles/sam_refiner "${common[@]}" "${p2_extra[@]}" ;;
 p3)
   stage p3_train "$CAP_P3" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train)" --bundle_root bundles/ultrarefiner "${common[@]}" \
-      --epochs "$E3" --batch_size "$B3" "${tiny_p3[@]}"
-  stage p3_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" "${tiny_p3[@]}" ;;
+      --epochs "$E3" --batch_size "$B3" "${tiny_p3[@]}" "${p3_extra[@]}" ${P3_ARGS:-}
+  stage p3_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" "${tiny_p3[@]}" "${p3_extra[@]}" ;;
 p3iter)  # iterative refinement measured (off by default)
   stage p3_eval_iter2 "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" "${tiny_p3[@]}" \
       --iterations 2 ;;
