@@ -55,10 +55,14 @@ def unreadable_reason(e: Exception) -> str:
     return f"not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__}: {first[:200]})"
 
 
+def weights_of(obj: Any, key: str = "model") -> dict[str, torch.Tensor]:
+    """The network weights of a loaded checkpoint: ``obj[key]`` of ``best.pt``/``last.pt``, or a plain state_dict."""
+    return obj[key] if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict) else obj
+
+
 def load_weights(path: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
     """Network weights from ``best.pt``/``last.pt`` (``obj[key]``) or from a plain state_dict file."""
-    obj = read_checkpoint(path)
-    return obj[key] if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict) else obj
+    return weights_of(read_checkpoint(path), key)
 
 
 IDENTITY_FIELDS = ("phase", "dataset", "fold")
@@ -98,7 +102,7 @@ def run_identity(phase: str | None, dataset: str | None, fold: int | str | None,
 def describe_identity(identity: Mapping | None) -> str:
     """``phase 'sam_refiner', dataset 'BUSI', fold 0, network fingerprint 1a2b...`` (the fields that are set)."""
     identity = identity or {}
-    parts = [f"{k} {identity[k]!r}" for k in ("phase", "dataset", "fold") if identity.get(k) is not None]
+    parts = [f"{k} {identity[k]!r}" for k in IDENTITY_FIELDS if identity.get(k) is not None]
     if identity.get("fingerprint"):
         parts.append(f"network fingerprint {identity['fingerprint']}")
     return ", ".join(parts) or "no recorded identity"
@@ -137,6 +141,8 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
             if k and a.get(k, "<unset>") != b.get(k, "<unset>")]
 
 
+# the phase number of each bundle's runs (``identity["phase"]``)
+BUNDLE_PHASES = {"transunet": 1, "sam_refiner": 2, "ultrarefiner": 3}
 # what each phase's checkpoint is called in messages, and the bundle that writes it
 PHASES = {
     1: "phase-1 TransUNet checkpoint (bundles/transunet)",
@@ -155,8 +161,8 @@ def checkpoint_phase(obj: Any) -> int | None:
     if not isinstance(obj, dict):
         return None
     identity = obj.get("identity")
-    if isinstance(identity, dict) and identity.get("phase") in ("transunet", "sam_refiner", "ultrarefiner"):
-        return {"transunet": 1, "sam_refiner": 2, "ultrarefiner": 3}[identity["phase"]]  # recorded by training
+    if isinstance(identity, dict) and identity.get("phase") in BUNDLE_PHASES:
+        return BUNDLE_PHASES[identity["phase"]]  # recorded by training
     kwargs = obj.get("network_kwargs")
     if isinstance(kwargs, dict) and kwargs:
         if {"transunet", "refiner", "sam"} & set(kwargs):
@@ -367,7 +373,7 @@ def export_best(ckpt_dir: str | os.PathLike, dst: str | os.PathLike) -> Path | N
         return None
     obj = read_checkpoint(best)
     # a plain state_dict, as the Model Zoo and CheckpointLoader expect: the identity stays in best.pt (logged here)
-    weights = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    weights = weights_of(obj)
     identity = obj.get("identity") if isinstance(obj, dict) else None
     logger.info(f"best weights of {best} ({describe_identity(identity)}) exported to {dst}")
     return save_checkpoint(dst, weights)

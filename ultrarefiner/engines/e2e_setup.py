@@ -8,8 +8,9 @@ Network description (``network_kwargs``, stored in every phase-3 checkpoint so t
 Initialisation (``init_network``): TransUNet from ``<ckpt_root>/transunet/<dataset>/fold_<k>/best.pt`` (its stored
 ``network_kwargs`` must match the config), the refiner from ``<ckpt_root>/sam_refiner/<dataset>/fold_<k>/best.pt``
 (``engines.refiner_checkpoint`` format, full or LoRA-only). A file that records its run (``identity``,
-``engines.checkpoint``) must come from phase 1 / phase 2 of this run's dataset and fold: another fold's model was
-trained on this fold's validation images. Files without an identity (older runs, the shipped
+``engines.checkpoint``) must come from phase 1 / phase 2 and, for this run's dataset, from its fold: another fold's
+model was trained on this fold's validation images (another dataset's file is a transfer, used with a warning).
+Files without an identity (older runs, the shipped
 ``bundles/sam_refiner/models/model.pt``) are taken as they are. A LoRA-only checkpoint is loaded on top of the base
 SAM/MedSAM file (``sam_checkpoint``) and, unless phase 3 trains adapters itself (``use_lora``), merged into the
 encoder weights: the encoder is then a frozen plain ViT again and its embeddings can be cached.
@@ -245,12 +246,12 @@ def init_network(
       sam_checkpoint: base SAM/MedSAM file; required by LoRA-only refiner checkpoints.
       transunet_kwargs: the configured TransUNet arguments.
       lora_rank, lora_alpha: adapter settings of a LoRA checkpoint that does not store them.
-      dataset, fold: this run's; a checkpoint that records another phase, dataset or fold is refused (None: not
-        checked).
+      dataset, fold: this run's; a checkpoint that records another phase, or another fold of this dataset, is
+        refused; one of another dataset is used with a warning (None: not checked).
 
     Raises:
       MissingCheckpointError: a checkpoint does not exist (the message names it and suggests ``--from_scratch``).
-      CheckpointMismatchError: a checkpoint records another phase, dataset or fold (the message names both).
+      CheckpointMismatchError: a checkpoint records another phase or fold (the message names both).
       BadInputError: a checkpoint does not match the configured network.
     """
     if as_flag(from_scratch, "from_scratch"):

@@ -66,39 +66,32 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, both_empty: torch.Tensor) -> to
     return safe.float()
 
 
-def _hd95(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Per image HD95 for bool (B, 1, H, W) masks, empty cases as documented in the module."""
-    b, _, h, w = pred.shape
-    out = torch.empty(b)
-    diagonal = math.hypot(h, w)
-    for i in range(b):
-        p_any, l_any = bool(pred[i].any()), bool(label[i].any())
-        if not p_any and not l_any:
-            out[i] = 0.0
-        elif p_any != l_any:
-            out[i] = diagonal
-        else:
-            with warnings.catch_warnings():  # MONAI's own deprecated internal argument (get_mask_edges)
-                warnings.simplefilter("ignore", FutureWarning)
-                out[i] = compute_hausdorff_distance(
-                    pred[i : i + 1].float(), label[i : i + 1].float(), include_background=True, percentile=95
-                ).reshape(())
-    return out
-
-
-def _nsd(pred: torch.Tensor, label: torch.Tensor, tolerance: float = NSD_TOLERANCE) -> torch.Tensor:
-    """Per image normalised surface Dice for bool (B, 1, H, W) masks, empty cases as documented in the module."""
+def _surface_metric(pred: torch.Tensor, label: torch.Tensor, both_empty: float, one_empty: float,
+                    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per image boundary metric for bool (B, 1, H, W) masks: ``compute`` on (1, 1, H, W) float masks where both are
+    non-empty (MONAI's functions are NaN/inf otherwise), the module's defined values where they are not."""
     out = torch.empty(pred.shape[0])
     for i in range(pred.shape[0]):
         p_any, l_any = bool(pred[i].any()), bool(label[i].any())
-        if p_any != l_any or not p_any:
-            out[i] = float(p_any == l_any)
-        else:
-            with warnings.catch_warnings():  # MONAI's own deprecated internal argument (get_mask_edges)
-                warnings.simplefilter("ignore", FutureWarning)
-                out[i] = compute_surface_dice(pred[i : i + 1].float(), label[i : i + 1].float(),
-                                              class_thresholds=[tolerance], include_background=True).reshape(())
+        if not (p_any and l_any):
+            out[i] = both_empty if p_any == l_any else one_empty
+            continue
+        with warnings.catch_warnings():  # MONAI's own deprecated internal argument (get_mask_edges)
+            warnings.simplefilter("ignore", FutureWarning)
+            out[i] = compute(pred[i : i + 1].float(), label[i : i + 1].float()).reshape(())
     return out
+
+
+def _hd95(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Per image HD95 (pixels); both empty: 0, one empty: the image diagonal."""
+    return _surface_metric(pred, label, 0.0, math.hypot(*pred.shape[-2:]), lambda p, y: compute_hausdorff_distance(
+        p, y, include_background=True, percentile=95))
+
+
+def _nsd(pred: torch.Tensor, label: torch.Tensor, tolerance: float = NSD_TOLERANCE) -> torch.Tensor:
+    """Per image normalised surface Dice at ``tolerance`` pixels; both empty: 1, one empty: 0."""
+    return _surface_metric(pred, label, 1.0, 0.0, lambda p, y: compute_surface_dice(
+        p, y, class_thresholds=[tolerance], include_background=True))
 
 
 def batch_metrics(

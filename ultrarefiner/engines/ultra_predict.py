@@ -153,15 +153,19 @@ def overlay_coarse_refined(image: np.ndarray, coarse: np.ndarray | None, refined
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike) -> torch.nn.Module:
-    """Load phase-3 weights (``best.pt``/``last.pt``/``models/model.pt``) into ``network`` (strict); returns it."""
-    from ultrarefiner.engines.checkpoint import load_weights
+def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike, obj: Any = None) -> torch.nn.Module:
+    """Load phase-3 weights (``best.pt``/``last.pt``/``models/model.pt``) into ``network`` (strict); returns it.
+    ``obj``: the file's content when the caller has already read it (it is not read again)."""
+    from ultrarefiner.engines.checkpoint import load_weights, weights_of
 
     path = Path(ckpt_path)
-    if not path.is_file():
+    if obj is not None:
+        weights = weights_of(obj)
+    elif not path.is_file():
         raise BadInputError(path, "UltraRefiner checkpoint not found (train bundles/ultrarefiner first, or pass "
                                   "--ckpt_path / --checkpoint)")
-    weights = load_weights(path)
+    else:
+        weights = load_weights(path)
     own = network.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:  # a count and a few names, not the thousands of a whole state_dict
@@ -194,16 +198,11 @@ def load_ultrarefiner(
     from ``<bundle>/configs/inference.json`` (``network_kwargs``, with ``overrides`` of its ids) for a plain
     ``models/model.pt``.
     """
-    from ultrarefiner.engines.checkpoint import require_phase, unreadable_reason
+    from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
     from ultrarefiner.engines.e2e_setup import build_ultrarefiner
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise BadInputError(path, "UltraRefiner checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInputError(path, unreadable_reason(e)) from e
+    obj = read_checkpoint(path, "UltraRefiner checkpoint")
     require_phase(path, obj, 3, "UltraRefiner prediction")
     kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
     if not (isinstance(kwargs, dict) and "transunet" in kwargs):
@@ -220,7 +219,7 @@ def load_ultrarefiner(
             parser[k] = v
         kwargs = parser.get_parsed_content("network_kwargs")
     model = build_ultrarefiner(kwargs, cache_embeddings=False)
-    return load_network(model, path).to(device).eval()
+    return load_network(model, path, obj).to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------------ predictor
