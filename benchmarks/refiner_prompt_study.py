@@ -14,7 +14,13 @@ Inputs (coarse masks), all at native resolution:
 
 Rules, each a ``SAMRefiner`` setting on the same weights (LiteMedSAM packaged, or ``--checkpoint``):
   box of the whole mask / of its largest component, + positive point, + mask prompt, single vs multimask output,
-  and one box per connected component (area >= ``--min_component`` of the image) decoded separately and merged.
+  and ``box_source="components"``: one prompt set per connected component (area >= ``--min_component`` of the
+  image, at most ``--max_components``), decoded in one batch and merged (the refiner's own option).
+
+``--multi_lesion_raw RAW`` keeps only the images whose raw BUSI mask came in several files (``<stem>_mask_1.png``
+under RAW: 17 images in BUSI); ``--split all`` studies the training folds and the test split together (with
+``oracle`` and ``simulated`` inputs, the model-free ones, every image is unseen by the refiner's weights only when
+it is a zero-shot LiteMedSAM or the split is held out).
 
 Image embeddings are computed once per image and kept in ``--embedding_cache`` (the encoder is frozen), so the
 study runs on a CPU. Prints one table (mean Dice per input kind and rule) and writes it as JSON.
@@ -31,10 +37,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ultrarefiner.data.datalist import datalist_path, load_split
 from ultrarefiner.data.imaging import read_image, read_mask
+from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.engines.refiner_setup import evaluation_dataset
 from ultrarefiner.networks import SAMRefiner, build_sam
@@ -47,7 +53,8 @@ RULES = {
     "box+point+mask": dict(use_point_prompt=True, use_mask_prompt=True, box_source="largest"),
     "box(largest) multimask": dict(use_point_prompt=False, use_mask_prompt=False, box_source="largest",
                                    multimask_output=True),
-    "box per component": dict(use_point_prompt=False, use_mask_prompt=False, box_source="whole"),
+    "components": dict(use_point_prompt=False, use_mask_prompt=False, box_source="components"),
+    "components+mask": dict(use_point_prompt=False, use_mask_prompt=True, box_source="components"),
 }
 
 
@@ -56,12 +63,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
-def components(coarse: np.ndarray, min_fraction: float) -> list[np.ndarray]:
-    """Soft masks of each 8-connected component of coarse > 0.5 with area >= min_fraction of the image."""
-    lab, n = ndimage.label(coarse > 0.5, structure=np.ones((3, 3)))
-    floor = min_fraction * coarse.size
-    out = [coarse * (lab == i) for i in range(1, n + 1) if (lab == i).sum() >= floor]
-    return out or [coarse]
+def is_multi_lesion(item: dict, raw_root: str) -> bool:
+    """The raw image has a second mask file (BUSI's ``<stem>_mask_1.png``): several lesions, merged by preprocess."""
+    src = Path(raw_root) / item["source"]
+    if not src.is_file():
+        src = Path(raw_root) / Path(item["source"]).relative_to(Path(item["source"]).parts[0])
+    return src.with_name(f"{src.stem}_mask_1.png").is_file()
 
 
 def main() -> None:
@@ -69,7 +76,8 @@ def main() -> None:
     p.add_argument("--data_root", required=True)
     p.add_argument("--dataset", default="BUSI")
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="train, val, trainval, test or all (trainval + test)")
+    p.add_argument("--multi_lesion_raw", default="", help="raw BUSI root: only images with several mask files")
     p.add_argument("--samples_per_image", type=int, default=3)
     p.add_argument("--checkpoint", default="", help="phase-2 refiner checkpoint (default: LiteMedSAM zero-shot)")
     p.add_argument("--coarse_dir", default="", help="folder of another model's masks <stem>.png")
@@ -77,6 +85,7 @@ def main() -> None:
     p.add_argument("--no_simulated", action="store_true", help="skip the simulated failures")
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--min_component", type=float, default=0.001)
+    p.add_argument("--max_components", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
     p.add_argument("--embedding_cache", required=True)
     p.add_argument("--output", required=True)
@@ -85,15 +94,19 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     datalist = datalist_path(a.data_root, a.dataset)
-    items = [dict(it, image=os.path.realpath(it["image"]), label=os.path.realpath(it["label"]))
-             for it in load_split(datalist, a.fold, a.split) if it.get("class") != "normal"]
+    splits = ["trainval", "test"] if a.split == "all" else [a.split]
+    items = [dict(it, image=os.path.realpath(it["image"]), label=os.path.realpath(it["label"]), split=split)
+             for split in splits for it in load_split(datalist, a.fold, split) if it.get("class") != "normal"]
+    if a.multi_lesion_raw:
+        items = [it for it in items if is_multi_lesion(it, a.multi_lesion_raw)]
     if a.coarse_only:
         items = [it for it in items if (Path(a.coarse_dir) / f"{Path(it['image']).stem}.png").is_file()]
     if a.limit:
         items = items[: a.limit]
     sam = build_sam("lite_medsam", "packaged")
     rules = {name: RULES[name] for name in a.rules.split(",")}
-    refiners = {name: SAMRefiner(sam=sam, checkpoint=None, **kw).eval() for name, kw in rules.items()}
+    refiners = {name: SAMRefiner(sam=sam, checkpoint=None, max_components=a.max_components,
+                                 min_component=a.min_component, **kw).eval() for name, kw in rules.items()}
     if a.checkpoint:
         for r in refiners.values():
             load_refiner_checkpoint(r, a.checkpoint)  # same sam object: loading once would do, all stay in sync
@@ -120,15 +133,21 @@ def main() -> None:
             if cm.shape != label.shape:
                 cm = cv2.resize(cm, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
             samples.append(("transunet", it["image"], label, cm))
-    sim = [] if a.no_simulated else evaluation_dataset(
-        datalist, a.fold, any_ref.geometry, coarse="simulated", split=a.split,
-        samples_per_image=a.samples_per_image, seed=a.seed, with_image=False)
     keep = {it["image"] for it in items}
-    for k in range(len(sim)):
-        s = sim[k]
-        key = os.path.realpath(s["source"])
-        if key in keep:
-            samples.append((f"simulated/{s['bucket']}", key, s["label"][0].numpy() > 0.5, s["coarse"][0].numpy()))
+    for split in [] if a.no_simulated else splits:
+        if a.multi_lesion_raw:  # simulate on the kept images only (the whole split's set would be mostly skipped)
+            sim = SimulatedCoarseDataset([it for it in items if it["split"] == split], None, any_ref.geometry,
+                                         frame="native", samples_per_image=a.samples_per_image, flip_prob=0.0,
+                                         seed=a.seed, with_image=False, check_leakage=False)
+        else:  # the sam_refiner bundle's evaluation set of the split, fixed by the seed
+            sim = evaluation_dataset(datalist, a.fold, any_ref.geometry, coarse="simulated", split=split,
+                                     samples_per_image=a.samples_per_image, seed=a.seed, with_image=False)
+        for k in range(len(sim)):
+            s = sim[k]
+            key = os.path.realpath(s["source"])
+            if key in keep:
+                samples.append((f"simulated/{s['bucket']}", key, s["label"][0].numpy() > 0.5,
+                                s["coarse"][0].numpy()))
     print(f"{len(samples)} samples on {len(items)} images")
 
     rows: dict[str, dict[str, list[float]]] = {}
@@ -138,13 +157,8 @@ def main() -> None:
         res = rows.setdefault(kind, {"input": []})
         res["input"].append(dice(coarse > 0.5, label))
         for name, ref in refiners.items():
-            parts = components(coarse, a.min_component) if name == "box per component" else [coarse]
-            logits = None
-            for part in parts:
-                out = ref(image_embeddings=emb, coarse=torch.from_numpy(part)[None, None], original_size=size)
-                m = out["masks"][0, 0]
-                logits = m if logits is None else torch.maximum(logits, m)
-            res.setdefault(name, []).append(dice(logits.numpy() > 0, label))
+            out = ref(image_embeddings=emb, coarse=torch.from_numpy(coarse)[None, None], original_size=size)
+            res.setdefault(name, []).append(dice(out["masks"][0, 0].numpy() > 0, label))
     table = {kind: {name: {"dice": float(np.mean(v)), "n": len(v),
                            "improved": int(sum(x > y + 1e-9 for x, y in zip(v, r["input"], strict=True)))}
                     for name, v in r.items()} for kind, r in sorted(rows.items())}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ultrarefiner.networks.prompts import (
     PromptGenerator,
     component_labels,
+    component_masks,
     largest_component,
     moment_box,
     negative_point,
@@ -239,3 +240,23 @@ def test_box_of_the_largest_component_and_its_gradient():
     assert torch.equal(PromptGenerator(use_point_prompt=False)(empty)["boxes"], torch.tensor([[0.0, 0, 39, 31]]))
     with pytest.raises(ValueError, match="box_source"):
         PromptGenerator(box_source="biggest")
+
+
+def test_component_masks_largest_first_with_a_size_floor():
+    m = two_blobs()  # 15x15 blob and 22x22 blob
+    m[..., 70:73, 2:5] = 1  # a 3x3 speck: 5 px above 0.5 once softened, 0.0006 of the image
+    p = soften(m, background=0.05, blur=1)
+    comps, valid = component_masks(p, max_components=4, min_fraction=0.001)
+    assert comps.shape == (1, 4, 80, 100) and valid.tolist() == [[True, True, False, False]]
+    fg = (p > 0.5).float()
+    assert torch.equal(comps[0, 0], fg[0, 0] * (torch.arange(80)[:, None] >= 40) * (torch.arange(100) > 5))
+    assert torch.equal(comps[0, 1], fg[0, 0] * (torch.arange(80)[:, None] < 40))  # then the 15x15 one
+    assert comps[0, 2].sum() > 0 and comps[0, 3].sum() == 0  # the speck is found, but below the floor
+    assert torch.equal(comps[:, :1], largest_component(p))  # slot 0 is what box_source="largest" uses
+    # empty masks: no valid slot; more slots than pixels: padded
+    empty_comps, empty_valid = component_masks(torch.zeros(2, 1, 8, 8), max_components=3)
+    assert empty_comps.sum() == 0 and not empty_valid.any()
+    tiny_comps, tiny_valid = component_masks(torch.ones(1, 1, 1, 2), max_components=3)
+    assert tiny_comps.shape == (1, 3, 1, 2) and tiny_valid.tolist() == [[True, False, False]]
+    with pytest.raises(ValueError, match="max_components"):
+        component_masks(p, max_components=0)

@@ -345,3 +345,50 @@ def test_default_prompts_and_outputs_follow_the_preprocessing(sam256, mode, k):
     assert out["prompts"]["boxes"].tolist() == [[14.0, 21.0, 36.0, 39.0]]  # the stray blob is left out
     with pytest.raises(ValueError, match="litemedsam"):
         SAMRefiner(sam256, preprocessing="litemedsam")
+
+
+def test_components_prompt_one_prompt_set_per_lesion(sam256):
+    """box_source="components": each lesion gets its own box and mask prompt, decoded in one batch and merged by
+    the maximum; with one lesion (or none) it is exactly the largest-component rule."""
+    h, w = 60, 80
+    two = _ellipse(h, w, 20, 20, 10, 8) + _ellipse(h, w, 60, 42, 12, 10)
+    one = _ellipse(h, w, 40, 30, 12, 10)
+    coarse = torch.cat([two, one, torch.zeros(1, 1, h, w)])
+    img = _as_tensor(_image(h, w)).expand(3, -1, -1, -1)
+    comp = SAMRefiner(sam256, box_source="components", max_components=3).eval()
+    largest = SAMRefiner(sam256, box_source="largest").eval()
+    with torch.no_grad():
+        emb = comp.encode_image(img)
+        out = comp(image_embeddings=emb, coarse=coarse, original_size=(h, w))
+        ref = largest(image_embeddings=emb, coarse=coarse, original_size=(h, w))
+        # the smaller lesion alone, as the second slot sees it
+        small = comp(image_embeddings=emb[:1], coarse=_ellipse(h, w, 20, 20, 10, 8), original_size=(h, w))
+    assert out["masks"].shape == (3, 1, h, w) and out["iou_predictions"].shape == ref["iou_predictions"].shape
+    assert out["prompts"]["component_valid"].tolist() == [[True, True, False], [True, False, False],
+                                                          [True, False, False]]
+    boxes = out["prompts"]["component_boxes"]
+    assert boxes[0, 0].tolist() == ref["prompts"]["boxes"][0].tolist()  # slot 0: the largest lesion's box
+    assert boxes[0, 1].tolist() == small["prompts"]["boxes"][0].tolist()  # slot 1: the other lesion's box
+    # merged = maximum of the two lesions' refined low-res logits, then SAM's upsampling
+    both = torch.maximum(_one(comp, emb[:1], two, 0, h, w), _one(comp, emb[:1], two, 1, h, w))
+    assert torch.allclose(out["low_res_masks"][:1], both, atol=1e-5)
+    assert torch.allclose(out["masks"][:1], comp.geometry.postprocess_masks(both, (h, w)), atol=1e-5)
+    assert torch.allclose(_one(comp, emb[:1], two, 1, h, w), small["low_res_masks"], atol=1e-5)
+    for i in (1, 2):  # one lesion, and an empty mask (the whole-image box): same as one prompt set
+        assert torch.allclose(out["masks"][i], ref["masks"][i], atol=1e-4)
+        assert torch.allclose(out["iou_predictions"][i], ref["iou_predictions"][i], atol=1e-5)
+    # gradient reaches the coarse mask at both lesions
+    comp.train()
+    p = (coarse[:1] * 0.9 + 0.05).requires_grad_(True)
+    comp(image_embeddings=emb[:1], coarse=p, original_size=(h, w))["masks"].sum().backward()
+    assert p.grad[..., 12:28, 10:30].abs().sum() > 0 and p.grad[..., 32:52, 48:72].abs().sum() > 0
+
+
+def _one(refiner, emb, coarse, slot, h, w):
+    """The selected low-res logits (1,1,L,L) of one component slot decoded alone (its cut mask as the prompt)."""
+    from ultrarefiner.networks.prompts import component_masks
+
+    comps, _ = component_masks(coarse, refiner.max_components, refiner.min_component)
+    part = coarse * comps[:, slot : slot + 1]
+    low, iou = refiner.decode(emb, refiner.make_prompts(part, (h, w), box_source="whole"), (h, w))
+    return (refiner.selection_weights(iou)[:, :, None, None] * low).sum(1, keepdim=True)

@@ -28,6 +28,10 @@ Data (``e2e_transforms``): one sample holds the TransUNet input ``image`` (1,S,S
 Augmentation: left-right flips of all four (no vertical flips: the skin line is at the top), so each image has two
 SAM inputs whose embeddings the cache keeps; intensity jitter on the TransUNet input only. Rotations and zooms would
 give every step a new SAM image (no cache hit) and are left out.
+
+Each sample also carries ``sam_image_id``, the identity of its SAM input (image file digest, frame, flip), which
+``E2EPrepareBatch`` hands to the embedding cache as its key: no image is hashed, and nothing is read back from the
+device, to look an embedding up.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from monai.transforms import (
 )
 
 from ultrarefiner.data.pipeline import load_transforms, spatial_transforms
+from ultrarefiner.data.refiner_data import file_digest
 from ultrarefiner.engines.checkpoint import check_identity, load_weights, run_identity
 from ultrarefiner.engines.e2e_training import E2EPrepareBatch
 from ultrarefiner.engines.refiner_checkpoint import check_encoder, load_refiner_checkpoint, read_refiner_checkpoint
@@ -68,6 +73,7 @@ from ultrarefiner.utils.flags import as_flag
 
 __all__ = [
     "MissingCheckpointError",
+    "FlipWithIdd",
     "SamFramed",
     "build_sam_model",
     "build_ultrarefiner",
@@ -281,6 +287,7 @@ class SamFramed(MapTransform):
         image_key: str = "sam_image",
         label_key: str = "sam_label",
         size_key: str = "sam_original_size",
+        id_key: str = "sam_image_id",
     ) -> None:
         """
         SAM image and label into the training frame (module docstring).
@@ -293,6 +300,8 @@ class SamFramed(MapTransform):
           image_key: (1,H,W) native image on the 0-255 scale -> uint8 (1,S',S') (square) or (1,H,W) (native).
           label_key: (1,H,W) 0/1 native label -> (1,L,L) (square) or unchanged (native).
           size_key: written: the ``original_size`` the refiner decodes at, (L, L) or (H, W).
+          id_key: written when the image was loaded from a file: ``<file digest>-<frame>``, the embedding-cache key
+            of the framed image (``FlipWithIdd`` appends the flip).
         """
         keys: KeysCollection = [image_key, label_key]
         super().__init__(keys)
@@ -302,6 +311,14 @@ class SamFramed(MapTransform):
         self.geometry = SamGeometry(preprocessing, encoder_size)
         self.label_size = int(label_size or self.geometry.low_res_size)
         self.image_key, self.label_key, self.size_key = image_key, label_key, size_key
+        self.id_key = id_key
+
+    def _identity(self, image: Any) -> str | None:
+        source = getattr(image, "meta", {}).get("filename_or_obj")
+        if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+            return None
+        frame = "native" if self.frame == "native" else f"square{self.geometry.img_size}-{self.geometry.mode}"
+        return f"{file_digest(source)}-{frame}"
 
     def _square_image(self, image: np.ndarray) -> np.ndarray:
         s = self.geometry.img_size
@@ -315,6 +332,9 @@ class SamFramed(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        identity = self._identity(d[self.image_key])
+        if identity is not None:
+            d[self.id_key] = identity
         image = np.asarray(torch.as_tensor(d[self.image_key]).detach().cpu(), dtype=np.float32)[0]
         image = np.clip(np.round(image), 0, 255).astype(np.uint8)
         label = np.asarray(torch.as_tensor(d[self.label_key]).detach().cpu(), dtype=np.float32)[0]
@@ -328,6 +348,21 @@ class SamFramed(MapTransform):
         small = cv2.resize(label, (n, n), interpolation=interp) > 0.5
         d[self.label_key] = torch.from_numpy(small.astype(np.float32))[None]
         d[self.size_key] = torch.tensor((n, n), dtype=torch.long)
+        return d
+
+
+class FlipWithIdd(RandFlipd):
+    """``RandFlipd`` that appends ``-flip1`` to the SAM image identity (``SamFramed``'s ``id_key``) when it flips:
+    a flipped image has its own embedding. The random draws are RandFlipd's own."""
+
+    def __init__(self, *args: Any, id_key: str = "sam_image_id", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.id_key = id_key
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = super().__call__(data, lazy)
+        if self._do_transform and self.id_key in d:
+            d[self.id_key] = f"{d[self.id_key]}-flip1"
         return d
 
 
@@ -361,7 +396,7 @@ def e2e_transforms(
     chain += spatial_transforms("transunet", ["image", "label"], img_size)
     if train:
         chain += [
-            RandFlipd(keys=["image", "label", "sam_image", "sam_label"], prob=flip_prob, spatial_axis=1),
+            FlipWithIdd(keys=["image", "label", "sam_image", "sam_label"], prob=flip_prob, spatial_axis=1),
             RandAdjustContrastd(keys="image", prob=0.3 * intensity_prob / 0.5, gamma=(0.8, 1.25)),
             RandScaleIntensityd(keys="image", factors=0.1, prob=intensity_prob),
             RandShiftIntensityd(keys="image", offsets=0.05, prob=intensity_prob),

@@ -57,7 +57,10 @@ def build_e2e_optimizer(
         gives it zero gradients, on which weight decay alone would drift the predictions that evaluation's candidate
         choice and the quality gate read. Frozen parameters stay in their group (a fixed layout for resume); with
         ``requires_grad`` off they never get a gradient, and the optimizer skips them.
-      kwargs: further optimizer arguments (betas, momentum, ...).
+      kwargs: further optimizer arguments (betas, momentum, ...). Adam/AdamW default to ``fused=True`` where
+        torch has the fused kernel for every parameter's device (CUDA, CPU, ...): one kernel per step instead of a
+        Python loop, and :class:`E2EIteration` can skip a non-finite step on the device (``found_inf``), without
+        reading the gradient norms back to the host.
 
     Returns:
       torch.optim.Optimizer whose ``param_groups[i]["name"]`` is "transunet" / "sam".
@@ -75,11 +78,28 @@ def build_e2e_optimizer(
     groups = [{"params": transunet_params, "lr": transunet_lr, "name": "transunet"},
               {"params": sam_params, "lr": sam_lr, "name": "sam"}]
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+    if optimizer != "sgd" and "foreach" not in kwargs:
+        kwargs.setdefault("fused", _fused_supported(transunet_params + sam_params))
     opt = cls(groups, lr=transunet_lr, weight_decay=weight_decay, **kwargs)
     n_train = {g["name"]: sum(p.numel() for p in g["params"] if p.requires_grad) for g in opt.param_groups}
     logger.info(f"ultrarefiner optimizer {optimizer}: transunet lr {transunet_lr:g}, sam lr {sam_lr:g}, "
                 f"trainable {n_train}")
     return opt
+
+
+def _fused_supported(params: Sequence[torch.Tensor]) -> bool:
+    """torch has a fused Adam kernel for every trainable parameter (floating point, on a supported device)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    trainable = [p for p in params if p.requires_grad]
+    return bool(trainable) and all(p.is_floating_point() and p.device.type in devices for p in trainable)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """The optimizer skips its own step when ``optimizer.found_inf`` is 1 (as under ``GradScaler``): fused Adam and
+    AdamW, which also leave their step counts unchanged. (Fused SGD would leave a first momentum buffer unset.)"""
+    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float,
@@ -106,14 +126,24 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 
 def _shared_size(value: object) -> tuple[int, int]:
     """One (H, W) from a collated ``original_size``: (B,2) tensor, [H (B,), W (B,)] list, or one pair."""
+    # Python lists: collated sizes are host data, and no tensor value is read back
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(torch.is_tensor(v) for v in value):
-        sizes = torch.stack([torch.as_tensor(v).reshape(-1) for v in value], dim=1)
+        sizes = list(zip(*(torch.as_tensor(v).reshape(-1).tolist() for v in value), strict=True))
     else:
-        sizes = torch.as_tensor(value).reshape(-1, 2)
-    if not bool((sizes == sizes[0]).all()):
-        raise ValueError(f"the SAM images of a batch must share one original_size, got {sizes.tolist()}; use batch "
-                         "size 1, or feed the SAM images in one common frame (e.g. the 'sam_square' geometry)")
-    return int(sizes[0, 0]), int(sizes[0, 1])
+        sizes = [tuple(s) for s in torch.as_tensor(value).reshape(-1, 2).tolist()]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the SAM images of a batch must share one original_size, got {[list(s) for s in sizes]}; "
+                         "use batch size 1, or feed the SAM images in one common frame (e.g. the 'sam_square' "
+                         "geometry)")
+    return int(sizes[0][0]), int(sizes[0][1])
+
+
+def check_unit_range(image: torch.Tensor) -> None:
+    """Refuse a TransUNet input above 1 (a 0-255 image). Reads the values: call it on host data (the collated batch
+    before it moves to the device); on a device tensor it would be a host sync."""
+    if image.is_floating_point() and image.numel() and float(image.detach().amax()) > 1.0 + 1e-3:
+        raise ValueError("TransUNet's image must be in [0,1] (max > 1: a 0-255 image?); only sam_image is on "
+                         "the 0-255 scale")
 
 
 class E2EPrepareBatch(PrepareBatch):
@@ -127,6 +157,7 @@ class E2EPrepareBatch(PrepareBatch):
         original_size_key: str | None = None,
         sam_image_scale: float = 1.0,
         sam_image_to_device: bool = False,
+        sam_image_id_key: str | None = "sam_image_id",
     ) -> None:
         """
         Batch dict -> ``(image, target, (), network kwargs)`` for ``UltraRefiner``.
@@ -144,6 +175,9 @@ class E2EPrepareBatch(PrepareBatch):
           sam_image_to_device: move the SAM image to the device. False (default) keeps it on the CPU, where the
             exact SAM/MedSAM resize and the cache key are computed anyway (only cache misses reach the GPU); set
             True with ``image_resize="torch"`` refiners.
+          sam_image_id_key: per-sample identities of the SAM images (file digest, frame, flip: ``e2e_setup.SamFramed``
+            and the training flips write them), handed to the network as ``image_keys`` for its embedding cache.
+            A batch without them is keyed by the image content (a digest per image, hashed on the host).
 
         Note: the refiner decodes at one original size per batch. With mixed native sizes, train with batch size 1
         or give the SAM images (and labels) in one common frame, e.g. the 1024x1024 ``sam_square`` geometry of
@@ -158,6 +192,7 @@ class E2EPrepareBatch(PrepareBatch):
         self.original_size_key = original_size_key
         self.sam_image_scale = sam_image_scale
         self.sam_image_to_device = sam_image_to_device
+        self.sam_image_id_key = sam_image_id_key
 
     def __call__(
         self,
@@ -169,7 +204,8 @@ class E2EPrepareBatch(PrepareBatch):
         """
         Returns:
           image (B,1,S,S) on ``device``; target: the label (B,1,H,W), or {"target", "coarse_target"} when
-          ``coarse_label_key`` is set; (); {"sam_image" or "image_embeddings", "original_size"}.
+          ``coarse_label_key`` is set; (); {"sam_image" or "image_embeddings", "original_size"} and "image_keys"
+          when the batch has ``sam_image_id_key``.
         """
         def to(x: torch.Tensor) -> torch.Tensor:
             return _plain(x).to(device=device, non_blocking=non_blocking, **kwargs)
@@ -189,10 +225,16 @@ class E2EPrepareBatch(PrepareBatch):
             if self.sam_image_scale != 1.0:
                 sam_image = sam_image.float() * self.sam_image_scale
             net_kwargs["sam_image"] = to(sam_image) if self.sam_image_to_device else sam_image
+            ids = batchdata.get(self.sam_image_id_key) if self.sam_image_id_key else None
+            if ids is not None:
+                scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
+                net_kwargs["image_keys"] = [f"{i}{scale}" for i in ids]
+        image = _plain(batchdata[self.image_key])
+        check_unit_range(image)  # every batch, on the host: the network reads its input back on its first call only
         target: torch.Tensor | dict[str, torch.Tensor] = to(batchdata[self.label_key])
         if self.coarse_label_key is not None:
             target = {"target": target, "coarse_target": to(batchdata[self.coarse_label_key])}
-        return to(batchdata[self.image_key]), target, (), net_kwargs
+        return to(image), target, (), net_kwargs
 
 
 class E2EIteration:
@@ -203,6 +245,7 @@ class E2EIteration:
         amp: bool | None = None,
         amp_dtype: torch.dtype = torch.bfloat16,
         skip_nonfinite: bool = True,
+        log_interval: int = 100,
     ) -> None:
         """
         ``iteration_update`` of a MONAI ``SupervisedTrainer`` for ``UltraRefiner``.
@@ -217,7 +260,12 @@ class E2EIteration:
           clip_per_group (bool): clip each param group separately (``clip_gradients``).
           amp (bool or None): autocast the forward pass; None: on CUDA devices only.
           amp_dtype (torch.dtype): bfloat16 (float16 would need a GradScaler, not provided).
-          skip_nonfinite (bool): skip the optimizer step when a gradient norm is NaN/inf (logged).
+          skip_nonfinite (bool): skip the optimizer step when a gradient norm is NaN/inf (needs clipping, which
+            computes the norms). The weights and the optimizer state stay as they were. With fused Adam/AdamW
+            (``build_e2e_optimizer``'s default) the optimizer skips on the device; any other optimizer reads one
+            flag back to the host per step. Skipped steps are counted on the device (``skipped_steps`` reads the
+            count) and logged every ``log_interval`` iterations and at the end of each epoch.
+          log_interval (int): iterations between the reads of the skipped-step count (each a host sync).
         """
         if amp_dtype != torch.bfloat16:
             raise ValueError(f"amp_dtype must be torch.bfloat16 (no GradScaler here), got {amp_dtype}")
@@ -226,7 +274,21 @@ class E2EIteration:
         self.amp = amp
         self.amp_dtype = amp_dtype
         self.skip_nonfinite = skip_nonfinite
-        self.skipped_steps = 0
+        self.log_interval = max(1, int(log_interval))
+        self._skipped: torch.Tensor | int = 0  # device count: read back only every log_interval iterations
+        self._logged = 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients so far (reads the device count: a host sync)."""
+        return int(self._skipped)
+
+    def _log_skips(self, engine: SupervisedTrainer) -> None:
+        total = self.skipped_steps
+        if total > self._logged:
+            logger.warning(f"iteration {engine.state.iteration}: {total - self._logged} optimizer step(s) skipped for "
+                           f"a non-finite gradient norm since the last report ({total} so far)")
+        self._logged = total
 
     def __call__(self, engine: SupervisedTrainer, batchdata: Any) -> dict[str, Any]:
         if batchdata is None:
@@ -258,20 +320,35 @@ class E2EIteration:
 
         loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        norms = {}
         if self.max_grad_norm is not None:
             norms = clip_gradients(engine.optimizer, self.max_grad_norm, self.clip_per_group)
             engine.state.output.update({f"grad_norm_{k}": v.detach() for k, v in norms.items()})
-            finite = all(bool(torch.isfinite(v)) for v in norms.values())
+        if self.skip_nonfinite and norms:
+            self._gated_step(engine.optimizer, norms)
+            state = engine.state
+            if state.iteration % self.log_interval == 0 or (state.epoch_length and
+                                                              state.iteration % state.epoch_length == 0):
+                self._log_skips(engine)
         else:
-            finite = True
-        if finite or not self.skip_nonfinite:
             engine.optimizer.step()
-        else:
-            self.skipped_steps += 1
-            logger.warning(f"iteration {engine.state.iteration}: non-finite gradient norm, optimizer step skipped "
-                           f"({self.skipped_steps} so far)")
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+    def _gated_step(self, optimizer: torch.optim.Optimizer, norms: Mapping[str, torch.Tensor]) -> None:
+        """``optimizer.step()`` unless a norm is non-finite; the decision stays on the device where it can."""
+        device = next(iter(norms.values())).device
+        nonfinite = ~torch.stack([torch.isfinite(v.detach().to(device)) for v in norms.values()]).all()
+        self._skipped = self._skipped + nonfinite.long()
+        if _skips_on_device(optimizer):
+            optimizer.found_inf = nonfinite.float()  # type: ignore[attr-defined]  # read by Adam's fused step
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif not bool(nonfinite):  # the one host read of a step with a non-fused optimizer
+            optimizer.step()
 
 
 def create_e2e_trainer(

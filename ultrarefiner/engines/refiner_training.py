@@ -120,8 +120,10 @@ class KeyedEmbeddingCache(EmbeddingCache):
             if computed.shape[0] != len(idx):
                 raise ValueError(f"compute returned {computed.shape[0]} embeddings for {len(idx)} images")
             new = {}
-            for k, emb in zip(first_missing, computed, strict=True):
-                new[k] = emb.detach().to(self.store_device, self.dtype)
+            # one device-to-host copy for the batch's misses, not one per sample
+            stored = computed.detach().to(self.store_device, self.dtype)
+            for k, emb in zip(first_missing, stored, strict=True):
+                new[k] = emb.clone()  # own storage: a view would keep the whole batch alive in the LRU
                 self._put(k, new[k])
             found = [new[k] if v is None else v for k, v in zip(keys, found, strict=True)]
         # cast before stacking: stack under a bf16 autocast rejects the fp16 store dtype
@@ -149,9 +151,10 @@ def fill_encoder_padding(image: torch.Tensor, input_size: torch.Tensor | None, g
     if geometry.mode != "sam" or input_size is None:
         return x
     h, w = x.shape[-2:]
-    sizes = input_size.to(x.device).long()
-    if bool((sizes[:, 0] >= h).all()) and bool((sizes[:, 1] >= w).all()):
+    # decided on the host copy of the sizes (the data worker's): no device value is read back
+    if all(sh >= h and sw >= w for sh, sw in torch.as_tensor(input_size).reshape(-1, 2).tolist()):
         return x
+    sizes = input_size.to(x.device).long()
     rows = torch.arange(h, device=x.device)[None, :] < sizes[:, :1]  # (B,H')
     cols = torch.arange(w, device=x.device)[None, :] < sizes[:, 1:2]  # (B,W')
     inside = (rows[:, :, None] & cols[:, None, :])[:, None]  # (B,1,H',W')
@@ -249,24 +252,26 @@ class RefinerPrepareBatch:
 
     def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> dict:
-        sizes = torch.as_tensor(batchdata["original_size"]).reshape(-1, 2)
-        if not bool((sizes == sizes[:1]).all()):
-            raise ValueError(f"samples of different original sizes in one batch ({sizes.tolist()}): use "
+        # host-side bookkeeping in Python lists: the collated sizes and flips are never device values
+        sizes = [tuple(s) for s in torch.as_tensor(batchdata["original_size"]).reshape(-1, 2).tolist()]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"samples of different original sizes in one batch ({sizes}): use "
                              "frame='encoder' or batch_size=1")
 
         def dev(t: torch.Tensor) -> torch.Tensor:
             t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> Tensor
             return t.to(device, non_blocking=non_blocking, **kwargs)
 
-        n = sizes.shape[0]
+        n = len(sizes)
+        flips = batchdata.get("flip", [False] * n)
         out = {
             "coarse": dev(batchdata["coarse"]).float(),
             "label": dev(batchdata["label"]).float(),
             "input_dice": dev(torch.as_tensor(batchdata["input_dice"])).float().reshape(-1),
-            "original_size": (int(sizes[0, 0]), int(sizes[0, 1])),
+            "original_size": (int(sizes[0][0]), int(sizes[0][1])),
             "image_key": list(batchdata.get("image_key", [""] * n)),
             "source": list(batchdata.get("source", [""] * n)),
-            "flip": [bool(f) for f in batchdata.get("flip", [False] * n)],
+            "flip": [bool(f) for f in (flips.tolist() if torch.is_tensor(flips) else flips)],
         }
         if "image" in batchdata:
             out["image"] = dev(batchdata["image"])

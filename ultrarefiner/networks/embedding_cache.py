@@ -2,9 +2,13 @@
 
 The SAM image does not depend on the coarse mask, so with a frozen encoder each (image, flip) embedding is
 computed once and reused across epochs and across all augmented masks of that image. Entries are keyed by
-the image content (a BLAKE2 digest of the exact input tensor, so a flipped image is another entry), the
-input size and a fingerprint of the encoder weights: loading other weights, or training the encoder,
-changes the fingerprint and nothing stale is ever returned. Embeddings are stored in float16.
+the caller's keys (the image's file identity, frame and flip, from the dataset) or, without them, by the image
+content (a BLAKE2 digest of the exact input tensor, so a flipped image is another entry, and its size), and by a
+fingerprint of the encoder weights: loading other weights, or training the encoder, changes the fingerprint and
+nothing stale is ever returned. Embeddings are stored in float16.
+
+Content digests read the whole image back to the host: free for host images, a device-to-host copy (a host sync)
+for device ones. Training passes dataset keys instead.
 """
 
 from __future__ import annotations
@@ -35,10 +39,19 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 def content_key(image: torch.Tensor) -> str:
     """Digest of one input image (C, H, W), shape included."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(tuple(image.shape)).encode())
-    h.update(image.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return content_keys(image[None])[0]
+
+
+def content_keys(images: torch.Tensor) -> list[str]:
+    """Digests of a batch (B, C, H, W) of images, as ``content_key`` of each (one host copy for the batch)."""
+    host = images.detach().to("cpu", torch.float16).contiguous().numpy()
+    keys = []
+    for image in host:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str(tuple(image.shape)).encode())
+        h.update(image.tobytes())
+        keys.append(h.hexdigest())
+    return keys
 
 
 class EmbeddingCache(nn.Module):
@@ -104,9 +117,15 @@ class EmbeddingCache(nn.Module):
             atomic_write(path, lambda tmp: torch.save(value, tmp))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) encoder input -> (B, C, h, w) embeddings in the encoder's output dtype, on its device."""
-        keys = [content_key(img) for img in images]
+    def forward(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) encoder input -> (B, C, h, w) embeddings in the encoder's output dtype, on the images' device.
+
+        ``keys``: one identity per image (e.g. file digest, frame and flip); None: digests of the image contents.
+        """
+        if keys is None:
+            keys = content_keys(images)
+        elif len(keys) != images.shape[0]:
+            raise ValueError(f"{len(keys)} cache keys for {images.shape[0]} images")
         found = [self._get(k) for k in keys]
         missing = [i for i, v in enumerate(found) if v is None]
         self.hits += len(keys) - len(missing)
@@ -114,8 +133,9 @@ class EmbeddingCache(nn.Module):
         if missing:
             computed = self.encoder(images[missing])
             out_dtype = computed.dtype
-            for i, emb in zip(missing, computed, strict=True):
-                found[i] = emb.to("cpu", self.dtype)
+            stored = computed.to("cpu", self.dtype)  # one device-to-host copy for the batch's misses
+            for i, emb in zip(missing, stored, strict=True):
+                found[i] = emb.clone()  # own storage: a view would keep (and save) the whole batch
                 self._put(keys[i], found[i])
         else:
             out_dtype = next(self.encoder.parameters()).dtype

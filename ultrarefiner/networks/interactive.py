@@ -96,7 +96,7 @@ def interactive_prompts(
             gen = refiner.prompt_generator
             if prompts["boxes"] is None and gen.use_box_prompt and float(mask.max()) > 0.5:
                 src = mask[None, None]
-                if gen.box_source == "largest":
+                if gen.box_source != "whole":  # one prompt set here: "components" takes the largest too
                     src = src * largest_component(src, max_side=gen.max_side)
                 prompts["boxes"] = tight_box(src)[0]
     if all(v is None for v in prompts.values()):

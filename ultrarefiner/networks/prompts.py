@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BOX_SOURCES",
     "PromptGenerator",
     "component_labels",
+    "component_masks",
     "largest_component",
     "moment_box",
     "negative_point",
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 _EPS = 1e-6
+BOX_SOURCES = ("largest", "whole", "components")
 
 
 def _to_work(prob: torch.Tensor, max_side: int) -> tuple[torch.Tensor, float, float]:
@@ -94,17 +97,14 @@ def soft_depth(prob: torch.Tensor, iterations: int | None = None) -> tuple[torch
     e = prob
     depth = torch.zeros_like(prob)
     hard = torch.zeros_like(prob)
-    tracing = torch.jit.is_tracing()
-    alive = torch.ones((), dtype=prob.dtype, device=prob.device)
+    alive = torch.ones((), dtype=torch.bool, device=prob.device)
     for _ in range(max(1, iterations)):
         on = e.detach() > 0.5
-        if tracing:
-            # a trace cannot keep a data-dependent break: run every step, masked once nothing is left
-            alive = alive * on.any().to(prob.dtype)
-        elif not bool(on.any()):
-            break
-        depth = depth + e * alive
-        hard = hard + on.to(prob.dtype) * alive
+        # no data-dependent break (a host sync per step on a GPU, and untraceable): every step runs, masked once
+        # nothing is left in the whole batch, which sums exactly what the break did
+        alive = alive & on.any()
+        depth = torch.where(alive, depth + e, depth)
+        hard = torch.where(alive, hard + on.to(prob.dtype), hard)
         # max_pool pads with -inf, so the image border does not erode (a lesion at the border keeps its depth).
         e = -F.max_pool2d(-e, kernel_size=3, stride=1, padding=1)
     return depth, hard
@@ -308,6 +308,45 @@ def largest_component(prob: torch.Tensor, threshold: float = 0.5, max_side: int 
         return (comp > 0).to(prob.dtype) * (prob > threshold).to(prob.dtype)
 
 
+def component_masks(prob: torch.Tensor, max_components: int = 4, min_fraction: float = 0.001,
+                    threshold: float = 0.5, max_side: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``max_components`` largest 8-connected components of ``prob > threshold``, largest first (no gradient).
+
+    Labelled in the area-downsampled working frame like ``largest_component``, with a fixed number of slots so that
+    no host sync decides the shapes: slots beyond the mask's components, or whose area is below ``min_fraction`` of
+    the image, are marked invalid. Slot 0 (the largest component, as ``largest_component`` gives it) is valid
+    whenever the mask has foreground.
+
+    Arguments:
+      prob (torch.Tensor): (B,1,H,W) soft mask in [0,1].
+
+    Returns:
+      torch.Tensor: (B,K,H,W) 0/1 masks (each intersected with ``prob > threshold``), K = ``max_components``.
+      torch.Tensor: (B,K) bool, slot holds a component above the size floor.
+    """
+    if max_components < 1:
+        raise ValueError(f"max_components must be >= 1, got {max_components}")
+    with torch.no_grad():
+        work, _, _ = _to_work(prob.float(), max_side)
+        lab = component_labels(work > threshold)
+        b, hw = lab.shape[0], lab[0].numel()
+        flat = lab.view(b, -1).long()
+        area = torch.zeros(b, hw + 1, device=prob.device).scatter_add_(1, flat, torch.ones_like(lab.view(b, -1)))
+        area[:, 0] = 0
+        k = min(max_components, hw)
+        top_area, top_id = area.topk(k, dim=1)  # (B,K), largest first; id 0 (background) only where area is 0
+        valid = top_area >= max(min_fraction * hw, 1.0)
+        valid[:, 0] = top_area[:, 0] > 0
+        comp = (lab == top_id.view(b, k, 1, 1).float()) & (lab > 0)  # (B,K,h,w)
+        comp = F.max_pool2d(comp.float(), 3, stride=1, padding=1)  # one working pixel of slack before mapping back
+        if comp.shape[-2:] != prob.shape[-2:]:
+            comp = F.interpolate(comp, size=prob.shape[-2:], mode="nearest")
+        if k < max_components:  # a mask of fewer pixels than slots
+            comp = F.pad(comp, (0, 0, 0, 0, 0, max_components - k))
+            valid = F.pad(valid, (0, max_components - k), value=False)
+        return (comp > 0).to(prob.dtype) * (prob > threshold).to(prob.dtype), valid
+
+
 def straight_through_box(prob: torch.Tensor, threshold: float = 0.5, weighting: str = "soft_threshold") -> torch.Tensor:
     """Forward: the tight box of ``prob > threshold``; backward: the moment box's gradient. (B,4)."""
     moment = moment_box(prob, weighting)
@@ -366,11 +405,13 @@ class PromptGenerator(nn.Module):
           point_temperature, point_window, negative_margin, max_side: see ``positive_point``/``negative_point``.
           box_source (str): ``largest`` (default): the box of the coarse mask's largest connected component, or
             ``whole``: the box of the whole mask (a stray false-positive blob then stretches the box over both,
-            which measured worse on BUSI; see bundles/sam_refiner/docs/README.md).
+            which measured worse on BUSI; see bundles/sam_refiner/docs/README.md), or ``components``: one prompt
+            set per component, which ``SAMRefiner`` builds from ``component_masks``; a single prompt set here (the
+            interactive path) then takes the largest component's box.
         """
         super().__init__()
-        if box_source not in ("largest", "whole"):
-            raise ValueError(f"box_source must be 'largest' or 'whole', got {box_source!r}")
+        if box_source not in BOX_SOURCES:
+            raise ValueError(f"box_source must be one of {', '.join(map(repr, BOX_SOURCES))}, got {box_source!r}")
         self.box_source = box_source
         if box_mode not in ("straight_through", "moment", "tight"):
             raise ValueError(f"box_mode must be 'straight_through', 'moment' or 'tight', got {box_mode!r}")
@@ -384,10 +425,12 @@ class PromptGenerator(nn.Module):
         self.negative_margin = negative_margin
         self.max_side = max_side
 
-    def forward(self, prob: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(self, prob: torch.Tensor, box_source: str | None = None) -> dict[str, torch.Tensor | None]:
         """
         Arguments:
           prob (torch.Tensor): (B,1,H,W) soft coarse mask in [0,1].
+          box_source (str or None): overrides ``self.box_source`` (``whole`` for a mask already cut to one
+            component, which saves the component labelling).
 
         Returns:
           dict with
@@ -416,7 +459,7 @@ class PromptGenerator(nn.Module):
             out["point_labels"] = torch.stack(labels, dim=1)
         if self.use_box_prompt:
             box_prob = prob
-            if self.box_source == "largest":
+            if (box_source or self.box_source) != "whole":
                 box_prob = prob * largest_component(prob, max_side=self.max_side)  # gradient through prob inside it
             if self.box_mode == "straight_through":
                 out["boxes"] = straight_through_box(box_prob, weighting=self.box_weighting)

@@ -13,15 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from torch import nn
 
 from ultrarefiner.utils.flags import as_flag
 
 from .lite_medsam import is_lite_medsam
 from .lora import apply_lora, count_parameters, has_lora
-from .prompts import PromptGenerator, probability_to_mask_logits
+from .prompts import PromptGenerator, component_masks, probability_to_mask_logits
 from .sam_geometry import SamGeometry
 from .sam_weights import build_sam, load_sam_checkpoint
 
@@ -70,6 +69,34 @@ def decode_masks_batched(decoder: MaskDecoder, image_embeddings: torch.Tensor, i
     return masks[:, mask_slice], iou_pred[:, mask_slice]
 
 
+def encode_prompts(pe: PromptEncoder, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,
+                   masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``PromptEncoder.forward`` without host syncs: segment-anything embeds points by boolean-mask indexing
+    (``emb[labels == -1] = 0``), a data-dependent shape and so a host sync per line on a GPU; here ``torch.where``
+    gives the same values and gradients.
+
+    Returns:
+      torch.Tensor: (B,N,C) sparse embeddings; torch.Tensor: (B|1,C,h,w) dense embeddings.
+    """
+    if points is None:
+        return pe(points=None, boxes=boxes, masks=masks)
+    coords, labels = points
+    coords = coords + 0.5  # pixel centres, as segment-anything
+    if boxes is None:  # segment-anything pads a lone point set with one "not a point"
+        coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
+        labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+    emb = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
+    lab = labels[..., None]
+    emb = torch.where(lab == -1, pe.not_a_point_embed.weight.expand_as(emb), emb)
+    emb = torch.where(lab == 0, emb + pe.point_embeddings[0].weight, emb)
+    emb = torch.where(lab == 1, emb + pe.point_embeddings[1].weight, emb)
+    sparse, dense = pe(points=None, boxes=boxes, masks=masks)
+    b = emb.shape[0]
+    if dense.shape[0] != b:  # no box and no mask: segment-anything sizes its outputs by the points
+        sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
+    return torch.cat([emb.to(sparse.dtype), sparse], dim=1), dense
+
+
 class SAMRefiner(nn.Module):
     def __init__(
         self,
@@ -103,6 +130,8 @@ class SAMRefiner(nn.Module):
         selection_temperature: float = 0.1,
         selection_grad: bool = False,
         batched_decoder: bool = True,
+        max_components: int = 4,
+        min_component: float = 0.001,
     ) -> None:
         """
         SAM/MedSAM refiner of a soft coarse mask, differentiable with respect to that mask.
@@ -123,7 +152,9 @@ class SAMRefiner(nn.Module):
           use_mask_prompt (bool): feed the coarse mask as SAM's dense mask prompt.
           box_mode (str): ``straight_through`` (tight box forward, moment-box gradient), ``moment`` or ``tight``.
           box_weighting, point_temperature, point_window, negative_margin, prompt_max_side: prompt settings.
-          box_source (str): ``largest`` (box of the coarse mask's largest connected component) or ``whole``.
+          box_source (str): ``largest`` (box of the coarse mask's largest connected component), ``whole``, or
+            ``components``: one prompt set (box, mask prompt) per connected component of the coarse mask, decoded
+            in one batch and merged by the maximum of their logits, for images with several lesions.
           mask_prompt_mode (str), mask_prompt_max_logit (float): probability -> logit map of the mask prompt
             (``prompts.probability_to_mask_logits``).
           freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder (bool): requires_grad off.
@@ -136,6 +167,10 @@ class SAMRefiner(nn.Module):
           selection_grad (bool): let the segmentation loss reach the IoU head through the selection weights
             (False: the IoU head is trained by the IoU-prediction loss only, keeping it calibrated).
           batched_decoder (bool): batched decoder (True) or a per-sample loop over ``MaskDecoder.forward``.
+          max_components (int): ``components``: at most this many components, largest first (a fixed number of
+            slots keeps the shapes free of host syncs; empty slots are decoded and discarded).
+          min_component (float): ``components``: smallest component area kept, as a fraction of the image; the
+            largest component is always kept.
         """
         super().__init__()
         if sam is None:
@@ -169,6 +204,8 @@ class SAMRefiner(nn.Module):
         self.selection_grad = selection_grad
         self.batched_decoder = batched_decoder
         self.freeze_image_encoder = freeze_image_encoder
+        self.max_components = int(max_components)
+        self.min_component = float(min_component)
 
         sam.image_encoder.requires_grad_(not freeze_image_encoder)
         sam.prompt_encoder.requires_grad_(not freeze_prompt_encoder)
@@ -224,18 +261,20 @@ class SAMRefiner(nn.Module):
             return (xy + 1.0) * scale - 1.0
         return (xy + 0.5) * scale - 0.5
 
-    def make_prompts(self, coarse: torch.Tensor, original_size: Sequence[int]) -> dict[str, torch.Tensor | None]:
+    def make_prompts(self, coarse: torch.Tensor, original_size: Sequence[int],
+                     box_source: str | None = None) -> dict[str, torch.Tensor | None]:
         """Prompts from the coarse mask, in the original image frame.
 
         Arguments:
           coarse (torch.Tensor): (B,1,h,w) soft mask in [0,1] covering the whole image (any resolution).
           original_size: (H, W) of the image.
+          box_source (str or None): overrides the prompt generator's (``PromptGenerator.forward``).
 
         Returns:
           dict: "point_coords" (B,N,2) / "point_labels" (B,N) / "boxes" (B,4) in original-image pixels (each None
             when disabled), "mask_input" (B,1,L,L) mask-prompt logits in SAM's low-res frame (None when disabled).
         """
-        prompts = self.prompt_generator(coarse)
+        prompts = self.prompt_generator(coarse, box_source)
         mask_size = coarse.shape[-2:]
         if prompts["point_coords"] is not None:
             prompts["point_coords"] = self._mask_to_image_frame(prompts["point_coords"], mask_size, original_size)
@@ -269,7 +308,7 @@ class SAMRefiner(nn.Module):
         masks = prompts.get("mask_input")
         if masks is not None:
             masks = masks.to(pe.mask_downscaling[0].weight.dtype)
-        sparse, dense = pe(points=points, boxes=boxes, masks=masks)
+        sparse, dense = encode_prompts(pe, points, boxes, masks)
         b = image_embeddings.shape[0]
         if dense.shape[0] != b:  # no prompt at all: the encoder returns batch 1
             dense = dense.expand(b, -1, -1, -1)
@@ -286,7 +325,9 @@ class SAMRefiner(nn.Module):
     def selection_weights(self, iou_predictions: torch.Tensor) -> torch.Tensor:
         """(B,K) weights over candidates: softmax(iou / T) in training mode, one-hot argmax in eval mode."""
         if not self.training:
-            return F.one_hot(iou_predictions.argmax(dim=1), iou_predictions.shape[1]).to(iou_predictions.dtype)
+            # scatter, not F.one_hot: one_hot checks its indices' range with .item() outside CUDA
+            best = iou_predictions.argmax(dim=1, keepdim=True)
+            return torch.zeros_like(iou_predictions).scatter_(1, best, 1.0)
         scores = iou_predictions if self.selection_grad else iou_predictions.detach()
         return torch.softmax(scores / self.selection_temperature, dim=1)
 
@@ -340,6 +381,8 @@ class SAMRefiner(nn.Module):
                              "training mode: the encoder would get no gradient")
         original_size = (int(original_size[0]), int(original_size[1]))
         coarse = coarse.float()  # prompt geometry in float32 (bf16 would round 1024-frame coordinates by pixels)
+        if self.prompt_generator.box_source == "components":
+            return self._forward_components(image_embeddings, coarse, original_size)
         prompts = self.make_prompts(coarse, original_size)
         low_res, iou = self.decode(image_embeddings, prompts, original_size)
         weights = self.selection_weights(iou)
@@ -354,4 +397,44 @@ class SAMRefiner(nn.Module):
             "candidate_logits": candidates,
             "masks": masks,
             "prompts": prompts,
+        }
+
+    def _forward_components(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
+                            original_size: tuple[int, int]) -> dict[str, object]:
+        """``forward`` with one prompt set per connected component (``box_source="components"``).
+
+        The B images' K component slots are decoded as B*K prompt sets in one batch; each slot's prompts come from
+        the coarse mask cut to that component (its box and its mask prompt). The refined mask is the maximum of the
+        valid slots' logits (the union of the per-lesion masks). Slot 0 is the largest component, or the whole
+        coarse mask when it has no foreground (the whole-image box, as with one prompt set).
+
+        Returns ``forward``'s dict: "low_res_logits", "candidate_logits", "low_res_masks" and "masks" merged over
+        the slots; "iou_predictions", "selection_weights" and "prompts" of slot 0 (the largest component), plus
+        "component_boxes" (B,K,4) in image pixels and "component_valid" (B,K) bool.
+        """
+        b, k = coarse.shape[0], self.max_components
+        comps, valid = component_masks(coarse, k, self.min_component, max_side=self.prompt_generator.max_side)
+        parts = coarse * comps  # (B,K,h,w): gradient through the coarse mask inside each component
+        first_part = torch.where(valid[:, :1, None, None], parts[:, :1], coarse)
+        parts = torch.cat([first_part, parts[:, 1:]], dim=1)
+        valid = torch.cat([torch.ones_like(valid[:, :1]), valid[:, 1:]], dim=1)
+        prompts = self.make_prompts(parts.reshape(b * k, 1, *coarse.shape[-2:]), original_size, box_source="whole")
+        low_res, iou = self.decode(image_embeddings.repeat_interleave(k, dim=0), prompts, original_size)
+        weights = self.selection_weights(iou)
+        low_res_sel = (weights[:, :, None, None] * low_res).sum(dim=1, keepdim=True)
+        # invalid slots can never win the maximum: slot 0 is always valid and finite
+        off = torch.where(valid, 0.0, float("-inf")).to(low_res.dtype).view(b, k, 1, 1, 1)
+        low_res = (low_res.view(b, k, *low_res.shape[1:]) + off).amax(dim=1)
+        low_res_sel = (low_res_sel.view(b, k, *low_res_sel.shape[1:]) + off).amax(dim=1)
+        first = {key: (v.view(b, k, *v.shape[1:])[:, 0] if v is not None else None) for key, v in prompts.items()}
+        first["component_boxes"] = (prompts["boxes"].view(b, k, 4) if prompts["boxes"] is not None else None)
+        first["component_valid"] = valid
+        return {
+            "low_res_logits": low_res,
+            "iou_predictions": iou.view(b, k, -1)[:, 0],
+            "selection_weights": weights.view(b, k, -1)[:, 0],
+            "low_res_masks": low_res_sel,
+            "candidate_logits": self.geometry.postprocess_masks(low_res, original_size),
+            "masks": self.geometry.postprocess_masks(low_res_sel, original_size),
+            "prompts": first,
         }

@@ -6,7 +6,8 @@ against the NATIVE-resolution image (never the 224 image upsampled), so the refi
 decoder and encoder through the prompts.
 
 The SAM image does not depend on the coarse mask: with a frozen image encoder its embeddings are computed once
-per image and reused (``EmbeddingCache``, keyed by the raw 0-255 image, so a hit also skips SAM's resize).
+per image and reused (``EmbeddingCache``, keyed by the dataset's image identity or else the raw 0-255 image; a hit
+also skips SAM's resize).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class UltraRefiner(nn.Module):
         self.cache_dir, self.cache_max_items, self.cache_dtype = cache_dir, cache_max_items, cache_dtype
         # plain dict: kept out of the module tree so the encoder weights are not duplicated in state_dict()
         self._caches: dict[bool, EmbeddingCache] = {}
+        self._range_checked = False  # the TransUNet input's [0,1] range, read back on the first forward only
         if self.cache_embeddings:
             # loading weights (a SAM/MedSAM file, a checkpoint) changes the embeddings: re-key the cache then
             refiner.sam.image_encoder.register_load_state_dict_post_hook(lambda module, keys: self.refresh_cache())
@@ -143,7 +145,8 @@ class UltraRefiner(nn.Module):
             raise ValueError(f"sam_image {own} is neither original_size {size} nor its encoder frame {frame}")
         return size, True
 
-    def encode_image(self, sam_image: torch.Tensor, original_size: Sequence[int] | None = None) -> torch.Tensor:
+    def encode_image(self, sam_image: torch.Tensor, original_size: Sequence[int] | None = None,
+                     image_keys: Sequence[str] | None = None) -> torch.Tensor:
         """
         SAM image embeddings, through the cache when enabled (e.g. to precompute them).
 
@@ -151,6 +154,8 @@ class UltraRefiner(nn.Module):
           sam_image (torch.Tensor): (B,1|3,H,W) on the 0-255 scale, native (or in the encoder frame with
             ``original_size`` the native (H, W)).
           original_size: native (H, W); None: the image's own size.
+          image_keys: cache key per image (file identity, frame, flip: ``E2EPrepareBatch`` passes the dataset's);
+            None: digests of the image contents (read back to the host: a sync for a device image).
 
         Returns:
           torch.Tensor: (B,256,S/16,S/16) embeddings (S = 1024 for vit_b) on the encoder's device.
@@ -165,7 +170,7 @@ class UltraRefiner(nn.Module):
         amp = torch.is_autocast_enabled(device.type)
         cache.encoder.amp_dtype = torch.get_autocast_dtype(device.type) if amp else None
         with torch.autocast(device.type, enabled=False):
-            return cache(sam_image).to(device)
+            return cache(sam_image, None if image_keys is None else list(image_keys)).to(device)
 
     def _check_inputs(self, image: torch.Tensor, sam_image: torch.Tensor | None,
                       image_embeddings: torch.Tensor | None, original_size: Sequence[int] | None) -> None:
@@ -178,9 +183,13 @@ class UltraRefiner(nn.Module):
                              f"(image shape {tuple(image.shape)})")
         if img_size is not None and tuple(image.shape[-2:]) != (img_size, img_size):
             raise ValueError(f"image must be {img_size}x{img_size} for TransUNet, got {tuple(image.shape[-2:])}")
-        if image.is_floating_point() and float(image.detach().amax()) > 1.0 + 1e-3:
-            raise ValueError("TransUNet's image must be in [0,1] (max > 1: a 0-255 image?); only sam_image is on "
-                             "the 0-255 scale")
+        # reading the values back is a host sync: done on the first forward only (a 0-255 input is a systematic
+        # mistake); E2EPrepareBatch checks every training batch on the host, before it moves to the device
+        if not self._range_checked and image.is_floating_point() and image.numel():
+            if float(image.detach().amax()) > 1.0 + 1e-3:
+                raise ValueError("TransUNet's image must be in [0,1] (max > 1: a 0-255 image?); only sam_image is on "
+                                 "the 0-255 scale")
+            self._range_checked = True
         b = image.shape[0]
         if (sam_image is None) == (image_embeddings is None):
             raise ValueError("give exactly one of sam_image (native 0-255 image) and image_embeddings")
@@ -204,6 +213,7 @@ class UltraRefiner(nn.Module):
         sam_image: torch.Tensor | None = None,
         image_embeddings: torch.Tensor | None = None,
         original_size: Sequence[int] | None = None,
+        image_keys: Sequence[str] | None = None,
     ) -> dict[str, object]:
         """
         Arguments:
@@ -214,6 +224,7 @@ class UltraRefiner(nn.Module):
           image_embeddings (torch.Tensor or None): (B,256,S'/16,S'/16) precomputed embeddings instead of
             ``sam_image`` (then ``original_size`` is required).
           original_size: native (H, W) shared by the batch; None: ``sam_image``'s own size.
+          image_keys: embedding-cache key per ``sam_image`` (see ``encode_image``); None: content digests.
 
         Returns:
           dict with
@@ -227,7 +238,7 @@ class UltraRefiner(nn.Module):
         if sam_image is not None:
             original_size, _ = self._sam_frame(sam_image, original_size)
             if self.cache_embeddings:
-                image_embeddings = self.encode_image(sam_image, original_size)
+                image_embeddings = self.encode_image(sam_image, original_size, image_keys)
                 sam_image = None
         coarse_logits = self.transunet(image)
         coarse_probs = self.coarse_probability(coarse_logits)

@@ -1,0 +1,249 @@
+"""Host syncs per training step (phase 2 and phase 3) and per inference batch, counted on the CPU.
+
+``HostSyncCounter`` (``ultrarefiner.utils.sync_counter``) stands in for a GPU: it counts every operation that would
+make the host wait for the device (``.item()``, ``bool(tensor)``, boolean-mask indexing, ``.cpu()`` of a device
+tensor, ...). A training step may keep at most one (the logged loss); the steps here have none, so a ``.item()``
+re-added anywhere in them fails these tests (each test also checks that the counter sees a deliberate one).
+
+The trainers run as the bundles run them, with ``decollate=False``: MONAI's decollation turns every scalar of the
+iteration output into a Python number with ``.item()``, one host sync per loss term and per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from refiner_toy import write_toy
+from torch.utils.data import DataLoader
+
+from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
+from ultrarefiner.engines.e2e_training import E2EIteration, E2EPrepareBatch, build_e2e_optimizer
+from ultrarefiner.engines.refiner_training import (
+    KeyedEmbeddingCache,
+    RefinerPrepareBatch,
+    RefinerTrainStep,
+    precompute_embeddings,
+)
+from ultrarefiner.engines.ultra_predict import refine
+from ultrarefiner.losses import RefinerLoss, UltraRefinerLoss
+from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
+from ultrarefiner.utils.sync_counter import HostSyncCounter
+
+S, H, W = 64, 96, 128  # TransUNet input side, native SAM image size
+POINTS = {"use_point_prompt": True, "use_negative_point": True}  # exercises soft_depth and the point embeddings
+
+
+def count_iteration(trainer: Engine, iteration: int, *device_state) -> HostSyncCounter:
+    """A counter over the whole of iteration ``iteration`` (the step and the trainer's own per-iteration handlers)."""
+    counter = HostSyncCounter(*device_state)
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=iteration), lambda _: counter.__enter__())
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), lambda _: counter.__exit__(None, None, None))
+    return counter
+
+
+def test_counter_counts_what_would_sync():
+    weight = torch.randn(4, requires_grad=True)  # stands for a parameter on the GPU
+    host = torch.tensor([[3, 4], [3, 4]])  # a collated batch on the host
+    with HostSyncCounter(weight) as syncs:
+        assert host.reshape(-1, 2).tolist() == [[3, 4], [3, 4]] and bool((host == host[0]).all())  # host: free
+        torch.arange(3).tolist()  # a host factory: free
+        y = weight * 2
+        y.sum().item()
+        bool((y > 0).any())
+        y[y > 0]
+        y.nonzero()
+        y.detach().cpu()
+        y.detach().numpy()
+        int(host.to("cpu")[0, 0])  # moved to the device, then read
+    kinds = [e.op for e in syncs.events]
+    assert syncs.count == 7, syncs.report()
+    assert kinds.count("aten._local_scalar_dense.default") == 3 and "cpu" in kinds and "numpy" in kinds
+
+
+# ------------------------------------------------------------------------------------------------ phase 2
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy(tmp_path_factory.mktemp("host_syncs"), n_train=5)
+
+
+class _ItemLoss(RefinerLoss):
+    """A refiner loss that reads its value back, as a logging line inside the step would."""
+
+    def forward(self, *args, **kwargs):
+        terms = super().forward(*args, **kwargs)
+        terms["loss_value"] = terms["loss"].item()
+        return terms
+
+
+def _phase2_syncs(toy, loss: RefinerLoss, **refiner_kwargs) -> HostSyncCounter:
+    refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=0), preprocessing="sam", **refiner_kwargs)
+    data = SimulatedCoarseDataset.from_datalist(toy, 0, refiner.geometry, seed=1)
+    cache = KeyedEmbeddingCache(refiner.sam.image_encoder)
+    precompute_embeddings(refiner, cache, data)  # a warm cache: the steady state of training
+    optimizer = torch.optim.AdamW([p for p in refiner.parameters() if p.requires_grad], lr=1e-4)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=2,
+                                train_data_loader=DataLoader(data, batch_size=2), network=refiner, optimizer=optimizer,
+                                loss_function=loss, prepare_batch=RefinerPrepareBatch(),
+                                iteration_update=RefinerTrainStep(cache, curriculum=True), decollate=False)
+    syncs = count_iteration(trainer, 2, refiner, optimizer)
+    trainer.run()
+    assert cache.misses == len(data.encoder_sources()) and torch.isfinite(trainer.state.output["loss"])
+    return syncs
+
+
+@pytest.mark.parametrize("prompts", [{}, POINTS], ids=["box_mask", "points"])
+def test_phase2_step_keeps_the_device_busy(toy, prompts):
+    syncs = _phase2_syncs(toy, RefinerLoss(), **prompts)
+    assert syncs.count <= 1, syncs.report()
+    assert syncs.count == 0, syncs.report()  # nothing is read back: the handlers fetch the loss when they log it
+    if not prompts:
+        with_item = _phase2_syncs(toy, _ItemLoss())
+        assert with_item.count == syncs.count + 1, with_item.report()
+
+
+# ------------------------------------------------------------------------------------------------ phase 3
+def _images(b: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,1,S,S) [0,1] TransUNet input, (B,1,H,W) 0-255 native image and (B,1,H,W) label of one scene."""
+    g = torch.Generator().manual_seed(0)
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    label = ((((xs - 60) / 30) ** 2 + ((ys - 45) / 20) ** 2) < 1).float()[None, None].repeat(b, 1, 1, 1)
+    native = (0.3 + 0.4 * label + 0.2 * torch.rand(b, 1, H, W, generator=g)).clamp(0, 1)
+    small = F.interpolate(native, (S, S), mode="bilinear", align_corners=False, antialias=True)
+    return small, native * 255, label
+
+
+def _ultrarefiner(**refiner_kwargs) -> UltraRefiner:
+    torch.manual_seed(0)
+    transunet = TransUNet(img_size=S, vit_depth=1, hidden_size=32, num_heads=2, mlp_dim=64, block_units=(1, 1, 1),
+                          decoder_channels=(32, 16, 16, 8), dropout=0.0)
+    with torch.no_grad():  # about a quarter of the pixels foreground: real prompts, not p ~ 0.5 everywhere
+        logits = transunet(_images()[0])
+        transunet.segmentation_head[0].bias[1] -= (logits[:, 1] - logits[:, 0]).flatten().quantile(0.75)
+    refiner = SAMRefiner(build_tiny_sam(img_size=256, encoder_depth=1, seed=0), preprocessing="medsam",
+                         **refiner_kwargs)
+    return UltraRefiner(transunet, refiner)
+
+
+def _e2e_trainer(model: UltraRefiner, optimizer: torch.optim.Optimizer, loss=None, iterations: int = 3,
+                 step: E2EIteration | None = None) -> SupervisedTrainer:
+    small, native, label = _images()
+    batch = {"image": small, "sam_image": native, "label": label, "sam_image_id": ["scan-a", "scan-b"],
+             "original_size": torch.tensor([[H, W], [H, W]])}
+    return SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=iterations,
+                             train_data_loader=[batch] * iterations, network=model, optimizer=optimizer,
+                             loss_function=loss or UltraRefinerLoss(),
+                             prepare_batch=E2EPrepareBatch(original_size_key="original_size"),
+                             iteration_update=step or E2EIteration(), decollate=False, amp=False)
+
+
+class _ItemUltraLoss(UltraRefinerLoss):
+    def forward(self, *args, **kwargs):
+        terms = super().forward(*args, **kwargs)
+        float(terms["loss"])
+        return terms
+
+
+@pytest.mark.parametrize("prompts", [{}, POINTS], ids=["box_mask", "points"])
+def test_phase3_step_keeps_the_device_busy(prompts):
+    model = _ultrarefiner(**prompts)
+    optimizer = build_e2e_optimizer(model)
+    assert all(g["fused"] for g in optimizer.param_groups)  # skips a non-finite step on the device
+    trainer = _e2e_trainer(model, optimizer)
+    syncs = count_iteration(trainer, 2, model, optimizer)
+    trainer.run()
+    assert syncs.count <= 1, syncs.report()
+    assert syncs.count == 0, syncs.report()
+    assert model.cache_stats() == {"hits": 4, "misses": 2}  # keyed by sam_image_id: no image digest
+    if not prompts:
+        model = _ultrarefiner()
+        optimizer = build_e2e_optimizer(model)
+        trainer = _e2e_trainer(model, optimizer, _ItemUltraLoss())
+        with_item = count_iteration(trainer, 2, model, optimizer)
+        trainer.run()
+        assert with_item.count == 1, with_item.report()
+
+
+def test_phase3_step_with_a_non_fused_optimizer_reads_one_flag():
+    model = _ultrarefiner()
+    optimizer = build_e2e_optimizer(model, fused=False)
+    trainer = _e2e_trainer(model, optimizer)
+    syncs = count_iteration(trainer, 2, model, optimizer)
+    trainer.run()
+    assert syncs.count == 1 and "_gated_step" in syncs.events[0].where, syncs.report()
+
+
+class _NaNLoss(UltraRefinerLoss):
+    """Non-finite gradients at the iterations in ``bad``."""
+
+    def __init__(self, bad: set[int]) -> None:
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, *args, **kwargs):
+        terms = super().forward(*args, **kwargs)
+        self.calls += 1
+        if self.calls in self.bad:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_step_leaves_weights_and_state_unchanged(fused, caplog):
+    model = _ultrarefiner()
+    optimizer = build_e2e_optimizer(model, fused=fused)
+    step = E2EIteration()
+    trainer = _e2e_trainer(model, optimizer, _NaNLoss({2}), iterations=2, step=step)
+    saved: dict = {}
+
+    def snapshot(engine: Engine) -> None:
+        saved["weights"] = {k: v.detach().clone() for k, v in model.named_parameters()}  # (buffers: BN statistics)
+        saved["state"] = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), snapshot)
+    with caplog.at_level(logging.WARNING, logger="ultrarefiner.engines.e2e_training"):
+        trainer.run()
+    assert not torch.isfinite(trainer.state.output["loss"])
+    after = dict(model.named_parameters())
+    assert all(torch.equal(v, after[k]) for k, v in saved["weights"].items())
+    for p, s in optimizer.state.items():
+        assert all(torch.equal(v, s[k]) for k, v in saved["state"][id(p)].items())
+    assert step.skipped_steps == 1
+    assert "1 optimizer step(s) skipped" in caplog.text  # read at the end of the epoch
+    # the next finite step trains again
+    trainer.state.max_epochs = 2
+    trainer.run()
+    assert step.skipped_steps == 1
+    assert not torch.equal(model.transunet.pos_embed, saved["weights"]["transunet.pos_embed"])
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def test_refiner_forward_on_a_batch():
+    """``refine_folder``'s batched call: host uint8 images (the exact resize runs on the host), coarse masks on the
+    device, eval mode."""
+    refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=0), preprocessing="sam").eval()
+    _, native, label = _images(4)
+    image = native.round().to(torch.uint8)
+    coarse = F.avg_pool2d(label, 5, stride=1, padding=2)
+    with torch.inference_mode():
+        refiner(image=image, coarse=coarse)
+        with HostSyncCounter(refiner) as syncs:
+            out = refiner(image=image, coarse=coarse.to("cpu"))
+            masks = (out["masks"][:, 0] > 0).cpu()  # the one final fetch
+    assert syncs.count == 1 and masks.shape == (4, H, W), syncs.report()
+
+
+def test_ultrarefiner_predict_on_a_batch():
+    built = _ultrarefiner()
+    model = UltraRefiner(built.transunet, built.refiner, cache_embeddings=False).eval()
+    small, native, _ = _images(3)
+    with torch.inference_mode():
+        refine(model, small, native)  # the first call checks the TransUNet input's range
+        with HostSyncCounter(model) as syncs:
+            out = refine(model, small.to("cpu"), native, iterations=1, quality_gate=True)
+    assert syncs.count == 0, syncs.report()
+    assert out["final"].shape == (3, 1, H, W)
