@@ -1,9 +1,12 @@
-"""MONAI Label app (``monailabel_app/``): serving helpers in-process, then a real server on loopback.
+"""MONAI Label app (``monailabel_app/``): serving helpers in-process, its set-up script, then a real server on loopback.
 
-The server runs in MONAI Label's own virtual environment (``.venv-monailabel``, made by ``.ci/run``; MONAI Label pins
-numpy < 2 and pydicom < 3). Without it the server tests skip locally and fail in CI. Weights are tiny and made
-here (TransUNet 32x32 with one ViT block, a tiny SAM); the TransUNet head bias is set so that the predicted lesion
-covers about half of these images, so every mask checked is the network's real, non-trivial output.
+The server runs in MONAI Label's own virtual environment (``.venv-monailabel``, made by ``.ci/run`` with
+``monailabel_app/setup_venv.py``, as the app's README tells users; MONAI Label pins numpy < 2 and pydicom < 3).
+Without it the server tests skip locally and fail in CI. The server serves its defaults with no weights given: the
+shipped refiner (``bundles/sam_refiner/models/model.pt``) and LiteMedSAM zero-shot, on real BUSI images. The
+automatic models get tiny weights made here (TransUNet 32x32 with one ViT block; its head bias set so that the
+predicted lesion covers about half of these images, so every mask checked is the network's real, non-trivial
+output); TransUNet's appear only while the server runs, as a training run's would.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -33,8 +37,9 @@ STUDIES = [("benign", "benign (1)"), ("benign", "benign (2)"), ("malignant", "ma
 TINY_TRANSUNET = {"img_size": 32, "vit_depth": 1}
 TINY_SAM = {"img_size": 256}
 TINY_ULTRA = {**TINY_TRANSUNET, "sam_kwargs": {"model_type": "tiny", **TINY_SAM}}
-SERVER_START_S = 120
+SERVER_START_S = 300  # builds and warms up two LiteMedSAM refiners; 30-40 s on 2 busy CPU cores
 REQUEST_S = 180
+DEFAULT_MODELS = {"sam_refiner", "lite_medsam"}  # served with no weights given
 
 
 def ultrarefiner_configured() -> bool:
@@ -122,10 +127,17 @@ def test_interactive_predictor_prompts(tmp_path):
     ys, xs = np.nonzero(label)
     centre = [float(xs.mean()), float(ys.mean())]
     box = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
-    for prompts in ({"label": label}, {"box": box, "background": [[5.0, 5.0]]}):
+    # refusals come before the image is read and encoded: no encoding counted, nothing cached
+    with pytest.raises(ValueError, match="no prompt"):
+        predictor.predict(image, label=np.zeros_like(label))
+    with pytest.raises(ValueError, match="outside"):
+        predictor.predict(image, foreground=[[10_000, 5]])
+    assert predictor.encoder_calls == 0 and not predictor._embeddings
+    for i, prompts in enumerate(({"label": label}, {"box": box, "background": [[5.0, 5.0]]})):
         mask, info = predictor.predict(image, **prompts)
         assert_mask(mask, image)
         assert np.isfinite(info["iou_prediction"])
+        assert info["embedding_cached"] is (i > 0) and predictor.encoder_calls == 1
     mask, info = predictor.predict(image, foreground=[centre])  # a lone click: LiteMedSAM was trained on boxes
     assert mask.shape == label.shape and set(np.unique(mask)) <= {0, 1} and np.isfinite(info["iou_prediction"])
     mask, info = predictor.predict(image, box=box)  # a tight box is what LiteMedSAM was trained on
@@ -174,11 +186,45 @@ def test_training_datalist_groups_near_duplicates(tmp_path):
         write_training_datalist(items[:1], tmp_path / "one")
 
 
+# ------------------------------------------------------------------------------------------- set-up
+@pytest.mark.slow  # a venv with pip (ensurepip) and torch imported in it: about a minute
+def test_setup_venv_links_the_main_environment(tmp_path):
+    """The README's set-up, run with this interpreter (a virtual environment in CI, like a user's activated one): the
+    new environment reads torch and ultrarefiner from this one, so pip sees them there and installs no second copy."""
+    venv = tmp_path / "venv-ml"
+    res = subprocess.run([sys.executable, str(REPO / "monailabel_app" / "setup_venv.py"), "--venv", str(venv),
+                          "--no-install"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    python = venv / "bin" / "python"
+    code = "import json, sys, torch, ultrarefiner as u; print(json.dumps([torch.__file__, u.__file__, sys.prefix]))"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    torch_file, ur_file, prefix = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(prefix) == venv.resolve()
+    assert Path(torch_file).resolve() == Path(torch.__file__).resolve()  # this environment's torch, not the base's
+    assert Path(ur_file).resolve().parent.parent == REPO
+    pip = subprocess.run([str(python), "-m", "pip", "show", "torch"], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0 and f"Version: {torch.__version__.split('+')[0]}" in pip.stdout
+
+
 # ------------------------------------------------------------------------------------------- real server
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _post_form(url: str, fields: dict | None = None, files: dict | None = None) -> urllib.request.Request:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in (fields or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, p in (files or {}).items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{Path(p).name}"\r\n'
+        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + Path(p).read_bytes() + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return urllib.request.Request(url, data=body, method="POST",
+                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
 class Server:
@@ -187,7 +233,7 @@ class Server:
         self.info: dict = {}
         self.started_s = 0.0
         self.files: list[tuple[Path, Path]] = []
-        self.tmp = self.tu = Path()
+        self.tmp = self.tu = self.tu_ready = Path()
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-6000:] if self.log.is_file() else ""
@@ -195,65 +241,96 @@ class Server:
     def request(self, method: str, path: str, query: dict | None = None, fields: dict | None = None,
                 files: dict | None = None, json_body: dict | None = None) -> tuple[int, bytes, str]:
         url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        headers, body = {}, None
         if json_body is not None:
-            body, headers["Content-Type"] = json.dumps(json_body).encode(), "application/json"
+            req = urllib.request.Request(url, data=json.dumps(json_body).encode(), method=method,
+                                         headers={"Content-Type": "application/json"})
         elif fields is not None or files is not None:
-            boundary = uuid.uuid4().hex
-            parts = []
-            for k, v in (fields or {}).items():
-                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-            for k, p in (files or {}).items():
-                head = f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{Path(p).name}"\r\n'
-                parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + Path(p).read_bytes() + b"\r\n")
-            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        req = urllib.request.Request(url, data=body, headers=headers, method=method)
+            req = _post_form(url, fields, files)
+            req.method = method
+        else:
+            req = urllib.request.Request(url, method=method)
         try:
             with urllib.request.urlopen(req, timeout=REQUEST_S) as r:
                 return r.status, r.read(), r.headers.get("Content-Type", "")
         except urllib.error.HTTPError as e:
             return e.code, e.read(), ""
 
+    def infer(self, model: str, image: str, params: dict | None = None, output: str = "json",
+              files: dict | None = None) -> tuple[int, bytes]:
+        status, body, _ = self.request("POST", f"/infer/{model}", {"image": image, "output": output},
+                                       fields={"params": json.dumps(params or {})}, files=files)
+        return status, body
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+    def info_now(self) -> dict:
+        status, body, _ = self.request("GET", "/info/")
+        assert status == 200, body
+        return json.loads(body)
+
+
+def _detail(status: int, body: bytes, expected_status: int, srv: Server) -> str:
+    """The message of an error answer (FastAPI's {"detail": ...})."""
+    assert status == expected_status, f"HTTP {status} (expected {expected_status}): {body[:2000]!r}\n{srv.log_tail()}"
+    return json.loads(body)["detail"]
+
+
+def _venv_python() -> Path:
     if not VENV_PYTHON.is_file():
-        reason = f"MONAI Label environment {VENV_PYTHON.parent.parent} not found: .ci/run creates it"
+        reason = f"MONAI Label environment {VENV_PYTHON.parent.parent} not found: monailabel_app/setup_venv.py " \
+                 "(run by .ci/run) creates it"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+    return VENV_PYTHON
+
+
+def _copy_app(dest: Path) -> Path:
+    """The app in a scratch folder: the server writes model/, logs/ and bin/ into its app folder."""
+    shutil.copytree(REPO / "monailabel_app", dest, ignore=shutil.ignore_patterns("__pycache__", "model", "logs"))
+    return dest
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    python = _venv_python()
     files = busi_files()
     tmp = tmp_path_factory.mktemp("monailabel")
     studies = tmp / "studies"
     studies.mkdir()
     for image, _ in files:
         shutil.copy(image, studies / image.name)
-    app = tmp / "app"  # the server writes model/, logs/ and bin/ into its app folder
-    shutil.copytree(REPO / "monailabel_app", app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs"))
-    tu = save_tiny_transunet(tmp / "transunet.pt", [i for i, _ in files])
-    sam = save_tiny_sam(tmp / "sam.pt")
+    # two broken studies: a PNG cut short (the header reads, the pixels do not) and a file that is no image at all
+    (studies / "truncated.png").write_bytes(files[0][0].read_bytes()[:3000])
+    (studies / "garbage.png").write_bytes(b"not a png at all\n" * 10)
+    app = _copy_app(tmp / "app")
     if ultrarefiner_configured():
         conf_ultra = {"ultrarefiner_checkpoint": str(save_tiny_ultrarefiner(tmp / "ultra.pt", [i for i, _ in files])),
                       "ultrarefiner_overrides": json.dumps(TINY_ULTRA)}
     else:
         conf_ultra = {}
     port = _free_port()
+    # no weights given for the interactive models: the shipped refiner and LiteMedSAM zero-shot are the defaults.
+    # TransUNet's weights file does not exist yet (a test writes it, as a training run would).
     conf = {
         "bundles": str(REPO / "bundles"),
-        "transunet_checkpoint": str(tu),
+        "transunet_checkpoint": str(tmp / "transunet.pt"),
         "transunet_overrides": json.dumps(TINY_TRANSUNET),
-        "sam_refiner_checkpoint": str(sam),
-        "sam_refiner_network": "direct",  # the bundle path is covered in-process
-        "sam_refiner_model_type": "tiny",
-        "sam_refiner_overrides": json.dumps(TINY_SAM),
         **conf_ultra,
     }
-    cmd = [str(VENV_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+    cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port)]
     for k, v in conf.items():
         cmd += ["--conf", k, v]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE",
            "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions")}
     log = tmp / "server.log"
     with open(log, "w") as out:
@@ -276,16 +353,11 @@ def server(tmp_path_factory):
                 pytest.fail(f"server not up after {SERVER_START_S} s:\n{srv.log_tail()}")
             time.sleep(1)
         srv.started_s = time.time() - srv.started_s
-        srv.files, srv.tmp, srv.tu = files, tmp, tu
+        srv.files, srv.tmp, srv.tu = files, tmp, tmp / "transunet.pt"
+        srv.tu_ready = save_tiny_transunet(tmp / "transunet_tiny.pt", [i for i, _ in files])
         yield srv
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(proc)
 
 
 def _mask_from(status: int, body: bytes, srv: Server) -> np.ndarray:
@@ -295,41 +367,103 @@ def _mask_from(status: int, body: bytes, srv: Server) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def test_info_lists_models_and_trainers(server):
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def _gt(label_file: Path) -> tuple[np.ndarray, list[int]]:
+    """The ground-truth mask and its box [x0, y0, x1, y1]."""
+    label = np.asarray(Image.open(label_file).convert("L")) > 0
+    ys, xs = np.nonzero(label)
+    return label, [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+
+
+def test_info_lists_the_default_models(server):
     info = server.info
-    assert {"transunet", "sam_refiner"} <= set(info["models"])
+    assert DEFAULT_MODELS <= set(info["models"]), info["models"]
+    for name in DEFAULT_MODELS:
+        assert info["models"][name]["type"] == "deepgrow" and info["models"][name]["dimension"] == 2
+    assert "bundles/sam_refiner/models/model.pt" in info["models"]["sam_refiner"]["description"]
+    assert "transunet" not in info["models"]  # its weights do not exist: not listed
     # activates when its inference config exists
     assert ("ultrarefiner" in info["models"]) == ultrarefiner_configured()
-    assert info["models"]["transunet"]["type"] == "segmentation"
-    assert info["models"]["sam_refiner"]["type"] == "deepgrow"
-    assert info["models"]["transunet"]["dimension"] == 2
     assert "transunet" in info["trainers"]
-    assert info["datastore"]["total"] == len(STUDIES)
+    assert info["datastore"]["total"] == len(STUDIES) + 2
     assert server.started_s < SERVER_START_S
 
 
-def test_infer_transunet(server):
-    image = server.files[0][0]
-    status, body, _ = server.request("POST", "/infer/transunet", {"image": image.stem, "output": "image"},
-                                     fields={"params": "{}"})
-    assert_mask(_mask_from(status, body, server), image)
-
-
-def test_infer_sam_refiner_with_clicks_box_and_label(server):
+def test_shipped_refiner_and_zero_shot_on_a_real_busi_image(server):
     image, label_file = server.files[1]
-    label = np.asarray(Image.open(label_file).convert("L")) > 0
+    label, box = _gt(label_file)
+    for model in ("sam_refiner", "lite_medsam"):
+        status, body = server.infer(model, image.stem, {"roi": box}, output="image")
+        mask = _mask_from(status, body, server)
+        assert_mask(mask, image)
+        assert _dice(mask, label) > 0.8, (model, _dice(mask, label))
+        # the same image again: its embedding comes from the cache (the encoder does not run again)
+        status, body = server.infer(model, image.stem, {"roi": box})
+        assert status == 200, body
+        again = json.loads(body)
+        assert again["embedding_cached"] is True and again["box"] == [float(v) for v in box]
+    # clicks, box and the current label (uploaded) together; the label is SAM's mask prompt
     ys, xs = np.nonzero(label)
-    params = {"foreground": [[int(xs.mean()), int(ys.mean())]], "background": [[2, 2]],
-              "roi": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]}
-    status, body, _ = server.request("POST", "/infer/sam_refiner", {"image": image.stem, "output": "image"},
-                                     fields={"params": json.dumps(params)}, files={"label": label_file})
-    assert_mask(_mask_from(status, body, server), image)
-    status, body, _ = server.request("POST", "/infer/sam_refiner", {"image": image.stem, "output": "json"},
-                                     fields={"params": json.dumps({"foreground": [[2, 2]]})})
+    params = {"foreground": [[int(xs.mean()), int(ys.mean())]], "background": [[2, 2]], "roi": box}
+    status, body = server.infer("sam_refiner", image.stem, params, output="image", files={"label": label_file})
+    assert _dice(_mask_from(status, body, server), label) > 0.8
+    status, body = server.infer("sam_refiner", image.stem, {"foreground": [[2, 2]]})
     assert status == 200 and json.loads(body)["label_prompt"] is False
-    status, body, _ = server.request("POST", "/infer/sam_refiner", {"image": image.stem, "output": "image"},
-                                     fields={"params": "{}"})
-    assert status >= 400  # no prompt at all
+
+
+def test_bad_requests_get_4xx_naming_the_problem(server):
+    image = server.files[0][0].stem
+    roi = {"roi": [100, 100, 200, 200]}
+    detail = _detail(*server.infer("sam_refiner", "no such image", roi), 404, server)
+    assert "'no such image'" in detail and "datastore" in detail
+    detail = _detail(*server.infer("no_such_model", image, roi), 404, server)
+    assert "'no_such_model'" in detail and "sam_refiner" in detail  # and what is served
+    detail = _detail(*server.infer("sam_refiner", "truncated", roi), 422, server)
+    assert "truncated.png" in detail and "truncated" in detail.split(":", 1)[1]
+    for model in ("sam_refiner", "lite_medsam"):
+        detail = _detail(*server.infer(model, "garbage", roi), 422, server)
+        assert "garbage.png" in detail and "not a readable" in detail
+    detail = _detail(*server.infer("sam_refiner", image, {}, files={"label": server.tmp / "studies" / "garbage.png"}),
+                     422, server)
+    assert detail.startswith("label:")
+    detail = _detail(*server.infer("sam_refiner", image, {"roi": "[1, 2"}), 400, server)
+    assert detail.startswith("roi:")
+    # an automatic model whose weights do not exist: not served, and the answer says which file is missing
+    detail = _detail(*server.infer("transunet", image), 404, server)
+    assert str(server.tu) in detail and "transunet_checkpoint" in detail
+
+
+def test_refusals_come_before_the_image_is_encoded(server):
+    """A prompt-less request, or a click outside the image, is refused without encoding the image: the next
+    request on that image is the first to encode it (encoder_calls counts encodings, embedding_cached says so)."""
+    status, body = server.infer("sam_refiner", server.files[0][0].stem, {"roi": [100, 100, 200, 200]})
+    assert status == 200, body
+    calls = json.loads(body)["encoder_calls"]
+    fresh = server.files[2][0].stem  # no other test sends this image to sam_refiner
+    detail = _detail(*server.infer("sam_refiner", fresh, {}), 400, server)
+    assert detail.startswith("no prompt")
+    detail = _detail(*server.infer("sam_refiner", fresh, {"foreground": [[10_000, 3]]}), 400, server)
+    assert "outside" in detail
+    status, body = server.infer("sam_refiner", fresh, {"roi": [100, 100, 200, 200]})
+    assert status == 200, body
+    result = json.loads(body)
+    assert result["embedding_cached"] is False and result["encoder_calls"] == calls + 1
+    log = server.log.read_text(errors="replace")
+    assert "Traceback" not in log, server.log_tail()  # refusals are answers, not server errors
+
+
+def test_transunet_served_once_its_weights_exist(server):
+    """Weights written after the start (a training run's, or copied in) are served at once and listed."""
+    shutil.copy(server.tu_ready, server.tu)
+    info = server.info_now()
+    assert info["models"]["transunet"]["type"] == "segmentation"
+    image = server.files[0][0]
+    status, body = server.infer("transunet", image.stem, output="image")
+    assert_mask(_mask_from(status, body, server), image)
 
 
 def test_infer_ultrarefiner(server):
@@ -338,9 +472,10 @@ def test_infer_ultrarefiner(server):
     assert server.info["models"]["ultrarefiner"]["config"]["output_name"] == ["refined", "coarse"]
     image = server.files[2][0]
     for name in ("refined", "coarse"):
-        status, body, _ = server.request("POST", "/infer/ultrarefiner", {"image": image.stem, "output": "image"},
-                                         fields={"params": json.dumps({"output_name": name})})
+        status, body = server.infer("ultrarefiner", image.stem, {"output_name": name}, output="image")
         assert_mask(_mask_from(status, body, server), image)
+    detail = _detail(*server.infer("ultrarefiner", image.stem, {"output_name": "nope"}), 400, server)
+    assert "'nope'" in detail and "refined" in detail
 
 
 def test_train_transunet_then_serve_new_weights(server):
@@ -348,6 +483,8 @@ def test_train_transunet_then_serve_new_weights(server):
         status, body, _ = server.request("PUT", "/datastore/label", {"image": image.stem, "tag": "final"},
                                          files={"label": mask})
         assert status == 200, body
+    if not server.tu.is_file():  # run alone: training writes the weights file itself
+        shutil.copy(server.tu_ready, server.tu)
     before = server.tu.stat().st_mtime_ns
     params = {"max_epochs": 1, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}
     status, body, _ = server.request("POST", "/train/transunet", {"run_sync": "true"}, json_body=params)
@@ -356,7 +493,30 @@ def test_train_transunet_then_serve_new_weights(server):
     assert summary["returncode"] == 0 and summary["images"] == len(STUDIES) and summary["model_written"]
     assert server.tu.stat().st_mtime_ns != before  # the served checkpoint was replaced
     image = server.files[0][0]
-    status, body, _ = server.request("POST", "/infer/transunet", {"image": image.stem, "output": "image"},
-                                     fields={"params": "{}"})
+    status, body = server.infer("transunet", image.stem, output="image")
     mask = _mask_from(status, body, server)
     assert mask.shape == Image.open(image).size[::-1] and mask.dtype == np.uint8
+
+
+def test_missing_package_is_named_at_start(tmp_path):
+    """A main environment without timm: the server stops at start with the package and the pip command, instead of
+    answering later with ``module 'ultrarefiner' has no attribute 'networks'``."""
+    python = _venv_python()
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    app = _copy_app(tmp_path / "app")
+    # sys.modules[name] = None is how Python marks a module as not importable; the rest is the real server start
+    code = ("import runpy, sys; sys.modules['timm'] = None; sys.argv = ['monailabel'] + sys.argv[1:]; "
+            "runpy.run_module('monailabel.main', run_name='__main__')")
+    cmd = [str(python), "-c", code, "start_server", "--app", str(app), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(_free_port())]
+    env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=SERVER_START_S)
+    finally:
+        _stop(proc)
+    assert proc.returncode != 0, out[-3000:]
+    assert "timm: pip install 'timm" in out, out[-3000:]
+    assert "has no attribute" not in out

@@ -1,26 +1,43 @@
 """MONAI Label infer tasks: thin wrappers over ``ultrarefiner.zoo.serving`` that speak MONAI Label's request format.
 
 Every task returns a single-channel PNG of the image's native (H, W), uint8, 1 = lesion, 0 = background, and a
-JSON with what was done (label fractions, prompts, latency).
+JSON with what was done (label fractions, prompts, latency). A bad request raises ``RequestError`` (MONAI Label's
+``INVALID_INPUT``), which the app answers with a 4xx and the message.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ultrarefiner.zoo.serving import BundlePredictor, InteractivePredictor, read_mask, write_mask
+from ultrarefiner.errors import BadInputError
+from ultrarefiner.zoo.serving import BundlePredictor, InteractivePredictor, load_image_uint8, read_mask, write_mask
 
 logger = logging.getLogger(__name__)
 
 LABELS = {"lesion": 1}
+
+
+class RequestError(MONAILabelException):
+    """A request the task cannot serve as asked (MONAI Label's ``INVALID_INPUT``); ``status_code`` is the HTTP
+    status the app answers with: 400 bad parameters, 404 unknown model or image, 422 unreadable image file."""
+
+    def __init__(self, msg: str, status_code: int = 400) -> None:
+        super().__init__(MONAILabelError.INVALID_INPUT, msg)
+        self.status_code = status_code
+
+    def __str__(self) -> str:
+        return self.msg
 
 
 def _write_result(mask: np.ndarray) -> str:
@@ -31,21 +48,48 @@ def _write_result(mask: np.ndarray) -> str:
     return path
 
 
-def _as_list(value: Any) -> list:
-    """Request values arrive as JSON lists or as JSON text from form fields."""
+def _as_list(request: Mapping[str, Any], key: str) -> list:
+    """A request value given as a JSON list, or as JSON text (form fields); [] when absent."""
+    value = request.get(key)
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{key}: not JSON ({value!r})") from e
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(f"{key}: a list is expected, got {value!r}")
     return list(value)
+
+
+def _points(request: Mapping[str, Any], key: str) -> list[list[float]]:
+    """``[[x, y], ...]`` clicks (extra coordinates, e.g. a slice index, are dropped)."""
+    points = []
+    for p in _as_list(request, key):
+        try:
+            points.append([float(p[0]), float(p[1])])
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            raise RequestError(f"{key}: clicks are [[x, y], ...] in image pixels, got {p!r}") from e
+    return points
 
 
 def _fraction(mask: np.ndarray) -> float:
     return round(float(mask.mean()), 6)
 
 
+def _read_image(path: str) -> None:
+    """Decodes the image once so that a truncated or garbage file is a 422 naming it, not an error inside a model."""
+    try:
+        load_image_uint8(path)
+    except BadInputError as e:
+        raise RequestError(f"image {os.path.basename(path)}: {e.reason}", 422) from e
+
+
 class _PredictorTask(InferTask):
     """An infer task served by a predictor object (``is_ready()``, ``checkpoint``) from ``ultrarefiner.zoo``."""
+
+    predictor: BundlePredictor | InteractivePredictor
 
     def is_valid(self) -> bool:
         return self.predictor.is_ready()
@@ -71,12 +115,13 @@ class BundleSegmentation(_PredictorTask):
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict]:
         start = time.time()
-        masks = self.predictor.predict(request["image"])
-        names = list(masks)
+        names = list(self.predictor.outputs)
         name = request.get("output_name") or names[0]
         name = name[0] if isinstance(name, list) else name
-        if name not in masks:
-            raise ValueError(f"output_name {name!r} is not one of {names}")
+        if name not in names:
+            raise RequestError(f"output_name {name!r} is not one of {names}")
+        _read_image(request["image"])
+        masks = self.predictor.predict(request["image"])
         first = masks[names[0]]
         result = {
             "output_name": name,
@@ -94,29 +139,56 @@ class BundleSegmentation(_PredictorTask):
 class SamRefinerInteractive(_PredictorTask):
     def __init__(self, predictor: InteractivePredictor, description: str) -> None:
         """
-        The interactive SAM refiner.
+        An interactive SAM refiner.
 
         Request keys (MONAI Label's 2D conventions, pixels of the image as stored, x = column, y = row):
           ``foreground``/``background``: ``[[x, y], ...]`` clicks; ``roi``: ``[x0, y0, x1, y1]`` box; an uploaded
-          ``label`` file (the current mask, any 2D image format): SAM's mask prompt. Any mix; at least one.
+          ``label`` file (the current mask, any 2D image format): SAM's mask prompt. Any mix; at least one, checked
+          before the image is read or encoded. The JSON says whether the image embedding came from the cache
+          (``embedding_cached``) and how many encodings the model has run (``encoder_calls``).
         """
         super().__init__(type=InferType.DEEPGROW, labels=dict(LABELS), dimension=2, description=description,
                          config={"use_label_prompt": True})
         self.predictor = predictor
 
+    def warm_up(self) -> float:
+        """Builds the refiner and runs it once on a synthetic image, so that the first request pays only its own
+        image encoding (the first pass through the encoder is seconds slower on a CPU); returns the seconds taken."""
+        from ultrarefiner.networks.interactive import refine_interactive
+
+        start = time.time()
+        refiner = self.predictor.refiner()
+        with torch.inference_mode():
+            image = torch.linspace(0.0, 255.0, 128 * 128, device=self.predictor.device).view(1, 1, 128, 128)
+            refine_interactive(refiner, image=image, box=[16.0, 16.0, 96.0, 96.0])
+        return time.time() - start
+
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict]:
         start = time.time()
-        label = None
+        foreground, background = _points(request, "foreground"), _points(request, "background")
+        box = _as_list(request, "roi")
+        try:
+            box = [float(v) for v in box[:4]] if box else []
+            if box and len(box) < 4:
+                raise ValueError(box)
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"roi: a box is [x0, y0, x1, y1] in image pixels, got {request.get('roi')!r}") from e
         use_label = str(request.get("use_label_prompt", True)).lower() not in ("false", "0", "no")
+        label = None
         if request.get("label") and use_label:
-            label = read_mask(request["label"])
-        box = _as_list(request.get("roi"))
-        mask, info = self.predictor.predict(
-            request["image"],
-            foreground=[p[:2] for p in _as_list(request.get("foreground"))],
-            background=[p[:2] for p in _as_list(request.get("background"))],
-            box=box[:4] if box else None,
-            label=label,
-        )
-        info.update(fraction=_fraction(mask), shape=list(mask.shape), latency_s=round(time.time() - start, 3))
+            try:
+                label = read_mask(request["label"])
+            except BadInputError as e:
+                raise RequestError(f"label: the uploaded file is {e.reason}", 422) from e
+        if not (foreground or background or box or (label is not None and label.any())):
+            raise RequestError("no prompt: give foreground/background clicks [[x, y], ...], an roi box "
+                               "[x0, y0, x1, y1] or a non-empty label file")
+        _read_image(request["image"])
+        try:
+            mask, info = self.predictor.predict(request["image"], foreground=foreground, background=background,
+                                                box=box or None, label=label)
+        except ValueError as e:  # prompts that do not fit the image (outside it, wrong label size, empty box)
+            raise RequestError(str(e)) from e
+        info.update(fraction=_fraction(mask), shape=list(mask.shape), encoder_calls=self.predictor.encoder_calls,
+                    latency_s=round(time.time() - start, 3))
         return _write_result(mask), info

@@ -215,6 +215,7 @@ class InteractivePredictor:
         self._refiner = None
         self._loaded_mtime: int | None = None
         self._embeddings: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.encoder_calls = 0  # image encodings run (cache misses), reported by predict()
         self._lock = threading.Lock()
 
     @property
@@ -283,19 +284,31 @@ class InteractivePredictor:
           label: (H, W) existing mask (mask prompt).
 
         Returns:
-          (H, W) uint8 mask in {0, 1}; info with the predicted IoU and the prompts used.
-        """
-        from ultrarefiner.networks.interactive import refine_interactive
+          (H, W) uint8 mask in {0, 1}; info with the predicted IoU, the prompts used and whether the image
+          embedding came from the cache (``embedding_cached``).
 
+        Raises:
+          ValueError: no prompt (before the image is encoded), a click outside the image, a label of another size.
+          BadInputError: an unreadable image.
+        """
+        from ultrarefiner.networks.interactive import interactive_prompts, refine_interactive
+
+        # refuse before the image is read and encoded (seconds on a CPU); an all-zero label is no prompt either
+        has_label = label is not None and bool(np.asarray(label).any())
+        if not (len(foreground) or len(background) or (box is not None and len(box)) or has_label):
+            raise ValueError("no prompt: give at least one foreground click, a box or a non-empty label")
         path = Path(image)
         pixels = load_image_uint8(path)
         size = pixels.shape[:2]
         with self._lock, torch.inference_mode():
             refiner = self.refiner()
+            interactive_prompts(refiner, size, foreground, background, box, label)  # a bad prompt fails before encoding
             stat = path.stat()
             key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
             embeddings = self._embeddings.get(key)
+            cached = embeddings is not None
             if embeddings is None:
+                self.encoder_calls += 1
                 x = torch.from_numpy(np.array(pixels)).to(self.device)
                 x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
                 embeddings = refiner.encode_image(x.float())
@@ -312,6 +325,7 @@ class InteractivePredictor:
             "background": [list(map(float, p)) for p in background],
             "box": [float(v) for v in box] if box is not None and len(box) else None,
             "label_prompt": out["prompts"]["mask_input"] is not None,
+            "embedding_cached": cached,
         }
         return mask, info
 
