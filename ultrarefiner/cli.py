@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "augment": "ultrarefiner.commands.augment:augment",
     "predict": "ultrarefiner.commands.predict:predict",
     "refine": "ultrarefiner.commands.refine:refine",
+    "evaluate": "ultrarefiner.commands.evaluate:evaluate",
     "export_bundle": "ultrarefiner.commands.export_bundle:export_bundle",
 }
 
