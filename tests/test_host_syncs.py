@@ -6,21 +6,30 @@ tensor, ...). A training step may keep at most one (the logged loss); the steps 
 re-added anywhere in them fails these tests (each test also checks that the counter sees a deliberate one).
 
 The trainers run as the bundles run them, with ``decollate=False``: MONAI's decollation turns every scalar of the
-iteration output into a Python number with ``.item()``, one host sync per loss term and per sample.
+iteration output into a Python number with ``.item()``, one host sync per loss term and per sample. The bundle tests
+build the real trainers of ``bundles/sam_refiner`` and ``bundles/ultrarefiner`` from their ``train.json`` and count a
+whole iteration with every handler and metric of the config: the console report, the train metrics and the epoch loss
+read on the device; TensorBoard's loss is read once per ``every`` iterations (``BufferedLossWriter``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
+from monai.handlers import TensorBoardStatsHandler
 from refiner_toy import write_toy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from bundle_utils import REPO, phantom_overrides, preprocessed_phantoms
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.engines.e2e_training import E2EIteration, E2EPrepareBatch, build_e2e_optimizer
 from ultrarefiner.engines.refiner_training import (
@@ -29,6 +38,7 @@ from ultrarefiner.engines.refiner_training import (
     RefinerTrainStep,
     precompute_embeddings,
 )
+from ultrarefiner.engines.report import BufferedLossWriter, _loss_of
 from ultrarefiner.engines.ultra_predict import refine
 from ultrarefiner.losses import RefinerLoss, UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
@@ -36,6 +46,13 @@ from ultrarefiner.utils.sync_counter import HostSyncCounter
 
 S, H, W = 64, 96, 128  # TransUNet input side, native SAM image size
 POINTS = {"use_point_prompt": True, "use_negative_point": True}  # exercises soft_depth and the point embeddings
+
+
+@pytest.fixture(autouse=True)
+def device_labelling(monkeypatch):
+    """Connected components as a GPU computes them (the pooling loop on the device): on a CPU, prompts label with
+    scipy on the host, which the counter, standing in for a GPU, would rightly count."""
+    monkeypatch.setattr("ultrarefiner.networks.prompts._label_on_host", lambda fg: False)
 
 
 def count_iteration(trainer: Engine, iteration: int, *device_state) -> HostSyncCounter:
@@ -247,3 +264,147 @@ def test_ultrarefiner_predict_on_a_batch():
             out = refine(model, small.to("cpu"), native, iterations=1, quality_gate=True)
     assert syncs.count == 0, syncs.report()
     assert out["final"].shape == (3, 1, H, W)
+
+
+# ------------------------------------------------------------------------------------------------ bundle trainers
+TB_EVERY = 3  # TensorBoard's loss read-back interval in these runs (the configs say 20): one read in the window
+ITERATIONS = 8  # 1: warm-up (caches, lazy state); 2-5: counted as configured; 6-7: with a handler doing .item();
+CLEAN, DIRTY = range(2, 6), range(6, 8)  # 8: left out, the epoch's end (E2EIteration reads its skipped steps)
+
+
+class _Bundles:
+    """Synthetic phantoms and the phase-1/phase-2 checkpoints phase 3 starts from, as the bundle tests write them."""
+
+    def __init__(self, root: Path) -> None:
+        from test_bundle_ultrarefiner import TINY, write_phase1, write_phase2
+
+        self.root = preprocessed_phantoms(root, n_benign=4, n_malignant=3)
+        write_phase1(root / "ckpt")
+        write_phase2(root / "ckpt")
+        self.tiny = {
+            "sam_refiner": {"sam_def": "$ultrarefiner.networks.build_tiny_sam(img_size=64)", "sam_checkpoint": "",
+                            "batch_size": 2, "num_workers": 0},
+            "ultrarefiner": TINY,
+        }
+
+    def trainer(self, bundle: str) -> tuple[ConfigParser, SupervisedTrainer]:
+        """The bundle's ``train#trainer`` on the CPU: one epoch of ``ITERATIONS`` without validation (interval 2)."""
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))
+        parser.update(phantom_overrides(self.root, self.tiny[bundle], epochs=1, epoch_length=ITERATIONS, val_interval=2,
+                                        device="$torch.device('cpu')", amp=False, resume=False,
+                                        output_dir=str(self.root / "out" / bundle)))
+        tb = [i for i, h in enumerate(parser["train"]["handlers"]) if h.get("_target_") == "TensorBoardStatsHandler"]
+        assert len(tb) == 1 and parser["train"]["trainer"]["decollate"] is False
+        assert parser[f"train#handlers#{tb[0]}#iteration_event_writer#every"] == 20
+        parser[f"train#handlers#{tb[0]}#iteration_event_writer#every"] = TB_EVERY
+        return parser, parser.get_parsed_content("train#trainer")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> _Bundles:
+    return _Bundles(tmp_path_factory.mktemp("bundle_syncs"))
+
+
+def _assert_amortised(counts: list[int], every: int) -> None:
+    """At most one sync per iteration, and only the loss read once per ``every`` iterations: the window holds at
+    most ceil(n / every) of them. A per-iteration ``.item()`` anywhere exceeds it."""
+    assert max(counts) <= 1 and sum(counts) <= math.ceil(len(counts) / every), counts
+
+
+def _count_iterations(parser: ConfigParser, trainer: SupervisedTrainer) -> tuple[dict[int, int], HostSyncCounter,
+                                                                                 dict[int, float]]:
+    """Syncs per iteration (``CLEAN`` and ``DIRTY``; from the first ITERATION_STARTED handler to the last
+    ITERATION_COMPLETED one, the data loading left out), the counter, and every iteration's loss read afterwards."""
+    counter = HostSyncCounter(parser.get_parsed_content("network"), parser.get_parsed_content("optimizer"))
+    counts: dict[int, int] = {}
+    losses: dict[int, float] = {}
+    counted = set(CLEAN) | set(DIRTY)
+
+    def start(engine: Engine) -> None:
+        if engine.state.iteration in counted:
+            counts[engine.state.iteration] = counter.count
+            counter.__enter__()
+
+    def stop(engine: Engine) -> None:
+        if engine.state.iteration in counted:
+            counter.__exit__(None, None, None)
+            counts[engine.state.iteration] = counter.count - counts[engine.state.iteration]
+        losses[engine.state.iteration] = float(engine.state.output["loss"])  # not counted: for the comparisons
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, start)
+    started = trainer._event_handlers[Events.ITERATION_STARTED]  # ignite has no public prepend: before the config's
+    started.insert(0, started.pop())
+    # the regression the test guards against: a handler reading a device value at every iteration
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=lambda _, i: i in DIRTY),
+                              lambda engine: engine.state.output["loss"].item())
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, stop)
+    return counts, counter, losses
+
+
+@pytest.mark.parametrize("bundle", ["sam_refiner", "ultrarefiner"])
+def test_bundle_trainer_reads_back_once_per_n_iterations(bundles, bundle, capsys):
+    """The real phase-2 / phase-3 trainer with every handler and metric of its train.json: no host sync in an
+    iteration but TensorBoard's periodic read of the buffered losses; the console, TensorBoard and the epoch loss
+    show the same numbers as reading every loss."""
+    parser, trainer = bundles.trainer(bundle)
+    counts, counter, losses = _count_iterations(parser, trainer)
+    trainer.run()
+    clean, dirty = [counts[i] for i in CLEAN], [counts[i] for i in DIRTY]
+    _assert_amortised(clean, TB_EVERY)
+    tb_read = [int(i % TB_EVERY == 0) for i in range(ITERATIONS + 1)]  # the buffered losses of iterations 1-3, 4-6
+    assert clean == [tb_read[i] for i in CLEAN], counter.report()
+    with pytest.raises(AssertionError):  # self-check: one .item() per iteration is caught
+        _assert_amortised(dirty, TB_EVERY)
+    assert dirty == [tb_read[i] + 1 for i in DIRTY], counter.report()
+    # the numbers: the mean loss of the console and of the epoch-loss metric, and TensorBoard's curve
+    mean = sum(losses[i] for i in range(1, ITERATIONS + 1)) / ITERATIONS
+    assert trainer.state.metrics["train_epoch_loss"] == mean
+    assert f"[TRAIN]      Loss: {mean:.4f} | Dice: " in capsys.readouterr().out
+    events = EventAccumulator(str(Path(parser.get_parsed_content("log_dir"))))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train_loss")}
+    assert logged == pytest.approx({i: losses[i] for i in range(1, ITERATIONS + 1)}, rel=1e-6)  # (float32 events)
+    assert 0.0 <= trainer.state.metrics["train_mean_dice"] <= 1.0
+
+
+class _Writer:
+    """A SummaryWriter's scalars, recorded."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_buffered_loss_writer_writes_what_the_default_writer_writes(every):
+    """Every iteration's loss (same tag, value and step as MONAI's writer reading ``.item()`` at each iteration), read
+    once per ``every`` iterations, the rest at the end of each epoch."""
+    weight = torch.randn(3)  # stands for a device parameter
+    losses = iter(torch.rand(14, generator=torch.Generator().manual_seed(0)).tolist())
+
+    def trainer() -> Engine:
+        return Engine(lambda engine, batch: {"loss": (weight * 0 + next(losses)).sum() / 3})
+
+    reference, buffered = _Writer(), _Writer()
+    plain = trainer()
+    TensorBoardStatsHandler(summary_writer=reference, output_transform=_loss_of, tag_name="train_loss",
+                            epoch_log=False).attach(plain)
+    plain.run(range(7), max_epochs=1)
+    losses = iter(torch.rand(14, generator=torch.Generator().manual_seed(0)).tolist())
+    engine = trainer()
+    TensorBoardStatsHandler(summary_writer=buffered, iteration_event_writer=BufferedLossWriter(every=every),
+                            epoch_log=False).attach(engine)
+    reads: list[int] = []
+    with HostSyncCounter(weight) as syncs:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: reads.append(syncs.count))
+        engine.run(range(7), max_epochs=1)
+    assert buffered.scalars == reference.scalars and len(reference.scalars) == 7
+    assert reads[-1] == 7 // every and syncs.count == math.ceil(7 / every), syncs.report()  # + the epoch's end
+    with pytest.raises(ValueError, match="every"):
+        BufferedLossWriter(every=0)

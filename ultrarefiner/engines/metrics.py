@@ -97,11 +97,21 @@ def _nsd(pred: torch.Tensor, label: torch.Tensor, tolerance: float = NSD_TOLERAN
 def batch_metrics(
     pred: torch.Tensor, label: torch.Tensor, names: Sequence[str] = METRIC_NAMES
 ) -> dict[str, torch.Tensor]:
-    """Per-image metrics of a batch: name -> float tensor (B,). ``pred``/``label``: (B, 1|2, H, W)."""
+    """Per-image metrics of a batch: name -> float tensor (B,). ``pred``/``label``: (B, 1|2, H, W).
+
+    The values stay on the device of ``pred`` unless HD95 or NSD is asked for (MONAI computes them on the host; all
+    values are then on the CPU): the training metrics (Dice, IoU) of a GPU trainer accumulate without a host sync per
+    iteration and are read once, when the epoch's mean is computed. Counts are exact in float32 on any device (up
+    to 2**24 pixels per image), so the values are the same everywhere.
+    """
     unknown = set(names) - set(METRIC_NAMES)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {METRIC_NAMES}")
-    p, y = _foreground(pred).cpu(), _foreground(label).cpu()
+    p, y = _foreground(pred), _foreground(label)
+    if {"hd95", "nsd"} & set(names):
+        p, y = p.cpu(), y.cpu()
+    else:
+        y = y.to(p.device)  # a host label with a device prediction: moved, not read back
     if p.shape != y.shape:
         raise ValueError(f"prediction {tuple(p.shape)} and label {tuple(y.shape)} differ in shape")
     cm = get_confusion_matrix(p.float(), y.float(), include_background=True)[:, 0]  # (B, 4): tp, fp, tn, fn

@@ -15,6 +15,10 @@ Output (written with ``tqdm.write`` so that it does not garble Ignite's ``Progre
 (``train_mean_dice``/``train_mean_iou``; "-" when not attached); LR is the optimizer's first group after the epoch.
 The validation row reads the evaluator's metrics; ★ BEST marks an improvement of the key metric. The report works
 whichever of itself and MONAI's ``ValidationHandler`` is attached first.
+
+Neither the report nor ``BufferedLossWriter`` (the bundles' TensorBoard iteration loss) reads the loss back from the
+device at every iteration: each such read is a host sync that stalls the GPU's queue. The report sums the losses on
+the device and reads the sum once per epoch; the writer reads its buffered losses once per ``every`` iterations.
 """
 
 from __future__ import annotations
@@ -38,17 +42,24 @@ VAL_COLUMNS = {
 }
 
 
-def _loss_of(output: Any) -> float | None:
-    """Loss from a MONAI engine output: dict, list of decollated dicts, tensor or number."""
+def _loss_of(output: Any) -> torch.Tensor | float | None:
+    """Loss from a MONAI engine output: dict, list of decollated dicts, tensor or number. A tensor is returned
+    detached as a 0-d tensor where it lives (reading its value on a GPU is a host sync: left to the caller)."""
     if isinstance(output, (list, tuple)) and output:
         output = output[0]
     if isinstance(output, Mapping):
         output = output.get("loss")
     if isinstance(output, torch.Tensor) and output.numel() == 1:
-        return float(output.detach())
+        return output.detach().reshape(())
     if isinstance(output, (int, float)):
         return float(output)
     return None
+
+
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64, the precision of a Python float (MPS has none: float32): float32/bf16 values convert
+    exactly, and sums of them round as Python's sums of the same floats do."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
 def _fmt(value: Any, width: int = 0) -> str:
@@ -73,7 +84,7 @@ class ConsoleReport:
         higher_is_better: bool = True,
         train_metrics: Mapping[str, str] | None = None,
         val_columns: Mapping[str, str] | None = None,
-        loss_transform: Callable[[Any], float | None] = _loss_of,
+        loss_transform: Callable[[Any], torch.Tensor | float | None] = _loss_of,
         stream: TextIO | None = None,
     ) -> None:
         """
@@ -90,7 +101,7 @@ class ConsoleReport:
           higher_is_better (bool): direction of the key metric.
           train_metrics (dict): column -> trainer metric name (default Dice: train_mean_dice, IoU: train_mean_iou).
           val_columns (dict): column -> evaluator metric name (default ``VAL_COLUMNS``).
-          loss_transform (callable): trainer output -> iteration loss.
+          loss_transform (callable): trainer output -> iteration loss (tensor, number or None).
           stream (file or None): where to print; default sys.stdout at print time.
         """
         self.experiment, self.dataset = experiment, dataset
@@ -103,7 +114,9 @@ class ConsoleReport:
         self.best: float | None = None
         self.best_epoch: int | None = None
         self._trainer: Engine | None = None
-        self._losses: list[float] = []
+        # the epoch's loss sum: a device tensor read once, at the end of the epoch (a float if the loss is one)
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
         self._printed_epoch = 0
 
     def _print(self, line: str = "") -> None:
@@ -115,7 +128,7 @@ class ConsoleReport:
             return
         self._trainer = trainer
         trainer.add_event_handler(Events.STARTED, self._header)
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: self._losses.clear())
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._reset_loss)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._collect_loss)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._train_line)
         if self.evaluator is not None:
@@ -133,10 +146,16 @@ class ConsoleReport:
         self._print(f"Train samples: {self.n_train} | Val samples: {self.n_val}")
         self._print(rule)
 
+    def _reset_loss(self, _: Engine) -> None:
+        self._loss_sum, self._loss_count = 0.0, 0
+
     def _collect_loss(self, engine: Engine) -> None:
         loss = self.loss_transform(engine.state.output)
-        if loss is not None:
-            self._losses.append(loss)
+        if loss is None:
+            return
+        # summed where it lives, in the order and precision of a sum of Python floats: the same mean, no host sync
+        self._loss_sum = self._loss_sum + (_exact(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+        self._loss_count += 1
 
     def _train_line(self, _: Engine) -> None:
         trainer = self._trainer
@@ -145,7 +164,7 @@ class ConsoleReport:
         self._printed_epoch = trainer.state.epoch
         self._print(f"Epoch {trainer.state.epoch}/{trainer.state.max_epochs}")
         metrics = trainer.state.metrics
-        loss = sum(self._losses) / len(self._losses) if self._losses else None
+        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
         parts = [f"Loss: {_fmt(loss)}"] + [
             f"{col}: {_fmt(metrics.get(name))}" for col, name in self.train_metrics.items()
         ]
@@ -172,3 +191,50 @@ class ConsoleReport:
             row += "★ BEST"
         self._print(f"[VALIDATION] {head.rstrip()}")
         self._print(f"{'':13s}{row.rstrip()}")
+
+
+class BufferedLossWriter:
+    """Iteration writer for MONAI's ``TensorBoardStatsHandler`` (``iteration_event_writer``): the same scalars as its
+    default writer with a scalar ``output_transform`` (``tag`` at step = iteration, every iteration), but the losses
+    wait on the device and are read back together, one host sync per ``every`` iterations instead of one ``.item()``
+    per iteration. The rest is written when an epoch ends and when the run completes or is terminated.
+    """
+
+    def __init__(self, tag: str = "train_loss", every: int = 20,
+                 output_transform: Callable[[Any], torch.Tensor | float | None] = _loss_of) -> None:
+        """
+        Arguments:
+          tag (str): TensorBoard tag of the loss.
+          every (int): iterations between two reads (and writes) of the buffered losses; 1: every iteration.
+          output_transform (callable): trainer output -> scalar loss (one-element tensor or number; anything else:
+            nothing written).
+        """
+        if int(every) < 1:
+            raise ValueError(f"every must be 1 or more, got {every}")
+        self.tag, self.every, self.output_transform = tag, int(every), output_transform
+        self._pending: list[tuple[int, torch.Tensor | float]] = []
+
+    def __call__(self, engine: Engine, writer: Any) -> None:
+        # the handler calls this at every ITERATION_COMPLETED; the flushes at the end of an epoch or run hook in here
+        # because the handler passes its writer to nothing else
+        for event in (Events.EPOCH_COMPLETED, Events.COMPLETED):
+            if not engine.has_event_handler(self.flush, event):
+                engine.add_event_handler(event, self.flush, writer)
+        loss = self.output_transform(engine.state.output)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._pending.append((engine.state.iteration, loss.detach().reshape(())))
+        elif isinstance(loss, (int, float)):
+            self._pending.append((engine.state.iteration, float(loss)))
+        if len(self._pending) >= self.every:
+            self.flush(engine, writer)
+
+    def flush(self, _: Engine, writer: Any) -> None:
+        """Read the buffered losses back (one sync) and write them."""
+        if not self._pending:
+            return
+        tensors = [v for _, v in self._pending if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([_exact(t) for t in tensors]).tolist() if tensors else [])
+        for step, value in self._pending:
+            writer.add_scalar(self.tag, next(read) if isinstance(value, torch.Tensor) else value, step)
+        self._pending.clear()
+        writer.flush()

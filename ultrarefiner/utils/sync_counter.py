@@ -64,7 +64,8 @@ _COPIES = {_aten._to_copy.default, _aten.copy_.default, _aten.copy.default}
 _CONVERSIONS = {torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__}
 # factories that make a host tensor when called without ``device``
 _HOST_FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor,
-                   torch.linspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.from_numpy}
+                   torch.linspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm,
+                   torch.from_numpy}
 _SKIP_FILES = (str(Path(torch.__file__).parent), __file__)
 
 
