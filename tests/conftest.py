@@ -17,6 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 BUSI_ENV = "ULTRAREFINER_BUSI_ROOT"
 
 
+# Integration tier: whole bundle runs, CLI commands end to end, servers, fresh virtual environments, real data. Marked
+# slow here, in one place, so that `pytest -m "not slow"` runs every phase's unit tests alone (a few minutes), and
+# `pytest tests` (CI) runs both tiers.
+INTEGRATION_MODULES = frozenset({
+    "test_bundle_transunet", "test_bundle_sam_refiner", "test_bundle_ultrarefiner", "test_bundle_options",
+    "test_busi_real", "test_cli", "test_export_bundle", "test_mlflow_tracking", "test_monailabel_app",
+    "test_wheel_install", "test_zoo_ci",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def busi_root() -> Path:
     """The real BUSI folder from ``$ULTRAREFINER_BUSI_ROOT``; skips the calling test when unset or missing."""
     value = os.environ.get(BUSI_ENV, "").strip()
