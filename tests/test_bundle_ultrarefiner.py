@@ -329,9 +329,9 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
             v["spatial_shape"] = [48, 64]
     meta.write_text(json.dumps(m))
     config = str(BUNDLE / "configs" / "inference.json")
-    verify_net_in_out(net_id="export_network_def", meta_file=str(meta), config_file=config, device="cpu", **NET)
+    verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=config, device="cpu", **NET)
     ts = tmp_path / "model.ts"
-    ckpt_export(net_id="export_network_def", filepath=str(ts), ckpt_file=str(data / "models" / "model.pt"),
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(data / "models" / "model.pt"),
                 meta_file=str(meta), config_file=config, use_trace=True, bundle_root=str(BUNDLE), image_resize="torch",
                 **NET)
     from ultrarefiner.engines.ultra_predict import load_ultrarefiner

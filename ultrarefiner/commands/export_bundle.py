@@ -20,7 +20,9 @@ def export_bundle(
     Writes <output>/<name>/ (configs, docs, LICENSE, large_files.yml, models/ when present) and
     <output>/<name>_v<version>.zip, after the Zoo readiness check (metadata versions and changelog, network
     data format, data licence, large files, required packages), `monai.bundle verify_metadata`,
-    `verify_net_in_out` and `ckpt_export` (TorchScript into the export's models/) on the exported copy.
+    `verify_net_in_out` of `network_def` and `ckpt_export` (a TorchScript trace into the export's models/, loaded
+    back with torch.jit.load) on the exported copy. large_files.yml keeps only files that are packaged or have a
+    url (the Model Zoo's CI downloads every listed file).
 
     Args:
         bundle: the bundle folder.

@@ -3,7 +3,10 @@
 ``export_bundle`` copies what the Zoo takes (``configs/``, ``docs/``, ``LICENSE``, ``large_files.yml``, ``models/``
 when present, ``scripts/`` if a bundle has one), fills ``hash_val`` of the packaged large files, then runs on the
 copy, as a user would: ``check_bundle`` (readiness), ``python -m monai.bundle verify_metadata`` (schema),
-``verify_net_in_out`` and ``ckpt_export`` (TorchScript written into the export's ``models/``).
+``verify_net_in_out`` and ``ckpt_export`` (a TorchScript trace written into the export's ``models/``, with the
+registry's ``trace_overrides``, then loaded back with ``torch.jit.load`` as the Model Zoo's CI does). Entries of
+``large_files.yml`` whose file is neither packaged nor published (empty url) are left out of the export: the Zoo's
+CI would fail to download them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import yaml
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import FILE_MODE, staged_folder
 from ultrarefiner.zoo.readiness import LARGE_FILE_BYTES, Report, check_bundle, read_large_files
-from ultrarefiner.zoo.registry import get_entry
+from ultrarefiner.zoo.registry import BundleEntry, get_entry
 
 __all__ = ["DEFAULT_SCHEMA", "ExportResult", "export_bundle", "find_schema"]
 
@@ -94,10 +97,12 @@ def _update_large_files(folder: Path) -> None:
         if path.is_file() and (rel in by_path or path.stat().st_size > LARGE_FILE_BYTES):
             entry = by_path.setdefault(rel, {"path": rel, "url": ""})
             entry.update(hash_val=_sha256(path), hash_type=HASH_TYPE)
+    # a file neither packaged nor published cannot be fetched: listed, it would fail the Zoo CI's download step
+    by_path = {rel: e for rel, e in by_path.items() if e.get("url") or (folder / rel).is_file()}
+    for old in ("large_files.yml", "large_files.yaml", "large_files.json"):
+        (folder / old).unlink(missing_ok=True)
     if not by_path:
         return
-    for old in ("large_files.yaml", "large_files.json"):
-        (folder / old).unlink(missing_ok=True)
     header = ("# Files over 25 MB, fetched with: python -m monai.bundle download_large_files --bundle_path <bundle>\n"
               "# An empty url means the file is not published yet (shipped in this export's models/ instead).\n")
     (folder / "large_files.yml").write_text(header + yaml.safe_dump({"large_files": list(by_path.values())},
@@ -182,8 +187,7 @@ def export_bundle(
                 result.readiness = check_bundle(folder)
                 if not result.readiness.ok:
                     raise BadInputError(src, "not ready for the Model Zoo:\n" + result.readiness.text())
-                _verify(folder, meta, entry.net_id, entry.use_trace, overrides, spatial_shape, schema, timeout,
-                        result, weights)
+                _verify(folder, meta, entry, overrides, spatial_shape, schema, timeout, result, weights)
             _update_large_files(folder)
             if make_zip:
                 fd, zip_tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{zip_path.name}.", suffix=".tmp")
@@ -225,9 +229,10 @@ def _write_zip(path: Path, folder: Path, name: str) -> None:
                          compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
 
 
-def _verify(folder: Path, meta: dict, net_id: str, use_trace: bool, overrides: dict, spatial_shape: Sequence[int]
-            | None, schema: str | os.PathLike | None, timeout: int, result: ExportResult,
+def _verify(folder: Path, meta: dict, entry: BundleEntry, overrides: dict, spatial_shape: Sequence[int] | None,
+            schema: str | os.PathLike | None, timeout: int, result: ExportResult,
             source_weights: Path | None = None) -> None:
+    net_id = entry.net_id
     meta_file = folder / "configs" / "metadata.json"
     schema_path = find_schema(meta, schema)
     with tempfile.TemporaryDirectory(prefix="ultrarefiner_export_") as tmp:
@@ -258,7 +263,11 @@ def _verify(folder: Path, meta: dict, net_id: str, use_trace: bool, overrides: d
             return
         ts = folder / "models" / "model.ts"
         args = ["--net_id", net_id, "--filepath", str(ts), "--ckpt_file", str(weights), *common]
-        args += ["--use_trace", "true"] if use_trace else []
-        res = _bundle_cmd("ckpt_export", folder, args, overrides, folder, timeout)
+        args += ["--use_trace", "true"] if entry.use_trace else []
+        trace = {k: v for k, v in entry.trace_overrides.items() if not (spatial_shape and k == "input_shape")}
+        res = _bundle_cmd("ckpt_export", folder, args, {**trace, **overrides}, folder, timeout)
         _require(res, "ckpt_export of these weights", source_weights or weights)  # the weights failed, not the folder
-        result.checks["ckpt_export"] = f"passed: {ts.relative_to(folder)}"
+        import torch  # only here: the rest of the export needs no torch in this process
+
+        torch.jit.load(str(ts), map_location="cpu")  # the Zoo loads a shipped model.ts: it must load
+        result.checks["ckpt_export"] = f"passed: {ts.relative_to(folder)} (torch.jit.load)"

@@ -216,8 +216,8 @@ def _requirement_closure(names: Iterable[str]) -> set[str]:
 
 def _check_packages(bundle: Path, meta: dict, report: Report) -> None:
     """Zoo CI installs MONAI, torch, numpy and ``required_packages_version`` with pip, nothing else. So every module
-    the configs import, and every import in the code of a listed package that declares no dependencies of its own
-    (this project's ``ultrarefiner``: pyproject leaves them to requirements.txt), must come with one of those."""
+    the configs import, and every import in the code of a listed package that declares no dependencies of its own,
+    must come with one of those (a listed package brings its declared dependencies, e.g. ``ultrarefiner`` timm)."""
     from importlib import metadata
 
     listed = {canonicalize_name(k): v for k, v in (meta.get("required_packages_version") or {}).items()}

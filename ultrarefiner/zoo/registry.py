@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ultrarefiner.errors import BadInputError
 
@@ -30,7 +31,12 @@ class BundleEntry:
       outputs: automatic models: result name -> path of the PNG that ``inference.json`` writes per image, relative
         to ``output_dir``, with ``{stem}`` for the image name; the first one is the label returned by default.
       use_trace: ``ckpt_export`` traces instead of scripting (timm/segment-anything modules are not scriptable).
-      net_id: config id of the network definition (``ckpt_export``/``verify_net_in_out``).
+      net_id: config id of the network definition (``ckpt_export``/``verify_net_in_out``); the Model Zoo's CI
+        always checks ``network_def``, so every bundle here keeps the default.
+      trace_overrides: config overrides for the traced ``models/model.ts`` only (``export-bundle``): the exact
+        MedSAM resize runs in numpy and a trace would freeze its result as a constant, so refiner bundles trace
+        with the torch resize; ``input_shape`` (``ckpt_export``'s) fixes the trace size where the metadata allows
+        any size (``export_bundle``'s ``spatial_shape`` replaces it).
     """
 
     name: str
@@ -39,6 +45,7 @@ class BundleEntry:
     outputs: Mapping[str, str] = field(default_factory=lambda: {"lesion": "{stem}_seg.png"})
     use_trace: bool = True
     net_id: str = "network_def"
+    trace_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 BUNDLES: dict[str, BundleEntry] = {
@@ -46,9 +53,10 @@ BUNDLES: dict[str, BundleEntry] = {
     # phase 3: the layout of engines.ultra_predict (refined/<name>.png, coarse/<name>.png, 0/255)
     "ultrarefiner": BundleEntry("ultrarefiner", "TransUNet + SAM refiner, coarse and refined lesion masks (automatic)",
                                 outputs={"refined": "refined/{stem}.png", "coarse": "coarse/{stem}.png"},
-                                net_id="export_network_def"),  # tensor-in/tensor-out wrapper of network_def
+                                trace_overrides={"image_resize": "torch"}),
     "sam_refiner": BundleEntry("sam_refiner", "SAM/MedSAM refiner from clicks, an ROI box and/or a label (interactive)",
-                               interactive=True),
+                               interactive=True,  # metadata: any H x W ("*"), so the trace gets a fixed size
+                               trace_overrides={"image_resize": "torch", "input_shape": [1, 2, 1024, 1024]}),
 }
 
 
