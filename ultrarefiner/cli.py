@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "refine": "ultrarefiner.commands.refine:refine",
     "evaluate": "ultrarefiner.commands.evaluate:evaluate",
     "export_bundle": "ultrarefiner.commands.export_bundle:export_bundle",
+    "export_onnx": "ultrarefiner.commands.export_onnx:export_onnx",
 }
 
 

@@ -1,0 +1,1 @@
+"""Deployment exports: ONNX graphs of TransUNet and of the SAM refiner (``ultrarefiner.export.onnx``)."""
