@@ -127,8 +127,8 @@ def main() -> None:
     for it in items:
         label = read_mask(it["label"])
         samples.append(("oracle", it["image"], label, label.astype(np.float32)))
-        if a.coarse_dir:
-            stem = Path(it["image"]).stem
+        stem = Path(it["image"]).stem
+        if a.coarse_dir and (Path(a.coarse_dir) / f"{stem}.png").is_file():  # another model's mask, where it has one
             cm = read_image(Path(a.coarse_dir) / f"{stem}.png").astype(np.float32) / 255.0
             if cm.shape != label.shape:
                 cm = cv2.resize(cm, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)

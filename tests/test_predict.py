@@ -45,11 +45,13 @@ def test_cli_folder_with_corrupt_file_iterations_gate_and_nifti(checkpoint, tmp_
     (src / "notes.txt").write_text("ignored: not an image suffix")
     out = tmp_path / "out"
     main(["predict", "--input", str(src), "--output_dir", str(out), "--checkpoint", str(checkpoint),
-          "--iterations", "2", "--quality_gate", "--gate_threshold", "0.5", "--nifti", "--device", "cpu"])
+          "--iterations", "2", "--quality_gate", "--gate_threshold", "0.5", "--nifti", "--device", "cpu",
+          "--batch_size", "2", "--num_workers", "1"])
     printed = capsys.readouterr().out
     assert "2 image(s) predicted" in printed and "1 skipped" in printed and "broken.png" in printed
     report = json.loads((out / "predictions.json").read_text())
-    assert report["settings"] == {"iterations": 2, "quality_gate": True, "gate_threshold": 0.5, "threshold": 0.5}
+    assert report["settings"] == {"iterations": 2, "quality_gate": True, "gate_threshold": 0.5, "threshold": 0.5,
+                                  "tta": "none"}
     assert [s["image"] for s in report["skipped"]] == [str(src / "broken.png")]
     assert "unreadable image" in report["skipped"][0]["reason"]
     sizes = {"a": (48, 40), "b": (52, 36)}
@@ -84,6 +86,10 @@ def test_cli_fails_when_nothing_can_be_predicted(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--input", str(bad), "--checkpoint", str(tmp_path / "missing.pt")])
     assert "checkpoint not found" in capsys.readouterr().err
+    for flag, value in (("--tta", "rotate"), ("--batch_size", "0"), ("--optimize", "fastest")):
+        with pytest.raises(SystemExit):
+            main(["predict", "--input", str(bad), "--checkpoint", str(checkpoint), flag, value])
+        assert flag in capsys.readouterr().err
 
 
 def test_iterations_keep_the_best_pass_and_gate_rule(checkpoint):

@@ -2,7 +2,8 @@
 
 One real run through the command line (LiteMedSAM zero-shot with its packaged weights: seconds per image on a CPU,
 so it refines only two images); everything else calls the engine directly, with a stub refiner where a forward
-pass is needed: batching by size, bad samples skipped and listed, resuming, option errors."""
+pass is needed: batching, bad samples skipped and listed, resuming, option errors. Batch-size invariance and flip
+TTA: tests/test_inference_batching.py, tests/test_tta.py."""
 
 from __future__ import annotations
 
@@ -177,40 +178,64 @@ def test_second_run_skips_finished_images(cli_run, folders, tmp_path, monkeypatc
         engine.refine_folder(folders["images"], folders["masks"], out, checkpoint=other, device="cpu")
 
 
-class _StubRefiner(torch.nn.Module):
-    """SAMRefiner's interface without SAM: refined = coarse > 0.5, three candidates (the third selected)."""
-
+class _StubEncoder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 64, 64)  # every image in the encoder frame, whatever its size
+        self.batches.append(x.shape[0])
+        return x[:, :1, ::16, ::16]
+
+
+class _StubRefiner(torch.nn.Module):
+    """SAMRefiner's interface without SAM: a LiteMedSAM-style 64 px geometry, an encoder that subsamples its input,
+    refined = coarse > 0.5, three candidates (the third selected); a coarse mask marked 7 at (0, 0) fails."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from ultrarefiner.networks.sam_geometry import SamGeometry
+
+        super().__init__()
+        self.geometry = SamGeometry("litemedsam", 64, image_resize="exact")
+        self.sam = SimpleNamespace(image_encoder=_StubEncoder())
         self.calls: list[tuple[int, int, int]] = []
 
-    def forward(self, image: torch.Tensor, coarse: torch.Tensor) -> dict[str, torch.Tensor]:
-        assert image.shape == coarse.shape and image.shape[1] == 1  # one size per batch
-        assert float(image.max()) > 1.0 and 0.0 <= float(coarse.min()) and float(coarse.max()) <= 1.0
-        if (image[:, 0, 0, 0] == 7).any():
+    def preprocess_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
+        return self.geometry.preprocess_image(image, resized)
+
+    def forward(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
+                original_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        assert coarse.shape[-2:] == tuple(original_size) and image_embeddings.shape[0] == coarse.shape[0]
+        assert 0.0 <= float(coarse.min()) and float(coarse.max()) <= 1.0
+        if (coarse[:, 0, 0, 0] == 7 / 255).any():
             raise ValueError("odd image")
-        b = image.shape[0]
-        self.calls.append((b, *image.shape[-2:]))
+        b = coarse.shape[0]
+        self.calls.append((b, *original_size))
         iou = torch.tensor([[0.2, 0.5, 0.9]]).repeat(b, 1)
         return {"masks": (coarse - 0.5) * 20, "iou_predictions": iou,
                 "selection_weights": torch.nn.functional.one_hot(torch.full((b,), 2), 3).float()}
 
 
-def test_engine_batches_by_size_with_a_stub_refiner(tmp_path, monkeypatch):
-    """Fast engine path: batches of one image size, a failing image skipped alone, the selected candidate's IoU."""
+def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
+    """Fast engine path: the encoder batches images of any size (size order), the decoder runs per size, a failing
+    image is skipped alone, the selected candidate's IoU is reported."""
     stub = _StubRefiner()
     monkeypatch.setattr(engine, "build_refiner", lambda _: stub)
     sizes = {"a": (40, 48), "b": (40, 48), "c": (40, 48), "d": (30, 50), "odd": (40, 48)}
     for i, (stem, (h, w)) in enumerate(sizes.items()):
         image, _, coarse = _scene(i, h, w)
-        image[0, 0] = 7 if stem == "odd" else 100
+        coarse[0, 0] = 7 if stem == "odd" else 0
         save(tmp_path / "img" / f"{stem}.png", image)
         save(tmp_path / "msk" / f"{stem}.png", coarse)
     out = tmp_path / "out"
     report = engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, zero_shot=True, batch_size=2,
-                                  device="cpu", num_workers=0)
-    # the failing batch (odd + a mate) is retried image by image: the mate is refined alone
-    assert sorted(stub.calls) == [(1, 30, 50), (1, 40, 48), (2, 40, 48)]
+                                  device="cpu", num_workers=0, optimize="none")
+    # batches in (size, name) order: [d, a] (two sizes, one encoder pass), [b, c], [odd] (fails alone)
+    assert stub.sam.image_encoder.batches == [2, 2, 1]
+    assert stub.calls == [(1, 30, 50), (1, 40, 48), (2, 40, 48)]
     assert [r["stem"] for r in report["images"]] == ["a", "b", "c", "d"]
     assert [s["stem"] for s in report["skipped"]] == ["odd"]
     assert "refiner failed (ValueError: odd image)" in report["skipped"][0]["reason"]
@@ -220,6 +245,7 @@ def test_engine_batches_by_size_with_a_stub_refiner(tmp_path, monkeypatch):
         coarse = np.asarray(Image.open(tmp_path / "msk" / f"{r['stem']}.png")) > 127
         assert np.array_equal(np.asarray(Image.open(out / "masks" / f"{r['stem']}.png")) > 0, coarse)
     assert "refined_vs_coarse" not in report["summary"]
+    assert report["settings"]["tta"] == "none" and report["settings"]["optimize"] == "none"
     assert "predicted IoU" in engine.format_summary(report)
 
 
@@ -237,12 +263,15 @@ def test_build_refiner_uses_the_checkpoint_architecture(tmp_path, monkeypatch):
     engine.build_refiner(lora)
     # the adapted layers are architecture (the adapters' keys); dropout and freeze flags are training-only
     assert built[-1] == {"checkpoint": "packaged", "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8,
-                         "lora_target_modules": ["qkv", "proj"]}
+                         "lora_target_modules": ["qkv", "proj"], "box_source": "largest"}
     full = tmp_path / "full.pt"
     torch.save({"model": {}, "network_kwargs": {"model_type": "vit_b", "preprocessing": "medsam"}}, full)
-    engine.build_refiner(full)
-    assert built[-1] == {"checkpoint": None, "model_type": "vit_b", "preprocessing": "medsam"}
+    engine.build_refiner(full, box_source="components")  # the prompt rule is the user's choice, not the file's
+    assert built[-1] == {"checkpoint": None, "model_type": "vit_b", "preprocessing": "medsam",
+                         "box_source": "components"}
     assert loaded == [lora, full]
+    engine.build_refiner(None, "components")
+    assert built[-1] == {"box_source": "components"}
     partial = tmp_path / "partial.pt"
     torch.save({"model": {}, "partial": True, "network_kwargs": {"model_type": "vit_b"}}, partial)
     with pytest.raises(UltraRefinerError, match="base SAM"):
@@ -278,6 +307,12 @@ def test_option_errors(folders, tmp_path, capsys, monkeypatch):
     assert "--nifti" in err
     err = _cli_error([*base, "--zero_shot", "--batch_size", "0"], capsys)
     assert "--batch_size" in err
+    err = _cli_error([*base, "--zero_shot", "--tta", "rotate"], capsys)
+    assert "--tta" in err and "flip" in err
+    err = _cli_error([*base, "--zero_shot", "--optimize", "fastest"], capsys)
+    assert "--optimize" in err and "jit_freeze" in err
+    err = _cli_error([*base, "--zero_shot", "--box_source", "biggest"], capsys)
+    assert "--box_source" in err and "components" in err
     assert not (tmp_path / "out" / "report.json").exists()
 
 

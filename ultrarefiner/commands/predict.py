@@ -19,6 +19,10 @@ def predict(
     nifti: bool = False,
     device: str = "auto",
     amp: bool = True,
+    batch_size: int | None = None,
+    num_workers: int = 2,
+    tta: str = "none",
+    optimize: str = "auto",
 ) -> None:
     """Coarse (TransUNet) and refined (SAM refiner) lesion masks of one image or a folder of images.
 
@@ -44,22 +48,36 @@ def predict(
         nifti: also write NIfTI (.nii.gz) masks.
         device: cpu, cuda, cuda:1 or auto.
         amp: bfloat16 autocast on CUDA.
+        batch_size: images per forward pass (any sizes: TransUNet and SAM's encoder see them resized to their
+            inputs; outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU.
+        num_workers: data workers reading and resizing the images.
+        tta: test-time augmentation: none (default) or flip (mean of the coarse and refined probabilities of the
+            image and of its left-right flip, flipped back; twice the compute).
+        optimize: SAM image-encoder speed option: auto (channels_last on CUDA, jit_freeze on the CPU), none,
+            channels_last, jit_freeze, compile or bf16 (see `refine --help`).
     """
     import logging
 
     import torch
 
+    from ultrarefiner.engines.fast_inference import check_tta, resolve_optimize
     from ultrarefiner.engines.ultra_predict import UltraPredictor, load_ultrarefiner
 
     check_range(iterations, "iterations", 0, 100, integer=True)
     check_range(gate_threshold, "gate_threshold", 0.0, 1.0)
     check_range(threshold, "threshold", 0.0, 1.0)
+    if batch_size is not None:
+        check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    check_range(num_workers, "num_workers", 0, 64, integer=True)
+    check_tta(tta)  # option errors before the model is loaded
+    resolve_optimize(optimize, torch.device("cpu"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     ckpt = Path(checkpoint) if checkpoint else Path(bundle) / "models" / "model.pt"
     model = load_ultrarefiner(ckpt, bundle, dev)
     predictor = UltraPredictor(model, dev, iterations=int(iterations), quality_gate=quality_gate,
-                               gate_threshold=float(gate_threshold), threshold=float(threshold), amp=amp, nifti=nifti)
+                               gate_threshold=float(gate_threshold), threshold=float(threshold), amp=amp, nifti=nifti,
+                               batch_size=batch_size, num_workers=int(num_workers), tta=tta, optimize=optimize)
     report = predictor.predict(input, output_dir)
     out = Path(output_dir).resolve()
     print(f"{report['n_images']} image(s) predicted into {out}; {report['n_skipped']} skipped")

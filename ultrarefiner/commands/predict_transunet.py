@@ -18,6 +18,7 @@ def predict_transunet(
     device: str = "auto",
     batch_size: int = 8,
     amp: bool = True,
+    num_workers: int = 2,
 ) -> None:
     """Out-of-fold TransUNet predictions for phase 2 option B (the refiner trained on real coarse masks).
 
@@ -36,8 +37,9 @@ def predict_transunet(
         output_dir: where predictions go.
         n_splits: number of folds (must match the datalist).
         device: cpu, cuda, cuda:1 or auto.
-        batch_size: images per forward pass.
-        amp: bfloat16 autocast.
+        batch_size: images per forward pass (any sizes: resized to the network input, predictions resized back).
+        amp: bfloat16 autocast (CUDA only).
+        num_workers: data workers reading and resizing the images.
     """
     import torch
 
@@ -45,9 +47,11 @@ def predict_transunet(
 
     check_range(n_splits, "n_splits", 2, 20, integer=True)
     check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    check_range(num_workers, "num_workers", 0, 64, integer=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     path = predict_out_of_fold(
-        data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), as_flag(amp, "amp")
+        data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), as_flag(amp, "amp"),
+        int(num_workers)
     )
     print(f"out-of-fold predictions: {Path(path).resolve()}")
     skipped = json.loads(Path(path).read_text(encoding="utf-8")).get("skipped", [])

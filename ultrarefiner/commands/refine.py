@@ -15,11 +15,14 @@ def refine(
     labels: str | None = None,
     checkpoint: str | None = None,
     zero_shot: bool = False,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     nifti: bool = False,
     device: str = "auto",
     amp: bool = True,
     num_workers: int = 4,
+    tta: str = "none",
+    optimize: str = "auto",
+    box_source: str = "largest",
 ) -> None:
     """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
 
@@ -40,17 +43,31 @@ def refine(
         checkpoint: phase-2 refiner checkpoint (sam_refiner best.pt or models/model.pt); default: the shipped
             bundles/sam_refiner/models/model.pt.
         zero_shot: use LiteMedSAM's packaged weights without a refiner checkpoint (not with --checkpoint).
-        batch_size: images of one size per forward pass.
+        batch_size: images per image-encoder pass (any sizes: each is resized into the encoder frame; the decoder
+            runs per image size, outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU (where
+            batches of 8 measured slower per image than single images).
         nifti: also write NIfTI (.nii.gz, 0/1) masks.
         device: cpu, cuda, cuda:1 or auto (CUDA when available).
         amp: bfloat16 autocast on CUDA.
-        num_workers: data workers reading the files.
+        num_workers: data workers reading and checking the files.
+        tta: test-time augmentation: none (default) or flip (mean probability of the image and of its left-right
+            flip, prompted by the flipped coarse mask and flipped back; twice the compute). A folder refined with
+            one setting is not resumed with the other.
+        optimize: image-encoder speed option: auto (default: channels_last on CUDA, jit_freeze on the CPU), none,
+            channels_last, jit_freeze (TorchScript freeze, oneDNN fusion; CPU) or compile (torch.compile: minutes of
+            compilation first), all float32 (the same masks up to rounding); or bf16 (CPU encoder in bfloat16 on
+            CPUs with native bfloat16: about twice as fast, masks slightly different; opt-in).
+        box_source: largest (default: the box and mask prompt of the coarse mask's largest connected component) or
+            components (one prompt set per component above 0.1% of the image, at most 4, merged: for images with
+            several lesions; on BUSI it helps multi-lesion images and costs 0.01 Dice over the whole test split,
+            see bundles/sam_refiner/docs/README.md).
     """
     import logging
 
     from ultrarefiner.engines.refine_folder import PROGRESS, SKIPPED_CSV, format_summary, refine_folder
 
-    check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    if batch_size is not None:
+        check_range(batch_size, "batch_size", 1, 1024, integer=True)
     check_range(num_workers, "num_workers", 0, 64, integer=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     report = refine_folder(
@@ -60,11 +77,14 @@ def refine(
         labels=labels,
         checkpoint=checkpoint,
         zero_shot=as_flag(zero_shot, "zero_shot"),
-        batch_size=int(batch_size),
+        batch_size=None if batch_size is None else int(batch_size),
         nifti=as_flag(nifti, "nifti"),
         device=device,
         amp=as_flag(amp, "amp"),
         num_workers=int(num_workers),
+        tta=tta,
+        optimize=optimize,
+        box_source=box_source,
     )
     out = Path(output_dir).resolve()
     print(format_summary(report))

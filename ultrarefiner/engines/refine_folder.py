@@ -2,7 +2,9 @@
 
 ``refine_folder`` is the engine of ``python -m ultrarefiner refine``. Images and coarse masks (and optional ground
 truth labels) are matched by file stem; every image is refined at its native size by a ``SAMRefiner`` (the shipped
-phase-2 refiner, a phase-2 checkpoint, or LiteMedSAM zero-shot) prompted by its coarse mask.
+phase-2 refiner, a phase-2 checkpoint, or LiteMedSAM zero-shot) prompted by its coarse mask. Data workers read and
+check the files; each image is resized into the encoder frame, so a batch mixes image sizes in the encoder; the
+decoder runs per image size (``BatchRefiner``). Optional left-right flip test-time augmentation (``tta="flip"``).
 
 Output layout (every file written atomically, with the umask's normal permissions)::
 
@@ -42,10 +44,11 @@ import torch
 
 import ultrarefiner
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask
-from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.utils.io import FILE_MODE, atomic_write
 
-__all__ = ["DEFAULT_REFINER", "build_refiner", "format_summary", "refine_folder", "resolve_refiner"]
+__all__ = ["DEFAULT_REFINER", "BatchRefiner", "build_refiner", "encoder_frame", "encoder_input", "format_summary",
+           "refine_folder", "resolve_refiner"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,18 +126,19 @@ def resolve_refiner(checkpoint: str | os.PathLike | None = None, zero_shot: bool
     return path
 
 
-def build_refiner(checkpoint: Path | None) -> torch.nn.Module:
+def build_refiner(checkpoint: Path | None, box_source: str = "largest") -> torch.nn.Module:
     """A ``SAMRefiner`` with LiteMedSAM's packaged weights, plus ``checkpoint`` (a phase-2 refiner) when given.
 
     The refiner is built with the architecture recorded in the checkpoint's ``network_kwargs`` (model type,
-    preprocessing, LoRA adapters) when it has them, so that LoRA and non-default checkpoints load.
+    preprocessing, LoRA adapters) when it has them, so that LoRA and non-default checkpoints load. ``box_source``:
+    ``largest`` (one prompt set, from the coarse mask's largest component) or ``components`` (one per lesion).
     """
     from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
     from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
     from ultrarefiner.networks import SAMRefiner
 
     if checkpoint is None:
-        return SAMRefiner()
+        return SAMRefiner(box_source=box_source)
     obj = read_checkpoint(checkpoint, "refiner checkpoint")
     require_phase(checkpoint, obj, 2, "refine")
     kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
@@ -147,7 +151,7 @@ def build_refiner(checkpoint: Path | None) -> torch.nn.Module:
                                             "weights are not packaged (export the full refiner: models/model.pt)")
         base = None  # the checkpoint holds every weight
     del obj
-    refiner = SAMRefiner(checkpoint=base, **arch)
+    refiner = SAMRefiner(checkpoint=base, box_source=box_source, **arch)
     load_refiner_checkpoint(refiner, checkpoint)
     return refiner
 
@@ -210,6 +214,15 @@ def _match(images: Path, masks: Path, labels: Path | None) -> tuple[list[dict], 
     return items, skipped
 
 
+def encoder_frame(geometry: Any, image: np.ndarray) -> np.ndarray | None:
+    """(H, W) uint8 image -> (h, w) uint8 in the refiner's encoder frame by its exact reference resize (what
+    ``SAMRefiner.preprocess_image`` does to the native image; the three gray channels resize alike, so one is kept).
+    None when the refiner resizes on its device (``image_resize="torch"``): the native image is sent then."""
+    if geometry.image_resize != "exact":
+        return None
+    return np.ascontiguousarray(geometry.resize_uint8(np.repeat(image[..., None], 3, axis=-1))[..., 0])
+
+
 class _SampleDataset(torch.utils.data.Dataset):
     """Reads and checks one sample in a data worker; a bad sample comes back as {stem, file, reason}."""
 
@@ -256,16 +269,18 @@ def _as_list(batch: list) -> list:
 
 
 def _size_batches(items: Sequence[dict], batch_size: int) -> tuple[list[list[int]], list[dict]]:
-    """Index batches of images of one size (the refiner takes one original size per batch), from the headers."""
-    groups: dict[tuple[int, int], list[int]] = {}
+    """Index batches of ``batch_size`` images in (size, name) order, sizes read from the file headers: the encoder
+    batches any sizes (each image is resized into its frame), the decoder one size at a time, so images of one size
+    are kept together."""
+    sized: list[tuple[tuple[int, int], int]] = []
     skipped = []
     for i, item in enumerate(items):
         try:
-            groups.setdefault(image_size(item["image"]), []).append(i)
+            sized.append((image_size(item["image"]), i))
         except BadInputError as e:
             skipped.append(dict(stem=item["stem"], file=e.path, reason=e.reason))
-    batches = [idx[k : k + batch_size] for _, idx in sorted(groups.items()) for k in range(0, len(idx), batch_size)]
-    return batches, skipped
+    order = [i for _, i in sorted(sized)]
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)], skipped
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -286,19 +301,80 @@ def _read_progress(path: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ refinement
-@torch.inference_mode()
-def _forward(refiner: torch.nn.Module, samples: Sequence[dict], device: torch.device,
-             amp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Refined bool masks (B, H, W) and predicted IoUs (B,) of same-size samples."""
-    # uint8 on the 0-255 scale: what the refiner's preprocessing expects, and 4x less to copy than float
-    image = torch.from_numpy(np.stack([s["pixels"] for s in samples]))[:, None].to(device)
-    coarse = torch.from_numpy(np.stack([s["coarse"] for s in samples]))[:, None].to(device).float().div_(255.0)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        out = refiner(image=image, coarse=coarse)
-    chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default; argmax for K > 1
-    iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
-    masks = out["masks"].float()[:, 0] > 0  # logits: probability > 0.5
-    return masks.cpu().numpy(), iou.cpu().numpy()
+def encoder_input(refiner: torch.nn.Module, sample: dict, flipped: bool, device: torch.device) -> torch.Tensor:
+    """(1,3,S,S) encoder input of a sample: its worker-resized ``frame`` (``frame_flipped``), else the frame
+    resized here, on the CPU; or its native ``pixels`` (flipped) when the refiner resizes on its device."""
+    from ultrarefiner.engines.fast_inference import hflip
+
+    key = "frame_flipped" if flipped else "frame"
+    frame = sample.get(key)
+    if key not in sample:
+        frame = encoder_frame(refiner.geometry, np.fliplr(sample["pixels"]) if flipped else sample["pixels"])
+    if frame is not None:
+        return refiner.preprocess_image(torch.from_numpy(frame)[None, None].to(device), resized=True)
+    native = torch.from_numpy(np.ascontiguousarray(sample["pixels"]))[None, None].to(device)
+    return refiner.preprocess_image(hflip(native) if flipped else native)
+
+
+class BatchRefiner:
+    def __init__(self, refiner: torch.nn.Module, device: torch.device, amp: bool = True, tta: str = "none",
+                 optimize: str | None = "auto") -> None:
+        """
+        A ``SAMRefiner`` (eval mode, on ``device``) applied to batches of images of any sizes: one encoder pass for
+        the batch (every image preprocessed into the encoder frame), then the prompt encoder and mask decoder per
+        image size (prompts and the output resize depend on it). Results equal the refiner's own forward per image
+        up to float rounding (batched matrix products).
+
+        Arguments:
+          refiner (SAMRefiner): in eval mode, on ``device``.
+          device: where it runs.
+          amp (bool): bfloat16 autocast on CUDA (never on the CPU).
+          tta (str): ``none`` or ``flip`` (mean probability of the image and its left-right flip, the flipped pass
+            prompted by the flipped coarse mask; ``fast_inference``).
+          optimize (str): the image encoder's speed option (``fast_inference.fast_encoder``).
+        """
+        from ultrarefiner.engines.fast_inference import check_tta, fast_encoder
+
+        self.refiner, self.device = refiner, torch.device(device)
+        self.amp = bool(amp and self.device.type == "cuda")
+        self.tta = check_tta(tta) == "flip"
+        self.encoder = fast_encoder(refiner.sam.image_encoder, self.device, optimize)
+
+    def __call__(self, samples: Sequence[dict]) -> list[tuple[np.ndarray, float]]:
+        """Refined bool masks (H, W) (probability > 0.5) and predicted IoUs of ``samples``."""
+        probs, iou = self.probabilities(samples)
+        return [((p > 0.5).cpu().numpy(), float(v)) for p, v in zip(probs, iou.tolist(), strict=True)]
+
+    @torch.no_grad()  # not inference_mode: jit_freeze traces its encoder on the first call
+    def probabilities(self, samples: Sequence[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Refined probabilities (H, W) per sample ({"pixels", "coarse" uint8 (H, W)[, "frame", "frame_flipped"]})
+        and their predicted IoUs (B,) on the CPU; with flip TTA the means over the two passes."""
+        from ultrarefiner.engines.fast_inference import flip_tta_mean
+
+        passes = [(s, f) for f in ((False, True) if self.tta else (False,)) for s in samples]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, self.device) for s, f in passes]))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (s, _) in enumerate(passes):
+            groups.setdefault(tuple(s["pixels"].shape), []).append(i)
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+        ious: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+        for size, idx in groups.items():
+            coarse = np.stack([np.fliplr(passes[i][0]["coarse"]) if passes[i][1] else passes[i][0]["coarse"]
+                               for i in idx])  # the flipped pass is prompted by the flipped coarse mask
+            coarse = torch.from_numpy(coarse)[:, None].to(self.device).float().div_(255.0)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = self.refiner(image_embeddings=embeddings[idx], coarse=coarse, original_size=size)
+            chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default
+            iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
+            for j, i in enumerate(idx):
+                logits[i], ious[i] = out["masks"][j, 0].float(), iou[j]
+        b = len(samples)
+        iou = torch.stack(ious).cpu()  # one copy for the batch
+        probs = [torch.sigmoid(x) for x in logits]
+        if self.tta:
+            return [flip_tta_mean(probs[i], probs[i + b]) for i in range(b)], 0.5 * (iou[:b] + iou[b:])
+        return probs, iou
 
 
 def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -390,11 +466,14 @@ def refine_folder(
     labels: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     zero_shot: bool = False,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     nifti: bool = False,
     device: str | torch.device | None = None,
     amp: bool = True,
     num_workers: int = 2,
+    tta: str = "none",
+    optimize: str | None = "auto",
+    box_source: str = "largest",
 ) -> dict[str, Any]:
     """Refine every image's coarse mask and write the outputs of the module docstring; returns the report.
 
@@ -404,22 +483,37 @@ def refine_folder(
       labels: optional folder of ground-truth masks (matched by stem): metrics and the paired comparison.
       checkpoint: phase-2 refiner checkpoint; None: the shipped refiner (``DEFAULT_REFINER``) unless ``zero_shot``.
       zero_shot: LiteMedSAM's packaged weights without a refiner checkpoint.
-      batch_size: images of one size per forward pass.
+      batch_size: images per encoder pass (any sizes; the decoder runs per image size within the batch); None: 8 on
+        CUDA, 1 on the CPU (``fast_inference.default_batch_size``).
       nifti: also write ``masks/<stem>.nii.gz``.
       device: cpu, cuda, cuda:N; None/"auto": CUDA when available.
       amp: bfloat16 autocast (CUDA only).
-      num_workers: data workers reading the files.
+      num_workers: data workers reading and checking the files.
+      tta: ``none`` or ``flip`` (left-right flip test-time augmentation, ``BatchRefiner``).
+      box_source: ``largest`` (default) or ``components``: one prompt set per connected component of the coarse
+        mask, merged (``SAMRefiner``); for images with several lesions.
+      optimize: the image encoder's speed option (``fast_inference.fast_encoder``: auto, none, channels_last,
+        jit_freeze, compile).
 
     Raises:
       UltraRefinerError / BadInputError: bad options or folders, or no image has a result at all.
     """
     from tqdm import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
+    from ultrarefiner.engines.fast_inference import check_tta, default_batch_size, resolve_optimize
+
+    tta = check_tta(tta)
     ckpt = resolve_refiner(checkpoint, zero_shot)
     dev = _device(device)
-    name = _refiner_name(ckpt)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
+    optimize = resolve_optimize(optimize, dev)
+    if box_source not in ("largest", "components"):
+        raise BadOptionError(f"--box_source must be 'largest' or 'components', got {box_source!r}")
+    # TTA and the prompt rule change the results: a folder refined with one setting is not resumed with the other
+    name = _refiner_name(ckpt) + (" with flip TTA" if tta == "flip" else "")
+    name += " with one prompt set per lesion" if box_source == "components" else ""
     images, masks, out = Path(images), Path(masks), Path(output_dir)
     items, skipped = _match(images, masks, Path(labels) if labels is not None else None)
     mode = _file_mode()
@@ -446,7 +540,9 @@ def refine_folder(
     skipped += unreadable
     n_new = 0
     if batches:
-        refiner: torch.nn.Module | None = None  # built on the first good sample: no cost when all are bad
+        runner: BatchRefiner | None = None  # built on the first good sample: no cost when all are bad
+        # the refiner (its geometry) does not exist yet: the main process resizes into the encoder frame (cv2 for
+        # LiteMedSAM: well under a millisecond per image)
         loader = torch.utils.data.DataLoader(_SampleDataset(pending), batch_sampler=batches, collate_fn=_as_list,
                                              num_workers=num_workers)
         bar = tqdm(total=sum(len(b) for b in batches), desc="refine", unit="image", disable=None)
@@ -468,10 +564,11 @@ def refine_folder(
             for batch in loader:
                 good = [s for s in batch if "reason" not in s]
                 skipped += [s for s in batch if "reason" in s]
-                if good and refiner is None:
-                    refiner = build_refiner(ckpt).to(dev)
+                if good and runner is None:
+                    refiner = build_refiner(ckpt, box_source).to(dev)
                     refiner.eval()  # after .to(): TinyViT caches attention biases on eval, on the device they are on
-                for sample, refined, iou in _refine_batch(refiner, good, dev, amp, skipped):
+                    runner = BatchRefiner(refiner, dev, amp, tta, optimize)
+                for sample, refined, iou in _refine_batch(runner, good, skipped):
                     saving.append(pool.submit(_save, sample, refined, iou, out, nifti, mode, name))
                 finish(keep=2 * writers)  # bounded: finished samples must not pile up in memory
                 bar.update(len(batch))
@@ -480,7 +577,7 @@ def refine_folder(
     report = _write_report(out, records, skipped, n_new, mode, dict(
         images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
         threshold=THRESHOLD, batch_size=batch_size, device=str(dev), amp=bool(amp and dev.type == "cuda"),
-        nifti=bool(nifti)))
+        nifti=bool(nifti), tta=tta, optimize=optimize, box_source=box_source))
     if skipped:
         logger.warning(f"{len(skipped)} sample(s) skipped, listed in {out / SKIPPED_CSV}")
     if not report["images"]:
@@ -489,23 +586,23 @@ def refine_folder(
     return report
 
 
-def _refine_batch(refiner: torch.nn.Module, samples: list[dict], device: torch.device, amp: bool,
-                  skipped: list[dict]):
+def _refine_batch(runner: BatchRefiner | None, samples: list[dict], skipped: list[dict]):
     """Yield (sample, refined mask, predicted IoU); when a batch fails, its samples are retried one by one and the
     ones that still fail are skipped with the error (an odd image must not take its batch mates down)."""
-    if not samples:
+    if not samples or runner is None:
         return
     try:
-        masks, ious = _forward(refiner, samples, device, amp)
+        results = runner(samples)
     except (RuntimeError, ValueError) as e:
         if len(samples) > 1:
             for s in samples:
-                yield from _refine_batch(refiner, [s], device, amp, skipped)
+                yield from _refine_batch(runner, [s], skipped)
             return
         skipped.append(dict(stem=samples[0]["stem"], file=samples[0]["image"],
                             reason=f"refiner failed ({type(e).__name__}: {e})"))
         return
-    yield from zip(samples, masks, ious, strict=True)
+    for sample, (refined, iou) in zip(samples, results, strict=True):
+        yield sample, refined, iou
 
 
 def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, mode: int, name: str) -> dict:

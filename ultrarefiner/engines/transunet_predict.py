@@ -58,13 +58,20 @@ def predict_probabilities(
     num_workers: int = 0,
     desc: str = "predict",
 ) -> list[np.ndarray]:
-    """Foreground probability (H, W) float32 in [0, 1] at each item's native size, in ``items`` order."""
+    """Foreground probability (H, W) float32 in [0, 1] at each item's native size, in ``items`` order.
+
+    Every image is resized to the network input in the data workers, so a batch mixes native sizes; each
+    probability is resized back to its own image. On CUDA: bfloat16 autocast (``amp``) and channels_last inputs
+    (the ResNet stem's convolutions)."""
     transform = get_transforms("transunet", train=False, keys=("image",), img_size=img_size)
-    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers)
     device = torch.device(device)
+    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.to(memory_format=fmt)
     out: list[np.ndarray] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None):
-        x = batch["image"].to(device)
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = model(x)
         prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
@@ -127,12 +134,13 @@ def predict_out_of_fold(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     amp: bool = True,
+    num_workers: int = 2,
 ) -> Path:
     """Write ``<output_dir>/<dataset>/fold_<k>/coarse/*.png`` and ``<output_dir>/<dataset>/datalist.json``.
 
     ``fold_<k>`` holds model k's predictions of its held-out fold and of the test split, and ``overlays/`` of
     a few held-out images; ``ensemble`` holds the mean of the fold models on the test split. Returns the
-    datalist path.
+    datalist path. ``batch_size`` images per forward pass, read and resized by ``num_workers`` data workers.
 
     Images or masks that cannot be read (or differ in size) are left out of the new datalist and listed, with the
     reason, in ``skipped.json`` (and the datalist's ``skipped``). The folder is built next to its destination and
@@ -168,7 +176,8 @@ def predict_out_of_fold(
             img_size = model.img_size if hasattr(model, "img_size") else 224
             held_out = [e for e in training if e["fold"] == k]
             probs = predict_probabilities(
-                model, [absolute(e) for e in held_out + testing], img_size, device, batch_size, amp, desc=f"fold {k}"
+                model, [absolute(e) for e in held_out + testing], img_size, device, batch_size, amp, num_workers,
+                desc=f"fold {k}",
             )
             write_overlays(stage / f"fold_{k}" / "overlays", [absolute(e) for e in held_out], probs[: len(held_out)])
             for e, p in zip(held_out, probs[: len(held_out)], strict=True):

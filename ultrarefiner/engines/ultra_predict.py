@@ -52,6 +52,7 @@ __all__ = [
     "load_ultrarefiner",
     "overlay_coarse_refined",
     "refine",
+    "refine_coarse",
     "selected_iou",
 ]
 
@@ -110,6 +111,34 @@ def refine(
     size = (int(original_size[0]), int(original_size[1]))
     embeddings = net.encode_image(sam_image, size)
     out = net(image, image_embeddings=embeddings.float(), original_size=size)
+    return _refine_after(net, out, embeddings, size, iterations, quality_gate, gate_threshold)
+
+
+@torch.no_grad()
+def refine_coarse(
+    model: torch.nn.Module,
+    coarse_probs: torch.Tensor,
+    image_embeddings: torch.Tensor,
+    original_size: Sequence[int],
+    iterations: int = 0,
+    quality_gate: bool = False,
+    gate_threshold: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """``refine`` from TransUNet's foreground probability (``UltraRefiner.coarse_probability``, (B,1,S,S)) and the
+    SAM image embeddings, for batched prediction: TransUNet and the image encoder run on a whole batch of images
+    of any sizes, this per image size. Same outputs as ``refine``."""
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    net = _unwrap(model)
+    size = (int(original_size[0]), int(original_size[1]))
+    out = net.refiner(coarse=coarse_probs, image_embeddings=image_embeddings.float(), original_size=size)
+    return _refine_after(net, {"coarse_probs": coarse_probs, **out}, image_embeddings, size, iterations,
+                         quality_gate, gate_threshold)
+
+
+def _refine_after(net: torch.nn.Module, out: dict, embeddings: torch.Tensor, size: tuple[int, int], iterations: int,
+                  quality_gate: bool, gate_threshold: float) -> dict[str, torch.Tensor]:
+    """The outputs of ``refine`` from the first pass ``out``: coarse at the native size, iterations, gate."""
     coarse = F.interpolate(out["coarse_probs"].float(), size, mode="bilinear", align_corners=False).clamp(0, 1)
     logits = out["masks"].float()
     iou = selected_iou(out)
@@ -259,6 +288,47 @@ def _write_nifti(path: Path, mask: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+class _InputDataset(torch.utils.data.Dataset):
+    """Reads one input image in a data worker: its TransUNet input and its SAM encoder frame(s) (the flipped image's
+    too with flip TTA); an unreadable file comes back as {"index", "reason"}."""
+
+    def __init__(self, paths: Sequence[Path], transform: Any, geometry: Any, tta: bool) -> None:
+        self.paths, self.transform, self.geometry, self.tta = list(paths), transform, geometry, tta
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        try:
+            image = read_image(path)
+            if min(image.shape) < 2:
+                return {"index": index, "reason": f"image too small {image.shape}"}
+            return {"index": index, **self.sample(image)}
+        except BadInputError as e:
+            return {"index": index, "reason": e.reason}
+        except Exception as e:  # a broken file must not stop the run
+            return {"index": index, "reason": f"{type(e).__name__}: {e}"}
+
+    def sample(self, image: np.ndarray) -> dict[str, Any]:
+        from ultrarefiner.engines.refine_folder import encoder_frame
+
+        native = torch.from_numpy(np.array(image, dtype=np.uint8))[None]  # (1, H, W) uint8, own copy
+        small = torch.as_tensor(self.transform(native.float()), dtype=torch.float32).clamp(0, 1)
+        out = {"pixels": native[0].numpy(), "small": small.as_subclass(torch.Tensor),
+               "frame": encoder_frame(self.geometry, native[0].numpy())}
+        if self.tta:  # the flipped pass is the whole pipeline on the flipped image
+            flipped = np.ascontiguousarray(np.fliplr(native[0].numpy()))
+            out["frame_flipped"] = encoder_frame(self.geometry, flipped)
+            small = self.transform(torch.from_numpy(flipped)[None].float())
+            out["small_flipped"] = torch.as_tensor(small, dtype=torch.float32).clamp(0, 1).as_subclass(torch.Tensor)
+        return out
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
 class UltraPredictor:
     def __init__(
         self,
@@ -271,9 +341,17 @@ class UltraPredictor:
         threshold: float = 0.5,
         amp: bool = False,
         nifti: bool = False,
+        batch_size: int | None = None,
+        num_workers: int = 2,
+        tta: str = "none",
+        optimize: str | None = "auto",
     ) -> None:
         """
         Predict coarse and refined masks of image files and write them (module docstring).
+
+        Images of any sizes share a batch: TransUNet sees them at its input size and SAM's image encoder in its
+        own frame (data workers resize them); the refiner's prompts and decoder run per image size, and outputs are
+        resized back per image. Results equal batch 1 up to float rounding.
 
         Arguments:
           network (UltraRefiner): with its weights loaded.
@@ -283,8 +361,17 @@ class UltraPredictor:
           threshold (float): probability threshold of the written masks.
           amp (bool): bfloat16 autocast (CUDA only).
           nifti (bool): also write NIfTI masks.
+          batch_size (int or None): images per forward pass; None: 8 on CUDA, 1 on the CPU.
+          num_workers (int): data workers reading and resizing the images.
+          tta (str): ``none`` or ``flip``: mean of the pipeline's probabilities (coarse and refined) on the image
+            and on its left-right flip (flipped back); with iterations or the gate each pass applies them, and the
+            image counts as gated when either pass kept its coarse mask.
+          optimize (str): SAM image encoder speed option (``fast_inference.fast_encoder``).
         """
         from monai.transforms import Compose, Resize, ScaleIntensity
+
+        from ultrarefiner.commands.args import check_range
+        from ultrarefiner.engines.fast_inference import check_tta, default_batch_size, fast_encoder, resolve_optimize
 
         self.network = network.to(device).eval()
         self.device = torch.device(device)
@@ -294,27 +381,82 @@ class UltraPredictor:
         self.iterations, self.gate_threshold, self.threshold = int(iterations), gate_threshold, threshold
         self.quality_gate = as_flag(quality_gate, "quality_gate")
         self.amp, self.nifti = as_flag(amp, "amp"), as_flag(nifti, "nifti")
+        batch_size = default_batch_size(self.device) if batch_size is None else batch_size
+        self.batch_size = check_range(batch_size, "batch_size", 1, 1024, integer=True)
+        self.num_workers = check_range(num_workers, "num_workers", 0, 64, integer=True)
+        self.tta = check_tta(tta)
+        self.optimize = resolve_optimize(optimize, self.device)
+        self.refiner = _unwrap(network).refiner
+        self.encoder = fast_encoder(self.refiner.sam.image_encoder, self.device, self.optimize)
+        self.dataset = _InputDataset([], self.transform, self.refiner.geometry, self.tta == "flip")
 
     def settings(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "quality_gate": self.quality_gate,
-                "gate_threshold": self.gate_threshold if self.quality_gate else None, "threshold": self.threshold}
+                "gate_threshold": self.gate_threshold if self.quality_gate else None, "threshold": self.threshold,
+                "tta": self.tta}
 
     def predict_array(self, image: np.ndarray) -> dict[str, Any]:
         """(H, W) uint8 image -> dict of numpy arrays (coarse/refined probabilities, (H, W)) and scalars."""
-        native = torch.from_numpy(np.array(image, dtype=np.uint8))[None]  # (1, H, W) uint8, own copy
-        small = torch.as_tensor(self.transform(native.float()), dtype=torch.float32)[None].clamp(0, 1)
-        sam_image = native[None]
-        dev = self.device
+        return self.predict_batch([self.dataset.sample(image)])[0]
+
+    @torch.no_grad()  # not inference_mode: jit_freeze traces the encoder on its first call
+    def predict_batch(self, samples: Sequence[dict]) -> list[dict[str, Any]]:
+        """Predictions of ``_InputDataset`` samples (images of any sizes): one TransUNet and one encoder pass for the
+        batch (and its flips with TTA), then the refiner per image size; results as ``predict_array``."""
+        from ultrarefiner.engines.fast_inference import flip_tta_mean
+        from ultrarefiner.engines.refine_folder import encoder_input
+
+        dev, net = self.device, _unwrap(self.network)
+        flips = (False, True) if self.tta == "flip" else (False,)
+        passes = [(s, f) for f in flips for s in samples]
+        small = torch.stack([s["small_flipped" if f else "small"] for s, f in passes]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == "cuda"):
-            out = refine(self.network, small.to(dev), sam_image, None, self.iterations, self.quality_gate,
-                         self.gate_threshold)
-        result = {"coarse": out["coarse"][0, 0].cpu().numpy(), "refined": out["final"][0, 0].cpu().numpy(),
-                  "pred_iou": float(out["pred_iou"][0]), "final_iou": float(out["final_iou"][0])}
-        if "best_pass" in out:
-            result["best_pass"] = int(out["best_pass"][0])
-        if "gate" in out:
-            result["gated"] = bool(out["gate"][0] > 0)
-        return result
+            embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, dev) for s, f in passes]))
+            coarse_probs = net.coarse_probability(net.transunet(small))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (s, _) in enumerate(passes):
+            groups.setdefault(tuple(s["pixels"].shape), []).append(i)
+        per_pass: list[dict[str, torch.Tensor]] = [{} for _ in passes]
+        for size, idx in groups.items():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == "cuda"):
+                out = refine_coarse(self.network, coarse_probs[idx], embeddings[idx], size, self.iterations,
+                                    self.quality_gate, self.gate_threshold)
+            for j, i in enumerate(idx):
+                per_pass[i] = {k: v[j] for k, v in out.items()}
+        b = len(samples)
+        results = []
+        for i in range(b):
+            o = per_pass[i]
+            coarse, final = o["coarse"][0], o["final"][0]
+            pred_iou, final_iou = o["pred_iou"], o["final_iou"]
+            gate = o.get("gate")
+            if self.tta == "flip":  # the flipped pass's maps are flipped back, then averaged
+                f = per_pass[i + b]
+                coarse, final = flip_tta_mean(coarse, f["coarse"][0]), flip_tta_mean(final, f["final"][0])
+                pred_iou, final_iou = 0.5 * (pred_iou + f["pred_iou"]), 0.5 * (final_iou + f["final_iou"])
+                gate = torch.maximum(gate, f["gate"]) if gate is not None else None
+            result = {"coarse": coarse.cpu().numpy(), "refined": final.cpu().numpy(), "pred_iou": float(pred_iou),
+                      "final_iou": float(final_iou)}
+            if "best_pass" in o:
+                result["best_pass"] = int(o["best_pass"])
+            if gate is not None:
+                result["gated"] = bool(gate > 0)
+            results.append(result)
+        return results
+
+    def _batches(self, paths: Sequence[Path]) -> list[list[int]]:
+        """Index batches in (size, input order) order: equal sizes share the refiner's decoder pass. A file whose
+        header cannot be read goes last; its worker reports why."""
+        from ultrarefiner.data.imaging import image_size
+
+        def key(i: int) -> tuple[int, int, int]:
+            try:
+                return (*image_size(paths[i]), i)
+            except BadInputError:
+                return (1 << 30, 1 << 30, i)
+
+        order = sorted(range(len(paths)), key=key)
+        return [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
 
     def predict(self, inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
         """Predict every input image, write the outputs and ``predictions.json``; returns that report.
@@ -327,44 +469,55 @@ class UltraPredictor:
         out = Path(output_dir)
         paths = list_inputs(inputs)
         names = _output_names(paths)
-        images, skipped = [], []
-        for path, name in tqdm(list(zip(paths, names, strict=True)), desc="predict", leave=False, disable=None):
-            try:
-                image = read_image(path)
-            except BadInputError as e:
-                logger.warning(f"skipped {e}")
-                skipped.append({"image": str(path), "reason": e.reason})
-                continue
-            if min(image.shape) < 2:
-                skipped.append({"image": str(path), "reason": f"image too small {image.shape}"})
-                logger.warning(f"skipped {path}: image too small {image.shape}")
-                continue
-            res = self.predict_array(image)
-            coarse, refined = res["coarse"] > self.threshold, res["refined"] > self.threshold
-            entry = {"image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
-                     "pred_iou": round(res["pred_iou"], 6), "coarse": f"coarse/{name}.png",
-                     "refined": f"refined/{name}.png", "overlay": f"overlays/{name}.png",
-                     "coarse_area": int(coarse.sum()), "refined_area": int(refined.sum())}
-            if self.iterations:
-                entry.update(final_iou=round(res["final_iou"], 6), best_pass=res["best_pass"])
-            if self.quality_gate:
-                entry["gated"] = res["gated"]
-            write_png(out / entry["coarse"], coarse.astype(np.uint8) * 255)
-            write_png(out / entry["refined"], refined.astype(np.uint8) * 255)
-            write_png(out / entry["overlay"], overlay_coarse_refined(image.astype(np.float32) / 255.0, coarse, refined))
-            if self.nifti:
-                for kind, mask in (("coarse", coarse), ("refined", refined)):
-                    rel = f"nifti/{name}_{kind}.nii.gz"
-                    _write_nifti(out / rel, mask)
-                    entry[f"{kind}_nifti"] = rel
-            images.append(entry)
-        report = {"settings": self.settings(), "n_images": len(images), "n_skipped": len(skipped),
-                  "images": images, "skipped": skipped}
+        dataset = _InputDataset(paths, self.transform, self.refiner.geometry, self.tta == "flip")
+        batches = self._batches(paths)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_as_list,
+                                             num_workers=min(self.num_workers, len(batches)))
+        entries: dict[int, dict] = {}
+        skipped: dict[int, dict] = {}
+        bar = tqdm(total=len(paths), desc="predict", leave=False, disable=None)
+        for batch in loader:
+            for s in batch:
+                if "reason" in s:
+                    path = paths[s["index"]]
+                    logger.warning(f"skipped {path}: {s['reason']}")
+                    skipped[s["index"]] = {"image": str(path), "reason": s["reason"]}
+            good = [s for s in batch if "reason" not in s]
+            for s, res in zip(good, self.predict_batch(good) if good else [], strict=True):
+                entries[s["index"]] = self._write(out, paths[s["index"]], names[s["index"]], s["pixels"], res)
+            bar.update(len(batch))
+        bar.close()
+        images = [entries[i] for i in sorted(entries)]
+        skipped_list = [skipped[i] for i in sorted(skipped)]
+        report = {"settings": self.settings(), "n_images": len(images), "n_skipped": len(skipped_list),
+                  "images": images, "skipped": skipped_list}
         write_json(out / "predictions.json", report)
-        if skipped:
-            logger.warning(f"{len(skipped)} of {len(paths)} input files skipped (listed in {out / 'predictions.json'})")
+        if skipped_list:
+            logger.warning(f"{len(skipped_list)} of {len(paths)} input files skipped (listed in "
+                           f"{out / 'predictions.json'})")
         if not images:
-            raise UltraRefinerError(f"no input image could be predicted ({len(skipped)} skipped: "
-                                    f"{'; '.join(s['image'] + ': ' + s['reason'] for s in skipped[:5])})")
+            raise UltraRefinerError(f"no input image could be predicted ({len(skipped_list)} skipped: "
+                                    f"{'; '.join(s['image'] + ': ' + s['reason'] for s in skipped_list[:5])})")
         logger.info(f"predicted {len(images)} image(s) into {out}")
         return report
+
+    def _write(self, out: Path, path: Path, name: str, image: np.ndarray, res: dict[str, Any]) -> dict[str, Any]:
+        """Masks, overlay (and NIfTI) of one image, atomically; its report entry."""
+        coarse, refined = res["coarse"] > self.threshold, res["refined"] > self.threshold
+        entry = {"image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
+                 "pred_iou": round(res["pred_iou"], 6), "coarse": f"coarse/{name}.png",
+                 "refined": f"refined/{name}.png", "overlay": f"overlays/{name}.png",
+                 "coarse_area": int(coarse.sum()), "refined_area": int(refined.sum())}
+        if self.iterations:
+            entry.update(final_iou=round(res["final_iou"], 6), best_pass=res["best_pass"])
+        if self.quality_gate:
+            entry["gated"] = res["gated"]
+        write_png(out / entry["coarse"], coarse.astype(np.uint8) * 255)
+        write_png(out / entry["refined"], refined.astype(np.uint8) * 255)
+        write_png(out / entry["overlay"], overlay_coarse_refined(image.astype(np.float32) / 255.0, coarse, refined))
+        if self.nifti:
+            for kind, mask in (("coarse", coarse), ("refined", refined)):
+                rel = f"nifti/{name}_{kind}.nii.gz"
+                _write_nifti(out / rel, mask)
+                entry[f"{kind}_nifti"] = rel
+        return entry

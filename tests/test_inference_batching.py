@@ -1,0 +1,171 @@
+"""Batched inference gives what batch 1 gives: ``refine`` (images of any sizes share the encoder's batch, the
+decoder runs per size), ``predict`` (TransUNet and the encoder on the whole batch) and TransUNet's out-of-fold
+predictions; the encoder speed options keep the masks; the sam_refiner bundle's loader batches one size at a
+time. No timings are asserted here (benchmarks/bench_inference.py measures them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import blob, save
+from ultrarefiner.engines import refine_folder as engine
+from ultrarefiner.engines.fast_inference import same_size_batches
+from ultrarefiner.networks import SAMRefiner
+from ultrarefiner.networks.sam_weights import build_tiny_sam
+
+SIZES = [(96, 128), (80, 120), (96, 128), (70, 90)]
+
+
+def _scene(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, coarse 0/255): a bright off-centre blob on noise; the coarse mask a shifted, smaller blob."""
+    rng = np.random.default_rng(seed)
+    fg = blob(h, w, cy=h // 2 - 5, cx=w // 3, r=min(h, w) // 4) > 0
+    image = np.clip(60 + 120 * fg + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
+    coarse = blob(h, w, cy=h // 2 - 2, cx=w // 3 + 4, r=min(h, w) // 5) > 0
+    return image, coarse.astype(np.uint8) * 255
+
+
+def _sample(refiner: SAMRefiner, image: np.ndarray, coarse: np.ndarray) -> dict:
+    return {"pixels": image, "coarse": coarse, "frame": engine.encoder_frame(refiner.geometry, image)}
+
+
+@pytest.fixture(scope="module")
+def lite_medsam() -> SAMRefiner:
+    return SAMRefiner().eval()  # LiteMedSAM, packaged weights (the default refiner, zero-shot)
+
+
+def test_litemedsam_batch_of_three_sizes_equals_batch_one(lite_medsam):
+    """Real LiteMedSAM: batch 3 (two sizes) vs batch 1 vs the refiner's own forward on the native image."""
+    scenes = [_scene(h, w, i) for i, (h, w) in enumerate(SIZES[:3])]
+    samples = [_sample(lite_medsam, im, c) for im, c in scenes]
+    runner = engine.BatchRefiner(lite_medsam, torch.device("cpu"), optimize="none")
+    p3, iou3 = runner.probabilities(samples)
+    singles = [runner.probabilities([s]) for s in samples]
+    for (image, _), a, b, (p1, iou1) in zip(scenes, p3, iou3, singles, strict=True):
+        assert a.shape == image.shape and torch.allclose(a, p1[0], atol=1e-4)
+        assert float(b) == pytest.approx(float(iou1[0]), abs=1e-4)
+        assert ((a > 0.5) != (p1[0] > 0.5)).float().mean() <= 1e-3
+    image, coarse = scenes[0]
+    with torch.no_grad():
+        ref = lite_medsam(image=torch.from_numpy(image)[None, None],
+                          coarse=torch.from_numpy(coarse)[None, None].float() / 255)["masks"][0, 0]
+    # batch 1 through the worker-resized frame is the refiner's own computation
+    assert torch.allclose(singles[0][0][0], torch.sigmoid(ref), atol=1e-6)
+
+
+@pytest.mark.parametrize("optimize", ["channels_last", "jit_freeze", "bf16"])
+def test_encoder_speed_options_keep_the_masks(lite_medsam, optimize):
+    """float32 options: the same numbers up to rounding; bf16 (opt-in, CPUs with native bfloat16): close."""
+    if optimize == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no native bfloat16 on this CPU")
+    image, coarse = _scene(*SIZES[1], seed=5)
+    samples = [_sample(lite_medsam, image, coarse)] * 2
+    plain, iou = engine.BatchRefiner(lite_medsam, torch.device("cpu"), optimize="none").probabilities(samples)
+    fast, fast_iou = engine.BatchRefiner(lite_medsam, torch.device("cpu"), optimize=optimize).probabilities(samples)
+    lite_medsam.sam.image_encoder.to(memory_format=torch.contiguous_format)  # converted in place: back
+    tol, pixels = (1e-4, 1e-3) if optimize != "bf16" else (0.1, 0.02)
+    assert torch.allclose(fast_iou, iou, atol=tol) and (fast[0] - plain[0]).abs().mean() <= tol
+    assert ((fast[0] > 0.5) != (plain[0] > 0.5)).float().mean() <= pixels
+
+
+def _tiny_refiner() -> SAMRefiner:
+    # MedSAM-style geometry with its exact (CPU) resize: the data workers do it
+    return SAMRefiner(build_tiny_sam(img_size=64), checkpoint=None, preprocessing="medsam").eval()
+
+
+def test_refine_folder_batch_three_writes_what_batch_one_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "build_refiner", lambda _: _tiny_refiner())
+    for i, (h, w) in enumerate(SIZES):
+        image, coarse = _scene(h, w, i)
+        save(tmp_path / "img" / f"s{i}.png", image)
+        save(tmp_path / "msk" / f"s{i}.png", coarse)
+    reports = {}
+    for b in (1, 3):
+        reports[b] = engine.refine_folder(tmp_path / "img", tmp_path / "msk", tmp_path / f"out{b}", zero_shot=True,
+                                          batch_size=b, device="cpu", num_workers=2, optimize="none")
+    assert [r["stem"] for r in reports[1]["images"]] == [r["stem"] for r in reports[3]["images"]] == \
+        [f"s{i}" for i in range(len(SIZES))]
+    for r1, r3 in zip(reports[1]["images"], reports[3]["images"], strict=True):
+        assert r1["pred_iou"] == pytest.approx(r3["pred_iou"], abs=1e-4)
+        m1 = np.asarray(Image.open(tmp_path / "out1" / "masks" / f"{r1['stem']}.png"))
+        m3 = np.asarray(Image.open(tmp_path / "out3" / "masks" / f"{r1['stem']}.png"))
+        assert m1.shape == (r1["height"], r1["width"]) and (m1 != m3).mean() <= 1e-3
+
+
+def test_predict_batch_three_equals_batch_one_and_refine(tmp_path):
+    from test_predict import NETWORK_KWARGS
+
+    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
+    from ultrarefiner.engines.ultra_predict import UltraPredictor, refine
+
+    torch.manual_seed(0)
+    model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()
+    for i, (h, w) in enumerate(SIZES):
+        save(tmp_path / "in" / f"p{i}.png", _scene(h, w, i)[0])
+    reports = {}
+    for b in (1, 3):
+        predictor = UltraPredictor(model, "cpu", iterations=1, quality_gate=True, batch_size=b, num_workers=2,
+                                   optimize="none")
+        reports[b] = predictor.predict(tmp_path / "in", tmp_path / f"out{b}")
+    for e1, e3 in zip(reports[1]["images"], reports[3]["images"], strict=True):
+        assert e1["image"] == e3["image"] and e1["pred_iou"] == pytest.approx(e3["pred_iou"], abs=1e-4)
+        for kind in ("coarse", "refined"):
+            m1 = np.asarray(Image.open(tmp_path / "out1" / e1[kind]))
+            m3 = np.asarray(Image.open(tmp_path / "out3" / e3[kind]))
+            assert m1.shape == (e1["height"], e1["width"]) and (m1 != m3).mean() <= 1e-3
+    # batch 1 is ``refine`` on the native image (the one routine of evaluation and the bundles)
+    image = _scene(*SIZES[1], seed=1)[0]
+    got = predictor.predict_array(image)
+    native = torch.from_numpy(image)[None, None]
+    small = torch.as_tensor(predictor.transform(native[0].float()), dtype=torch.float32)[None].clamp(0, 1)
+    ref = refine(model, small, native, iterations=1, quality_gate=True)
+    assert np.allclose(got["refined"], ref["final"][0, 0].numpy(), atol=1e-4)
+    assert np.allclose(got["coarse"], ref["coarse"][0, 0].numpy(), atol=1e-5)
+    assert got["pred_iou"] == pytest.approx(float(ref["pred_iou"][0]), abs=1e-5)
+
+
+def test_transunet_probabilities_batch_three_equals_batch_one(tmp_path):
+    from ultrarefiner.engines.transunet_predict import predict_probabilities
+    from ultrarefiner.networks import TransUNet
+
+    torch.manual_seed(1)
+    model = TransUNet(img_size=32, num_classes=2, in_channels=1, variant="R50-ViT-B_16", vit_depth=1).eval()
+    items = []
+    for i, (h, w) in enumerate(SIZES):
+        items.append({"image": str(save(tmp_path / f"t{i}.png", _scene(h, w, i)[0]))})
+    one = predict_probabilities(model, items, 32, "cpu", batch_size=1, amp=False)
+    three = predict_probabilities(model, items, 32, "cpu", batch_size=3, amp=False, num_workers=2)
+    for a, b, (h, w) in zip(one, three, SIZES, strict=True):
+        assert a.shape == b.shape == (h, w) and np.allclose(a, b, atol=1e-5)
+
+
+def test_same_size_batches(tmp_path):
+    items = []
+    for i, (h, w) in enumerate([(20, 30), (10, 10), (20, 30), (20, 30), (10, 10)]):
+        items.append({"image": str(save(tmp_path / f"x{i}.png", np.zeros((h, w), np.uint8)))})
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    items.append({"image": str(tmp_path / "bad.png")})
+    assert same_size_batches(items, 2) == [[1, 4], [0, 2], [3], [5]]
+    with pytest.raises(ValueError, match="batch_size"):
+        same_size_batches(items, 0)
+
+
+def test_sam_refiner_bundle_loader_batches_one_size(tmp_path):
+    """The sam_refiner bundle's evaluator takes one native size per batch: its loader groups by size."""
+    from monai.bundle import ConfigParser
+
+    from conftest import REPO
+
+    for i, (h, w) in enumerate(SIZES):
+        image, coarse = _scene(h, w, i)
+        save(tmp_path / "img" / f"b{i}.png", image)
+        save(tmp_path / "coarse" / f"b{i}.png", coarse)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "sam_refiner" / "configs" / "inference.json"))
+    parser.update({"input_dir": str(tmp_path / "img"), "coarse_dir": str(tmp_path / "coarse"), "batch_size": 2,
+                   "num_workers": 0})
+    shapes = [tuple(batch["image"].shape) for batch in parser.get_parsed_content("dataloader")]
+    assert sorted(shapes) == [(1, 2, 70, 90), (1, 2, 80, 120), (2, 2, 96, 128)]

@@ -1,0 +1,211 @@
+"""Inference helpers shared by ``refine``, ``predict``, ``predict-transunet`` and the bundles' ``inference.json``.
+
+Horizontal-flip test-time augmentation (``tta="flip"``): the image (and, for the refiner, the coarse mask it is
+prompted with) is flipped left-right, predicted, and the prediction flipped back; the output is the mean of the
+probabilities of the original and the flipped pass. ``hflip`` / ``flip_tta_mean`` are the whole rule;
+``FlipTTAInferer`` applies it inside a MONAI evaluator (the bundles).
+
+Image-encoder speed options (``optimize``): ``channels_last`` (the convolutions run in oneDNN's native NHWC layout),
+``jit_freeze`` (TorchScript trace + ``torch.jit.freeze`` + ``optimize_for_inference``: batch norms folded into the
+convolutions, oneDNN-fused ops; CPU only; one trace per batch shape, a few seconds), ``compile`` (``torch.compile``:
+2-6 minutes of compilation on 2 CPU cores), all float32 (the same numbers up to ~1e-6 relative); ``bf16`` (opt-in,
+CPUs with native bfloat16: the encoder under bfloat16 autocast, embeddings within ~5%, refined Dice within 0.003 on
+8 BUSI test images). ``auto``: ``channels_last`` on CUDA (with bf16 autocast), ``jit_freeze`` on the CPU. LiteMedSAM
+encoder, one thread of a shared 2-core CPU, CPU seconds per image at batch 1 (``benchmarks/bench_inference.py``):
+none 2.14, channels_last 1.93, jit_freeze 1.71, compile 1.39, bf16 0.97; batch 8 costs ~40% more per image on the
+CPU (hence batch 1 there by default).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.inferers import Inferer
+from torch import nn
+
+__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FlipTTAInferer", "check_tta", "fast_encoder", "flip_tta_mean", "hflip",
+           "default_batch_size", "resolve_optimize", "same_size_batches", "tta_inferer"]
+
+logger = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "flip")
+OPTIMIZE_MODES = ("auto", "none", "channels_last", "jit_freeze", "compile", "bf16")
+
+
+def check_tta(tta: str | None) -> str:
+    """``None``/``"none"``/``"off"``/``False`` -> ``"none"``; ``"flip"`` -> ``"flip"``; anything else: ValueError."""
+    value = "none" if tta in (None, False, "", "off", "false", "False", "null") else str(tta).strip().lower()
+    if value not in TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return value
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Left-right flip of the last (width) axis; its own inverse."""
+    return torch.flip(x, dims=(-1,))
+
+
+def flip_tta_mean(original: torch.Tensor, flipped_pass: torch.Tensor) -> torch.Tensor:
+    """Mean of the original pass's probabilities and the flipped pass's, flipped back to the original frame."""
+    return 0.5 * (original + hflip(flipped_pass))
+
+
+class FlipTTAInferer(Inferer):
+    def __init__(self, activation: str = "sigmoid", eps: float = 1e-6) -> None:
+        """
+        MONAI inferer: ``network`` on the batch and on its left-right flip in one forward pass, then the mean of the
+        two passes' probabilities, returned on the logit scale the bundle's postprocessing expects, so that its
+        ``Activationsd`` gives back that mean probability.
+
+        Arguments:
+          activation (str): ``sigmoid`` (one-channel logits: returns ``logit(mean p)``) or ``softmax`` (class
+            logits: returns ``log(mean p)``, whose softmax is ``mean p``).
+          eps (float): probabilities are clamped to [eps, 1 - eps] before the logit/log (finite outputs).
+        """
+        if activation not in ("sigmoid", "softmax"):
+            raise ValueError(f"activation must be sigmoid or softmax, got {activation!r}")
+        self.activation, self.eps = activation, float(eps)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=1)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        b = inputs.shape[0]
+        out = network(torch.cat([inputs, hflip(inputs)]), *args, **kwargs)  # both passes in one batch
+        p = flip_tta_mean(self.probabilities(out[:b]), self.probabilities(out[b:])).clamp(self.eps, 1 - self.eps)
+        return torch.logit(p) if self.activation == "sigmoid" else torch.log(p)
+
+
+# ------------------------------------------------------------------------------------------------ encoder speed
+def default_batch_size(device: torch.device) -> int:
+    """8 on CUDA; 1 on the CPU, where a batch of 8 took ~40% more CPU time per image than single images (LiteMedSAM's
+    encoder on 2 cores: its activations outgrow the caches)."""
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
+def resolve_optimize(optimize: str | None, device: torch.device) -> str:
+    """The encoder speed option to use on ``device`` (``auto``: channels_last on CUDA, jit_freeze on the CPU)."""
+    mode = "auto" if optimize in (None, "") else str(optimize).strip().lower()
+    if mode not in OPTIMIZE_MODES:
+        raise ValueError(f"--optimize must be one of {', '.join(OPTIMIZE_MODES)}, got {optimize!r}")
+    if mode == "auto":
+        return "channels_last" if device.type == "cuda" else "jit_freeze"
+    if mode in ("jit_freeze", "bf16") and device.type != "cpu":
+        logger.info("optimize=%s is a CPU option; using channels_last on %s (bf16 there: amp)", mode, device)
+        return "channels_last"
+    if mode == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        logger.warning("optimize=bf16: this CPU has no native bfloat16 (avx512_bf16/AMX), where it is slower than "
+                       "float32; using jit_freeze")
+        return "jit_freeze"
+    return mode
+
+
+class _FrozenPerShape:
+    """TorchScript-frozen copies of an encoder, one per input shape (a trace is specialised to its shapes; a folder
+    has at most two batch shapes: the full batch and the last one)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+        self.frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def _freeze(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        try:
+            with warnings.catch_warnings():  # trace-specialisation and deprecation notices: expected here
+                warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", category=FutureWarning)
+                traced = torch.jit.trace(self.encoder, x, check_trace=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        except Exception as e:  # TorchScript cannot take every encoder (or a future torch): eager channels_last
+            logger.warning("jit_freeze failed for the image encoder (%s: %s); running it eagerly (channels_last)",
+                           type(e).__name__, e)
+            return self.encoder
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        key = tuple(x.shape)
+        with torch.no_grad():
+            if key not in self.frozen:
+                self.frozen[key] = self._freeze(x)
+            return self.frozen[key](x)
+
+
+# frozen copies are reused across calls (a benchmark, a second folder) while the encoder's weights are unchanged:
+# keyed by the encoder and a checksum of its weights (CPU only, a few ms; storage pointers would change with a mere
+# memory-format conversion)
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _FrozenPerShape]] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _weights_key(module: nn.Module) -> tuple:
+    return tuple(float(p.double().sum()) for p in module.parameters())
+
+
+def _frozen(encoder: nn.Module) -> _FrozenPerShape:
+    key = _weights_key(encoder)
+    cached = _FROZEN.get(encoder)
+    if cached is None or cached[0] != key:
+        cached = (key, _FrozenPerShape(encoder))
+        _FROZEN[encoder] = cached
+    return cached[1]
+
+
+def fast_encoder(encoder: nn.Module, device: torch.device, optimize: str | None = "auto") -> Callable:
+    """A callable to use instead of ``encoder(x)`` for inference, (B,3,S,S) float -> embeddings (see module docs).
+
+    The encoder must be in eval mode and on ``device``. ``channels_last`` converts ``encoder``'s weights in place
+    (same values; its other users see the same numbers); ``jit_freeze`` freezes a copy (reused while the weights
+    are unchanged); ``compile`` wraps it.
+    """
+    mode = resolve_optimize(optimize, device)
+    if mode == "none":
+        return encoder
+    if mode == "compile":
+        return torch.compile(encoder, dynamic=False)
+    cl = torch.channels_last
+    if mode == "channels_last":
+        encoder.to(memory_format=cl)
+        return lambda x: encoder(x.contiguous(memory_format=cl))
+    if mode == "bf16":
+        encoder.to(memory_format=cl)
+
+        def bf16(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return encoder(x.contiguous(memory_format=cl)).float()
+
+        return bf16
+    return _frozen(encoder)
+
+
+# ------------------------------------------------------------------------------------------------ bundles
+def tta_inferer(tta: str | None, activation: str = "sigmoid") -> Inferer:
+    """The bundles' inferer: ``SimpleInferer`` (``tta`` none) or ``FlipTTAInferer`` (``tta`` flip)."""
+    from monai.inferers import SimpleInferer
+
+    return FlipTTAInferer(activation) if check_tta(tta) == "flip" else SimpleInferer()
+
+
+def same_size_batches(datalist: Sequence[dict], batch_size: int, key: str = "image") -> list[list[int]]:
+    """Index batches of ``datalist`` items whose ``key`` images have one size (read from the headers), for a
+    ``DataLoader(batch_sampler=...)`` of a network that takes one native size per batch (the sam_refiner bundle).
+    Sizes in ascending order, input order within a size; an unreadable header gets a batch of its own (its loader
+    then reports the file)."""
+    from ultrarefiner.data.imaging import image_size
+    from ultrarefiner.errors import BadInputError
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    alone: list[list[int]] = []
+    for i, item in enumerate(datalist):
+        try:
+            groups.setdefault(image_size(item[key]), []).append(i)
+        except BadInputError:
+            alone.append([i])
+    return [idx[k : k + batch_size] for _, idx in sorted(groups.items())
+            for k in range(0, len(idx), batch_size)] + alone
