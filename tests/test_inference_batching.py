@@ -77,7 +77,7 @@ def _tiny_refiner() -> SAMRefiner:
 
 
 def test_refine_folder_batch_three_writes_what_batch_one_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "build_refiner", lambda _: _tiny_refiner())
+    monkeypatch.setattr(engine, "build_refiner", lambda _, box_source="largest": _tiny_refiner())
     for i, (h, w) in enumerate(SIZES):
         image, coarse = _scene(h, w, i)
         save(tmp_path / "img" / f"s{i}.png", image)

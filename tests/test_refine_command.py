@@ -223,7 +223,7 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
     """Fast engine path: the encoder batches images of any size (size order), the decoder runs per size, a failing
     image is skipped alone, the selected candidate's IoU is reported."""
     stub = _StubRefiner()
-    monkeypatch.setattr(engine, "build_refiner", lambda _: stub)
+    monkeypatch.setattr(engine, "build_refiner", lambda _, box_source="largest": stub)
     sizes = {"a": (40, 48), "b": (40, 48), "c": (40, 48), "d": (30, 50), "odd": (40, 48)}
     for i, (stem, (h, w)) in enumerate(sizes.items()):
         image, _, coarse = _scene(i, h, w)
