@@ -102,7 +102,7 @@ def refine_settings(refiner: torch.nn.Module, images: Path, masks: Path, out: Pa
                     ) -> dict[str, Callable[[], int]]:
     from ultrarefiner.engines import refine_folder as engine
 
-    engine.build_refiner = lambda _: refiner  # built once, outside the timings
+    engine.build_refiner = lambda *_: refiner  # built once, outside the timings
     n = len(list(images.iterdir()))
     out_settings = {}
     for mode in modes:
