@@ -87,3 +87,12 @@ def test_cli_names_default_and_bad_inputs(folders, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(BadInputError, match="no mask files"):
         evaluate_folders(labels, {"a": empty})
+
+
+def test_two_files_of_one_stem_are_reported_not_guessed(folders):
+    labels, coarse, refined = folders
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(coarse / "img1.bmp")  # img1.png's twin: which one to score?
+    report = evaluate_folders(labels, {"coarse": coarse, "refined": refined}, n_bootstrap=50)
+    assert report["n"] == 1  # img0 only
+    ambiguous = {p["file"].split("/")[-1] for p in report["skipped"] if p["problem"].startswith("several")}
+    assert ambiguous == {"img1.png", "img1.bmp"}

@@ -27,22 +27,24 @@ import torch
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_mask
 from ultrarefiner.engines.e2e_evaluation import paired_comparison
 from ultrarefiner.engines.metrics import METRIC_NAMES, segmentation_metrics
+from ultrarefiner.engines.refine_folder import files_by_stem
 from ultrarefiner.errors import BadInputError, BadOptionError
 from ultrarefiner.utils.io import atomic_write, write_json
 
 __all__ = ["evaluate_folders", "format_comparison"]
 
 
-def _masks_by_stem(folder: Path, role: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise BadInputError(folder, f"{role} folder not found" if not folder.exists() else f"{role} must be a folder")
-    files: dict[str, Path] = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
-            files.setdefault(f.stem, f)
-    if not files:
+def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]]) -> dict[str, Path]:
+    """One mask per stem (``refine_folder.files_by_stem``); stems with several files are ambiguous: skipped."""
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(folder, f"{role} must be a folder")
+    found = files_by_stem(folder, role)
+    if not found:
         raise BadInputError(folder, f"{role} folder has no mask files ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    for stem, files in found.items():
+        if len(files) > 1:
+            skipped.extend({"file": str(f), "problem": f"several files share the stem {stem!r}"} for f in files)
+    return {stem: files[0] for stem, files in found.items() if len(files) == 1}
 
 
 def _read(path: Path, shape: tuple[int, int] | None) -> np.ndarray:
@@ -80,10 +82,10 @@ def evaluate_folders(
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
-    label_files = _masks_by_stem(Path(labels), "labels")
-    folders = {name: Path(p) for name, p in predictions.items()}
-    pred_files = {name: _masks_by_stem(folder, f"predictions '{name}'") for name, folder in folders.items()}
     skipped: list[dict[str, str]] = []
+    label_files = _masks_by_stem(Path(labels), "labels", skipped)
+    folders = {name: Path(p) for name, p in predictions.items()}
+    pred_files = {name: _masks_by_stem(folder, f"predictions '{name}'", skipped) for name, folder in folders.items()}
     rows: list[dict[str, Any]] = []
     for stem, label_path in label_files.items():
         missing = [name for name, files in pred_files.items() if stem not in files]

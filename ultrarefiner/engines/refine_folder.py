@@ -47,8 +47,8 @@ from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, re
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.utils.io import FILE_MODE, atomic_write
 
-__all__ = ["DEFAULT_REFINER", "BatchRefiner", "build_refiner", "encoder_frame", "encoder_input", "format_summary",
-           "refine_folder", "resolve_refiner"]
+__all__ = ["DEFAULT_REFINER", "BatchRefiner", "build_refiner", "encoder_frame", "encoder_input", "files_by_stem",
+           "format_summary", "refine_folder", "resolve_refiner"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
-def _by_stem(folder: Path, what: str) -> dict[str, list[Path]]:
+def files_by_stem(folder: Path, what: str) -> dict[str, list[Path]]:
+    """Image/mask files of ``folder`` by stem (a list: ``a.png`` and ``a.jpg`` share one); the folder must exist."""
     if not folder.is_dir():
         raise BadInputError(folder, f"{what} folder not found")
     out: dict[str, list[Path]] = {}
@@ -186,8 +187,8 @@ def _by_stem(folder: Path, what: str) -> dict[str, list[Path]]:
 def _match(images: Path, masks: Path, labels: Path | None) -> tuple[list[dict], list[dict]]:
     """Items {stem, image, mask[, label]} and skipped samples {stem, file, reason}."""
     image_files = _list_images(images)
-    mask_files = _by_stem(masks, "masks")
-    label_files = _by_stem(labels, "labels") if labels is not None else None
+    mask_files = files_by_stem(masks, "masks")
+    label_files = files_by_stem(labels, "labels") if labels is not None else None
     stems = [f.stem for f in image_files]
     items, skipped = [], []
     for f in image_files:
