@@ -306,21 +306,9 @@ def largest_component(prob: torch.Tensor, threshold: float = 0.5, max_side: int 
 
     Labelled in the area-downsampled working frame (at most ``max_side`` per side; areas counted there), then
     mapped back to the full frame and intersected with ``prob > threshold``. An empty mask gives an empty mask.
+    It is slot 0 of ``component_masks``.
     """
-    with torch.no_grad():
-        work, _, _ = _to_work(prob.float(), max_side)
-        lab = component_labels(work > threshold)
-        b = lab.shape[0]
-        flat = lab.view(b, -1).long()
-        ones = torch.ones_like(lab.view(b, -1))
-        area = torch.zeros(b, flat.shape[1] + 1, device=prob.device).scatter_add_(1, flat, ones)
-        area[:, 0] = 0
-        best = area.argmax(dim=1)  # 0 when empty
-        comp = (lab == best.view(b, 1, 1, 1).float()) & (lab > 0)
-        comp = F.max_pool2d(comp.float(), 3, stride=1, padding=1)  # one working pixel of slack before mapping back
-        if comp.shape[-2:] != prob.shape[-2:]:
-            comp = F.interpolate(comp, size=prob.shape[-2:], mode="nearest")
-        return (comp > 0).to(prob.dtype) * (prob > threshold).to(prob.dtype)
+    return component_masks(prob, 1, 0.0, threshold, max_side)[0]
 
 
 def component_masks(prob: torch.Tensor, max_components: int = 4, min_fraction: float = 0.001,
@@ -349,7 +337,9 @@ def component_masks(prob: torch.Tensor, max_components: int = 4, min_fraction: f
         area = torch.zeros(b, hw + 1, device=prob.device).scatter_add_(1, flat, torch.ones_like(lab.view(b, -1)))
         area[:, 0] = 0
         k = min(max_components, hw)
-        top_area, top_id = area.topk(k, dim=1)  # (B,K), largest first; id 0 (background) only where area is 0
+        # (B,K), largest first; a stable sort keeps equal areas in label order (argmax's choice for slot 0); id 0
+        # (the background, area 0) only fills slots beyond the mask's components
+        top_area, top_id = (t[:, :k] for t in area.sort(dim=1, descending=True, stable=True))
         valid = top_area >= max(min_fraction * hw, 1.0)
         valid[:, 0] = top_area[:, 0] > 0
         comp = (lab == top_id.view(b, k, 1, 1).float()) & (lab > 0)  # (B,K,h,w)
