@@ -33,27 +33,23 @@ def evaluate(
         metrics: comma-separated subset of dice,iou,precision,recall,accuracy,hd95,nsd (default: all).
         n_bootstrap: bootstrap resamples of the paired CI.
     """
+    from ultrarefiner.commands.args import parse_list
     from ultrarefiner.engines.folder_evaluation import evaluate_folders, format_comparison
     from ultrarefiner.engines.metrics import METRIC_NAMES
     from ultrarefiner.errors import BadOptionError
 
-    folders = _split(predictions)
-    labels_of = _split(names) if names is not None else _default_names(folders)
+    folders = parse_list(predictions, "predictions")
+    labels_of = parse_list(names, "names") if names is not None else _default_names(folders)
     if len(labels_of) != len(folders):
         raise BadOptionError(f"names: {len(labels_of)} names for {len(folders)} predictions folders")
     if len(set(labels_of)) != len(labels_of):
         raise BadOptionError(f"names: give each folder its own name, got {labels_of}")
     report = evaluate_folders(labels, dict(zip(labels_of, folders, strict=True)), output_dir,
-                              _split(metrics) if metrics is not None else METRIC_NAMES, int(n_bootstrap))
+                              parse_list(metrics, "metrics") if metrics is not None else METRIC_NAMES,
+                              int(n_bootstrap))
     print(format_comparison(report))
     if output_dir is not None:
         print(f"per-image metrics: {Path(output_dir).resolve() / 'metrics.csv'}")
-
-
-def _split(value: str | list | tuple) -> list[str]:
-    """fire passes 'a,b' as a string or as a tuple: one list of non-empty names either way."""
-    parts = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    return [p.strip() for p in parts if p.strip()]
 
 
 def _default_names(folders: list[str]) -> list[str]:
