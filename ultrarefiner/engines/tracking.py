@@ -33,15 +33,9 @@ from ignite.metrics import Average
 
 from .report import _loss_of
 
-__all__ = ["EpochLoss", "TrackingExtras", "iteration_loss", "mlflow_handlers"]
+__all__ = ["EpochLoss", "TrackingExtras", "mlflow_handlers"]
 
 logger = logging.getLogger(__name__)
-
-
-def iteration_loss(output: Any) -> Any:
-    """The scalar loss of a trainer output (dict, decollated list, tensor or number) for iteration logs, as a
-    detached tensor where it lives (no host read here); None when there is none."""
-    return _loss_of(output)
 
 
 class EpochLoss(Average):
