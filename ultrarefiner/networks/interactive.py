@@ -114,6 +114,7 @@ def refine_interactive(
     background: Sequence[Point] = (),
     box: Sequence[float] | None = None,
     label: np.ndarray | torch.Tensor | None = None,
+    prompts: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Refined mask of one image from clicks, a box and/or a label (see ``interactive_prompts``).
 
@@ -124,6 +125,8 @@ def refine_interactive(
         on the same image (clicks on one image reuse it); then ``original_size`` is required.
       original_size: (H, W); defaults to the image's size.
       foreground, background, box, label: prompts, see ``interactive_prompts``.
+      prompts: ``interactive_prompts``'s output for them, when the caller made it already (to refuse a bad prompt
+        before encoding the image); the prompt arguments are then not read again.
 
     Returns:
       dict with "masks" (1,1,H,W) selected logits (lesion where > 0), "iou_predictions" (1,K),
@@ -137,7 +140,8 @@ def refine_interactive(
     elif original_size is None:
         raise ValueError("original_size (H, W) is required with image_embeddings")
     size = (int(original_size[0]), int(original_size[1]))
-    prompts = interactive_prompts(refiner, size, foreground, background, box, label, image_embeddings.device)
+    if prompts is None:
+        prompts = interactive_prompts(refiner, size, foreground, background, box, label, image_embeddings.device)
     low_res, iou = refiner.decode(image_embeddings, prompts, size)
     weights = refiner.selection_weights(iou)
     low_res_sel = (weights[:, :, None, None] * low_res).sum(dim=1, keepdim=True)

@@ -302,7 +302,8 @@ class InteractivePredictor:
         size = pixels.shape[:2]
         with self._lock, torch.inference_mode():
             refiner = self.refiner()
-            interactive_prompts(refiner, size, foreground, background, box, label)  # a bad prompt fails before encoding
+            # made once, before encoding: a bad prompt fails without the seconds of encoding on a CPU
+            prompts = interactive_prompts(refiner, size, foreground, background, box, label, self.device)
             stat = path.stat()
             key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
             embeddings = self._embeddings.get(key)
@@ -316,8 +317,7 @@ class InteractivePredictor:
                 while len(self._embeddings) > self.cache_size:
                     self._embeddings.popitem(last=False)
             self._embeddings.move_to_end(key)
-            out = refine_interactive(refiner, image_embeddings=embeddings, original_size=size, foreground=foreground,
-                                     background=background, box=box, label=label)
+            out = refine_interactive(refiner, image_embeddings=embeddings, original_size=size, prompts=prompts)
         mask = (out["masks"][0, 0] > 0).to(torch.uint8).cpu().numpy()
         info = {
             "iou_prediction": float(out["iou_predictions"].max()),
