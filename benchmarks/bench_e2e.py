@@ -28,7 +28,7 @@ from statistics import median
 import torch
 from ignite.engine import Events
 
-from ultrarefiner.engines.e2e_training import build_e2e_optimizer, create_e2e_trainer
+from ultrarefiner.engines.training.e2e_training import build_e2e_optimizer, create_e2e_trainer
 from ultrarefiner.losses import UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_sam, build_tiny_sam
 

@@ -76,7 +76,7 @@ def measure(settings: dict[str, Callable[[], int]], repeats: int) -> dict[str, t
 
 def encoder_settings(encoder: torch.nn.Module, device: torch.device, modes: list[str], batches: list[int],
                      amp: bool) -> dict[str, Callable[[], int]]:
-    from ultrarefiner.engines.fast_inference import fast_encoder
+    from ultrarefiner.engines.inference.fast_inference import fast_encoder
 
     out = {}
     for mode in modes:
@@ -120,7 +120,7 @@ def refine_settings(refiner: torch.nn.Module, images: Path, masks: Path, out: Pa
 
 def predict_settings(model: torch.nn.Module, images: Path, out: Path, device: torch.device, modes: list[str],
                      batches: list[int], workers: int, amp: bool, tta: str) -> dict[str, Callable[[], int]]:
-    from ultrarefiner.engines.ultra_predict import UltraPredictor
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
 
     n = len(list(images.iterdir()))
     out_settings = {}
@@ -141,8 +141,8 @@ def predict_settings(model: torch.nn.Module, images: Path, out: Path, device: to
 def pipeline_model(checkpoint: str | None, device: torch.device) -> torch.nn.Module:
     from monai.bundle import ConfigParser
 
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
-    from ultrarefiner.engines.ultra_predict import load_ultrarefiner
+    from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "ultrarefiner"
     if checkpoint:
@@ -171,14 +171,14 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     amp = device.type == "cuda" and not args.no_amp
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    from ultrarefiner.engines.fast_inference import resolve_optimize
+    from ultrarefiner.engines.inference.fast_inference import resolve_optimize
 
     modes = list(dict.fromkeys(resolve_optimize(m.strip(), device) for m in args.optimize.split(",")))
     sections = set(args.sections.split(","))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; bf16 autocast: {amp}; tta: {args.tta}; n = {args.n}")
 
-    from ultrarefiner.engines.refine_folder import DEFAULT_REFINER, build_refiner
+    from ultrarefiner.engines.inference.refine_folder import DEFAULT_REFINER, build_refiner
 
     t = time.perf_counter()
     refiner = build_refiner(DEFAULT_REFINER).to(device).eval()

@@ -29,7 +29,11 @@ from torch.utils.data import default_collate
 
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.data.synthetic import make_phantom
-from ultrarefiner.engines.refiner_training import KeyedEmbeddingCache, create_refiner_trainer, precompute_embeddings
+from ultrarefiner.engines.training.refiner_training import (
+    KeyedEmbeddingCache,
+    create_refiner_trainer,
+    precompute_embeddings,
+)
 from ultrarefiner.networks.sam_refiner import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_sam, build_tiny_sam
 

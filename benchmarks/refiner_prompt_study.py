@@ -41,8 +41,8 @@ import torch
 from ultrarefiner.data.datalist import datalist_path, load_split
 from ultrarefiner.data.imaging import read_image, read_mask
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
-from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
-from ultrarefiner.engines.refiner_setup import evaluation_dataset
+from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
+from ultrarefiner.engines.training.refiner_setup import evaluation_dataset
 from ultrarefiner.networks import SAMRefiner, build_sam
 
 RULES = {

@@ -44,7 +44,7 @@ def soft_prediction(mask: np.ndarray, shift: int = 2) -> np.ndarray:
 
 
 def write_predictions(datalist: Path, pred_root: Path, n_splits: int = 5) -> Path:
-    """The ``predict-transunet`` layout (``engines/transunet_predict.py``): ``<pred_root>/TOY/fold_<k>/coarse/*.png``
+    """The ``predict-transunet`` layout (``inference/transunet_predict.py``): ``<pred_root>/TOY/fold_<k>/coarse/*.png``
     (p * 255, native size) for fold k's held-out images and the test split, ``ensemble/coarse/`` and
     ``<pred_root>/TOY/datalist.json``. Returns that datalist."""
     src = datalist.parent

@@ -45,8 +45,8 @@ TINY_SAM = {"sam_def": "$ultrarefiner.networks.build_tiny_sam(img_size=256, seed
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> SimpleNamespace:
     """Phantom data preprocessed with 2 folds, tiny checkpoints of each phase, a good image."""
-    from ultrarefiner.engines.checkpoint import save_checkpoint
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
+    from ultrarefiner.engines.checkpoints.checkpoint import save_checkpoint
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
     from ultrarefiner.networks import TransUNet
 
     root = preprocessed_phantoms(tmp_path_factory.mktemp("bad_inputs"), n_benign=4, n_malignant=3)

@@ -28,8 +28,8 @@ from bundle_utils import (
     verify_metadata,
 )
 from ultrarefiner.data.imaging import read_image
-from ultrarefiner.engines.checkpoint import config_fingerprint
-from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
+from ultrarefiner.engines.checkpoints.checkpoint import config_fingerprint
+from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
 from ultrarefiner.networks.embedding_cache import weights_fingerprint
@@ -87,7 +87,7 @@ def test_data_sources(data, tmp_path):
         ShardCoarseDataset,
         SimulatedCoarseDataset,
     )
-    from ultrarefiner.engines.refiner_setup import evaluation_dataset, inference_datalist, training_dataset
+    from ultrarefiner.engines.training.refiner_setup import evaluation_dataset, inference_datalist, training_dataset
 
     datalist = data / "processed" / "BUSI" / "datalist.json"
     g = tiny_refiner().geometry

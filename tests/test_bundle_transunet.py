@@ -154,7 +154,7 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     assert_ok(res)
     scripted = torch.jit.load(str(ts))
     x = torch.rand(1, 1, 32, 32)
-    from ultrarefiner.engines.transunet_predict import load_transunet
+    from ultrarefiner.engines.inference.transunet_predict import load_transunet
 
     ref = load_transunet(data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt")
     assert torch.allclose(scripted(x), ref(x), atol=1e-4)

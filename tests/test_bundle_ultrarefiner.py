@@ -57,7 +57,7 @@ def write_phase2(ckpt_root: Path, fold: int = 0, full: bool = False, dataset: st
     """Refiner best.pt as the sam_refiner bundle writes it: with the frozen encoder (default) only the prompt encoder
     and mask decoder (``{"model", "lora": False, "partial": True, "encoder"}``) over the base weights (the config's
     tiny SAM, seed 0); ``full``: every weight, as with a trained encoder (another encoder here, seed 2)."""
-    from ultrarefiner.engines.refiner_checkpoint import encoder_record, refiner_state_dict
+    from ultrarefiner.engines.checkpoints.refiner_checkpoint import encoder_record, refiner_state_dict
     from ultrarefiner.networks import SAMRefiner, build_tiny_sam
 
     refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=2 if full else 0), freeze_image_encoder=not full)
@@ -127,7 +127,7 @@ def test_train_initialises_from_phase_checkpoints(trained):
 def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
     from monai.bundle import ConfigParser
 
-    from ultrarefiner.engines.e2e_setup import MissingCheckpointError
+    from ultrarefiner.engines.training.e2e_setup import MissingCheckpointError
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
@@ -154,7 +154,7 @@ def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
 def test_full_and_partial_refiner_checkpoints(tmp_path):
     """Phase 3 takes a partial phase-2 checkpoint over the base encoder it was trained on (refusing another encoder)
     and a full one (trained encoder) with every weight."""
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner, init_network
     from ultrarefiner.errors import BadInputError
     from ultrarefiner.networks import build_tiny_sam
 
@@ -181,8 +181,8 @@ def test_phase_checkpoints_of_another_run_are_refused(tmp_path, caplog):
     """Phase 3 of BUSI fold 0 takes phase-1/phase-2 files of BUSI fold 0, or files without a recorded run; another
     fold's model (trained on this fold's validation images) or phase is refused, naming the file and both; another
     dataset's file is a transfer, used with a warning."""
-    from ultrarefiner.engines.checkpoint import run_identity
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.engines.checkpoints.checkpoint import run_identity
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner, init_network
     from ultrarefiner.errors import CheckpointMismatchError
 
     nk = {"transunet": TU, "sam": SAM, "refiner": {}}
@@ -209,7 +209,7 @@ def test_phase_checkpoints_of_another_run_are_refused(tmp_path, caplog):
 
 
 def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path):
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner, init_network
     from ultrarefiner.errors import BadInputError
     from ultrarefiner.networks import SAMRefiner, build_tiny_sam, lora_state_dict
     from ultrarefiner.networks.lora import has_lora
@@ -293,7 +293,7 @@ def test_inference_config(trained, tmp_path):
     report = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert report["n_images"] == 2 and report["skipped"] == []
     from ultrarefiner.data.imaging import read_image
-    from ultrarefiner.engines.ultra_predict import UltraPredictor, load_ultrarefiner
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, load_ultrarefiner
 
     # the same model.pt predicted here in-process: the report holds SAM's IoU estimate of the refined mask written
     model = load_ultrarefiner(data / "models" / "model.pt", bundle=BUNDLE, overrides=NET)
@@ -334,7 +334,7 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(data / "models" / "model.pt"),
                 meta_file=str(meta), config_file=config, use_trace=True, bundle_root=str(BUNDLE), image_resize="torch",
                 **NET)
-    from ultrarefiner.engines.ultra_predict import load_ultrarefiner
+    from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
     from ultrarefiner.networks.ultra_refiner import UltraRefinerExport
 
     model = load_ultrarefiner(data / "ckpt" / "ultrarefiner" / "BUSI" / "fold_0" / "best.pt")

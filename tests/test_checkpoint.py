@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.optim.lr_scheduler import PolynomialLR
 
-from ultrarefiner.engines.checkpoint import TrainingCheckpoints, load_weights
+from ultrarefiner.engines.checkpoints.checkpoint import TrainingCheckpoints, load_weights
 from ultrarefiner.errors import BadInputError
 
 ITERS = 3  # iterations per epoch

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from ultrarefiner.cli import main
-from ultrarefiner.engines.folder_evaluation import evaluate_folders
-from ultrarefiner.engines.metrics import segmentation_metrics
+from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders
+from ultrarefiner.engines.evaluation.metrics import segmentation_metrics
 from ultrarefiner.errors import BadInputError, BadOptionError
 
 

@@ -31,15 +31,15 @@ from torch.utils.data import DataLoader
 
 from bundle_utils import REPO, phantom_overrides, preprocessed_phantoms
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
-from ultrarefiner.engines.e2e_training import E2EIteration, E2EPrepareBatch, build_e2e_optimizer
-from ultrarefiner.engines.refiner_training import (
+from ultrarefiner.engines.inference.ultra_predict import refine
+from ultrarefiner.engines.training.e2e_training import E2EIteration, E2EPrepareBatch, build_e2e_optimizer
+from ultrarefiner.engines.training.refiner_training import (
     KeyedEmbeddingCache,
     RefinerPrepareBatch,
     RefinerTrainStep,
     precompute_embeddings,
 )
-from ultrarefiner.engines.report import BufferedLossWriter, _loss_of
-from ultrarefiner.engines.ultra_predict import refine
+from ultrarefiner.engines.training.report import BufferedLossWriter, _loss_of
 from ultrarefiner.losses import RefinerLoss, UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
 from ultrarefiner.utils.sync_counter import HostSyncCounter
@@ -222,7 +222,7 @@ def test_nonfinite_step_leaves_weights_and_state_unchanged(fused, caplog):
         saved["state"] = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), snapshot)
-    with caplog.at_level(logging.WARNING, logger="ultrarefiner.engines.e2e_training"):
+    with caplog.at_level(logging.WARNING, logger="ultrarefiner.engines.training.e2e_training"):
         trainer.run()
     assert not torch.isfinite(trainer.state.output["loss"])
     after = dict(model.named_parameters())

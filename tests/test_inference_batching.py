@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import blob, save
 from ultrarefiner.engines import refine_folder as engine
-from ultrarefiner.engines.fast_inference import same_size_batches
+from ultrarefiner.engines.inference.fast_inference import same_size_batches
 from ultrarefiner.networks import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_tiny_sam
 
@@ -98,8 +98,8 @@ def test_refine_folder_batch_three_writes_what_batch_one_writes(tmp_path, monkey
 def test_predict_batch_three_equals_batch_one_and_refine(tmp_path):
     from test_predict import NETWORK_KWARGS
 
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
-    from ultrarefiner.engines.ultra_predict import UltraPredictor, refine
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, refine
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
     torch.manual_seed(0)
     model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()
@@ -128,7 +128,7 @@ def test_predict_batch_three_equals_batch_one_and_refine(tmp_path):
 
 
 def test_transunet_probabilities_batch_three_equals_batch_one(tmp_path):
-    from ultrarefiner.engines.transunet_predict import predict_probabilities
+    from ultrarefiner.engines.inference.transunet_predict import predict_probabilities
     from ultrarefiner.networks import TransUNet
 
     torch.manual_seed(1)

@@ -97,7 +97,7 @@ def test_batch_one_hot_matches_per_item_monai_postprocessing():
     from monai.data import decollate_batch
     from monai.transforms import Activationsd, AsDiscreted, Compose
 
-    from ultrarefiner.engines.metrics import BatchOneHotd
+    from ultrarefiner.engines.evaluation.metrics import BatchOneHotd
 
     g = torch.Generator().manual_seed(0)
     batch = {"pred": torch.randn(3, 2, 8, 9, generator=g),

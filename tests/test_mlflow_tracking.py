@@ -19,7 +19,7 @@ from test_bundle_ultrarefiner import TINY as UR_TINY
 from test_bundle_ultrarefiner import write_phase1, write_phase2
 
 from bundle_utils import assert_ok, bundle_cmd, phantom_overrides, preprocessed_phantoms
-from ultrarefiner.engines.tracking import EpochLoss, TrackingExtras
+from ultrarefiner.engines.training.tracking import EpochLoss, TrackingExtras
 
 EPOCHS = 2
 TU_TINY = {"img_size": 32, "vit_depth": 1, "batch_size": 2, "num_workers": 0, "cache": "none", "epoch_length": 2}

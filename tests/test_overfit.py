@@ -26,7 +26,7 @@ from refiner_toy import write_toy
 from torch.utils.data import Dataset
 
 from ultrarefiner.data.synthetic import make_phantom
-from ultrarefiner.engines.metrics import batch_metrics
+from ultrarefiner.engines.evaluation.metrics import batch_metrics
 from ultrarefiner.utils.io import write_png
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -133,7 +133,7 @@ def test_transunet_overfits_one_batch(tmp_path):
 def test_refiner_overfits_one_batch(tmp_path):
     """LiteMedSAM (packaged weights, frozen encoder, embedding cache) with the bundle's AdamW (lr 1e-4), loss
     (BCE + Dice + IoU + change penalty) and RefinerTrainStep, on simulated coarse masks of two phantoms."""
-    from ultrarefiner.engines.refiner_training import refine_batch
+    from ultrarefiner.engines.training.refiner_training import refine_batch
 
     max_steps = 20
     parser = bundle_parser("sam_refiner", datalist=str(write_toy(tmp_path, n_train=5)), flip_prob=0.0)
@@ -158,7 +158,7 @@ def test_ultrarefiner_overfits_one_batch_end_to_end(tmp_path):
     UltraRefinerLoss (0.3 coarse + 0.7 refined), two-group AdamW and E2EIteration. The learning rates (1e-3 / 3e-4)
     are raised from phase 3's fine-tuning values (1e-4 / 1e-5, meant for trained phase-1/phase-2 weights) for a
     random TransUNet."""
-    from ultrarefiner.engines.e2e_setup import e2e_transforms
+    from ultrarefiner.engines.training.e2e_setup import e2e_transforms
 
     max_steps = 40
     parser = bundle_parser("ultrarefiner", **TRANSUNET, from_scratch=True, transunet_lr=1e-3, sam_lr=3e-4)

@@ -1,4 +1,4 @@
-"""``python -m ultrarefiner predict`` and ``engines.ultra_predict``: outputs, bad inputs reported and skipped,
+"""``python -m ultrarefiner predict`` and ``engines.inference.ultra_predict``: outputs, bad inputs reported and skipped,
 iterative refinement and the quality gate."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import blob, save
 from ultrarefiner.cli import main
-from ultrarefiner.engines.e2e_setup import build_ultrarefiner
-from ultrarefiner.engines.ultra_predict import _output_names, refine
+from ultrarefiner.engines.inference.ultra_predict import _output_names, refine
+from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
 TU = {"img_size": 32, "num_classes": 2, "in_channels": 1, "variant": "R50-ViT-B_16", "vit_depth": 1, "hidden_size": 32,
       "num_heads": 2, "mlp_dim": 64, "block_units": [1, 1, 1], "decoder_channels": [32, 16, 16, 8]}
@@ -93,7 +93,7 @@ def test_cli_fails_when_nothing_can_be_predicted(checkpoint, tmp_path, capsys):
 
 
 def test_iterations_keep_the_best_pass_and_gate_rule(checkpoint):
-    from ultrarefiner.engines.ultra_predict import load_ultrarefiner
+    from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
 
     model = load_ultrarefiner(checkpoint)
     native = torch.from_numpy(_scene(seed=3))[None, None]

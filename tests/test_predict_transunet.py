@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ultrarefiner.cli import main
-from ultrarefiner.engines.checkpoint import save_checkpoint
-from ultrarefiner.engines.transunet_predict import predict_probabilities
+from ultrarefiner.engines.checkpoints.checkpoint import save_checkpoint
+from ultrarefiner.engines.inference.transunet_predict import predict_probabilities
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks import TransUNet
 
@@ -69,7 +69,7 @@ def test_missing_fold_checkpoint_is_named(fold_models, tmp_path):
     tmp, _ = fold_models
     import shutil
 
-    from ultrarefiner.engines.transunet_predict import predict_out_of_fold
+    from ultrarefiner.engines.inference.transunet_predict import predict_out_of_fold
 
     (tmp_path / "ckpt" / "BUSI" / "fold_0").mkdir(parents=True)
     shutil.copy(tmp / "ckpt" / "BUSI" / "fold_0" / "best.pt", tmp_path / "ckpt" / "BUSI" / "fold_0" / "best.pt")
@@ -83,7 +83,7 @@ def test_corrupt_checkpoint_is_named(fold_models, tmp_path):
     for k in range(2):
         (bad / f"fold_{k}").mkdir(parents=True)
         (bad / f"fold_{k}" / "best.pt").write_bytes(b"not a checkpoint")
-    from ultrarefiner.engines.transunet_predict import predict_out_of_fold
+    from ultrarefiner.engines.inference.transunet_predict import predict_out_of_fold
 
     with pytest.raises(BadInputError, match="best.pt"):
         predict_out_of_fold(tmp / "processed", "BUSI", tmp_path / "ckpt", tmp_path / "o", n_splits=2)

@@ -1,4 +1,4 @@
-"""``python -m ultrarefiner refine`` and ``engines.refine_folder``: refined masks of any segmenter's coarse masks.
+"""``python -m ultrarefiner refine`` and ``refine_folder``: refined masks of any segmenter's coarse masks.
 
 One real run through the command line (LiteMedSAM zero-shot with its packaged weights: seconds per image on a CPU,
 so it refines only two images); everything else calls the engine directly, with a stub refiner where a forward
@@ -250,7 +250,7 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
 
 
 def test_build_refiner_uses_the_checkpoint_architecture(tmp_path, monkeypatch):
-    import ultrarefiner.engines.refiner_checkpoint as rc
+    import ultrarefiner.engines.checkpoints.refiner_checkpoint as rc
     import ultrarefiner.networks as networks
 
     built, loaded = [], []

@@ -108,7 +108,7 @@ def test_curriculum_option_accepts_the_bare_flag_and_off_words():
     import pytest
     import torch
 
-    from ultrarefiner.engines.refiner_training import RefinerTrainStep, parse_curriculum
+    from ultrarefiner.engines.training.refiner_training import RefinerTrainStep, parse_curriculum
 
     assert parse_curriculum(True) == {} and parse_curriculum("true") == {}
     assert parse_curriculum(None) is None and parse_curriculum(False) is None and parse_curriculum("false") is None

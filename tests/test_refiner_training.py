@@ -18,7 +18,7 @@ from ultrarefiner.data.refiner_data import (
     SimulatedCoarseDataset,
     load_encoder_image,
 )
-from ultrarefiner.engines.refiner_training import (
+from ultrarefiner.engines.training.refiner_training import (
     KeyedEmbeddingCache,
     RefinerPrepareBatch,
     create_refiner_evaluator,

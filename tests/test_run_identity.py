@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
-from ultrarefiner.engines.checkpoint import (
+from ultrarefiner.engines.checkpoints.checkpoint import (
     TrainingCheckpoints,
     config_fingerprint,
     export_best,
@@ -120,7 +120,7 @@ def test_resume_refuses_other_network_settings(tmp_path):
 
 def test_matching_checkpoint_resumes_and_changed_settings_are_logged(tmp_path, caplog):
     _train(tmp_path, settings={"epochs": 1, "learning_rate": 0.01})
-    with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoints.checkpoint"):
         trainer = _train(tmp_path, epochs=3, settings={"epochs": 3, "learning_rate": 0.01})
     assert trainer.state.epoch == 3  # resumed at epoch 1, ran two more
     assert torch.load(tmp_path / "last.pt", weights_only=True)["settings"]["epochs"] == 3
@@ -135,22 +135,22 @@ def test_checkpoint_without_identity_resumes_with_a_warning(tmp_path, caplog):
     for k in ("identity", "settings"):
         old.pop(k)  # as written before identities were recorded
     torch.save(old, tmp_path / "last.pt")
-    with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoints.checkpoint"):
         trainer = _train(tmp_path, epochs=2, dataset="BUSBRA")
     assert trainer.state.epoch == 2 and "records no run identity" in caplog.text
 
 
 def test_export_best_writes_plain_weights_and_logs_the_run(tmp_path, caplog):
     _train(tmp_path)
-    with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoints.checkpoint"):
         export_best(tmp_path, tmp_path / "model.pt")
     assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"weight", "bias"}
     assert "phase 'sam_refiner', dataset 'BUSI', fold 0" in caplog.text
 
 
 def test_out_of_fold_predictions_refuse_another_folds_model(tmp_path):
-    from ultrarefiner.engines.checkpoint import save_checkpoint
-    from ultrarefiner.engines.transunet_predict import load_transunet
+    from ultrarefiner.engines.checkpoints.checkpoint import save_checkpoint
+    from ultrarefiner.engines.inference.transunet_predict import load_transunet
     from ultrarefiner.networks import TransUNet
 
     kwargs = {"img_size": 32, "num_classes": 2, "in_channels": 1, "vit_depth": 1, "hidden_size": 32, "num_heads": 2,
@@ -164,8 +164,8 @@ def test_out_of_fold_predictions_refuse_another_folds_model(tmp_path):
 
 
 def test_shipped_refiner_without_identity_is_accepted_by_phase3():
-    from ultrarefiner.engines.e2e_setup import _check_source
-    from ultrarefiner.engines.refiner_checkpoint import read_refiner_checkpoint
+    from ultrarefiner.engines.checkpoints.refiner_checkpoint import read_refiner_checkpoint
+    from ultrarefiner.engines.training.e2e_setup import _check_source
 
     model = BUNDLES / "sam_refiner" / "models" / "model.pt"
     obj = read_refiner_checkpoint(model)

@@ -114,8 +114,8 @@ def test_build_sam_and_refiner_from_checkpoint(vit_b_files):
 def test_init_sam_weight_sources(vit_b, vit_b_files, tmp_path):
     """init_sam: a file loads strictly; "random" keeps the init; empty/None/"packaged" is LiteMedSAM's packaged file,
     refused for a ViT SAM (MedSAM weights are the user's); a build_tiny_sam test model stays random when empty."""
-    from ultrarefiner.engines.e2e_setup import build_sam_model
-    from ultrarefiner.engines.refiner_setup import init_sam
+    from ultrarefiner.engines.training.e2e_setup import build_sam_model
+    from ultrarefiner.engines.training.refiner_setup import init_sam
     from ultrarefiner.networks.lite_medsam import build_lite_medsam, packaged_lite_medsam_path
 
     tiny = build_tiny_sam(img_size=128, encoder_depth=1, seed=3)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import yaml
 
-from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint, read_refiner_checkpoint
+from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint, read_refiner_checkpoint
 from ultrarefiner.networks import SAMRefiner
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sam_refiner"

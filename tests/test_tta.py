@@ -10,7 +10,7 @@ import torch
 from test_inference_batching import SIZES, _sample, _scene, _tiny_refiner
 
 from ultrarefiner.engines import refine_folder as engine
-from ultrarefiner.engines.fast_inference import FlipTTAInferer, check_tta, flip_tta_mean, hflip, tta_inferer
+from ultrarefiner.engines.inference.fast_inference import FlipTTAInferer, check_tta, flip_tta_mean, hflip, tta_inferer
 
 
 def _symmetric_conv(channels_out: int) -> torch.nn.Conv2d:
@@ -122,8 +122,8 @@ def test_predict_tta_is_the_mean_of_the_two_passes():
     the means of the two passes (the flipped one flipped back)."""
     from test_predict import NETWORK_KWARGS
 
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
-    from ultrarefiner.engines.ultra_predict import UltraPredictor
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
     torch.manual_seed(0)
     model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from ultrarefiner.engines.e2e_training import (
+from ultrarefiner.engines.training.e2e_training import (
     E2EIteration,
     E2EPrepareBatch,
     build_e2e_optimizer,

@@ -45,7 +45,7 @@ REQUIRED = {
     "ultrarefiner": "ultrarefiner",
 }
 # what the served bundles' configs import; a failure inside them (not a missing top-level module) is reported too
-PROJECT_MODULES = ("ultrarefiner.networks", "ultrarefiner.engines.refiner_setup", "ultrarefiner.zoo.serving")
+PROJECT_MODULES = ("ultrarefiner.networks", "ultrarefiner.engines.training.refiner_setup", "ultrarefiner.zoo.serving")
 
 
 class MissingDependencyError(RuntimeError):

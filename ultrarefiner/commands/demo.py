@@ -102,7 +102,7 @@ def demo(
 
 def print_results(out: Path, wall: float, source: str = "the demo data") -> None:
     """The coarse-vs-refined table of the test split, where the pictures are, and what was trained."""
-    from ultrarefiner.engines.e2e_evaluation import E2EReport
+    from ultrarefiner.engines.evaluation.e2e_evaluation import E2EReport
 
     eval_dir = out / "checkpoints" / "ultrarefiner" / "BUSI" / "fold_0" / "eval_test"
     summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))

@@ -34,8 +34,8 @@ def evaluate(
         n_bootstrap: bootstrap resamples of the paired CI.
     """
     from ultrarefiner.commands.args import parse_list
-    from ultrarefiner.engines.folder_evaluation import evaluate_folders, format_comparison
-    from ultrarefiner.engines.metrics import METRIC_NAMES
+    from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, format_comparison
+    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
     from ultrarefiner.errors import BadOptionError
 
     folders = parse_list(predictions, "predictions")

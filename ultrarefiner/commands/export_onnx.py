@@ -69,7 +69,7 @@ def export_onnx(
     if checkpoint and _is_phase3(checkpoint):  # an ultrarefiner checkpoint holds both networks
         if zero_shot or model_type or sam_checkpoint:
             raise ValueError("--zero_shot, --model_type and --sam_checkpoint are not for an ultrarefiner checkpoint")
-        from ultrarefiner.engines.ultra_predict import load_ultrarefiner
+        from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
 
         model = load_ultrarefiner(checkpoint, bundle=_BUNDLES / "ultrarefiner")
         network = model.transunet if kind == "transunet" else model.refiner
@@ -78,7 +78,7 @@ def export_onnx(
             raise ValueError("--kind transunet needs --checkpoint (a transunet or ultrarefiner best.pt, or model.pt)")
         if zero_shot or model_type or sam_checkpoint:
             raise ValueError("--zero_shot, --model_type and --sam_checkpoint are refiner options")
-        from ultrarefiner.engines.transunet_predict import load_transunet
+        from ultrarefiner.engines.inference.transunet_predict import load_transunet
 
         network = load_transunet(checkpoint)
     else:
@@ -97,13 +97,13 @@ def export_onnx(
 
 
 def _is_phase3(checkpoint: str) -> bool:
-    from ultrarefiner.engines.checkpoint import checkpoint_phase, read_checkpoint
+    from ultrarefiner.engines.checkpoints.checkpoint import checkpoint_phase, read_checkpoint
 
     return checkpoint_phase(read_checkpoint(checkpoint)) == 3
 
 
 def _refiner(checkpoint: str | None, zero_shot: bool, model_type: str | None, sam_checkpoint: str | None):
-    from ultrarefiner.engines.refine_folder import build_refiner, resolve_refiner
+    from ultrarefiner.engines.inference.refine_folder import build_refiner, resolve_refiner
 
     if model_type or sam_checkpoint:
         if checkpoint or zero_shot:

@@ -60,8 +60,8 @@ def predict(
 
     import torch
 
-    from ultrarefiner.engines.fast_inference import check_tta, resolve_optimize
-    from ultrarefiner.engines.ultra_predict import UltraPredictor, load_ultrarefiner
+    from ultrarefiner.engines.inference.fast_inference import check_tta, resolve_optimize
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, load_ultrarefiner
 
     check_range(iterations, "iterations", 0, 100, integer=True)
     check_range(gate_threshold, "gate_threshold", 0.0, 1.0)

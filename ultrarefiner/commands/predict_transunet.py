@@ -43,7 +43,7 @@ def predict_transunet(
     """
     import torch
 
-    from ultrarefiner.engines.transunet_predict import SKIPPED_JSON, predict_out_of_fold
+    from ultrarefiner.engines.inference.transunet_predict import SKIPPED_JSON, predict_out_of_fold
 
     check_range(n_splits, "n_splits", 2, 20, integer=True)
     check_range(batch_size, "batch_size", 1, 1024, integer=True)

@@ -64,7 +64,7 @@ def refine(
     """
     import logging
 
-    from ultrarefiner.engines.refine_folder import PROGRESS, SKIPPED_CSV, format_summary, refine_folder
+    from ultrarefiner.engines.inference.refine_folder import PROGRESS, SKIPPED_CSV, format_summary, refine_folder
 
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)

@@ -6,7 +6,7 @@ Two sources of coarse masks, mixable with :class:`MixedRefinerDataset` (``real_r
   (:class:`ShardCoarseDataset` over ``python -m ultrarefiner augment`` shards) or online
   (:class:`SimulatedCoarseDataset`, ``SimulateSegmentationFailured`` on the fold's training images).
 * **Option B, real**: out-of-fold TransUNet predictions (:class:`PredictionCoarseDataset`) written by
-  ``python -m ultrarefiner predict-transunet`` (``engines/transunet_predict.py``)::
+  ``python -m ultrarefiner predict-transunet`` (``engines/inference/transunet_predict.py``)::
 
       <pred_root>/<dataset>/datalist.json           the source datalist plus "coarse" per item (paths relative
                                                     to this folder); testing items also "coarse_fold_<k>"
@@ -39,7 +39,7 @@ frame, ``bucket``, ``image_key`` (embedding-cache key of the (image content, fli
 Augmentation is horizontal flips only (no vertical flip: the skin line is at the top), so each image has at most
 two encoder inputs and their embeddings can be cached; the flip is part of ``image_key``. Per-sample randomness
 comes from ``SeedSequence([seed, epoch, index])``: reproducible and independent of the worker layout. Call
-``set_epoch`` at each epoch start (``engines.refiner_training.DatasetEpochHandler``) with non-persistent workers.
+``set_epoch`` at each epoch start (``DatasetEpochHandler``) with non-persistent workers.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class RefinerSampleBuilder:
         ``frame="native"`` (the image stays native and the refiner resizes it).
       frame (str): ``encoder`` or ``native`` (see the module docstring).
       with_image (bool): load and resize the image (False: samples carry only ``image_key``; the trainer
-        takes embeddings from a filled cache, see ``engines.refiner_training.precompute_embeddings``).
+        takes embeddings from a filled cache, see ``engines.training.refiner_training.precompute_embeddings``).
     """
 
     def __init__(self, geometry: SamGeometry | None, frame: str = "encoder", with_image: bool = True) -> None:

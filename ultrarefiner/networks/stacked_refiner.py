@@ -60,7 +60,7 @@ class StackedInputRefiner(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, or, given a refiner checkpoint dict (``{"model": ..., "partial"/"lora":
         ...}``), ``refiner_checkpoint.apply_refiner_checkpoint`` (strict on the keys it holds, encoder checked)."""
-        from ultrarefiner.engines.refiner_checkpoint import apply_refiner_checkpoint, is_refiner_checkpoint
+        from ultrarefiner.engines.checkpoints.refiner_checkpoint import apply_refiner_checkpoint, is_refiner_checkpoint
 
         if is_refiner_checkpoint(state_dict):
             apply_refiner_checkpoint(self, state_dict)

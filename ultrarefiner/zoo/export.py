@@ -168,7 +168,10 @@ def export_bundle(
     if ckpt_file and not weights.is_file():
         raise BadInputError(weights, "checkpoint not found")
     if weights.is_file():  # a truncated or wrong-phase file is named now, before anything is built
-        from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase  # torch: only when needed
+        from ultrarefiner.engines.checkpoints.checkpoint import (  # torch: only when needed
+            read_checkpoint,
+            require_phase,
+        )
 
         phase = BUNDLE_PHASES.get(src.name)
         obj = read_checkpoint(weights)

@@ -50,7 +50,7 @@ class BundleEntry:
 
 BUNDLES: dict[str, BundleEntry] = {
     "transunet": BundleEntry("transunet", "TransUNet breast-ultrasound lesion segmentation (automatic)"),
-    # phase 3: the layout of engines.ultra_predict (refined/<name>.png, coarse/<name>.png, 0/255)
+    # phase 3: the layout of engines.inference.ultra_predict (refined/<name>.png, coarse/<name>.png, 0/255)
     "ultrarefiner": BundleEntry("ultrarefiner", "TransUNet + SAM refiner, coarse and refined lesion masks (automatic)",
                                 outputs={"refined": "refined/{stem}.png", "coarse": "coarse/{stem}.png"},
                                 trace_overrides={"image_resize": "torch"}),

@@ -227,7 +227,7 @@ class InteractivePredictor:
         return self.checkpoint.is_file()
 
     def _build(self):
-        from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
+        from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
         from ultrarefiner.networks import SAMRefiner, build_sam, build_tiny_sam, load_sam_checkpoint
 
         if not self.checkpoint.is_file():

@@ -94,7 +94,7 @@ class SegmentationReport:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _collect(self, engine: Engine) -> None:
-        from ultrarefiner.engines.metrics import segmentation_metrics
+        from ultrarefiner.engines.evaluation.metrics import segmentation_metrics
 
         batch = engine.state.batch
         output = engine.state.output
@@ -143,7 +143,7 @@ class SegmentationReport:
     def _write_overlays(self) -> None:
         if not self._keep or self.n_overlays <= 0:
             return
-        from ultrarefiner.engines.overlays import overlay_contours
+        from ultrarefiner.engines.evaluation.overlays import overlay_contours
 
         key = self.pred_keys[-1]
         dice_col = "dice" if len(self.pred_keys) == 1 else f"{key}_dice"

@@ -31,7 +31,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.metrics import Average
 
-from .report import _loss_of
+from ultrarefiner.engines.training.report import _loss_of
 
 __all__ = ["EpochLoss", "TrackingExtras", "mlflow_handlers"]
 

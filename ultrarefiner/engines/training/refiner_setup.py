@@ -25,9 +25,9 @@ from ultrarefiner.data.refiner_data import (
     ShardCoarseDataset,
     SimulatedCoarseDataset,
 )
-from ultrarefiner.engines.checkpoint import _is_main_process, save_checkpoint
-from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
-from ultrarefiner.engines.refiner_training import KeyedEmbeddingCache, precompute_embeddings
+from ultrarefiner.engines.checkpoints.checkpoint import _is_main_process, save_checkpoint
+from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
+from ultrarefiner.engines.training.refiner_training import KeyedEmbeddingCache, precompute_embeddings
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks.lora import has_lora, merge_lora
 from ultrarefiner.networks.sam_geometry import SamGeometry

@@ -37,9 +37,9 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-from ultrarefiner.engines.evaluation import SegmentationReport, summarise
-from ultrarefiner.engines.metrics import METRIC_NAMES
-from ultrarefiner.engines.ultra_predict import overlay_coarse_refined, refine
+from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
+from ultrarefiner.engines.evaluation.segmentation_report import SegmentationReport, summarise
+from ultrarefiner.engines.inference.ultra_predict import overlay_coarse_refined, refine
 from ultrarefiner.utils.flags import as_flag
 from ultrarefiner.utils.io import atomic_write, write_json, write_png
 
@@ -179,7 +179,7 @@ class E2EReport(SegmentationReport):
         self.n_bootstrap, self.tolerance, self.seed = n_bootstrap, tolerance, seed
 
     def _collect(self, engine: Engine) -> None:
-        from ultrarefiner.engines.evaluation import _lookup
+        from ultrarefiner.engines.evaluation.segmentation_report import _lookup
 
         output, batch = engine.state.output, engine.state.batch
         items = output if isinstance(output, list) else [output]

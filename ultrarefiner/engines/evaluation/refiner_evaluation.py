@@ -3,7 +3,7 @@
 :class:`RefinerReport` is an Ignite handler for a refiner evaluator (``RefinerEvalStep``, native frame, batch
 size 1). For every sample it measures the coarse mask (input) and the refined mask against the ground truth at the
 image's native resolution (Dice, IoU, precision, recall, accuracy, HD95 in pixels, NSD at 2 px;
-``engines.metrics``) and writes, when the run completes::
+``engines.evaluation.metrics``) and writes, when the run completes::
 
     <output_dir>/metrics.csv     one row per sample: image, sample, dataset, kind, bucket, height, width,
                                  input_<metric>, refined_<metric>, delta_dice
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ultrarefiner.engines.evaluation import summarise
-from ultrarefiner.engines.metrics import METRIC_NAMES, segmentation_metrics
+from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
+from ultrarefiner.engines.evaluation.segmentation_report import summarise
 from ultrarefiner.utils.io import atomic_write, write_json, write_png
 
 __all__ = ["BUCKET_ORDER", "NativeImaged", "RefinerReport", "bucket_table"]
@@ -149,7 +149,7 @@ class RefinerReport:
       pred_key: refined probability (1,H,W) at native size in the engine output.
       coarse_key: coarse mask (1,H,W) given to the refiner, at the label's size.
       label_key: native ground truth (1,H,W).
-      metrics: metric names (``engines.metrics.METRIC_NAMES``; HD95 and NSD are the slow ones).
+      metrics: metric names (``engines.evaluation.metrics.METRIC_NAMES``; HD95 and NSD are the slow ones).
       n_overlays: worst and best cases drawn (0: none).
       tolerance: Dice change counted as improved/degraded.
       prefix: prefix of the means written to ``engine.state.metrics`` (e.g. ``test_refined_dice``).
@@ -241,7 +241,7 @@ class RefinerReport:
         if not self._keep or self.n_overlays <= 0:
             return
         from ultrarefiner.data.imaging import read_image
-        from ultrarefiner.engines.overlays import overlay_contours
+        from ultrarefiner.engines.evaluation.overlays import overlay_contours
 
         dice = {f"{r['image']}_{r['sample']}": r["refined_dice"] for r in self.rows}
         order = sorted(self._keep, key=lambda t: dice[t[0]])

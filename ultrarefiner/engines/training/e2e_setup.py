@@ -7,8 +7,8 @@ Network description (``network_kwargs``, stored in every phase-3 checkpoint so t
 
 Initialisation (``init_network``): TransUNet from ``<ckpt_root>/transunet/<dataset>/fold_<k>/best.pt`` (its stored
 ``network_kwargs`` must match the config), the refiner from ``<ckpt_root>/sam_refiner/<dataset>/fold_<k>/best.pt``
-(``engines.refiner_checkpoint`` format, full or LoRA-only). A file that records its run (``identity``,
-``engines.checkpoint``) must come from phase 1 / phase 2 and, for this run's dataset, from its fold: another fold's
+(``engines.checkpoints.refiner_checkpoint`` format, full or LoRA-only). A file that records its run (``identity``,
+``checkpoints.checkpoint``) must come from phase 1 / phase 2 and, for this run's dataset, from its fold: another fold's
 model was trained on this fold's validation images (another dataset's file is a transfer, used with a warning).
 Files without an identity (older runs, the shipped
 ``bundles/sam_refiner/models/model.pt``) are taken as they are. A LoRA-only checkpoint is loaded on top of the base
@@ -62,9 +62,13 @@ from monai.transforms import (
 
 from ultrarefiner.data.pipeline import load_transforms, spatial_transforms
 from ultrarefiner.data.refiner_data import file_digest
-from ultrarefiner.engines.checkpoint import check_identity, load_weights, run_identity
-from ultrarefiner.engines.e2e_training import E2EPrepareBatch
-from ultrarefiner.engines.refiner_checkpoint import check_encoder, load_refiner_checkpoint, read_refiner_checkpoint
+from ultrarefiner.engines.checkpoints.checkpoint import check_identity, load_weights, run_identity
+from ultrarefiner.engines.checkpoints.refiner_checkpoint import (
+    check_encoder,
+    load_refiner_checkpoint,
+    read_refiner_checkpoint,
+)
+from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.networks.lite_medsam import is_lite_medsam
 from ultrarefiner.networks.lora import apply_lora, has_lora, merge_lora
@@ -99,7 +103,7 @@ def build_sam_model(model_type: str = "lite_medsam", checkpoint: str | os.PathLi
     """A segment-anything ``Sam``: ``lite_medsam`` (default), ``vit_b``/``vit_l``/``vit_h`` from the registry, or
     ``tiny`` (``build_tiny_sam`` with ``tiny_kwargs``, for tests and smoke runs); weights from ``checkpoint`` as
     ``refiner_setup.init_sam`` reads it (``packaged``/empty: LiteMedSAM's packaged file, ``random``, or a file)."""
-    from ultrarefiner.engines.refiner_setup import init_sam
+    from ultrarefiner.engines.training.refiner_setup import init_sam
     from ultrarefiner.networks.sam_weights import build_sam, build_tiny_sam
 
     if model_type == "tiny":

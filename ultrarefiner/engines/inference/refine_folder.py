@@ -133,8 +133,8 @@ def build_refiner(checkpoint: Path | None, box_source: str = "largest") -> torch
     preprocessing, LoRA adapters) when it has them, so that LoRA and non-default checkpoints load. ``box_source``:
     ``largest`` (one prompt set, from the coarse mask's largest component) or ``components`` (one per lesion).
     """
-    from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
-    from ultrarefiner.engines.refiner_checkpoint import load_refiner_checkpoint
+    from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint, require_phase
+    from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
     from ultrarefiner.networks import SAMRefiner
 
     if checkpoint is None:
@@ -305,7 +305,7 @@ def _read_progress(path: Path) -> dict[str, dict]:
 def encoder_input(refiner: torch.nn.Module, sample: dict, flipped: bool, device: torch.device) -> torch.Tensor:
     """(1,3,S,S) encoder input of a sample: its worker-resized ``frame`` (``frame_flipped``), else the frame
     resized here, on the CPU; or its native ``pixels`` (flipped) when the refiner resizes on its device."""
-    from ultrarefiner.engines.fast_inference import hflip
+    from ultrarefiner.engines.inference.fast_inference import hflip
 
     key = "frame_flipped" if flipped else "frame"
     frame = sample.get(key)
@@ -334,7 +334,7 @@ class BatchRefiner:
             prompted by the flipped coarse mask; ``fast_inference``).
           optimize (str): the image encoder's speed option (``fast_inference.fast_encoder``).
         """
-        from ultrarefiner.engines.fast_inference import check_tta, fast_encoder
+        from ultrarefiner.engines.inference.fast_inference import check_tta, fast_encoder
 
         self.refiner, self.device = refiner, torch.device(device)
         self.amp = bool(amp and self.device.type == "cuda")
@@ -350,7 +350,7 @@ class BatchRefiner:
     def probabilities(self, samples: Sequence[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Refined probabilities (H, W) per sample ({"pixels", "coarse" uint8 (H, W)[, "frame", "frame_flipped"]})
         and their predicted IoUs (B,) on the CPU; with flip TTA the means over the two passes."""
-        from ultrarefiner.engines.fast_inference import flip_tta_mean
+        from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
 
         passes = [(s, f) for f in ((False, True) if self.tta else (False,)) for s in samples]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -379,7 +379,7 @@ class BatchRefiner:
 
 
 def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    from ultrarefiner.engines.metrics import METRIC_NAMES, segmentation_metrics
+    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 
     y = torch.from_numpy(label)[None].float()
     out: dict[str, float] = {}
@@ -391,7 +391,7 @@ def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict
 
 # ------------------------------------------------------------------------------------------------ report
 def _columns(rows: Sequence[dict]) -> list[str]:
-    from ultrarefiner.engines.metrics import METRIC_NAMES
+    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
 
     cols = ["stem", "image", "mask", "label", "height", "width", "pred_iou", "coarse_area", "refined_area"]
     cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")]
@@ -399,9 +399,9 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 
 def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any]:
-    from ultrarefiner.engines.e2e_evaluation import paired_comparison
-    from ultrarefiner.engines.evaluation import summarise
-    from ultrarefiner.engines.metrics import METRIC_NAMES
+    from ultrarefiner.engines.evaluation.e2e_evaluation import paired_comparison
+    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
+    from ultrarefiner.engines.evaluation.segmentation_report import summarise
 
     labelled = [r for r in rows if "refined_dice" in r]
     cols = ["pred_iou", "coarse_area", "refined_area"]
@@ -501,7 +501,7 @@ def refine_folder(
     """
     from tqdm import tqdm
 
-    from ultrarefiner.engines.fast_inference import check_tta, default_batch_size, resolve_optimize
+    from ultrarefiner.engines.inference.fast_inference import check_tta, default_batch_size, resolve_optimize
 
     tta = check_tta(tta)
     ckpt = resolve_refiner(checkpoint, zero_shot)
@@ -608,7 +608,7 @@ def _refine_batch(runner: BatchRefiner | None, samples: list[dict], skipped: lis
 
 def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, mode: int, name: str) -> dict:
     """Write the mask (and NIfTI) and the overlay of one sample; its progress record."""
-    from ultrarefiner.engines.ultra_predict import overlay_coarse_refined
+    from ultrarefiner.engines.inference.ultra_predict import overlay_coarse_refined
 
     stem = sample["stem"]
     coarse = sample["coarse"] > 255 * THRESHOLD

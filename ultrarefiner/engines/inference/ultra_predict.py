@@ -171,7 +171,7 @@ def overlay_coarse_refined(image: np.ndarray, coarse: np.ndarray | None, refined
                            label: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 (H, W, 3): ``image`` (H, W) gray ([0, 1] or stretched), contours of the bool masks: ground truth
     green, coarse blue, refined red (drawn in that order, so the refined contour is on top)."""
-    from ultrarefiner.engines.overlays import _gray_uint8, contour
+    from ultrarefiner.engines.evaluation.overlays import _gray_uint8, contour
 
     gray = _gray_uint8(image)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
@@ -185,7 +185,7 @@ def overlay_coarse_refined(image: np.ndarray, coarse: np.ndarray | None, refined
 def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike, obj: Any = None) -> torch.nn.Module:
     """Load phase-3 weights (``best.pt``/``last.pt``/``models/model.pt``) into ``network`` (strict); returns it.
     ``obj``: the file's content when the caller has already read it (it is not read again)."""
-    from ultrarefiner.engines.checkpoint import load_weights, weights_of
+    from ultrarefiner.engines.checkpoints.checkpoint import load_weights, weights_of
 
     path = Path(ckpt_path)
     if obj is not None:
@@ -227,8 +227,8 @@ def load_ultrarefiner(
     from ``<bundle>/configs/inference.json`` (``network_kwargs``, with ``overrides`` of its ids) for a plain
     ``models/model.pt``.
     """
-    from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
-    from ultrarefiner.engines.e2e_setup import build_ultrarefiner
+    from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint, require_phase
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
     path = Path(checkpoint)
     obj = read_checkpoint(path, "UltraRefiner checkpoint")
@@ -311,7 +311,7 @@ class _InputDataset(torch.utils.data.Dataset):
             return {"index": index, "reason": f"{type(e).__name__}: {e}"}
 
     def sample(self, image: np.ndarray) -> dict[str, Any]:
-        from ultrarefiner.engines.refine_folder import encoder_frame
+        from ultrarefiner.engines.inference.refine_folder import encoder_frame
 
         native = torch.from_numpy(np.array(image, dtype=np.uint8))[None]  # (1, H, W) uint8, own copy
         small = torch.as_tensor(self.transform(native.float()), dtype=torch.float32).clamp(0, 1)
@@ -371,7 +371,12 @@ class UltraPredictor:
         from monai.transforms import Compose, Resize, ScaleIntensity
 
         from ultrarefiner.commands.args import check_range
-        from ultrarefiner.engines.fast_inference import check_tta, default_batch_size, fast_encoder, resolve_optimize
+        from ultrarefiner.engines.inference.fast_inference import (
+            check_tta,
+            default_batch_size,
+            fast_encoder,
+            resolve_optimize,
+        )
 
         self.network = network.to(device).eval()
         self.device = torch.device(device)
@@ -403,8 +408,8 @@ class UltraPredictor:
     def predict_batch(self, samples: Sequence[dict]) -> list[dict[str, Any]]:
         """Predictions of ``_InputDataset`` samples (images of any sizes): one TransUNet and one encoder pass for the
         batch (and its flips with TTA), then the refiner per image size; results as ``predict_array``."""
-        from ultrarefiner.engines.fast_inference import flip_tta_mean
-        from ultrarefiner.engines.refine_folder import encoder_input
+        from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
+        from ultrarefiner.engines.inference.refine_folder import encoder_input
 
         dev, net = self.device, _unwrap(self.network)
         flips = (False, True) if self.tta == "flip" else (False,)

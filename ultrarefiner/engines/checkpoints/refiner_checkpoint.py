@@ -1,7 +1,7 @@
 """Checkpoint format of the SAM refiner (phase 2), read by the end-to-end bundle (phase 3) and MONAI Label.
 
 ``<ckpt_root>/sam_refiner/<dataset>/fold_<k>/best.pt`` is written by ``TrainingCheckpoints`` with
-``state_dict_fn=refiner_state_dict`` (and its ``identity``, ``engines.checkpoint``):
+``state_dict_fn=refiner_state_dict`` (and its ``identity``, ``engines.checkpoints.checkpoint``):
 
 - frozen image encoder (the default): ``{"model": prompt encoder + mask decoder, "lora": False, "partial": True,
   "encoder": {...}}``: the encoder is not stored (it is the base weights, e.g. LiteMedSAM's packaged file), only
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ultrarefiner.engines.checkpoint import read_checkpoint, require_phase
+from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint, require_phase
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks.embedding_cache import weights_fingerprint
 from ultrarefiner.networks.lora import has_lora, load_lora_state_dict, lora_state_dict

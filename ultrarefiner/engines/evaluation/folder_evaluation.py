@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_mask
-from ultrarefiner.engines.e2e_evaluation import paired_comparison
-from ultrarefiner.engines.metrics import METRIC_NAMES, segmentation_metrics
-from ultrarefiner.engines.refine_folder import files_by_stem
+from ultrarefiner.engines.evaluation.e2e_evaluation import paired_comparison
+from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
+from ultrarefiner.engines.inference.refine_folder import files_by_stem
 from ultrarefiner.errors import BadInputError, BadOptionError
 from ultrarefiner.utils.io import atomic_write, write_json
 

@@ -21,7 +21,13 @@ from tqdm import tqdm
 from ultrarefiner.data.datalist import datalist_path
 from ultrarefiner.data.imaging import read_image, read_mask
 from ultrarefiner.data.pipeline import get_transforms
-from ultrarefiner.engines.checkpoint import check_identity, load_weights, read_checkpoint, require_phase, run_identity
+from ultrarefiner.engines.checkpoints.checkpoint import (
+    check_identity,
+    load_weights,
+    read_checkpoint,
+    require_phase,
+    run_identity,
+)
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.io import staged_folder, write_json, write_png
 
@@ -32,7 +38,7 @@ def load_transunet(ckpt: str | os.PathLike, device: torch.device | str = "cpu", 
                    **overrides) -> torch.nn.Module:
     """Rebuild the network from the ``network_kwargs`` stored in ``best.pt``/``last.pt`` and load its weights.
 
-    ``expect``: the run identity (``engines.checkpoint.run_identity``) the file must have where it records one.
+    ``expect``: the run identity (``checkpoint.run_identity``) the file must have where it records one.
     """
     from ultrarefiner.networks import TransUNet
 
@@ -99,7 +105,7 @@ def write_overlays(folder: Path, entries: list[dict], probs: list[np.ndarray], n
     """Overlay PNGs (ground truth green, prediction > 0.5 red) of the first ``n`` entries, for a quick look."""
     from PIL import Image
 
-    from ultrarefiner.engines.overlays import overlay_contours
+    from ultrarefiner.engines.evaluation.overlays import overlay_contours
 
     for e, p in list(zip(entries, probs, strict=True))[:n]:
         image = np.asarray(Image.open(e["image"]).convert("L"), np.float32) / 255.0

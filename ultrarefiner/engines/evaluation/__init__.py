@@ -1,0 +1,1 @@
+"""Metrics, per-image reports and the evaluation of prediction folders."""

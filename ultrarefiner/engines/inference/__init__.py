@@ -1,0 +1,1 @@
+"""Predictors: TransUNet, UltraRefiner, and `refine` over folders."""

@@ -1,0 +1,1 @@
+"""Training steps, per-phase set-up and training handlers."""
