@@ -100,7 +100,7 @@ def encoder_settings(encoder: torch.nn.Module, device: torch.device, modes: list
 def refine_settings(refiner: torch.nn.Module, images: Path, masks: Path, out: Path, device: torch.device,
                     modes: list[str], batches: list[int], workers: int, amp: bool, tta: str
                     ) -> dict[str, Callable[[], int]]:
-    from ultrarefiner.engines import refine_folder as engine
+    from ultrarefiner.engines.inference import refine_folder as engine
 
     engine.build_refiner = lambda *_: refiner  # built once, outside the timings
     n = len(list(images.iterdir()))

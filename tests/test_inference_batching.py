@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import blob, save
-from ultrarefiner.engines import refine_folder as engine
+from ultrarefiner.engines.inference import refine_folder as engine
 from ultrarefiner.engines.inference.fast_inference import same_size_batches
 from ultrarefiner.networks import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_tiny_sam

@@ -25,7 +25,7 @@ from PIL import Image
 
 from conftest import save
 from ultrarefiner.cli import main
-from ultrarefiner.engines import refine_folder as engine
+from ultrarefiner.engines.inference import refine_folder as engine
 from ultrarefiner.errors import UltraRefinerError
 
 H, W = 96, 128

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_inference_batching import SIZES, _sample, _scene, _tiny_refiner
 
-from ultrarefiner.engines import refine_folder as engine
+from ultrarefiner.engines.inference import refine_folder as engine
 from ultrarefiner.engines.inference.fast_inference import FlipTTAInferer, check_tta, flip_tta_mean, hflip, tta_inferer
 
 
