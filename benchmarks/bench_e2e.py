@@ -6,13 +6,15 @@
 Run from the repository root with the package importable (installed, or PYTHONPATH=.).
 
 Full size: TransUNet R50-ViT-B/16 at 224, SAM vit_b at 1024 (random weights: speed does not depend on them),
-MedSAM preprocessing, native images of --native H W. Training: ``E2EIteration`` inside a MONAI
-``SupervisedTrainer`` at --batch (8), frozen encoder with WARM embedding cache (the steady state after the first
-epoch; the first, cache-filling step is excluded). Inference: TransUNet + SAM encoder (no cache: each image is
-new) + prompts + decoder, eval mode, --infer-batch images per call. Rates use the MEDIAN step/call time (robust
-to other load on a shared machine). Each (mode, precision) runs in its own process so peak memory is its own:
-CUDA max_memory_allocated, or on CPU the process's peak RSS (ru_maxrss, model included) and its growth over the
-post-build baseline.
+MedSAM preprocessing, native images of --native H W. Training: the phase-3 bundle's own ``train#trainer`` (built
+from ``bundles/ultrarefiner/configs/train.json`` with ``bundle_trainer``: ``E2ETrainStep``, loss, optimizer and train
+metrics as the bundle runs them; no handlers) at --batch (8), frozen encoder with WARM embedding cache (the steady
+state after the first epoch; the first, cache-filling step is excluded). bf16 is the package's one AMP rule
+(``ultrarefiner.utils.amp.autocast``): on CUDA only, so on a CPU the two precisions run the same float32 code.
+Inference: TransUNet + SAM encoder (no cache: each image is new) + prompts + decoder, eval mode, --infer-batch images
+per call. Rates use the MEDIAN step/call time (robust to other load on a shared machine). Each (mode, precision) runs
+in its own process so peak memory is its own: CUDA max_memory_allocated, or on CPU the process's peak RSS (ru_maxrss,
+model included) and its growth over the post-build baseline.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from statistics import median
 import torch
 from ignite.engine import Events
 
-from ultrarefiner.engines.training.e2e_training import build_e2e_optimizer, create_e2e_trainer
-from ultrarefiner.losses import UltraRefinerLoss
+from ultrarefiner.engines.training.bundle_engines import bundle_trainer
+from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_sam, build_tiny_sam
+from ultrarefiner.utils.amp import autocast
 
 
 def build_model(tiny: bool, image_resize: str) -> UltraRefiner:
@@ -41,7 +44,7 @@ def build_model(tiny: bool, image_resize: str) -> UltraRefiner:
         sam = build_tiny_sam(img_size=256, encoder_depth=2)
     else:
         transunet = TransUNet()
-        sam = build_sam("vit_b")
+        sam = build_sam("vit_b", "random")
     refiner = SAMRefiner(sam, preprocessing="medsam", image_resize=image_resize)
     return UltraRefiner(transunet, refiner)
 
@@ -67,9 +70,10 @@ def make_batch(n: int, img_size: int, native: tuple[int, int], seed: int = 0) ->
 
 def run_train(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace) -> dict:
     batch = make_batch(args.batch, model.transunet.img_size, tuple(args.native))
-    optimizer = build_e2e_optimizer(model)
-    trainer = create_e2e_trainer(model, UltraRefinerLoss(), optimizer, [batch] * (args.warmup + args.steps), device,
-                                 amp=amp, decollate=False)
+    trainer = bundle_trainer("ultrarefiner", {
+        "network": model, "device": device, "amp": amp, "epochs": 1, "epoch_length": None, "train#handlers": [],
+        "train#dataloader": [batch] * (args.warmup + args.steps), "train#prepare_batch": E2EPrepareBatch(),
+    })
     stamps: list[float] = []
 
     @trainer.on(Events.ITERATION_COMPLETED)
@@ -99,7 +103,7 @@ def run_infer(model: UltraRefiner, device: torch.device, amp: bool, args: argpar
         if i == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             masks = model(image, sam_image)["masks"]
         (masks > 0).float().mean().item()  # consume the result (sync)
         times.append(time.perf_counter() - start)

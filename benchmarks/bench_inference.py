@@ -8,8 +8,9 @@ alone, ``refine`` end to end (LiteMedSAM refiner) and the full pipeline (``predi
 ``refine`` is timed files to files: ``refine_folder`` reading the images and coarse masks with data workers,
 refining, writing masks, overlays and the report; the refiner is built once beforehand (the build, a one-off of a
 few seconds, is printed separately), so the figures are the steady state of a large folder. ``predict`` likewise
-times ``UltraPredictor.predict`` (coarse + refined masks, overlays, predictions.json); without ``--checkpoint`` its
-TransUNet (R50-ViT-B/16, the bundle's inference network) has random weights, which cost the same time. Each setting
+times the ultrarefiner bundle's inference evaluator (``ultra_predict.run_inference``: coarse + refined masks,
+overlays, predictions.json); without ``--checkpoint`` its TransUNet (R50-ViT-B/16, the bundle's inference network)
+has random weights, which cost the same time. Each setting
 runs one warm-up pass first (it also builds jit_freeze's frozen encoder for the batch shape); the settings are
 measured round-robin, ``--repeats`` times, and the best run is reported, which damps the noise of a shared machine
 (say so when quoting numbers: other jobs on the same cores slow every setting, unevenly). The CPU seconds per image
@@ -102,7 +103,7 @@ def refine_settings(refiner: torch.nn.Module, images: Path, masks: Path, out: Pa
                     ) -> dict[str, Callable[[], int]]:
     from ultrarefiner.engines.inference import refine_folder as engine
 
-    engine.build_refiner = lambda *_: refiner  # built once, outside the timings
+    engine.create_model = lambda *_, **__: refiner  # built once, outside the timings
     n = len(list(images.iterdir()))
     out_settings = {}
     for mode in modes:
@@ -120,17 +121,18 @@ def refine_settings(refiner: torch.nn.Module, images: Path, masks: Path, out: Pa
 
 def predict_settings(model: torch.nn.Module, images: Path, out: Path, device: torch.device, modes: list[str],
                      batches: list[int], workers: int, amp: bool, tta: str) -> dict[str, Callable[[], int]]:
-    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
+    from ultrarefiner.engines.inference.ultra_predict import run_inference
 
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "ultrarefiner"
     n = len(list(images.iterdir()))
     out_settings = {}
     for mode in modes:
         for b in batches:
             def run(mode=mode, b=b) -> int:
                 shutil.rmtree(out, ignore_errors=True)
-                predictor = UltraPredictor(model, device, amp=amp, batch_size=b, num_workers=workers, tta=tta,
-                                           optimize=mode)
-                predictor.predict(images, out)
+                run_inference(bundle, {"network": model, "device": device, "input_dir": str(images),
+                                       "output_dir": str(out), "amp": amp, "batch_size": b, "num_workers": workers,
+                                       "tta": tta, "optimize": mode})
                 model.refiner.sam.image_encoder.to(memory_format=torch.contiguous_format)
                 return n
 
@@ -141,12 +143,13 @@ def predict_settings(model: torch.nn.Module, images: Path, out: Path, device: to
 def pipeline_model(checkpoint: str | None, device: torch.device) -> torch.nn.Module:
     from monai.bundle import ConfigParser
 
-    from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
     from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+    from ultrarefiner.hub import create_model, network_kwargs_from_bundle
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "ultrarefiner"
     if checkpoint:
-        return load_ultrarefiner(checkpoint, bundle, device)
+        return create_model("ultrarefiner", checkpoint, device=device,
+                            fallback_kwargs=lambda: network_kwargs_from_bundle(bundle))
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     return build_ultrarefiner(parser.get_parsed_content("network_kwargs"), cache_embeddings=False).to(device).eval()
@@ -178,10 +181,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; bf16 autocast: {amp}; tta: {args.tta}; n = {args.n}")
 
-    from ultrarefiner.engines.inference.refine_folder import DEFAULT_REFINER, build_refiner
+    from ultrarefiner.engines.inference.refine_folder import DEFAULT_REFINER
+    from ultrarefiner.hub import create_model
 
     t = time.perf_counter()
-    refiner = build_refiner(DEFAULT_REFINER).to(device).eval()
+    refiner = create_model("sam_refiner", DEFAULT_REFINER, device=device)
     print(f"refiner built in {time.perf_counter() - t:.1f} s (one-off, not in the rates)")
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         tmp = Path(tmp)

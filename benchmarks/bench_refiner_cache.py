@@ -3,8 +3,9 @@
     python benchmarks/bench_refiner_cache.py --model tiny --batch 4 --steps 10             # CPU smoke
     python benchmarks/bench_refiner_cache.py --model vit_b --batch 8 --steps 20 --amp      # GPU
 
-Both modes run the real ``SupervisedTrainer`` step (``RefinerTrainStep``: prompts, decoder with grad, RefinerLoss,
-clipping, AdamW) of identical refiners on the same pre-collated batches of phantom images (already resized into the
+Both modes run the phase-2 bundle's own ``train#trainer`` (``bundles/sam_refiner/configs/train.json`` through
+``bundle_trainer``: ``RefinerTrainStep`` with prompts, decoder with grad, RefinerLoss, clipping, AdamW, the train
+metrics; no handlers) of identical refiners on the same pre-collated batches of phantom images (already resized into the
 encoder frame, as data workers deliver them), so the numbers compare the GPU/CPU work of a step, not data loading.
 Without the cache the frozen encoder runs every step; with it every (image, flip) was encoded once beforehand
 (``precompute_embeddings``, timed separately as the one-off cost), so the timed steps are the steady state of
@@ -29,11 +30,9 @@ from torch.utils.data import default_collate
 
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.data.synthetic import make_phantom
-from ultrarefiner.engines.training.refiner_training import (
-    KeyedEmbeddingCache,
-    create_refiner_trainer,
-    precompute_embeddings,
-)
+from ultrarefiner.engines.training.bundle_engines import bundle_trainer
+from ultrarefiner.engines.training.refiner_training import precompute_embeddings
+from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.networks.sam_refiner import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_sam, build_tiny_sam
 
@@ -57,12 +56,14 @@ def sync(device: torch.device) -> None:
 
 
 def time_training(refiner: SAMRefiner, batches: list[dict], device: torch.device, warmup: int, amp: bool,
-                  cache: KeyedEmbeddingCache | None) -> tuple[float, float]:
+                  cache: EmbeddingCache | None) -> tuple[float, float]:
     """Seconds per step after ``warmup`` steps, and the last loss."""
     stamps: list[float] = []
     losses: list[float] = []
-    trainer = create_refiner_trainer(device, 1, batches, refiner, cache=cache, amp=amp, grad_clip=1.0,
-                                     epoch_length=len(batches), decollate=False)
+    trainer = bundle_trainer("sam_refiner", {
+        "network": refiner, "cache": cache, "device": device, "amp": amp, "grad_clip": 1.0, "epochs": 1,
+        "epoch_length": len(batches), "train#dataloader": batches, "train#handlers": [],
+    })
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _(engine) -> None:
@@ -95,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(0)
-    sam = build_tiny_sam(img_size=1024) if args.model == "tiny" else build_sam("vit_b")
+    sam = build_tiny_sam(img_size=1024) if args.model == "tiny" else build_sam("vit_b", "random")
     base = SAMRefiner(sam, preprocessing=args.preprocessing).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {name}; model {args.model} (random init), {args.preprocessing} preprocessing, batch {args.batch}, "
@@ -120,7 +121,7 @@ def main() -> None:
         s_plain, loss_plain = time_training(plain, batches, device, args.warmup, args.amp, None)
         del plain
         cached = copy.deepcopy(base)
-        cache = KeyedEmbeddingCache(cached.sam.image_encoder, store_device=device)
+        cache = EmbeddingCache(cached.sam.image_encoder, store_device=device)
         sync(device)
         t0 = time.perf_counter()
         n_enc = precompute_embeddings(cached, cache, [(k, s, f) for k, s, f in ds.encoder_sources() if k in keys],

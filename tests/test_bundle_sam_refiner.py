@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from bundle_utils import (
+    REPO,
     assert_best_is_reported,
     assert_ok,
     bundle_argv,
@@ -36,7 +38,8 @@ from ultrarefiner.networks.embedding_cache import weights_fingerprint
 
 BUNDLE = "sam_refiner"
 TRAIN = ["train.json"]
-TINY_SAM = "$ultrarefiner.networks.build_tiny_sam(img_size=64)"
+# the one SAM builder at 64 pixels: random with sam_checkpoint "" (no weights exist), else the given file
+TINY_SAM = "$ultrarefiner.networks.build_sam('tiny', @sam_checkpoint, img_size=64)"
 TINY = {"sam_def": TINY_SAM, "sam_checkpoint": "", "batch_size": 2, "num_workers": 0, "epoch_length": 1}
 
 
@@ -76,8 +79,17 @@ def test_stacked_input_refiner_wraps_the_refiner():
         torch.jit.trace(net, x)
 
 
+def config_datasets(data: Path, configs=("train.json",), **options) -> ConfigParser:
+    """The bundle's configs with the test's tiny network and ``options`` (as ``--name value`` would set them)."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / BUNDLE / "configs" / c) for c in configs])
+    parser.update(overrides(data, **options))
+    return parser
+
+
 def test_data_sources(data, tmp_path):
-    """The config's choice of coarse masks: option A online or shards, option B, a mix; evaluation sets."""
+    """The configs' choice of coarse masks (``data_source``, ``real_ratio``): option A online or shards, option B, a
+    mix; evaluation sets of the val and test splits."""
     from refiner_toy import write_predictions
 
     from ultrarefiner.data.augmented import generate
@@ -87,29 +99,49 @@ def test_data_sources(data, tmp_path):
         ShardCoarseDataset,
         SimulatedCoarseDataset,
     )
-    from ultrarefiner.engines.training.refiner_setup import evaluation_dataset, inference_datalist, training_dataset
+    from ultrarefiner.engines.training.refiner_setup import inference_datalist
 
-    datalist = data / "processed" / "BUSI" / "datalist.json"
-    g = tiny_refiner().geometry
-    preds = write_predictions(datalist, tmp_path / "pred", n_splits=2).parent
+    preds = write_predictions(data / "processed" / "BUSI" / "datalist.json", tmp_path / "pred", n_splits=2).parent
     generate(data / "processed", tmp_path / "aug", ["BUSI"], 4, fold=0, shard_size=4, resolution=64, progress=False)
-    assert isinstance(training_dataset(datalist, 0, g), SimulatedCoarseDataset)
-    shards = training_dataset(datalist, 0, g, "shards", shards_dir=tmp_path / "aug" / "BUSI" / "fold_0")
-    assert isinstance(shards, ShardCoarseDataset) and len(shards) == 4
-    real = training_dataset(datalist, 0, g, "predictions", predictions_dir=preds)
-    assert isinstance(real, PredictionCoarseDataset) and all(it["fold"] != 0 for it in real.items)
-    mix = training_dataset(datalist, 0, g, real_ratio=0.5, predictions_dir=preds, length=6)
-    assert isinstance(mix, MixedRefinerDataset) and mix.n_real == 3
-    with pytest.raises(ValueError, match="predictions_dir"):
-        training_dataset(datalist, 0, g, real_ratio=0.5)
-    with pytest.raises(ValueError, match="data_source"):
-        training_dataset(datalist, 0, g, "sims")
-    test_sim = evaluation_dataset(datalist, 0, g, split="test", samples_per_image=2)
+
+    def train_set(**options) -> MixedRefinerDataset:
+        ds = config_datasets(data, **{"predictions_dir": str(preds), **options}).get_parsed_content("train#dataset")
+        assert isinstance(ds, MixedRefinerDataset)
+        return ds
+
+    online = train_set()
+    assert isinstance(online.simulated, SimulatedCoarseDataset) and online.real is None and online.n_real == 0
+    assert len(online) == len(online.simulated) and all(online.plan()[i] == (0, i) for i in range(len(online)))
+    sample, alone = online[1], online.simulated[1]  # served as the source alone would serve it
+    assert sample["image_key"] == alone["image_key"] and torch.equal(sample["coarse"], alone["coarse"])
+    shards = train_set(data_source="shards", shards_dir=str(tmp_path / "aug" / "BUSI" / "fold_0"))
+    assert isinstance(shards.simulated, ShardCoarseDataset) and len(shards) == 4
+    real = train_set(data_source="predictions")
+    assert real.simulated is None and isinstance(real.real, PredictionCoarseDataset) and real.n_real == len(real)
+    assert all(it["fold"] != 0 for it in real.real.items)
+    mix = train_set(real_ratio=0.5, **{"train#dataset#length": 6})
+    assert isinstance(mix.simulated, SimulatedCoarseDataset) and mix.n_real == 3 and len(mix) == 6
+    with pytest.raises(RuntimeError) as err:  # monai names the component, the cause names the file
+        train_set(real_ratio=0.5, predictions_dir=str(tmp_path / "nowhere"))
+    assert isinstance(err.value.__cause__, BadInputError) and "nowhere" in str(err.value.__cause__)
+    with pytest.raises(RuntimeError) as err:
+        train_set(data_source="sims")
+    assert isinstance(err.value.__cause__, KeyError) and "'sims'" in str(err.value.__cause__)
+
+    def eval_set(**options):
+        return config_datasets(data, ("train.json", "evaluate.json"), **{"predictions_dir": str(preds),
+                                                                          **options}).get_parsed_content("validate#dataset")
+
+    test_sim = eval_set(eval_samples_per_image=2)
     sample = test_sim[0]
+    assert isinstance(test_sim, SimulatedCoarseDataset) and test_sim.frame == "native"
     assert sample["original_size"].tolist() == list(sample["label"].shape[-2:]) == [96, 128] and not sample["flip"]
-    assert len(test_sim) == 2 * len(test_sim.items)
-    test_real = evaluation_dataset(datalist, 0, g, "predictions", split="test", predictions_dir=preds)
+    assert len(test_sim) == 2 * len(test_sim.items) and all(it["fold"] == -1 for it in test_sim.items)
+    test_real = eval_set(eval_coarse="predictions")
+    assert isinstance(test_real, PredictionCoarseDataset) and test_real.split == "test"
     assert all("fold_0/" in it["coarse"] for it in test_real.items)  # fold 0's TransUNet predicted them
+    val = config_datasets(data, real_ratio=0.5, predictions_dir=str(preds)).get_parsed_content("validate#dataset")
+    assert isinstance(val, PredictionCoarseDataset) and val.split == "val"  # val_coarse follows the training mix
     with pytest.raises(BadInputError, match="coarse mask of"):
         inference_datalist(data / "processed" / "BUSI" / "images", tmp_path / "nowhere")
 
@@ -164,7 +196,7 @@ def test_train_writes_checkpoints_and_report(trained):
     assert any((fold / "tensorboard").iterdir()) and any((fold / "tensorboard" / "overlays").iterdir())
     out = res.stdout + res.stderr
     assert "[TRAIN]" in out and "[VALIDATION]" in out and "Input Dice" in out
-    assert "SAM starts from random initialisation" in out
+    assert "SAM tiny starts from random initialisation" in out
 
 
 def test_resume_after_kill(data):
@@ -208,7 +240,7 @@ def test_inference(trained, tmp_path):
     shutil.copytree(data / "processed" / "BUSI" / "masks", tmp_path / "coarse")
     res = bundle_cmd("run", BUNDLE, ["inference.json"], {
         "input_dir": str(images), "coarse_dir": str(tmp_path / "coarse"), "output_dir": str(tmp_path / "pred"),
-        "ckpt_path": str(data / "models" / "model.pt"), "sam_def": TINY_SAM})
+        "ckpt_path": str(data / "models" / "model.pt"), "sam_def": TINY_SAM, "sam_checkpoint": ""})
     assert_ok(res)
     outs = sorted((tmp_path / "pred").rglob("*.png"))
     assert len(outs) == len(list(images.glob("*.png")))
@@ -243,7 +275,7 @@ def test_lora_checkpoint_with_real_coarse_masks(data, tmp_path):
                    predictions_dir=str(preds))
     res = bundle_cmd("run", BUNDLE, TRAIN, ov)
     assert_ok(res)
-    assert "SAM initialised from" in res.stdout + res.stderr
+    assert f"SAM tiny initialised from {tmp_path / 'sam.pth'}" in res.stdout + res.stderr
     best_path = tmp_path / "ckpt" / "sam_refiner" / "BUSI" / "fold_0" / "best.pt"
     best = torch.load(best_path, weights_only=True)
     keys = list(best["model"])
@@ -255,7 +287,7 @@ def test_lora_checkpoint_with_real_coarse_masks(data, tmp_path):
     lora = tiny_refiner(use_lora=True).eval()
     load_refiner_checkpoint(lora, best_path)
     plain = tiny_refiner().eval()  # models/model.pt: adapters merged, loads without LoRA
-    plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert load_refiner_checkpoint(plain, tmp_path / "model.pt")["network_kwargs"]["use_lora"] is False
     x = torch.rand(1, 1, 48, 64) * 255
     coarse = torch.zeros(1, 1, 48, 64)
     coarse[..., 10:30, 20:40] = 1.0
@@ -269,11 +301,12 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     data, _ = trained
     assert_ok(verify_metadata(BUNDLE))
     assert_ok(bundle_cmd("verify_net_in_out", BUNDLE, ["inference.json"],
-                         {"net_id": "network_def", "sam_def": TINY_SAM, "any": 48}))
+                         {"net_id": "network_def", "sam_def": TINY_SAM, "sam_checkpoint": "", "any": 48}))
     ts = tmp_path / "model.ts"
     res = bundle_cmd("ckpt_export", BUNDLE, ["inference.json"], {
         "net_id": "network_def", "filepath": str(ts), "ckpt_file": str(data / "models" / "model.pt"),
-        "use_trace": True, "input_shape": [1, 2, 96, 128], "image_resize": "torch", "sam_def": TINY_SAM})
+        "use_trace": True, "input_shape": [1, 2, 96, 128], "image_resize": "torch", "sam_def": TINY_SAM,
+        "sam_checkpoint": ""})
     assert_ok(res)
     traced = torch.jit.load(str(ts))
     ref = StackedInputRefiner(tiny_refiner(image_resize="torch")).eval()

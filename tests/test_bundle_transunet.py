@@ -146,6 +146,7 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
             "net_id": "network_def",
             "filepath": str(ts),
             "ckpt_file": str(data / "models" / "model.pt"),
+            "key_in_ckpt": "model",  # the exported file describes itself: its weights are under "model"
             "use_trace": True,
             "meta_file": str(meta),
             **small,
@@ -154,7 +155,7 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     assert_ok(res)
     scripted = torch.jit.load(str(ts))
     x = torch.rand(1, 1, 32, 32)
-    from ultrarefiner.engines.inference.transunet_predict import load_transunet
+    from ultrarefiner.hub import create_model
 
-    ref = load_transunet(data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt")
+    ref = create_model("transunet", data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt")
     assert torch.allclose(scripted(x), ref(x), atol=1e-4)

@@ -127,7 +127,7 @@ def test_train_initialises_from_phase_checkpoints(trained):
 def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
     from monai.bundle import ConfigParser
 
-    from ultrarefiner.engines.training.e2e_setup import MissingCheckpointError
+    from ultrarefiner.engines.training.initialisation import MissingCheckpointError
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
@@ -154,7 +154,8 @@ def test_missing_checkpoints_name_files_and_suggest_from_scratch(tmp_path):
 def test_full_and_partial_refiner_checkpoints(tmp_path):
     """Phase 3 takes a partial phase-2 checkpoint over the base encoder it was trained on (refusing another encoder)
     and a full one (trained encoder) with every weight."""
-    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+    from ultrarefiner.engines.training.initialisation import init_from_phase_checkpoints
     from ultrarefiner.errors import BadInputError
     from ultrarefiner.networks import build_tiny_sam
 
@@ -162,18 +163,18 @@ def test_full_and_partial_refiner_checkpoints(tmp_path):
     nk = {"transunet": TU, "sam": SAM, "refiner": {}}
     partial = write_phase2(tmp_path)
     phase2 = torch.load(partial, weights_only=True)["model"]
-    net = init_network(build_ultrarefiner(nk), tu, partial, transunet_kwargs=TU)
+    net = init_from_phase_checkpoints(build_ultrarefiner(nk), tu, partial, transunet_kwargs=TU)
     sd = net.refiner.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in phase2.items())
     base = build_tiny_sam(img_size=256).state_dict()
     assert all(torch.equal(sd[f"sam.{k}"], v) for k, v in base.items() if k.startswith("image_encoder."))
     other = build_ultrarefiner({**nk, "sam": {**SAM, "seed": 5}})  # another base encoder
     with pytest.raises(BadInputError, match="another image encoder"):
-        init_network(other, tu, partial, transunet_kwargs=TU)
+        init_from_phase_checkpoints(other, tu, partial, transunet_kwargs=TU)
     full = write_phase2(tmp_path / "full", full=True)
     phase2 = torch.load(full, weights_only=True)["model"]
     assert any(k.startswith("sam.image_encoder.") for k in phase2)
-    sd = init_network(build_ultrarefiner(nk), tu, full, transunet_kwargs=TU).refiner.state_dict()
+    sd = init_from_phase_checkpoints(build_ultrarefiner(nk), tu, full, transunet_kwargs=TU).refiner.state_dict()
     assert sd.keys() == phase2.keys() and all(torch.equal(sd[k], v) for k, v in phase2.items())
 
 
@@ -182,19 +183,21 @@ def test_phase_checkpoints_of_another_run_are_refused(tmp_path, caplog):
     fold's model (trained on this fold's validation images) or phase is refused, naming the file and both; another
     dataset's file is a transfer, used with a warning."""
     from ultrarefiner.engines.checkpoints.checkpoint import run_identity
-    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+    from ultrarefiner.engines.training.initialisation import init_from_phase_checkpoints
     from ultrarefiner.errors import CheckpointMismatchError
 
     nk = {"transunet": TU, "sam": SAM, "refiner": {}}
     run = {"transunet_kwargs": TU, "dataset": "BUSI", "fold": 0}
     tu = write_phase1(tmp_path / "ok", identity=run_identity("transunet", "BUSI", 0, TU))
     refiner = write_phase2(tmp_path / "ok", identity=run_identity("sam_refiner", "BUSI", 0, {"model_type": "tiny"}))
-    init_network(build_ultrarefiner(nk), tu, refiner, **run)
-    init_network(build_ultrarefiner(nk), write_phase1(tmp_path / "old"), write_phase2(tmp_path / "old"), **run)
+    init_from_phase_checkpoints(build_ultrarefiner(nk), tu, refiner, **run)
+    init_from_phase_checkpoints(build_ultrarefiner(nk), write_phase1(tmp_path / "old"), write_phase2(tmp_path / "old"),
+                                **run)
 
     other_fold = write_phase1(tmp_path / "fold1", fold=1, identity=run_identity("transunet", "BUSI", 1, TU))
     with pytest.raises(CheckpointMismatchError) as e:
-        init_network(build_ultrarefiner(nk), other_fold, refiner, **run)
+        init_from_phase_checkpoints(build_ultrarefiner(nk), other_fold, refiner, **run)
     msg = str(e.value)
     assert str(other_fold) in msg and "fold differs" in msg and "--transunet_ckpt" in msg
     assert "the file holds phase 'transunet', dataset 'BUSI', fold 1" in msg
@@ -202,14 +205,15 @@ def test_phase_checkpoints_of_another_run_are_refused(tmp_path, caplog):
     other_dataset = write_phase2(tmp_path / "busbra", dataset="BUSBRA",
                                  identity=run_identity("sam_refiner", "BUSBRA", 0, {"model_type": "tiny"}))
     with caplog.at_level(logging.WARNING):
-        init_network(build_ultrarefiner(nk), tu, other_dataset, **run)
+        init_from_phase_checkpoints(build_ultrarefiner(nk), tu, other_dataset, **run)
     assert "trained on dataset 'BUSBRA'" in caplog.text and "transfer" in caplog.text
     with pytest.raises(CheckpointMismatchError, match="phase differs"):  # the options swapped round
-        init_network(build_ultrarefiner(nk), refiner, tu, **run)
+        init_from_phase_checkpoints(build_ultrarefiner(nk), refiner, tu, **run)
 
 
 def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path):
-    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner, init_network
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+    from ultrarefiner.engines.training.initialisation import init_from_phase_checkpoints
     from ultrarefiner.errors import BadInputError
     from ultrarefiner.networks import SAMRefiner, build_tiny_sam, lora_state_dict
     from ultrarefiner.networks.lora import has_lora
@@ -226,9 +230,10 @@ def test_lora_refiner_checkpoint_is_merged_into_a_frozen_cached_encoder(tmp_path
     tu = tmp_path / "transunet" / "BUSI" / "fold_0" / "best.pt"
     nk = {"transunet": TU, "sam": SAM, "refiner": {}}
     with pytest.raises(BadInputError, match="--sam_checkpoint"):
-        init_network(build_ultrarefiner(nk), tu, tmp_path / "refiner.pt", transunet_kwargs=TU)
-    net = init_network(build_ultrarefiner(nk, sam_checkpoint=tmp_path / "medsam_base.pth"), tu, tmp_path / "refiner.pt",
-                       sam_checkpoint=tmp_path / "medsam_base.pth", transunet_kwargs=TU)
+        init_from_phase_checkpoints(build_ultrarefiner(nk), tu, tmp_path / "refiner.pt", transunet_kwargs=TU)
+    net = init_from_phase_checkpoints(build_ultrarefiner(nk, sam_checkpoint=tmp_path / "medsam_base.pth"), tu,
+                                      tmp_path / "refiner.pt", sam_checkpoint=tmp_path / "medsam_base.pth",
+                                      transunet_kwargs=TU)
     assert not has_lora(net) and net.cache_embeddings
     assert not any(p.requires_grad for p in net.refiner.sam.image_encoder.parameters())
     image = torch.rand(1, 1, 48, 64) * 255
@@ -293,10 +298,11 @@ def test_inference_config(trained, tmp_path):
     report = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert report["n_images"] == 2 and report["skipped"] == []
     from ultrarefiner.data.imaging import read_image
-    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, load_ultrarefiner
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
+    from ultrarefiner.hub import create_model
 
     # the same model.pt predicted here in-process: the report holds SAM's IoU estimate of the refined mask written
-    model = load_ultrarefiner(data / "models" / "model.pt", bundle=BUNDLE, overrides=NET)
+    model = create_model("ultrarefiner", data / "models" / "model.pt")  # the exported file describes its network
     predictor = UltraPredictor(model, "cpu", amp=False)
     for e in report["images"]:
         ref = predictor.predict_array(read_image(e["image"]))
@@ -332,12 +338,12 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=config, device="cpu", **NET)
     ts = tmp_path / "model.ts"
     ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(data / "models" / "model.pt"),
-                meta_file=str(meta), config_file=config, use_trace=True, bundle_root=str(BUNDLE), image_resize="torch",
-                **NET)
-    from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
+                key_in_ckpt="model", meta_file=str(meta), config_file=config, use_trace=True,
+                bundle_root=str(BUNDLE), image_resize="torch", **NET)
+    from ultrarefiner.hub import create_model
     from ultrarefiner.networks.ultra_refiner import UltraRefinerExport
 
-    model = load_ultrarefiner(data / "ckpt" / "ultrarefiner" / "BUSI" / "fold_0" / "best.pt")
+    model = create_model("ultrarefiner", data / "ckpt" / "ultrarefiner" / "BUSI" / "fold_0" / "best.pt")
     model.refiner.geometry.image_resize = "torch"
     eager = UltraRefinerExport.from_model(model).eval()
     x = torch.rand(1, 1, 48, 64, generator=torch.Generator().manual_seed(7))

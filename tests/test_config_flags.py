@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
+from ultrarefiner.errors import BadOptionError
 from ultrarefiner.utils.flags import as_flag
+from ultrarefiner.utils.options import user_error
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 CONFIGS = sorted(p for p in BUNDLES.glob("*/configs/*.json") if p.name != "metadata.json")
@@ -64,3 +66,22 @@ def test_on_words_turn_options_on(word):
 def test_unknown_words_are_refused_with_the_option_name():
     with pytest.raises(ValueError, match="--use_lora"):
         as_flag("maybe", "use_lora")
+
+
+@pytest.mark.parametrize(("option", "files", "target"), [
+    ("data_source", ["train.json"], "train#dataset"),
+    ("val_coarse", ["train.json"], "validate#coarse"),
+    ("eval_coarse", ["train.json", "evaluate.json"], "validate#coarse"),
+])
+def test_a_mistyped_source_names_the_option_and_the_choices(option, files, target):
+    """A source name indexes a dict in the sam_refiner configs: without the check a typo is a bare KeyError deep in
+    MONAI's expression error; with it, the project's BadOptionError (what the bundle's error hook prints)."""
+    parser = ConfigParser()
+    parser.read_config([BUNDLES / "sam_refiner" / "configs" / f for f in files])
+    parser[option] = "sims"
+    parser["datalist"] = "datalist.json"  # resolved as a reference even for disabled datasets; never read here
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content(target)
+    err = user_error(info.value)
+    assert isinstance(err, BadOptionError), info.value
+    assert f"--{option}" in str(err) and "'sims'" in str(err) and "simulated" in str(err)

@@ -49,3 +49,24 @@ def test_memory_bound_and_frozen_guard():
     assert len(cache._memory) == 2
     with pytest.raises(ValueError, match="frozen encoder"):
         EmbeddingCache(nn.Conv2d(3, 4, 1))
+
+
+def test_dataset_keys_and_content_keys_share_one_cache(tmp_path, monkeypatch):
+    """One class for both callers: training asks by dataset key through ``embed`` (each distinct missing key computed
+    once, no image hashed), inference by content through ``forward``; both land in the same fingerprinted store."""
+    import ultrarefiner.networks.embedding_cache as ec
+
+    enc = encoder()
+    cache = EmbeddingCache(enc, cache_dir=tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    monkeypatch.setattr(ec, "content_keys", lambda images: pytest.fail("dataset keys must not hash images"))
+    asked = []
+    out = cache.embed(["a", "b", "a"], lambda idx: asked.append(idx) or enc(x[[0, 1, 0]][idx]), "cpu")
+    assert asked == [[0, 1]] and (cache.hits, cache.misses) == (1, 2) and out.dtype == torch.float32
+    assert torch.allclose(out, enc(x[[0, 1, 0]]), atol=1e-2) and "a" in cache and "c" not in cache
+    assert (tmp_path / cache.fingerprint / "a.pt").is_file()  # the disk layout keyed by the weights' fingerprint
+    again = cache.embed(["b"], lambda idx: pytest.fail("a cached key was recomputed"), "cpu", dtype=torch.float16)
+    assert again.dtype == torch.float16 and torch.equal(again[0], out[1].half())
+    monkeypatch.undo()
+    by_content = cache(x)  # forward: keyed by content, computed once, then a hit
+    assert cache.misses == 4 and torch.equal(cache(x), by_content) and cache.hits == 4

@@ -1,5 +1,7 @@
 """``evaluate_folders`` / ``python -m ultrarefiner evaluate``: per-image metrics of prediction folders against
-labels and the paired comparison with the first folder; bad and missing files are reported, never scored."""
+labels and the paired comparison with the first folder; bad and missing files are reported, never scored. The
+evaluators' report handlers are adapters over the same functions: their rows equal the folder tool's on the same
+masks, and they read fields with the one output-or-batch lookup."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor, list_data_collate
 from PIL import Image
 
 from ultrarefiner.cli import main
-from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders
-from ultrarefiner.engines.evaluation.metrics import segmentation_metrics
+from ultrarefiner.engines.evaluation.e2e_evaluation import E2EReport
+from ultrarefiner.engines.evaluation.engine_fields import field, image_stem
+from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, score_pair
+from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
+from ultrarefiner.engines.evaluation.refiner_evaluation import RefinerReport
 from ultrarefiner.errors import BadInputError, BadOptionError
 
 
@@ -61,14 +68,18 @@ def test_scores_and_paired_comparison(folders, tmp_path):
             want = np.mean([expected[kind, n][m] for n in ("img0", "img1")])
             assert report["means"][kind][m] == pytest.approx(want)
     assert report["means"]["refined"]["dice"] > 0.95 > 0.8 > report["means"]["coarse"]["dice"]
-    dice = report["comparisons"]["refined vs coarse"]["dice"]
+    dice = report["comparisons"]["refined_vs_coarse"]["dice"]
     assert dice["n"] == 2 and dice["improved"] == 2 and dice["worsened"] == 0
     assert dice["mean_diff"] == pytest.approx(report["means"]["refined"]["dice"] - report["means"]["coarse"]["dice"])
-    assert report["comparisons"]["refined vs coarse"]["hd95"]["lower_is_better"]
+    assert report["comparisons"]["refined_vs_coarse"]["hd95"]["lower_is_better"]
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv", encoding="utf-8")))
     assert [r["image"] for r in rows] == ["img0", "img1"]
-    assert float(rows[1]["refined_dice"]) == 1.0
+    assert float(rows[1]["refined_dice"]) == 1.0 and (rows[0]["height"], rows[0]["width"]) == ("40", "50")
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["n"] == 2
+    comparison = list(csv.DictReader(open(tmp_path / "eval" / "comparison.csv", encoding="utf-8")))
+    assert [(r["dataset"], r["comparison"], r["metric"]) for r in comparison][:2] == [
+        ("all", "refined_vs_coarse", "dice"), ("all", "refined_vs_coarse", "iou")]
+    assert float(comparison[0]["mean_diff"]) == pytest.approx(dice["mean_diff"]) and comparison[0]["improved"] == "2"
 
 
 def test_cli_names_default_and_bad_inputs(folders, tmp_path, capsys):
@@ -76,7 +87,7 @@ def test_cli_names_default_and_bad_inputs(folders, tmp_path, capsys):
     main(["evaluate", "--labels", str(labels), "--predictions", f"{coarse},{refined}", "--metrics", "dice,nsd",
           "--output_dir", str(tmp_path / "e")])
     out = capsys.readouterr().out
-    assert "run vs coarse" in out and "| dice |" in out and "hd95" not in out  # <run>/masks is named after <run>
+    assert "run_vs_coarse" in out and "| dice |" in out and "hd95" not in out  # <run>/masks is named after <run>
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["metrics"] == ["dice", "nsd"] and list(summary["folders"]) == ["coarse", "run"]
     with pytest.raises(BadInputError, match="labels folder not found"):
@@ -96,3 +107,128 @@ def test_two_files_of_one_stem_are_reported_not_guessed(folders):
     assert report["n"] == 1  # img0 only
     ambiguous = {p["file"].split("/")[-1] for p in report["skipped"] if p["problem"].startswith("several")}
     assert ambiguous == {"img1.png", "img1.bmp"}
+
+
+def test_score_pair_takes_every_mask_layout():
+    label, pred = _disk(40, 50, 20, 18, 9), _disk(40, 50, 24, 18, 9)
+    want = {f"x_{m}": float(v) for m, v in segmentation_metrics(torch.from_numpy(pred)[None].float(),
+                                                                torch.from_numpy(label)[None].float()).items()}
+    prob = torch.from_numpy(np.where(pred, 0.7, 0.2).astype(np.float32))
+    one_hot = torch.stack([1 - prob, prob])
+    for layout in (pred, prob, prob[None, None], one_hot):
+        assert score_pair(layout, label, prefix="x_") == want
+    assert list(score_pair(pred, label, ["hd95", "dice"])) == ["hd95", "dice"]
+    with pytest.raises(ValueError, match="differ in shape"):
+        score_pair(pred[:30], label)
+# ------------------------------------------------------------------------------------------------ engine fields
+def test_field_from_output_then_batch_and_a_clear_error():
+    item = {"pred": 1, "label": 2}
+    decollated = [{"dataset": "BUSI", "label": 9}, {"dataset": "UDIAT"}]
+    collated = {"dataset": ["BUSI", "UDIAT"], "bucket": torch.tensor([3, 4]), "flag": True}
+    assert field(item, decollated, "label", 1) == 2  # the output item wins
+    assert field(item, decollated, "dataset", 1) == "UDIAT"
+    assert field(item, collated, "dataset", 1) == "UDIAT" and int(field(item, collated, "bucket", 0)) == 3
+    assert field(item, collated, "flag", 1) is True  # not batched: as is
+    assert field(item, decollated, "kind", 0, required=False) is None
+    with pytest.raises(KeyError, match=r"'kind' is neither in the engine output \(keys: \['label', 'pred'\]\) nor in "
+                                       r"the batch \(keys: \['dataset', 'label'\]\)"):
+        field(item, decollated, "kind", 0)
+    with pytest.raises(KeyError, match="'kind'"):
+        field(None, collated, "kind", 0)
+
+
+def test_image_stem_from_metadata_of_batch_or_output():
+    batch = list_data_collate([{"image": MetaTensor(torch.rand(1, 4, 4), meta={"filename_or_obj": f"/x/a{i}.png"})}
+                               for i in range(2)])
+    assert image_stem({"image": torch.rand(1, 4, 4)}, batch, 1) == "a1"  # a plain output tensor: the batch's name
+    assert image_stem({}, [{"image_meta_dict": {"filename_or_obj": "/x/z.png"}}], 0) == "z"
+    assert image_stem({"image": MetaTensor(torch.rand(1, 4, 4), meta={"filename_or_obj": "/y/o.png"})}, None) == "o"
+    assert image_stem({}, {}, 0) is None
+
+
+# ------------------------------------------------------------------------------------------------ report handlers
+def _cases(n=4, h=40, w=50):
+    """Per image: label, coarse probability, refined probability (away from 0.5) and a name; one empty coarse."""
+    out = []
+    for i in range(n):
+        label = _disk(h, w, 20 + 2 * i, 18, 9)
+        coarse = np.zeros((h, w), bool) if i == 2 else _disk(h, w, 27 + i, 22, 7 + i % 2)
+        refined = _disk(h, w, 20 + 2 * i + (i % 3), 18, 9 - i % 2)
+        prob = lambda m: torch.from_numpy(np.where(m, 0.9, 0.1).astype(np.float32))[None]  # noqa: E731
+        out.append({"name": f"img{i}", "label": torch.from_numpy(label)[None].float(), "coarse": prob(coarse),
+                    "refined": prob(refined)})
+    return out
+
+
+def _run(handler, outputs, batches):
+    engine = Engine(lambda e, b: [outputs[b[0]["index"]]])
+    handler.attach(engine)
+    engine.run([[{"index": i, **b}] for i, b in enumerate(batches)])
+    return engine
+
+
+def _folders(cases, root, names):
+    """The cases' label and predictions written as 0/255 masks, as the commands write them."""
+    for c in cases:
+        _save(root / "labels", c["name"], c["label"][0].numpy() > 0.5)
+        for name, key in names.items():
+            _save(root / name, c["name"], c[key][0].numpy() > 0.5)
+    return {name: root / name for name in names}
+
+
+def _csv_rows(path):
+    return {r["image"]: r for r in csv.DictReader(open(path, encoding="utf-8"))}
+
+
+def _assert_same_rows(handler_csv, folder_csv, columns):
+    got, want = _csv_rows(handler_csv), _csv_rows(folder_csv)
+    assert sorted(got) == sorted(want) and len(got) == 4
+    for image, row in want.items():
+        assert {c: got[image][c] for c in columns} == {c: row[c] for c in columns}, image
+
+
+def test_e2e_report_rows_equal_evaluate_folders(tmp_path):
+    cases = _cases()
+    outputs = [{"coarse": c["coarse"], "refined": c["refined"], "pred": c["refined"], "label": c["label"],
+                "pred_iou": torch.tensor([0.8]),
+                "image": MetaTensor(torch.rand(1, 40, 50), meta={"filename_or_obj": f"/data/{c['name']}.png"})}
+               for c in cases]
+    handler = E2EReport(tmp_path / "report", n_bootstrap=300)
+    engine = _run(handler, outputs, [{"dataset": "BUSI"}] * len(cases))
+    folders = _folders(cases, tmp_path, {"coarse": "coarse", "refined": "refined"})
+    report = evaluate_folders(tmp_path / "labels", folders, tmp_path / "eval", n_bootstrap=300)
+    columns = ["image", "height", "width"] + [f"{k}_{m}" for k in ("coarse", "refined") for m in METRIC_NAMES]
+    _assert_same_rows(tmp_path / "report" / "metrics.csv", tmp_path / "eval" / "metrics.csv", columns)
+    header = (tmp_path / "report" / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("image,dataset,height,width,coarse_dice") and header.endswith("pred_iou")
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["comparisons"]["all"]["refined_vs_coarse"] == report["comparisons"]["refined_vs_coarse"]
+    assert summary["metrics"]["refined_dice"] == report["columns"]["refined_dice"]
+    assert engine.state.metrics["test_refined_dice"] == report["means"]["refined"]["dice"]
+    assert summary["per_dataset"]["BUSI"]["n_images"] == 4
+    assert (tmp_path / "report" / "comparison.csv").read_text().splitlines()[1].startswith("all,refined_vs_coarse,dice")
+
+
+def test_refiner_report_rows_equal_evaluate_folders(tmp_path):
+    cases = _cases()
+    outputs = [{"pred": c["refined"], "coarse": c["coarse"], "label": c["label"]} for c in cases]
+    batches = [{"source": f"/gone/{c['name']}.png", "dataset": "BUSI", "kind": "sim", "bucket": b, "flip": False}
+               for c, b in zip(cases, ["heavy", "mild", "heavy", "perfect"], strict=True)]
+    handler = RefinerReport(tmp_path / "report", n_overlays=1, n_bootstrap=300)
+    engine = _run(handler, outputs, batches)
+    folders = _folders(cases, tmp_path, {"input": "coarse", "refined": "refined"})
+    report = evaluate_folders(tmp_path / "labels", folders, tmp_path / "eval", n_bootstrap=300, tolerance=0.01)
+    columns = ["image", "height", "width"] + [f"{k}_{m}" for k in ("input", "refined") for m in METRIC_NAMES]
+    _assert_same_rows(tmp_path / "report" / "metrics.csv", tmp_path / "eval" / "metrics.csv", columns)
+    rows = _csv_rows(tmp_path / "report" / "metrics.csv")
+    assert rows["img2"]["bucket"] == "heavy" and rows["img1"]["sample"] == "1" and rows["img0"]["kind"] == "sim"
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["comparisons"]["all"]["refined_vs_input"] == report["comparisons"]["refined_vs_input"]
+    buckets = json.loads((tmp_path / "report" / "buckets.json").read_text())
+    assert [b["bucket"] for b in buckets] == ["perfect", "mild", "heavy", "all"] and [b["n"] for b in buckets] == [
+        1, 1, 2, 4]
+    assert buckets[-1]["refined_dice"] == pytest.approx(report["means"]["refined"]["dice"])
+    assert buckets[-1]["improved"] == report["comparisons"]["refined_vs_input"]["dice"]["improved"] / 4
+    assert engine.state.metrics["test_delta_dice"] == pytest.approx(
+        report["means"]["refined"]["dice"] - report["means"]["input"]["dice"])
+    assert len(list((tmp_path / "report" / "overlays").glob("*.png"))) == 2  # worst and best, on black

@@ -27,25 +27,22 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import TensorBoardStatsHandler
 from refiner_toy import write_toy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import DataLoader
 
-from bundle_utils import REPO, phantom_overrides, preprocessed_phantoms
+from bundle_utils import phantom_overrides, preprocessed_phantoms
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.engines.inference.ultra_predict import refine
-from ultrarefiner.engines.training.e2e_training import E2EIteration, E2EPrepareBatch, build_e2e_optimizer
-from ultrarefiner.engines.training.refiner_training import (
-    KeyedEmbeddingCache,
-    RefinerPrepareBatch,
-    RefinerTrainStep,
-    precompute_embeddings,
-)
+from ultrarefiner.engines.training.bundle_engines import bundle_config
+from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch, E2ETrainStep, build_e2e_optimizer
+from ultrarefiner.engines.training.refiner_training import precompute_embeddings
 from ultrarefiner.engines.training.report import BufferedLossWriter, _loss_of
 from ultrarefiner.losses import RefinerLoss, UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
+from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.utils.sync_counter import HostSyncCounter
 
 S, H, W = 64, 96, 128  # TransUNet input side, native SAM image size
 POINTS = {"use_point_prompt": True, "use_negative_point": True}  # exercises soft_depth and the point embeddings
+CPU = {"device": "$torch.device('cpu')", "amp": False, "num_workers": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -100,14 +97,14 @@ class _ItemLoss(RefinerLoss):
 def _phase2_syncs(toy, loss: RefinerLoss, **refiner_kwargs) -> HostSyncCounter:
     refiner = SAMRefiner(build_tiny_sam(img_size=256, seed=0), preprocessing="sam", **refiner_kwargs)
     data = SimulatedCoarseDataset.from_datalist(toy, 0, refiner.geometry, seed=1)
-    cache = KeyedEmbeddingCache(refiner.sam.image_encoder)
+    cache = EmbeddingCache(refiner.sam.image_encoder)
     precompute_embeddings(refiner, cache, data)  # a warm cache: the steady state of training
-    optimizer = torch.optim.AdamW([p for p in refiner.parameters() if p.requires_grad], lr=1e-4)
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=2,
-                                train_data_loader=DataLoader(data, batch_size=2), network=refiner, optimizer=optimizer,
-                                loss_function=loss, prepare_batch=RefinerPrepareBatch(),
-                                iteration_update=RefinerTrainStep(cache, curriculum=True), decollate=False)
-    syncs = count_iteration(trainer, 2, refiner, optimizer)
+    # the bundle's trainer (AdamW, step, metrics) with the curriculum on, without handlers
+    trainer = bundle_config("sam_refiner", {
+        **CPU, "network": refiner, "cache": cache, "loss": loss, "curriculum": True, "train#dataset": data,
+        "train#dataloader#shuffle": False, "batch_size": 2, "epochs": 1, "epoch_length": 2, "train#handlers": [],
+    }).get_parsed_content("train#trainer")
+    syncs = count_iteration(trainer, 2, refiner, trainer.optimizer)
     trainer.run()
     assert cache.misses == len(data.encoder_sources()) and torch.isfinite(trainer.state.output["loss"])
     return syncs
@@ -146,16 +143,19 @@ def _ultrarefiner(**refiner_kwargs) -> UltraRefiner:
     return UltraRefiner(transunet, refiner)
 
 
-def _e2e_trainer(model: UltraRefiner, optimizer: torch.optim.Optimizer, loss=None, iterations: int = 3,
-                 step: E2EIteration | None = None) -> SupervisedTrainer:
+def _e2e_trainer(model: UltraRefiner, optimizer: torch.optim.Optimizer, loss=None,
+                 iterations: int = 3) -> tuple[SupervisedTrainer, E2ETrainStep]:
+    """The phase-3 bundle's trainer (step, metrics, post-processing) with the test's model, optimizer and loss, over
+    ``iterations`` copies of one batch, without handlers; and its step."""
     small, native, label = _images()
     batch = {"image": small, "sam_image": native, "label": label, "sam_image_id": ["scan-a", "scan-b"],
              "original_size": torch.tensor([[H, W], [H, W]])}
-    return SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=iterations,
-                             train_data_loader=[batch] * iterations, network=model, optimizer=optimizer,
-                             loss_function=loss or UltraRefinerLoss(),
-                             prepare_batch=E2EPrepareBatch(original_size_key="original_size"),
-                             iteration_update=step or E2EIteration(), decollate=False, amp=False)
+    parser = bundle_config("ultrarefiner", {
+        **CPU, "network": model, "optimizer": optimizer, "loss": loss or UltraRefinerLoss(), "epochs": 1,
+        "epoch_length": iterations, "train#dataloader": [batch] * iterations, "train#handlers": [],
+        "train#prepare_batch": E2EPrepareBatch(original_size_key="original_size"),
+    })
+    return parser.get_parsed_content("train#trainer"), parser.get_parsed_content("train#iteration")
 
 
 class _ItemUltraLoss(UltraRefinerLoss):
@@ -170,7 +170,7 @@ def test_phase3_step_keeps_the_device_busy(prompts):
     model = _ultrarefiner(**prompts)
     optimizer = build_e2e_optimizer(model)
     assert all(g["fused"] for g in optimizer.param_groups)  # skips a non-finite step on the device
-    trainer = _e2e_trainer(model, optimizer)
+    trainer, _ = _e2e_trainer(model, optimizer)
     syncs = count_iteration(trainer, 2, model, optimizer)
     trainer.run()
     assert syncs.count <= 1, syncs.report()
@@ -179,7 +179,7 @@ def test_phase3_step_keeps_the_device_busy(prompts):
     if not prompts:
         model = _ultrarefiner()
         optimizer = build_e2e_optimizer(model)
-        trainer = _e2e_trainer(model, optimizer, _ItemUltraLoss())
+        trainer, _ = _e2e_trainer(model, optimizer, _ItemUltraLoss())
         with_item = count_iteration(trainer, 2, model, optimizer)
         trainer.run()
         assert with_item.count == 1, with_item.report()
@@ -188,7 +188,7 @@ def test_phase3_step_keeps_the_device_busy(prompts):
 def test_phase3_step_with_a_non_fused_optimizer_reads_one_flag():
     model = _ultrarefiner()
     optimizer = build_e2e_optimizer(model, fused=False)
-    trainer = _e2e_trainer(model, optimizer)
+    trainer, _ = _e2e_trainer(model, optimizer)
     syncs = count_iteration(trainer, 2, model, optimizer)
     trainer.run()
     assert syncs.count == 1 and "_gated_step" in syncs.events[0].where, syncs.report()
@@ -213,8 +213,7 @@ class _NaNLoss(UltraRefinerLoss):
 def test_nonfinite_step_leaves_weights_and_state_unchanged(fused, caplog):
     model = _ultrarefiner()
     optimizer = build_e2e_optimizer(model, fused=fused)
-    step = E2EIteration()
-    trainer = _e2e_trainer(model, optimizer, _NaNLoss({2}), iterations=2, step=step)
+    trainer, step = _e2e_trainer(model, optimizer, _NaNLoss({2}), iterations=2)
     saved: dict = {}
 
     def snapshot(engine: Engine) -> None:
@@ -222,7 +221,7 @@ def test_nonfinite_step_leaves_weights_and_state_unchanged(fused, caplog):
         saved["state"] = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), snapshot)
-    with caplog.at_level(logging.WARNING, logger="ultrarefiner.engines.training.e2e_training"):
+    with caplog.at_level(logging.WARNING, logger="ultrarefiner.engines.training.step"):
         trainer.run()
     assert not torch.isfinite(trainer.state.output["loss"])
     after = dict(model.named_parameters())
@@ -269,7 +268,7 @@ def test_ultrarefiner_predict_on_a_batch():
 # ------------------------------------------------------------------------------------------------ bundle trainers
 TB_EVERY = 3  # TensorBoard's loss read-back interval in these runs (the configs say 20): one read in the window
 ITERATIONS = 8  # 1: warm-up (caches, lazy state); 2-5: counted as configured; 6-7: with a handler doing .item();
-CLEAN, DIRTY = range(2, 6), range(6, 8)  # 8: left out, the epoch's end (E2EIteration reads its skipped steps)
+CLEAN, DIRTY = range(2, 6), range(6, 8)  # 8: left out, the epoch's end (E2ETrainStep reads its skipped steps)
 
 
 class _Bundles:
@@ -289,11 +288,10 @@ class _Bundles:
 
     def trainer(self, bundle: str) -> tuple[ConfigParser, SupervisedTrainer]:
         """The bundle's ``train#trainer`` on the CPU: one epoch of ``ITERATIONS`` without validation (interval 2)."""
-        parser = ConfigParser()
-        parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))
-        parser.update(phantom_overrides(self.root, self.tiny[bundle], epochs=1, epoch_length=ITERATIONS, val_interval=2,
-                                        device="$torch.device('cpu')", amp=False, resume=False,
-                                        output_dir=str(self.root / "out" / bundle)))
+        overrides = phantom_overrides(self.root, self.tiny[bundle], epochs=1, epoch_length=ITERATIONS, val_interval=2,
+                                      device="$torch.device('cpu')", amp=False, resume=False,
+                                      output_dir=str(self.root / "out" / bundle))
+        parser = bundle_config(bundle, overrides)
         tb = [i for i, h in enumerate(parser["train"]["handlers"]) if h.get("_target_") == "TensorBoardStatsHandler"]
         assert len(tb) == 1 and parser["train"]["trainer"]["decollate"] is False
         assert parser[f"train#handlers#{tb[0]}#iteration_event_writer#every"] == 20

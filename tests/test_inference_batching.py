@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle_utils import REPO
 from conftest import blob, save
 from ultrarefiner.engines.inference import refine_folder as engine
 from ultrarefiner.engines.inference.fast_inference import same_size_batches
@@ -77,7 +78,7 @@ def _tiny_refiner() -> SAMRefiner:
 
 
 def test_refine_folder_batch_three_writes_what_batch_one_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "build_refiner", lambda _, box_source="largest": _tiny_refiner())
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _tiny_refiner())
     for i, (h, w) in enumerate(SIZES):
         image, coarse = _scene(h, w, i)
         save(tmp_path / "img" / f"s{i}.png", image)
@@ -98,7 +99,7 @@ def test_refine_folder_batch_three_writes_what_batch_one_writes(tmp_path, monkey
 def test_predict_batch_three_equals_batch_one_and_refine(tmp_path):
     from test_predict import NETWORK_KWARGS
 
-    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, refine
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, refine, run_inference
     from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
     torch.manual_seed(0)
@@ -106,10 +107,12 @@ def test_predict_batch_three_equals_batch_one_and_refine(tmp_path):
     for i, (h, w) in enumerate(SIZES):
         save(tmp_path / "in" / f"p{i}.png", _scene(h, w, i)[0])
     reports = {}
-    for b in (1, 3):
-        predictor = UltraPredictor(model, "cpu", iterations=1, quality_gate=True, batch_size=b, num_workers=2,
-                                   optimize="none")
-        reports[b] = predictor.predict(tmp_path / "in", tmp_path / f"out{b}")
+    for b in (1, 3):  # the ultrarefiner bundle's inference evaluator
+        reports[b] = run_inference(REPO / "bundles" / "ultrarefiner", {
+            "network": model, "device": "cpu", "input_dir": str(tmp_path / "in"),
+            "output_dir": str(tmp_path / f"out{b}"), "iterations": 1, "quality_gate": True, "batch_size": b,
+            "num_workers": 2, "optimize": "none"})
+    predictor = UltraPredictor(model, "cpu", iterations=1, quality_gate=True, optimize="none")
     for e1, e3 in zip(reports[1]["images"], reports[3]["images"], strict=True):
         assert e1["image"] == e3["image"] and e1["pred_iou"] == pytest.approx(e3["pred_iou"], abs=1e-4)
         for kind in ("coarse", "refined"):

@@ -53,9 +53,12 @@ def busi_files() -> list[tuple[Path, Path]]:
 
 def centre_transunet(net: torch.nn.Module, images: list[Path]) -> None:
     """Shifts the lesion logit of a random TransUNet so its decision is centred on ``images`` (median margin 0)."""
-    from ultrarefiner.data.pipeline import get_transforms
+    from monai.bundle import ConfigParser
 
-    tf = get_transforms("transunet", train=False, keys=["image"], img_size=net.img_size)
+    parser = ConfigParser()  # the transunet bundle's inference preprocessing
+    parser.read_config(str(REPO / "bundles" / "transunet" / "configs" / "inference.json"))
+    parser["img_size"] = net.img_size
+    tf = parser.get_parsed_content("preprocessing")
     x = torch.stack([tf({"image": str(p)})["image"].as_tensor() for p in images])
     with torch.no_grad():
         logits = net.eval()(x)
@@ -152,18 +155,18 @@ def test_interactive_predictor_prompts(tmp_path):
         predictor.predict(image, label=label[:-1])
 
 
-def test_interactive_predictor_from_sam_refiner_bundle_config(tmp_path):
+def test_interactive_predictor_serves_a_plain_sam_weights_file(tmp_path):
+    from ultrarefiner.networks import build_tiny_sam
     from ultrarefiner.zoo.serving import InteractivePredictor
 
-    bundle = REPO / "bundles" / "sam_refiner"
-    if not (bundle / "configs" / "inference.json").is_file():
-        pytest.skip("bundles/sam_refiner/configs/inference.json does not exist yet")
     (image, _), *_ = busi_files()
-    tiny = {"sam_def": f"$ultrarefiner.networks.build_tiny_sam(img_size={TINY_SAM['img_size']}, seed=0)"}
-    predictor = InteractivePredictor(bundle, save_tiny_sam(tmp_path / "sam.pt"), tiny)
-    assert predictor.config_file is not None
+    predictor = InteractivePredictor(None, save_tiny_sam(tmp_path / "sam.pt"), {**TINY_SAM, "seed": 1},
+                                     model_type="tiny")
     mask, _ = predictor.predict(image, foreground=[[300.0, 200.0]], box=[250.0, 150.0, 350.0, 250.0])
     assert_mask(mask, image)
+    # the file's weights, not the (other-seed) random init of the model built around them
+    saved = build_tiny_sam(seed=0, **TINY_SAM).state_dict()
+    assert all(torch.equal(v.cpu(), saved[k]) for k, v in predictor.refiner().sam.state_dict().items())
 
 
 def test_training_datalist_groups_near_duplicates(tmp_path):

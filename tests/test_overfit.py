@@ -8,7 +8,7 @@ swapped for one fixed batch (not shuffled), so each epoch is one step on the sam
 synthetic phantoms; phase 2 the default refiner, LiteMedSAM from its packaged weights with the frozen encoder's
 embeddings cached (each image is encoded once, ~2-3 s on one thread); phase 3 that TransUNet and LiteMedSAM end to
 end from random TransUNet weights (``from_scratch``). Runs are seeded and single-threaded, hence reproducible; the
-step bounds leave room over the steps taken now (phase 1: 19 of 60, phase 2: 5 of 20, phase 3: 16 of 40).
+step bounds leave room over the steps taken now (phase 1: 19 of 60, phase 2: 5 of 20, phase 3: 18 of 40).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from torch.utils.data import Dataset
 
 from ultrarefiner.data.synthetic import make_phantom
 from ultrarefiner.engines.evaluation.metrics import batch_metrics
+from ultrarefiner.engines.training.bundle_engines import bundle_config
 from ultrarefiner.utils.io import write_png
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 CPU = "$torch.device('cpu')"
 TRANSUNET = {"img_size": 64, "vit_depth": 2}  # the demo's TransUNet (ultrarefiner/demo_configs)
 DICE = 0.9
@@ -58,10 +58,8 @@ class FixedBatch(Dataset):
 
 
 def bundle_parser(bundle: str, **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
-    parser.update({"device": CPU, "amp": False, "num_workers": 0, **overrides})
-    return parser
+    """The bundle's ``train.json`` on the CPU (``bundle_config``: what tests and benchmarks build trainers from)."""
+    return bundle_config(bundle, {"device": CPU, "amp": False, "num_workers": 0, **overrides})
 
 
 def fixed_batch_trainer(parser: ConfigParser, samples: Sequence[dict], max_steps: int) -> SupervisedTrainer:
@@ -155,17 +153,16 @@ def test_refiner_overfits_one_batch(tmp_path):
 # ------------------------------------------------------------------------------------------------ phase 3
 def test_ultrarefiner_overfits_one_batch_end_to_end(tmp_path):
     """TransUNet from random weights + LiteMedSAM through the differentiable prompts, with the bundle's
-    UltraRefinerLoss (0.3 coarse + 0.7 refined), two-group AdamW and E2EIteration. The learning rates (1e-3 / 3e-4)
+    UltraRefinerLoss (0.3 coarse + 0.7 refined), two-group AdamW and E2ETrainStep. The learning rates (1e-3 / 3e-4)
     are raised from phase 3's fine-tuning values (1e-4 / 1e-5, meant for trained phase-1/phase-2 weights) for a
     random TransUNet."""
-    from ultrarefiner.engines.training.e2e_setup import e2e_transforms
-
     max_steps = 40
-    parser = bundle_parser("ultrarefiner", **TRANSUNET, from_scratch=True, transunet_lr=1e-3, sam_lr=3e-4)
-    geometry = parser.get_parsed_content("network_def").refiner.geometry
-    # the training frame (SAM image squashed into the encoder square, label at 256) without the random flips
-    transform = e2e_transforms(train=False, img_size=TRANSUNET["img_size"], sam_frame="square",
-                               preprocessing=geometry.mode, encoder_size=geometry.img_size, native_keys=())
+    # the bundle's training chain (SAM image squashed into the encoder square, label at 256) without its random
+    # flip and intensity jitter (transforms 10-13)
+    no_augmentation = {f"train#preprocessing#transforms#{i}#prob": 0.0 for i in (10, 11, 12, 13)}
+    parser = bundle_parser("ultrarefiner", **TRANSUNET, from_scratch=True, transunet_lr=1e-3, sam_lr=3e-4,
+                           **no_augmentation)
+    transform = parser.get_parsed_content("train#preprocessing")
     samples = [transform(item) for item in phantom_items(tmp_path)]
     trainer = fixed_batch_trainer(parser, samples, max_steps)
     net = trainer.network

@@ -93,9 +93,9 @@ def test_cli_fails_when_nothing_can_be_predicted(checkpoint, tmp_path, capsys):
 
 
 def test_iterations_keep_the_best_pass_and_gate_rule(checkpoint):
-    from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
+    from ultrarefiner.hub import create_model
 
-    model = load_ultrarefiner(checkpoint)
+    model = create_model("ultrarefiner", checkpoint)
     native = torch.from_numpy(_scene(seed=3))[None, None]
     small = torch.nn.functional.interpolate(native.float() / 255, (32, 32), mode="bilinear", antialias=True)
     plain = refine(model, small, native)

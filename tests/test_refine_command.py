@@ -158,10 +158,10 @@ def test_second_run_skips_finished_images(cli_run, folders, tmp_path, monkeypatc
     lines = (out / "progress.jsonl").read_text().splitlines()
     mtime = (out / "masks" / "good0.png").stat().st_mtime_ns
 
-    def no_build(*_):
+    def no_build(*_, **__):
         raise AssertionError("nothing is left to refine: the refiner must not be built")
 
-    monkeypatch.setattr(engine, "build_refiner", no_build)
+    monkeypatch.setattr(engine, "create_model", no_build)
     with (out / "progress.jsonl").open("a") as f:
         f.write('{"stem": "cut sho')  # a crash in the middle of a line is tolerated
     report = engine.refine_folder(folders["images"], folders["masks"], out, labels=folders["labels"],
@@ -223,7 +223,7 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
     """Fast engine path: the encoder batches images of any size (size order), the decoder runs per size, a failing
     image is skipped alone, the selected candidate's IoU is reported."""
     stub = _StubRefiner()
-    monkeypatch.setattr(engine, "build_refiner", lambda _, box_source="largest": stub)
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: stub)
     sizes = {"a": (40, 48), "b": (40, 48), "c": (40, 48), "d": (30, 50), "odd": (40, 48)}
     for i, (stem, (h, w)) in enumerate(sizes.items()):
         image, _, coarse = _scene(i, h, w)
@@ -247,35 +247,6 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
     assert "refined_vs_coarse" not in report["summary"]
     assert report["settings"]["tta"] == "none" and report["settings"]["optimize"] == "none"
     assert "predicted IoU" in engine.format_summary(report)
-
-
-def test_build_refiner_uses_the_checkpoint_architecture(tmp_path, monkeypatch):
-    import ultrarefiner.engines.checkpoints.refiner_checkpoint as rc
-    import ultrarefiner.networks as networks
-
-    built, loaded = [], []
-    monkeypatch.setattr(networks, "SAMRefiner", lambda **kw: built.append(kw) or torch.nn.Identity())
-    monkeypatch.setattr(rc, "load_refiner_checkpoint", lambda refiner, path: loaded.append(path))
-    lora = tmp_path / "lora.pt"
-    torch.save({"model": {}, "lora": True, "network_kwargs": {
-        "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8, "lora_target_modules": ["qkv", "proj"],
-        "lora_dropout": 0.1, "freeze_mask_decoder": True}}, lora)
-    engine.build_refiner(lora)
-    # the adapted layers are architecture (the adapters' keys); dropout and freeze flags are training-only
-    assert built[-1] == {"checkpoint": "packaged", "model_type": "lite_medsam", "use_lora": True, "lora_rank": 8,
-                         "lora_target_modules": ["qkv", "proj"], "box_source": "largest"}
-    full = tmp_path / "full.pt"
-    torch.save({"model": {}, "network_kwargs": {"model_type": "vit_b", "preprocessing": "medsam"}}, full)
-    engine.build_refiner(full, box_source="components")  # the prompt rule is the user's choice, not the file's
-    assert built[-1] == {"checkpoint": None, "model_type": "vit_b", "preprocessing": "medsam",
-                         "box_source": "components"}
-    assert loaded == [lora, full]
-    engine.build_refiner(None, "components")
-    assert built[-1] == {"box_source": "components"}
-    partial = tmp_path / "partial.pt"
-    torch.save({"model": {}, "partial": True, "network_kwargs": {"model_type": "vit_b"}}, partial)
-    with pytest.raises(UltraRefinerError, match="base SAM"):
-        engine.build_refiner(partial)
 
 
 def _cli_error(argv: list[str], capsys) -> str:

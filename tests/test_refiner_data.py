@@ -206,3 +206,20 @@ def test_real_ratio_mixing(toy, ratio):
         kinds = {mixed[i]["kind"] for i in range(40)}
         assert kinds == {"simulated", "real"}
     assert mixed.fold == 0 and len(mixed.encoder_sources()) == 2 * 8  # 8 training images, 2 flips each
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_one_source_at_its_length_is_served_as_it_is(toy, ratio):
+    """The bundle always builds a ``MixedRefinerDataset``: with one source it must give that dataset's own samples in
+    its own order (what the source alone gives), not a permutation."""
+    sim = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, SAM, with_image=False)
+    real = PredictionCoarseDataset(toy["pred"], 0, SAM, with_image=False)
+    only = real if ratio else sim
+    mixed = MixedRefinerDataset(None if ratio else sim, real if ratio else None, real_ratio=ratio, seed=1)
+    for epoch in (0, 3):
+        mixed.set_epoch(epoch)
+        assert len(mixed) == len(only) and mixed.plan() == [(int(ratio), i) for i in range(len(only))]
+        for i in (0, len(only) - 1):
+            a, b = mixed[i], only[i]
+            assert a["image_key"] == b["image_key"] and torch.equal(a["coarse"], b["coarse"])
+    assert mixed.encoder_sources() == only.encoder_sources()

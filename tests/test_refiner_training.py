@@ -1,4 +1,7 @@
-"""Phase-2 engine pieces with a tiny SAM: cache parity, one encoder call per (image, flip), gradients, evaluator."""
+"""Phase-2 engine pieces with a tiny SAM: cache parity, one encoder call per (image, flip), gradients, evaluator.
+
+The trainer and evaluator are the bundle's own (``bundles/sam_refiner/configs/train.json`` through ``bundle_config``)
+with the test's refiner, cache and dataset swapped in."""
 
 from __future__ import annotations
 
@@ -18,15 +21,14 @@ from ultrarefiner.data.refiner_data import (
     SimulatedCoarseDataset,
     load_encoder_image,
 )
+from ultrarefiner.engines.training.bundle_engines import bundle_config, bundle_evaluator
 from ultrarefiner.engines.training.refiner_training import (
-    KeyedEmbeddingCache,
     RefinerPrepareBatch,
-    create_refiner_evaluator,
-    create_refiner_trainer,
     encoder_inputs,
     precompute_embeddings,
     refine_batch,
 )
+from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.networks.sam_refiner import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_tiny_sam
 
@@ -48,11 +50,24 @@ def count_encoder_images(refiner: SAMRefiner) -> list[int]:
     return calls
 
 
-def run_trainer(refiner, dataset, cache=None, epochs=1, iterations=None, batch_size=2, **kwargs):
+CPU = {"device": "$torch.device('cpu')", "amp": False, "num_workers": 0}
+
+
+def refiner_trainer(refiner, dataset, cache=None, epochs=1, iterations=None, batch_size=2, **overrides):
+    """The bundle's ``train#trainer`` over ``dataset`` (in order) with the test's refiner and cache; of the bundle's
+    handlers only the per-epoch dataset one (new flips / masks each epoch)."""
+    return bundle_config("sam_refiner", {
+        **CPU, "network": refiner, "cache": cache, "train#dataset": dataset, "train#dataloader#shuffle": False,
+        "batch_size": batch_size, "epochs": epochs, "epoch_length": iterations,
+        "train#handlers": [{"_target_": "ultrarefiner.engines.training.refiner_training.DatasetEpochHandler",
+                            "datasets": "@train#dataset"}], **overrides,
+    }).get_parsed_content("train#trainer")
+
+
+def run_trainer(refiner, dataset, cache=None, epochs=1, iterations=None, batch_size=2, **overrides):
     losses: list[float] = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    trainer = create_refiner_trainer("cpu", epochs, loader, refiner, cache=cache, epoch_length=iterations, **kwargs)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[0]["loss"]))
+    trainer = refiner_trainer(refiner, dataset, cache, epochs, iterations, batch_size, **overrides)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
     trainer.run()
     return trainer, losses
 
@@ -63,11 +78,11 @@ def test_cache_gives_the_same_losses(toy, preprocessing):
     plain = make_refiner(preprocessing)
     cached, exact = copy.deepcopy(plain), copy.deepcopy(plain)
     _, ref = run_trainer(plain, ds, iterations=2)
-    cache = KeyedEmbeddingCache(cached.sam.image_encoder)
+    cache = EmbeddingCache(cached.sam.image_encoder)
     _, got = run_trainer(cached, ds, cache, iterations=2)
     assert len(ref) == len(got) == 2
     assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=2e-3, atol=1e-4)  # float16 storage
-    _, got32 = run_trainer(exact, ds, KeyedEmbeddingCache(exact.sam.image_encoder, dtype=torch.float32),
+    _, got32 = run_trainer(exact, ds, EmbeddingCache(exact.sam.image_encoder, dtype=torch.float32),
                            iterations=1)
     assert abs(got32[0] - ref[0]) < 1e-5
 
@@ -87,7 +102,7 @@ def test_each_image_flip_encoded_once_across_epochs(toy):
     refiner = make_refiner("sam")
     calls = count_encoder_images(refiner)
     ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, samples_per_image=2, seed=5)
-    cache = KeyedEmbeddingCache(refiner.sam.image_encoder)
+    cache = EmbeddingCache(refiner.sam.image_encoder)
     _, losses = run_trainer(refiner, ds, cache, epochs=2, batch_size=4)
     assert len(losses) == 4  # 8 samples per epoch (4 images x 2), 2 epochs
     keys = {k for e in range(2) for k in _epoch_keys(ds, e)}
@@ -96,7 +111,7 @@ def test_each_image_flip_encoded_once_across_epochs(toy):
     # a new encoder call only for keys never seen: precomputing everything leaves none for training
     fresh = make_refiner("sam")
     calls = count_encoder_images(fresh)
-    cache = KeyedEmbeddingCache(fresh.sam.image_encoder)
+    cache = EmbeddingCache(fresh.sam.image_encoder)
     assert precompute_embeddings(fresh, cache, ds, batch_size=3) == 8 and sum(calls) == 8
     lean = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, fresh.geometry, samples_per_image=2, seed=5,
                                                 with_image=False)
@@ -107,9 +122,9 @@ def test_each_image_flip_encoded_once_across_epochs(toy):
 def test_disk_cache_survives_a_restart(toy, tmp_path):
     refiner = make_refiner("sam")
     ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, with_image=False)
-    assert precompute_embeddings(refiner, KeyedEmbeddingCache(refiner.sam.image_encoder, tmp_path), ds) == 8
+    assert precompute_embeddings(refiner, EmbeddingCache(refiner.sam.image_encoder, tmp_path), ds) == 8
     calls = count_encoder_images(refiner)
-    again = KeyedEmbeddingCache(refiner.sam.image_encoder, tmp_path)
+    again = EmbeddingCache(refiner.sam.image_encoder, tmp_path)
     assert all(k in again for k, _, _ in ds.encoder_sources())
     assert precompute_embeddings(refiner, again, ds) == 0
     run_trainer(refiner, ds, again, iterations=1)
@@ -131,7 +146,7 @@ def test_image_free_batches_reload_on_a_miss(toy):
     refiner.eval()
     with torch.no_grad():
         a = refine_batch(refiner, prep(next(iter(DataLoader(lean, batch_size=2))), "cpu"),
-                         KeyedEmbeddingCache(refiner.sam.image_encoder, dtype=torch.float32))
+                         EmbeddingCache(refiner.sam.image_encoder, dtype=torch.float32))
         b = refine_batch(refiner, prep(next(iter(DataLoader(full, batch_size=2))), "cpu"))
     assert torch.allclose(a["masks"], b["masks"], atol=1e-4)
     with pytest.raises(ValueError, match="pass an embedding cache"):
@@ -148,9 +163,7 @@ def test_gradients_reach_decoder_not_frozen_encoder(toy):
     def record(engine):
         grads.update({n: float(p.grad.abs().sum()) for n, p in refiner.named_parameters() if p.grad is not None})
 
-    loader = DataLoader(ds, batch_size=2)
-    trainer = create_refiner_trainer("cpu", 1, loader, refiner, cache=KeyedEmbeddingCache(refiner.sam.image_encoder),
-                                     epoch_length=1, grad_clip=1.0)
+    trainer = refiner_trainer(refiner, ds, EmbeddingCache(refiner.sam.image_encoder), iterations=1, grad_clip=1.0)
     trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, record)
     trainer.run()
     decoder_grads = [v for n, v in grads.items() if n.startswith("sam.mask_decoder.")]
@@ -161,11 +174,12 @@ def test_gradients_reach_decoder_not_frozen_encoder(toy):
     assert all(torch.equal(after[k], v) for k, v in encoder_before.items())
     moved = refiner.sam.mask_decoder.state_dict()
     assert any(not torch.equal(moved[k], v) for k, v in decoder_before.items())
-    out = trainer.state.output[0]
-    assert out["pred"].shape == out["label"].shape == (1, 64, 64) and 0 <= out["pred"].min() <= out["pred"].max() <= 1
+    out = trainer.state.output  # the bundle's trainer does not decollate
+    assert out["pred"].shape == out["label"].shape == (2, 1, 64, 64)
+    assert 0 <= out["pred"].min() <= out["pred"].max() <= 1
     assert {"loss", "loss_bce", "loss_dice", "loss_iou", "loss_change", "input_dice", "coarse", "grad_norm"} <= set(out)
     with pytest.raises(ValueError, match="frozen"):  # LoRA makes the encoder trainable: no cache
-        KeyedEmbeddingCache(make_refiner("sam", use_lora=True).sam.image_encoder)
+        EmbeddingCache(make_refiner("sam", use_lora=True).sam.image_encoder)
 
 
 def test_mixed_training_and_native_evaluation(toy):
@@ -174,23 +188,25 @@ def test_mixed_training_and_native_evaluation(toy):
     sim = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, g, with_image=False)
     real = PredictionCoarseDataset(toy["pred"], 0, g, with_image=False)
     mixed = MixedRefinerDataset(sim, real, real_ratio=0.5, length=4)
-    cache = KeyedEmbeddingCache(refiner.sam.image_encoder)
+    cache = EmbeddingCache(refiner.sam.image_encoder)
     trainer, losses = run_trainer(refiner, mixed, cache, epochs=1, batch_size=4)
     assert len(losses) == 1 and losses[0] > 0 and isinstance(trainer, SupervisedTrainer)
     val = PredictionCoarseDataset(toy["pred"], 0, g, split="val", frame="native")
-    evaluator = create_refiner_evaluator("cpu", DataLoader(val, batch_size=1), refiner, cache=cache)
+    evaluator = bundle_evaluator("sam_refiner", {**CPU, "network": refiner, "cache": cache, "validate#dataset": val,
+                                                 "validate#handlers": []})
     evaluator.run()
     out = evaluator.state.output[0]
     assert out["pred"].shape == out["label"].shape == (1, *SIZE)  # native resolution
-    with pytest.raises(ValueError, match="geometry"):
-        create_refiner_trainer("cpu", 1, DataLoader(sim), make_refiner("medsam"))
+    assert 0 < evaluator.state.metrics["val_mean_dice"] <= 1
+    with pytest.raises(ValueError, match="geometry"):  # a dataset made for another refiner's encoder frame
+        refiner_trainer(make_refiner("medsam"), sim).run()
 
 
 def test_cache_serves_fp16_store_under_bf16_autocast():
     """The trainer runs the cache lookup inside a bf16 autocast (AMP on CUDA): a fp16 store must come back in the
     requested dtype (stacking fp16 under a bf16 autocast raises 'Unexpected floating ScalarType' in torch)."""
     encoder = torch.nn.Conv2d(1, 4, 1).requires_grad_(False)
-    cache = KeyedEmbeddingCache(encoder)  # stores float16
+    cache = EmbeddingCache(encoder)  # stores float16
     emb = torch.randn(2, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = cache.embed(["a", "b"], lambda idx: emb[idx], "cpu", dtype=torch.bfloat16)

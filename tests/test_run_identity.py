@@ -140,17 +140,23 @@ def test_checkpoint_without_identity_resumes_with_a_warning(tmp_path, caplog):
     assert trainer.state.epoch == 2 and "records no run identity" in caplog.text
 
 
-def test_export_best_writes_plain_weights_and_logs_the_run(tmp_path, caplog):
+def test_export_best_writes_a_self_describing_file_and_logs_the_run(tmp_path, caplog):
     _train(tmp_path)
     with caplog.at_level(logging.INFO, logger="ultrarefiner.engines.checkpoints.checkpoint"):
         export_best(tmp_path, tmp_path / "model.pt")
-    assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"weight", "bias"}
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert exported["kind"] == best["kind"] == "sam_refiner"
+    assert exported["network_kwargs"] == NET and exported["identity"] == best["identity"]
+    assert set(exported["model"]) == {"weight", "bias"}
+    assert all(torch.equal(v, best["model"][k]) for k, v in exported["model"].items())
+    assert not {"settings", "optimizer"} & set(exported)
     assert "phase 'sam_refiner', dataset 'BUSI', fold 0" in caplog.text
 
 
 def test_out_of_fold_predictions_refuse_another_folds_model(tmp_path):
     from ultrarefiner.engines.checkpoints.checkpoint import save_checkpoint
-    from ultrarefiner.engines.inference.transunet_predict import load_transunet
+    from ultrarefiner.hub import create_model
     from ultrarefiner.networks import TransUNet
 
     kwargs = {"img_size": 32, "num_classes": 2, "in_channels": 1, "vit_depth": 1, "hidden_size": 32, "num_heads": 2,
@@ -158,14 +164,14 @@ def test_out_of_fold_predictions_refuse_another_folds_model(tmp_path):
     path = tmp_path / "best.pt"
     save_checkpoint(path, {"model": TransUNet(**kwargs).state_dict(), "network_kwargs": kwargs,
                            "identity": run_identity("transunet", "BUSI", 1, kwargs)})
-    assert load_transunet(path, expect=run_identity("transunet", "BUSI", 1)) is not None
+    assert create_model("transunet", path, identity=run_identity("transunet", "BUSI", 1)) is not None
     with pytest.raises(CheckpointMismatchError, match="fold differ"):
-        load_transunet(path, expect=run_identity("transunet", "BUSI", 0))
+        create_model("transunet", path, identity=run_identity("transunet", "BUSI", 0))
 
 
 def test_shipped_refiner_without_identity_is_accepted_by_phase3():
     from ultrarefiner.engines.checkpoints.refiner_checkpoint import read_refiner_checkpoint
-    from ultrarefiner.engines.training.e2e_setup import _check_source
+    from ultrarefiner.engines.training.initialisation import _check_source
 
     model = BUNDLES / "sam_refiner" / "models" / "model.pt"
     obj = read_refiner_checkpoint(model)

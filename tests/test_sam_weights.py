@@ -111,33 +111,35 @@ def test_build_sam_and_refiner_from_checkpoint(vit_b_files):
     assert torch.equal(ref.sam.mask_decoder.iou_token.weight, tiny.mask_decoder.iou_token.weight)
 
 
-def test_init_sam_weight_sources(vit_b, vit_b_files, tmp_path):
-    """init_sam: a file loads strictly; "random" keeps the init; empty/None/"packaged" is LiteMedSAM's packaged file,
-    refused for a ViT SAM (MedSAM weights are the user's); a build_tiny_sam test model stays random when empty."""
-    from ultrarefiner.engines.training.e2e_setup import build_sam_model
-    from ultrarefiner.engines.training.refiner_setup import init_sam
-    from ultrarefiner.networks.lite_medsam import build_lite_medsam, packaged_lite_medsam_path
+def test_build_sam_weight_sources(vit_b_files, tmp_path):
+    """build_sam: a file loads strictly; "random"/None keep the init; "packaged" is LiteMedSAM's packaged file and ""
+    the model type's default (packaged for LiteMedSAM, random for the tiny test model), both refused for a ViT SAM
+    (MedSAM weights are the user's)."""
+    from ultrarefiner.networks.lite_medsam import packaged_lite_medsam_path
 
-    tiny = build_tiny_sam(img_size=128, encoder_depth=1, seed=3)
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    tiny_kwargs = {"img_size": 128, "encoder_depth": 1, "seed": 3}
+    reference = build_tiny_sam(**tiny_kwargs).state_dict()
     for empty in ("", None, "random"):
-        assert init_sam(tiny, empty) is tiny
-        assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+        tiny = build_sam("tiny", empty, **tiny_kwargs)
+        assert all(torch.equal(v, reference[k]) for k, v in tiny.state_dict().items())
+    assert build_sam("tiny", "", img_size=128, encoder_depth=1).image_encoder.img_size == 128
     other = build_tiny_sam(img_size=128, encoder_depth=1, seed=4)
     torch.save(other.state_dict(), tmp_path / "tiny.pth")
-    init_sam(tiny, tmp_path / "tiny.pth")
-    assert all(torch.equal(v, other.state_dict()[k]) for k, v in tiny.state_dict().items())
-    assert build_sam_model("tiny", "", img_size=128, encoder_depth=1).image_encoder.img_size == 128
-    for missing in ("", None, "packaged"):
+    loaded = build_sam("tiny", tmp_path / "tiny.pth", **tiny_kwargs)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="only valid with model_type 'tiny'"):
+        build_sam("vit_b", "random", img_size=128)
+    with pytest.raises(BadInputError, match="no weights ship"):
+        build_sam("tiny", "packaged", **tiny_kwargs)
+    for missing in ("", "packaged"):
         with pytest.raises(BadInputError, match="random"):
-            init_sam(vit_b, missing)
+            build_sam("vit_b", missing)
     key = "mask_decoder.iou_token.weight"
-    kept = vit_b.state_dict()[key].clone()
-    assert torch.equal(init_sam(vit_b, "random").state_dict()[key], kept)
     sd, paths, _ = vit_b_files
-    assert torch.equal(init_sam(vit_b, paths["plain"]).state_dict()[key], sd[key].float())
-    # LiteMedSAM: empty means its packaged weights
+    assert torch.equal(build_sam("vit_b", paths["plain"]).state_dict()[key], sd[key].float())
+    assert not torch.equal(build_sam("vit_b", "random").state_dict()[key], sd[key].float())
+    # LiteMedSAM: empty and "packaged" mean its packaged weights; None is random
     packaged = torch.load(packaged_lite_medsam_path(), map_location="cpu", weights_only=True)
     for empty in ("", "packaged"):
-        lite = init_sam(build_lite_medsam(None), empty)
-        assert torch.equal(lite.state_dict()[key], packaged[key])
+        assert torch.equal(build_sam("lite_medsam", empty).state_dict()[key], packaged[key])
+    assert not torch.equal(build_sam("lite_medsam", None).state_dict()[key], packaged[key])

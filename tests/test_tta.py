@@ -159,7 +159,7 @@ def test_refine_folder_with_tta_is_not_resumed_without(tmp_path, monkeypatch):
     from conftest import save
     from ultrarefiner.errors import UltraRefinerError
 
-    monkeypatch.setattr(engine, "build_refiner", lambda _, box_source="largest": _PixelRefiner())
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _PixelRefiner())
     for i, (h, w) in enumerate(SIZES[:3]):
         image, coarse = _scene(h, w, i)
         save(tmp_path / "img" / f"t{i}.png", image)

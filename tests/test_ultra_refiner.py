@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.engines import SupervisedTrainer
 from monai.losses import DiceCELoss
 
-from ultrarefiner.engines.training.e2e_training import (
-    E2EIteration,
-    E2EPrepareBatch,
-    build_e2e_optimizer,
-    clip_gradients,
-    create_e2e_trainer,
-)
+from ultrarefiner.engines.training.bundle_engines import bundle_trainer
+from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch, E2ETrainStep, build_e2e_optimizer
+from ultrarefiner.engines.training.step import clip_gradients
 from ultrarefiner.losses import UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
 
@@ -211,12 +208,18 @@ def test_trainer_iteration_and_optimizer_resume():
     small, native, label = _images()
     batch = {"image": small, "sam_image": native / 255.0, "label": label, "original_size": [torch.tensor([H, H]),
                                                                                          torch.tensor([W, W])]}
-    loss_fn = UltraRefinerLoss()
-    opt = build_e2e_optimizer(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prep = E2EPrepareBatch(original_size_key="original_size", sam_image_scale=255.0)
-    trainer = create_e2e_trainer(model, loss_fn, opt, [batch, batch], "cpu", max_epochs=1, prepare_batch=prep,
-                                 decollate=False)
+
+    def trainer_over(batches: list) -> SupervisedTrainer:
+        """The phase-3 bundle's trainer (its loss, optimizer, step, metrics) over ``batches``, without handlers."""
+        return bundle_trainer("ultrarefiner", {
+            "network": model, "device": "$torch.device('cpu')", "amp": False, "epochs": 1, "epoch_length": None,
+            "train#dataloader": batches, "train#prepare_batch": prep, "train#handlers": []})
+
+    trainer = trainer_over([batch, batch])
+    opt = trainer.optimizer
+    assert isinstance(trainer._process_function, E2ETrainStep) and isinstance(trainer.loss_function, UltraRefinerLoss)
     trainer.run()
     out = trainer.state.output
     assert torch.isfinite(out["loss"]) and {"loss_coarse", "loss_refined", "grad_norm_transunet",
@@ -229,10 +232,10 @@ def test_trainer_iteration_and_optimizer_resume():
     enc = "refiner.sam.image_encoder.patch_embed.proj.weight"
     assert torch.equal(before[enc], after[enc])
     assert model.cache_stats() == {"hits": 2, "misses": 2}
-    # bf16 autocast path (CUDA default; forced here on the CPU), cache hits included
-    amp_trainer = create_e2e_trainer(model, loss_fn, opt, [batch], "cpu", prepare_batch=prep, amp=True,
-                                     decollate=False)
-    amp_trainer.run()
+    # a bf16 forward (the step autocasts on CUDA only: here an enclosing CPU autocast), cache hits included
+    amp_trainer = trainer_over([batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_trainer.run()
     assert torch.isfinite(amp_trainer.state.output["loss"]) and model.cache_stats()["hits"] == 4
     # resume: a fresh optimizer from the same builder accepts the saved state (same group layout)
     fresh = build_e2e_optimizer(_build())
@@ -251,7 +254,7 @@ def test_prepare_batch_sizes():
     with pytest.raises(KeyError, match="sam_image"):
         prep({"image": small, "label": label, "original_size": torch.tensor([[H, W], [H, W]])})
     with pytest.raises(ValueError, match="bfloat16"):
-        E2EIteration(amp_dtype=torch.float16)
+        E2ETrainStep(amp_dtype=torch.float16)
 
 
 @pytest.mark.parametrize(

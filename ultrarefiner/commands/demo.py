@@ -122,10 +122,10 @@ def print_results(out: Path, wall: float, source: str = "the demo data") -> None
 
 def _run(ckpt_dir: Path) -> dict:
     """What one training run did: iterations and epochs (its last.pt) and the checkpoint it kept (best.pt)."""
-    import torch
+    from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint
 
     def load(name: str) -> dict:  # mmap: the tensors are not read
-        return torch.load(ckpt_dir / name, map_location="cpu", weights_only=False, mmap=True)
+        return read_checkpoint(ckpt_dir / name, mmap=True)
 
     last, best = load("last.pt"), load("best.pt")
     return {"iterations": int(last["trainer"]["iteration"]), "epochs": int(last["epoch"]),

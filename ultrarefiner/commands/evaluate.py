@@ -19,7 +19,8 @@ def evaluate(
     resolution: Dice, IoU, precision, recall, accuracy, HD95 (pixels) and NSD (2 px). Each folder after the first is
     compared with the first image by image: mean difference with its 95% paired bootstrap CI, images improved and
     worsened. Only images that every folder has are scored; the others are listed in the summary's "skipped".
-    Writes <output_dir>/metrics.csv (one row per image) and <output_dir>/summary.json.
+    Writes <output_dir>/metrics.csv (one row per image), <output_dir>/summary.json and <output_dir>/comparison.csv
+    (one row per comparison and metric), as the bundles' evaluation reports do.
 
     Example, coarse vs refined vs refined with flip TTA:
         python -m ultrarefiner evaluate --labels ./labels \\
@@ -28,7 +29,7 @@ def evaluate(
     Args:
         labels: folder of ground-truth masks.
         predictions: folders of predicted masks, comma-separated; the first is the reference.
-        output_dir: where metrics.csv and summary.json go (default: print only).
+        output_dir: where metrics.csv, summary.json and comparison.csv go (default: print only).
         names: a name per folder, comma-separated (default: the folder names).
         metrics: comma-separated subset of dice,iou,precision,recall,accuracy,hd95,nsd (default: all).
         n_bootstrap: bootstrap resamples of the paired CI.

@@ -69,18 +69,19 @@ def export_onnx(
     if checkpoint and _is_phase3(checkpoint):  # an ultrarefiner checkpoint holds both networks
         if zero_shot or model_type or sam_checkpoint:
             raise ValueError("--zero_shot, --model_type and --sam_checkpoint are not for an ultrarefiner checkpoint")
-        from ultrarefiner.engines.inference.ultra_predict import load_ultrarefiner
+        from ultrarefiner.hub import create_model, network_kwargs_from_bundle
 
-        model = load_ultrarefiner(checkpoint, bundle=_BUNDLES / "ultrarefiner")
+        model = create_model("ultrarefiner", checkpoint,
+                             fallback_kwargs=lambda: network_kwargs_from_bundle(_BUNDLES / "ultrarefiner"))
         network = model.transunet if kind == "transunet" else model.refiner
     elif kind == "transunet":
         if not checkpoint:
             raise ValueError("--kind transunet needs --checkpoint (a transunet or ultrarefiner best.pt, or model.pt)")
         if zero_shot or model_type or sam_checkpoint:
             raise ValueError("--zero_shot, --model_type and --sam_checkpoint are refiner options")
-        from ultrarefiner.engines.inference.transunet_predict import load_transunet
+        from ultrarefiner.hub import create_model
 
-        network = load_transunet(checkpoint)
+        network = create_model("transunet", checkpoint)
     else:
         network = _refiner(checkpoint, zero_shot, model_type, sam_checkpoint)
     report = run_export(kind, network, output_dir, int(batch_size), opset, verify)
@@ -97,22 +98,21 @@ def export_onnx(
 
 
 def _is_phase3(checkpoint: str) -> bool:
-    from ultrarefiner.engines.checkpoints.checkpoint import checkpoint_phase, read_checkpoint
+    from ultrarefiner.engines.checkpoints.checkpoint import checkpoint_kind, read_checkpoint
 
-    return checkpoint_phase(read_checkpoint(checkpoint)) == 3
+    return checkpoint_kind(read_checkpoint(checkpoint, mmap=True)) == "ultrarefiner"  # mmap: metadata only
 
 
 def _refiner(checkpoint: str | None, zero_shot: bool, model_type: str | None, sam_checkpoint: str | None):
-    from ultrarefiner.engines.inference.refine_folder import build_refiner, resolve_refiner
+    from ultrarefiner.engines.inference.refine_folder import resolve_refiner
+    from ultrarefiner.hub import create_model
 
     if model_type or sam_checkpoint:
         if checkpoint or zero_shot:
             raise ValueError("--model_type/--sam_checkpoint build a zero-shot refiner: not with --checkpoint or "
                              "--zero_shot")
-        from ultrarefiner.networks import SAMRefiner
-
         model_type = model_type or "lite_medsam"
         if model_type != "lite_medsam" and not sam_checkpoint:
             raise ValueError(f"--model_type {model_type} needs --sam_checkpoint (no weights ship for it)")
-        return SAMRefiner(model_type=model_type, checkpoint=sam_checkpoint or "packaged")
-    return build_refiner(resolve_refiner(checkpoint, zero_shot))
+        return create_model("sam_refiner", model_type=model_type, sam_checkpoint=sam_checkpoint)
+    return create_model("sam_refiner", resolve_refiner(checkpoint, zero_shot))

@@ -35,8 +35,9 @@ def predict(
     Args:
         input: an image file (PNG, JPEG, BMP, TIFF; converted to 8-bit grayscale) or a folder of them.
         output_dir: where outputs go (created; existing files are replaced atomically).
-        bundle: the ultrarefiner bundle; its configs/inference.json describes the network when the checkpoint
-            does not (a plain models/model.pt).
+        bundle: the ultrarefiner bundle: its configs/inference.json is what runs (the inference evaluator and its
+            writer transforms, with this command's options), and describes the network when the checkpoint does
+            not (a plain models/model.pt).
         checkpoint: UltraRefiner weights: models/model.pt of the bundle (default) or a best.pt/last.pt of training
             (<ckpt_root>/ultrarefiner/<dataset>/fold_<k>/best.pt).
         iterations: iterative refinement: feed the refined mask back as the prompt N more times and keep, per
@@ -61,7 +62,8 @@ def predict(
     import torch
 
     from ultrarefiner.engines.inference.fast_inference import check_tta, resolve_optimize
-    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, load_ultrarefiner
+    from ultrarefiner.engines.inference.ultra_predict import input_datalist, run_inference
+    from ultrarefiner.hub import create_model, network_kwargs_from_bundle
 
     check_range(iterations, "iterations", 0, 100, integer=True)
     check_range(gate_threshold, "gate_threshold", 0.0, 1.0)
@@ -74,11 +76,14 @@ def predict(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     ckpt = Path(checkpoint) if checkpoint else Path(bundle) / "models" / "model.pt"
-    model = load_ultrarefiner(ckpt, bundle, dev)
-    predictor = UltraPredictor(model, dev, iterations=int(iterations), quality_gate=quality_gate,
-                               gate_threshold=float(gate_threshold), threshold=float(threshold), amp=amp, nifti=nifti,
-                               batch_size=batch_size, num_workers=int(num_workers), tta=tta, optimize=optimize)
-    report = predictor.predict(input, output_dir)
+    input_datalist(input)  # a missing input or an empty folder fails before the model is loaded
+    model = create_model("ultrarefiner", ckpt, device=dev, fallback_kwargs=lambda: network_kwargs_from_bundle(bundle))
+    # the bundle's inference.json evaluator, with this model and these options
+    report = run_inference(bundle, {
+        "network": model, "device": dev, "input_dir": str(input), "output_dir": str(output_dir),
+        "iterations": int(iterations), "quality_gate": bool(quality_gate), "gate_threshold": float(gate_threshold),
+        "threshold": float(threshold), "nifti": bool(nifti), "amp": bool(amp), "batch_size": batch_size,
+        "num_workers": int(num_workers), "tta": tta, "optimize": optimize})
     out = Path(output_dir).resolve()
     print(f"{report['n_images']} image(s) predicted into {out}; {report['n_skipped']} skipped")
     for s in report["skipped"]:

@@ -664,8 +664,14 @@ class MixedRefinerDataset(Dataset):
         return np.concatenate([rng.permutation(n_source) for _ in range(reps)])[:n] if reps else np.zeros(0, int)
 
     def plan(self) -> list[tuple[int, int]]:
-        """The epoch's (source, index) list: source 0 simulated, 1 real."""
+        """The epoch's (source, index) list: source 0 simulated, 1 real. One source at its own length (``real_ratio``
+        0 or 1, default ``length``) is served in its own order, exactly as that dataset alone."""
         if self._plan_epoch != self.epoch:
+            only = self.real if self.n_real == self.length else self.simulated if self.n_real == 0 else None
+            if only is not None and len(only) == self.length:
+                self._plan = [(int(only is self.real), i) for i in range(self.length)]
+                self._plan_epoch = self.epoch
+                return self._plan
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, 0x6D6978]))
             n_real = self.n_real
             real = self._draw(rng, len(self.real), n_real) if n_real else np.zeros(0, int)

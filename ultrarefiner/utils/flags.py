@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from ultrarefiner.errors import BadOptionError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", "", "none"}
@@ -21,3 +24,11 @@ def as_flag(value: Any, name: str = "flag") -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"--{name}: expected true or false, got {value!r}")
+
+
+def choice(value: Any, choices: Sequence[str], name: str) -> str:
+    """``value`` if it is one of ``choices``; otherwise a ``BadOptionError`` naming the option and the choices (a
+    config expression indexing a dict with it would fail with a bare ``KeyError`` inside MONAI's wrapper)."""
+    if value not in choices:
+        raise BadOptionError(f"--{name}: expected one of {', '.join(choices)}; got {value!r}")
+    return value

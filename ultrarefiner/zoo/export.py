@@ -232,6 +232,17 @@ def _write_zip(path: Path, folder: Path, name: str) -> None:
                          compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
 
 
+def _weights_under_model(path: Path) -> bool:
+    """A self-describing ``models/model.pt`` (``{"kind", "model", "network_kwargs", ...}``) keeps its weights under
+    ``model``; a plain state_dict (the Zoo's fake weights) and a refiner checkpoint (which the sam_refiner's
+    ``network_def`` loads whole) do not need ``--key_in_ckpt``."""
+    from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint
+    from ultrarefiner.engines.checkpoints.refiner_checkpoint import is_refiner_checkpoint
+
+    obj = read_checkpoint(path, mmap=True)  # metadata only
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and not is_refiner_checkpoint(obj)
+
+
 def _verify(folder: Path, meta: dict, entry: BundleEntry, overrides: dict, spatial_shape: Sequence[int] | None,
             schema: str | os.PathLike | None, timeout: int, result: ExportResult,
             source_weights: Path | None = None) -> None:
@@ -267,6 +278,7 @@ def _verify(folder: Path, meta: dict, entry: BundleEntry, overrides: dict, spati
         ts = folder / "models" / "model.ts"
         args = ["--net_id", net_id, "--filepath", str(ts), "--ckpt_file", str(weights), *common]
         args += ["--use_trace", "true"] if entry.use_trace else []
+        args += ["--key_in_ckpt", "model"] if _weights_under_model(weights) else []
         trace = {k: v for k, v in entry.trace_overrides.items() if not (spatial_shape and k == "input_shape")}
         res = _bundle_cmd("ckpt_export", folder, args, {**trace, **overrides}, folder, timeout)
         _require(res, "ckpt_export of these weights", source_weights or weights)  # the weights failed, not the folder

@@ -173,33 +173,29 @@ class InteractivePredictor:
         bundle_dir: str | os.PathLike | None = None,
         checkpoint: str | os.PathLike | None = None,
         overrides: Mapping[str, Any] | None = None,
-        model_type: str = "lite_medsam",
+        model_type: str | None = None,
         preprocessing: str | None = None,
         device: str | torch.device | None = None,
         cache_size: int = 4,
-        use_bundle_config: bool = True,
     ) -> None:
         """
         The SAM refiner answering clicks, an ROI box and/or a label (``networks.interactive``).
 
-        The network comes from the bundle's ``configs/inference.json`` (``network_def``: a ``SAMRefiner`` or a
-        module with a ``refiner`` attribute) when it exists and ``use_bundle_config``; otherwise a ``SAMRefiner`` is
-        built directly around ``build_sam(model_type)`` (``tiny``: ``build_tiny_sam(**overrides)``, for tests). The
-        checkpoint is a SAM/MedSAM/LiteMedSAM file or a refiner state dict (``sam.`` keys; ``load_sam_checkpoint``),
-        or a partial refiner checkpoint (decoder only, or LoRA adapters; ``load_refiner_checkpoint``) such as the
-        shipped ``models/model.pt`` of the sam_refiner bundle.
+        The refiner is ``ultrarefiner.create_model("sam_refiner", checkpoint)``: a phase-2 refiner file (``best.pt``
+        or a bundle's ``models/model.pt``, such as the shipped one) rebuilds the refiner it records; a plain
+        SAM/MedSAM/LiteMedSAM weights file is the zero-shot refiner over those weights (``model_type``).
 
         Arguments:
-          bundle_dir: the ``sam_refiner`` bundle folder (optional).
+          bundle_dir: the ``sam_refiner`` bundle folder (optional: where the default checkpoint is).
           checkpoint: weights (default ``<bundle_dir>/models/model.pt``).
-          overrides: bundle config overrides, or ``build_tiny_sam`` arguments for ``model_type="tiny"``.
-          model_type: ``lite_medsam`` (default), ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (used without a bundle
-            inference config).
-          preprocessing: without a bundle inference config: None (the model's own: ``litemedsam`` for LiteMedSAM,
+          overrides: ``SAMRefiner`` arguments over the file's (e.g. ``{"box_source": "components"}``), or
+            ``build_tiny_sam`` arguments for ``model_type="tiny"`` (tests).
+          model_type: the SAM of a plain weights file: ``lite_medsam`` (default), ``vit_b``, ``vit_l``, ``vit_h``
+            or ``tiny``; None: what a refiner file records.
+          preprocessing: None (what the file records, else the model's own: ``litemedsam`` for LiteMedSAM,
             ``medsam`` for vit_b), ``medsam`` or ``sam`` (Meta's weights).
           device: default CUDA when available.
           cache_size: image embeddings kept (successive clicks on one image skip the image encoder).
-          use_bundle_config: build the network from the bundle's inference config when there is one.
         """
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir else None
         default = self.bundle_dir / "models" / "model.pt" if self.bundle_dir else None
@@ -211,52 +207,24 @@ class InteractivePredictor:
         self.preprocessing = preprocessing
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache_size = cache_size
-        self.use_bundle_config = use_bundle_config
         self._refiner = None
         self._loaded_mtime: int | None = None
         self._embeddings: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.encoder_calls = 0  # image encodings run (cache misses), reported by predict()
         self._lock = threading.Lock()
 
-    @property
-    def config_file(self) -> Path | None:
-        path = self.bundle_dir / "configs" / "inference.json" if self.bundle_dir and self.use_bundle_config else None
-        return path if path is not None and path.is_file() else None
-
     def is_ready(self) -> bool:
         return self.checkpoint.is_file()
 
-    def _build(self):
-        from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
-        from ultrarefiner.networks import SAMRefiner, build_sam, build_tiny_sam, load_sam_checkpoint
+    def _build(self) -> torch.nn.Module:
+        from ultrarefiner.hub import create_model
 
         if not self.checkpoint.is_file():
             raise BadInputError(self.checkpoint, "SAM refiner weights not found")
-        if self.config_file is not None:
-            from monai.bundle import ConfigParser
-
-            parser = ConfigParser()
-            parser.read_config(str(self.config_file))
-            parser.update({"bundle_root": str(self.bundle_dir), **self.overrides})
-            network = parser.get_parsed_content("network_def")
-            refiner = network if isinstance(network, SAMRefiner) else getattr(network, "refiner", None)
-            if not isinstance(refiner, SAMRefiner):
-                raise BadInputError(self.config_file, f"network_def is a {type(network).__name__}, not a SAMRefiner")
-        else:
-            if self.model_type == "tiny":
-                sam = build_tiny_sam(**self.overrides)
-            else:  # LiteMedSAM's packaged weights under the decoder; the other types load theirs from the file
-                sam = build_sam(self.model_type, "packaged" if self.model_type == "lite_medsam" else None)
-            refiner = SAMRefiner(sam=sam, preprocessing=self.preprocessing)
-        try:
-            obj = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        except Exception:  # unreadable: load_sam_checkpoint raises the error naming the file
-            obj = None
-        if isinstance(obj, dict) and (obj.get("lora") is True or obj.get("partial") is True):
-            load_refiner_checkpoint(refiner, self.checkpoint)  # decoder/adapters over the base weights of network_def
-        else:
-            load_sam_checkpoint(refiner.sam, self.checkpoint)  # SAM/MedSAM file or refiner state dict ("sam." keys)
-        return refiner.eval().to(self.device)
+        overrides = {"sam_kwargs": self.overrides} if self.model_type == "tiny" else dict(self.overrides)
+        overrides.update({k: v for k, v in (("model_type", self.model_type), ("preprocessing", self.preprocessing))
+                          if v is not None})
+        return create_model("sam_refiner", self.checkpoint, device=self.device, **overrides)
 
     def refiner(self):
         """The refiner, rebuilt when the checkpoint file changed since it was loaded."""

@@ -5,6 +5,11 @@ iteration, best validation metric); it is rewritten atomically after every epoch
 ``<ckpt_dir>/best.pt`` holds the network weights of the best validation epoch (``{"model", "epoch",
 "metric", "metric_name"}``). A restarted run finds ``last.pt`` and continues from the next epoch.
 
+Every file the bundles write describes itself: ``kind`` (the bundle: ``transunet``, ``sam_refiner``,
+``ultrarefiner``), ``network_kwargs`` (what rebuilds the network) and ``model`` (its weights); ``best.pt``,
+``last.pt`` and the exported ``models/model.pt`` alike, so that ``ultrarefiner.create_model`` rebuilds any of them.
+``read_checkpoint`` is the one reader of these files.
+
 Both files record the run they belong to: ``identity`` = ``{"phase", "dataset", "fold", "fingerprint"}`` (phase: the
 bundle name; fingerprint: a short hash of ``network_kwargs``, what must match for the weights to mean the same) and
 ``settings`` (the schedule and data options of the config). A restart refuses a ``last.pt`` of another phase,
@@ -37,14 +42,16 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load`` (CPU, ``weights_only``) with errors that name the file: missing or unreadable."""
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """The one reader of the package's checkpoints (``best.pt``, ``last.pt``, ``models/model.pt``): ``torch.load``
+    on the CPU with ``weights_only`` (no code runs from a file), with errors that name the file: missing or unreadable.
+    ``mmap``: map the tensors instead of reading them (when only the metadata is wanted)."""
     from ultrarefiner.errors import BadInputError
 
     if not Path(path).is_file():
         raise BadInputError(path, f"{what} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise BadInputError(path, unreadable_reason(e)) from e
 
@@ -151,6 +158,18 @@ PHASES = {
 }
 
 
+KIND_OF_PHASE = {phase: kind for kind, phase in BUNDLE_PHASES.items()}
+
+
+def checkpoint_kind(obj: Any) -> str | None:
+    """``transunet``, ``sam_refiner`` or ``ultrarefiner``: the kind of network a loaded checkpoint holds (its recorded
+    ``kind``, else its training phase, :func:`checkpoint_phase`); None when it cannot be told."""
+    if isinstance(obj, dict) and obj.get("kind") in BUNDLE_PHASES:
+        return str(obj["kind"])
+    phase = checkpoint_phase(obj)
+    return None if phase is None else KIND_OF_PHASE[phase]
+
+
 def checkpoint_phase(obj: Any) -> int | None:
     """1, 2 or 3: the training phase that wrote a checkpoint (``torch.load`` result), None when it cannot be told.
 
@@ -160,6 +179,8 @@ def checkpoint_phase(obj: Any) -> int | None:
     """
     if not isinstance(obj, dict):
         return None
+    if obj.get("kind") in BUNDLE_PHASES:
+        return BUNDLE_PHASES[obj["kind"]]  # recorded by the writer
     identity = obj.get("identity")
     if isinstance(identity, dict) and identity.get("phase") in BUNDLE_PHASES:
         return BUNDLE_PHASES[identity["phase"]]  # recorded by training
@@ -247,6 +268,7 @@ class TrainingCheckpoints:
         self.state_dict_fn = state_dict_fn or (lambda m: m.state_dict())
         self.extra = dict(extra or {})
         self.identity = run_identity(phase, dataset, fold, self.network_kwargs)
+        self.kind = {"kind": phase} if phase in BUNDLE_PHASES else {}  # what create_model rebuilds
         self.settings = _canonical({"optimizer": type(optimizer).__name__, **(settings or {})})
 
     @property
@@ -267,6 +289,7 @@ class TrainingCheckpoints:
     def _state(self) -> dict:
         unwrapped = getattr(self.network, "module", self.network)  # DDP / DataParallel
         state = {
+            **self.kind,
             "model": unwrapped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "trainer": self.trainer.state_dict(),
@@ -292,7 +315,7 @@ class TrainingCheckpoints:
         self._remove_stale_temporaries()
         if not (self.resume and self.last_path.is_file()):
             return
-        state = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(self.last_path, "last checkpoint")
         self._check_resumable(state)
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -352,16 +375,22 @@ class TrainingCheckpoints:
             unwrapped = getattr(self.network, "module", self.network)
             best = {"model": self.state_dict_fn(unwrapped), "epoch": epoch, "metric": value,
                     "metric_name": self.metric_name}
-            save_checkpoint(self.best_path, {**best, "network_kwargs": self.network_kwargs, "identity": self.identity,
-                                             "settings": self.settings, **self.extra})
+            save_checkpoint(self.best_path, {**self.kind, **best, "network_kwargs": self.network_kwargs,
+                                             "identity": self.identity, "settings": self.settings, **self.extra})
 
     def _save_last(self, engine: Engine) -> None:
         if _is_main_process():
             save_checkpoint(self.last_path, self._state())
 
 
+# what an exported models/model.pt keeps of best.pt: the weights and what describes them (no optimizer, no settings)
+EXPORTED_KEYS = ("kind", "model", "network_kwargs", "identity", "epoch", "metric", "metric_name")
+
+
 def export_best(ckpt_dir: str | os.PathLike, dst: str | os.PathLike) -> Path | None:
-    """Copy the weights of ``<ckpt_dir>/best.pt`` to ``dst`` as a plain state_dict (the bundle's ``models/model.pt``).
+    """Write the weights of ``<ckpt_dir>/best.pt`` to ``dst`` (the bundle's ``models/model.pt``) as a self-describing
+    file: ``{"kind", "model", "network_kwargs", "identity", "epoch", "metric", "metric_name"}``, which
+    ``ultrarefiner.create_model`` rebuilds and MONAI's ``CheckpointLoader`` (``load_dict={"model": net}``) loads.
 
     Returns None (and logs) when no ``best.pt`` exists, e.g. when no validation ran.
     """
@@ -372,8 +401,9 @@ def export_best(ckpt_dir: str | os.PathLike, dst: str | os.PathLike) -> Path | N
     if not _is_main_process():
         return None
     obj = read_checkpoint(best)
-    # a plain state_dict, as the Model Zoo and CheckpointLoader expect: the identity stays in best.pt (logged here)
-    weights = weights_of(obj)
-    identity = obj.get("identity") if isinstance(obj, dict) else None
-    logger.info(f"best weights of {best} ({describe_identity(identity)}) exported to {dst}")
-    return save_checkpoint(dst, weights)
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
+        obj = {"model": obj}  # a plain state_dict
+    kind = checkpoint_kind(obj)
+    exported = {**({"kind": kind} if kind else {}), **{k: obj[k] for k in EXPORTED_KEYS if k in obj and k != "kind"}}
+    logger.info(f"best weights of {best} ({describe_identity(obj.get('identity'))}) exported to {dst}")
+    return save_checkpoint(dst, exported)

@@ -24,6 +24,7 @@ from ultrarefiner.networks.embedding_cache import weights_fingerprint
 from ultrarefiner.networks.lora import has_lora, load_lora_state_dict, lora_state_dict
 
 __all__ = [
+    "as_refiner_checkpoint",
     "check_encoder",
     "apply_refiner_checkpoint",
     "encoder_record",
@@ -71,7 +72,9 @@ def _base_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def _normalise(obj: object, source: str | os.PathLike) -> dict:
+def as_refiner_checkpoint(obj: object, source: str | os.PathLike) -> dict:
+    """A loaded refiner file as a checkpoint dict with its ``lora``/``partial`` flags (a plain state_dict is wrapped
+    as ``{"model": ...}``); ``source`` names the file in errors."""
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         obj = {"model": obj}  # a plain state_dict (e.g. the Model Zoo's fake-weights models/model.pt)
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
@@ -85,7 +88,7 @@ def read_refiner_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint dict (``model``, ``lora``, ``network_kwargs``...), with errors that name the file."""
     obj = read_checkpoint(path, "refiner checkpoint")
     require_phase(path, obj, 2, "the SAM refiner")
-    return _normalise(obj, path)
+    return as_refiner_checkpoint(obj, path)
 
 
 def is_refiner_checkpoint(obj: object) -> bool:
@@ -121,7 +124,7 @@ def load_refiner_checkpoint(refiner: torch.nn.Module, path: str | os.PathLike) -
 def apply_refiner_checkpoint(refiner: torch.nn.Module, obj: Mapping, source: str | os.PathLike = "refiner checkpoint"
                              ) -> dict:
     """``load_refiner_checkpoint`` for a checkpoint dict already in memory (``source`` names it in errors)."""
-    obj = _normalise(dict(obj), source)
+    obj = as_refiner_checkpoint(dict(obj), source)
     target = getattr(refiner, "module", refiner)
     try:
         if obj["lora"]:

@@ -3,8 +3,14 @@
 Every phase and command writes masks to folders (``predict-transunet``, ``refine``, ``predict``, the bundles'
 inference). ``evaluate_folders`` scores one or more such folders against a folder of labels with the metric set of
 the bundles (``metrics.METRIC_NAMES``: Dice, IoU, precision, recall, accuracy, HD95, NSD at native resolution), and
-compares each folder with the first, image by image, with the paired bootstrap of ``e2e_evaluation``: coarse vs
+compares each folder with the first, image by image, with the paired bootstrap of ``comparison``: coarse vs
 refined, phase-2 input vs refined, one model vs another, TTA vs none.
+
+The building blocks are the ones the evaluators' report handlers (``SegmentationReport``, ``RefinerReport``,
+``E2EReport``) call on the predictions they collect, so a handler's ``metrics.csv`` holds the values this tool
+computes from the same masks written to folders: ``score_pair`` (one prediction against its label -> metric
+columns), ``comparison.summarise`` / ``comparison.compare_pairs`` (summaries, paired comparisons) and
+``write_csv`` / ``write_comparison_csv`` (report files, written atomically).
 
 Files are matched by stem (``<stem>.png`` in the labels folder and in each predictions folder; any of
 ``IMAGE_SUFFIXES``), read with ``read_mask`` (lesion = luminance > 127: 0/255 masks and probability*255 maps at 0.5).
@@ -25,15 +31,67 @@ import numpy as np
 import torch
 
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_mask
-from ultrarefiner.engines.evaluation.e2e_evaluation import paired_comparison
+from ultrarefiner.engines.evaluation.comparison import compare_pairs, summarise
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.inference.refine_folder import files_by_stem
 from ultrarefiner.errors import BadInputError, BadOptionError
 from ultrarefiner.utils.io import atomic_write, write_json
 
-__all__ = ["evaluate_folders", "format_comparison"]
+__all__ = ["binary_mask", "evaluate_folders", "format_comparison", "score_folders", "score_pair", "write_csv",
+           "write_comparison_csv"]
+
+COMPARISON_COLUMNS = ("dataset", "comparison", "metric", "n", "mean_a", "mean_b", "mean_diff", "ci95_low",
+                      "ci95_high", "improved", "worsened", "unchanged")
 
 
+# ------------------------------------------------------------------------------------------------ one image
+def binary_mask(x: Any) -> torch.Tensor:
+    """A mask, probability map or one-hot pair -> bool (1, H, W) on the CPU.
+
+    ``x``: tensor or array (H, W), (1, H, W), (1, 1, H, W) or one-hot (2, H, W) (channel 1 is the lesion); values
+    > 0.5 are lesion.
+    """
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().float().cpu()
+    if t.ndim == 3 and t.shape[0] == 2:
+        t = t[1:]
+    return t.reshape(1, *t.shape[-2:]) > 0.5
+
+
+def score_pair(pred: Any, label: Any, metrics: Sequence[str] = METRIC_NAMES, prefix: str = "") -> dict[str, float]:
+    """Metric columns ``<prefix><metric>`` of one prediction against its label, both at the same (native) size.
+
+    ``pred``, ``label``: anything ``binary_mask`` takes; a size mismatch raises ``ValueError``.
+    """
+    scores = segmentation_metrics(binary_mask(pred).float(), binary_mask(label).float(), metrics)
+    return {f"{prefix}{m}": float(scores[m]) for m in metrics}
+
+
+# ------------------------------------------------------------------------------------------------ files
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
+    """Atomically write ``rows`` as CSV; columns: the given ones, else every key in order of first appearance
+    (a row lacking one leaves it empty)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+
+
+def write_comparison_csv(path: str | os.PathLike,
+                         comparisons: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> Path:
+    """Atomically write ``comparisons`` {group (dataset or "all"): {pair name: {metric: paired_comparison}}} as one
+    row per group, pair and metric (``COMPARISON_COLUMNS``)."""
+    rows = [dict(zip(COMPARISON_COLUMNS, (group, name, m, c["n"], c["mean_a"], c["mean_b"], c["mean_diff"],
+                                          c["ci95"][0], c["ci95"][1], c["improved"], c["worsened"], c["unchanged"]),
+                     strict=True))
+            for group, pairs in comparisons.items() for name, per_metric in pairs.items()
+            for m, c in per_metric.items()]
+    return write_csv(path, rows, COMPARISON_COLUMNS)
+
+
+# ------------------------------------------------------------------------------------------------ folders
 def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]]) -> dict[str, Path]:
     """One mask per stem (``refine_folder.files_by_stem``); stems with several files are ambiguous: skipped."""
     if folder.exists() and not folder.is_dir():
@@ -47,41 +105,17 @@ def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]]) -> di
     return {stem: files[0] for stem, files in found.items() if len(files) == 1}
 
 
-def _read(path: Path, shape: tuple[int, int] | None) -> np.ndarray:
+def _read(path: Path, shape: tuple[int, int]) -> np.ndarray:
     mask = read_mask(path)
-    if shape is not None and mask.shape != shape:
+    if mask.shape != shape:
         raise BadInputError(path, f"mask is {mask.shape[0]}x{mask.shape[1]} (HxW), its label {shape[0]}x{shape[1]}")
     return mask
 
 
-def evaluate_folders(
-    labels: str | os.PathLike,
-    predictions: Mapping[str, str | os.PathLike],
-    output_dir: str | os.PathLike | None = None,
-    metrics: Sequence[str] = METRIC_NAMES,
-    n_bootstrap: int = 2000,
-    tolerance: float = 1e-4,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Per-image metrics of each predictions folder against ``labels``, and each folder compared with the first.
-
-    Arguments:
-      labels: folder of ground-truth masks ``<stem>.png``.
-      predictions: name -> folder of predicted masks, in order; the first is the reference of the comparisons.
-      output_dir: where ``metrics.csv`` (one row per image, ``<name>_<metric>`` columns) and ``summary.json`` go
-        (written atomically); None: nothing written.
-      metrics: metric names (``METRIC_NAMES``).
-      n_bootstrap, tolerance, seed: paired comparison settings (``e2e_evaluation.paired_comparison``).
-
-    Returns:
-      dict with "n" (images scored), "means" {name: {metric: mean}}, "comparisons" {"<name> vs <first>": {metric:
-      paired_comparison}}, "skipped" [{"file", "problem"}], "folders" {name: path}.
-    """
-    if not predictions:
-        raise BadOptionError("predictions: give at least one folder of masks")
-    unknown = [m for m in metrics if m not in METRIC_NAMES]
-    if unknown:
-        raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
+def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
+                  metrics: Sequence[str] = METRIC_NAMES) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Rows {image, height, width, <name>_<metric>...} of the images every predictions folder has, and the files
+    skipped [{file, problem}] (module docstring)."""
     skipped: list[dict[str, str]] = []
     label_files = _masks_by_stem(Path(labels), "labels", skipped)
     folders = {name: Path(p) for name, p in predictions.items()}
@@ -99,34 +133,61 @@ def evaluate_folders(
         except BadInputError as e:
             skipped.append({"file": e.path, "problem": e.reason})
             continue
-        row: dict[str, Any] = {"image": stem}
-        target = torch.from_numpy(label)[None].float()
+        row: dict[str, Any] = {"image": stem, "height": label.shape[0], "width": label.shape[1]}
         for name, pred in preds.items():
-            scores = segmentation_metrics(torch.from_numpy(pred)[None].float(), target, metrics)
-            row.update({f"{name}_{m}": float(scores[m]) for m in metrics})
+            row.update(score_pair(pred, label, metrics, prefix=f"{name}_"))
         rows.append(row)
     for files in pred_files.values():  # predictions without a label: reported, not scored
         skipped.extend({"file": str(p), "problem": "no label of this name"} for s, p in files.items()
                        if s not in label_files)
-    names = list(folders)
-    means = {n: {m: float(np.mean([r[f"{n}_{m}"] for r in rows])) if rows else float("nan") for m in metrics}
-             for n in names}
-    comparisons = {
-        f"{n} vs {names[0]}": {m: paired_comparison([r[f"{names[0]}_{m}"] for r in rows], [r[f"{n}_{m}"] for r in rows],
-                                                    m, tolerance, n_bootstrap, seed) for m in metrics}
-        for n in names[1:]
+    return rows, skipped
+
+
+def evaluate_folders(
+    labels: str | os.PathLike,
+    predictions: Mapping[str, str | os.PathLike],
+    output_dir: str | os.PathLike | None = None,
+    metrics: Sequence[str] = METRIC_NAMES,
+    n_bootstrap: int = 2000,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-image metrics of each predictions folder against ``labels``, and each folder compared with the first.
+
+    Arguments:
+      labels: folder of ground-truth masks ``<stem>.png``.
+      predictions: name -> folder of predicted masks, in order; the first is the reference of the comparisons.
+      output_dir: where ``metrics.csv`` (one row per image: image, height, width, ``<name>_<metric>`` columns),
+        ``summary.json`` (the returned report) and ``comparison.csv`` (one row per comparison and metric) go,
+        written atomically; None: nothing written.
+      metrics: metric names (``METRIC_NAMES``).
+      n_bootstrap, tolerance, seed: paired comparison settings (``comparison.paired_comparison``).
+
+    Returns:
+      dict with "n" (images scored), "means" {name: {metric: mean}}, "columns" {<name>_<metric>: mean, sd, median,
+      n}, "comparisons" {"<name>_vs_<first>": {metric: paired_comparison}}, "skipped" [{"file", "problem"}],
+      "folders" {name: path}, "labels", "metrics".
+    """
+    if not predictions:
+        raise BadOptionError("predictions: give at least one folder of masks")
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
+    rows, skipped = score_folders(labels, predictions, metrics)
+    names = list(predictions)
+    columns = summarise(rows, [f"{n}_{m}" for n in names for m in metrics])
+    report = {
+        "n": len(rows), "labels": str(Path(labels)), "folders": {n: str(Path(p)) for n, p in predictions.items()},
+        "metrics": list(metrics), "means": {n: {m: columns[f"{n}_{m}"]["mean"] for m in metrics} for n in names},
+        "columns": columns,
+        "comparisons": compare_pairs(rows, [(names[0], n) for n in names[1:]], metrics, tolerance, n_bootstrap, seed),
+        "skipped": skipped,
     }
-    report = {"n": len(rows), "labels": str(Path(labels)), "folders": {n: str(p) for n, p in folders.items()},
-              "metrics": list(metrics), "means": means, "comparisons": comparisons, "skipped": skipped}
     if output_dir is not None:
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["image", *(f"{n}_{m}" for n in names for m in metrics)])
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(out / "metrics.csv", lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+        write_csv(out / "metrics.csv", rows, ["image", "height", "width", *columns])
         write_json(out / "summary.json", report)
+        write_comparison_csv(out / "comparison.csv", {"all": report["comparisons"]})
     return report
 
 

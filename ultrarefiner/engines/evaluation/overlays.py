@@ -7,12 +7,14 @@ a few of them per validation run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+
+from ultrarefiner.engines.evaluation.engine_fields import field, output_items
 
 GREEN = (0, 255, 0)
 RED = (255, 0, 0)
@@ -103,25 +105,18 @@ class TensorBoardOverlayHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
 
-    def _get(self, item: Any, batch: Any, key: str, i: int) -> Any:
-        if isinstance(item, Mapping) and key in item:
-            return item[key]
-        if isinstance(batch, Mapping) and key in batch:
-            return batch[key][i]
-        return None
-
     def _collect(self, engine: Engine) -> None:
         if len(self._pictures) >= self.max_images:
             return
-        output, batch = engine.state.output, engine.state.batch
-        items = output if isinstance(output, (list, tuple)) else [output]
-        for i, item in enumerate(items):
+        batch = engine.state.batch
+        for i, item in enumerate(output_items(engine.state.output)):
             if len(self._pictures) >= self.max_images:
                 break
-            image = self._get(item, batch, self.image_key, i)
+            image = field(item, batch, self.image_key, i, required=False)
             if image is None:
                 continue
-            label, pred = self._get(item, batch, self.label_key, i), self._get(item, batch, self.pred_key, i)
+            label = field(item, batch, self.label_key, i, required=False)
+            pred = field(item, batch, self.pred_key, i, required=False)
             img = np.asarray(torch.as_tensor(image).detach().float().cpu())
             self._pictures.append(
                 overlay_contours(

@@ -21,15 +21,16 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import Inferer
 from torch import nn
 
-__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FlipTTAInferer", "check_tta", "fast_encoder", "flip_tta_mean", "hflip",
-           "default_batch_size", "resolve_optimize", "same_size_batches", "tta_inferer"]
+from ultrarefiner.utils.amp import autocast
+
+__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FlipTTAInferer", "FrozenEncoder", "check_tta", "fast_encoder",
+           "flip_tta_mean", "hflip", "default_batch_size", "resolve_optimize", "same_size_batches", "tta_inferer"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +107,12 @@ def resolve_optimize(optimize: str | None, device: torch.device) -> str:
     return mode
 
 
-class _FrozenPerShape:
+class FrozenEncoder:
     """TorchScript-frozen copies of an encoder, one per input shape (a trace is specialised to its shapes; a folder
-    has at most two batch shapes: the full batch and the last one)."""
+    has at most two batch shapes: the full batch and the last one).
+
+    Owned by whoever runs the encoder (``BatchRefiner``, ``UltraPredictor``), like their embedding caches: it is a
+    snapshot of the weights it was built from, so build a new one after loading other weights."""
 
     def __init__(self, encoder: nn.Module) -> None:
         self.encoder = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
@@ -135,32 +139,12 @@ class _FrozenPerShape:
             return self.frozen[key](x)
 
 
-# frozen copies are reused across calls (a benchmark, a second folder) while the encoder's weights are unchanged:
-# keyed by the encoder and a checksum of its weights (CPU only, a few ms; storage pointers would change with a mere
-# memory-format conversion)
-_FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _FrozenPerShape]] = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def _weights_key(module: nn.Module) -> tuple:
-    return tuple(float(p.double().sum()) for p in module.parameters())
-
-
-def _frozen(encoder: nn.Module) -> _FrozenPerShape:
-    key = _weights_key(encoder)
-    cached = _FROZEN.get(encoder)
-    if cached is None or cached[0] != key:
-        cached = (key, _FrozenPerShape(encoder))
-        _FROZEN[encoder] = cached
-    return cached[1]
-
-
 def fast_encoder(encoder: nn.Module, device: torch.device, optimize: str | None = "auto") -> Callable:
     """A callable to use instead of ``encoder(x)`` for inference, (B,3,S,S) float -> embeddings (see module docs).
 
     The encoder must be in eval mode and on ``device``. ``channels_last`` converts ``encoder``'s weights in place
-    (same values; its other users see the same numbers); ``jit_freeze`` freezes a copy (reused while the weights
-    are unchanged); ``compile`` wraps it.
+    (same values; its other users see the same numbers); ``jit_freeze`` returns a ``FrozenEncoder`` over a copy
+    (its traces belong to the caller, which keeps it while the weights are unchanged); ``compile`` wraps it.
     """
     mode = resolve_optimize(optimize, device)
     if mode == "none":
@@ -175,11 +159,11 @@ def fast_encoder(encoder: nn.Module, device: torch.device, optimize: str | None 
         encoder.to(memory_format=cl)
 
         def bf16(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast("cpu", cpu=True):
                 return encoder(x.contiguous(memory_format=cl)).float()
 
         return bf16
-    return _frozen(encoder)
+    return FrozenEncoder(encoder)
 
 
 # ------------------------------------------------------------------------------------------------ bundles

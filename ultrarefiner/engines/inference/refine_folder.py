@@ -45,9 +45,11 @@ import torch
 import ultrarefiner
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
+from ultrarefiner.hub import create_model
+from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.io import FILE_MODE, atomic_write
 
-__all__ = ["DEFAULT_REFINER", "BatchRefiner", "build_refiner", "encoder_frame", "encoder_input", "files_by_stem",
+__all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_frame", "encoder_input", "files_by_stem",
            "format_summary", "refine_folder", "resolve_refiner"]
 
 logger = logging.getLogger(__name__)
@@ -57,10 +59,6 @@ DEFAULT_REFINER = Path(ultrarefiner.__file__).resolve().parents[1] / "bundles" /
 ZERO_SHOT = "zero-shot LiteMedSAM (packaged weights)"
 THRESHOLD = 0.5  # probability threshold of coarse and refined masks (refined: logit > 0)
 PROGRESS, REPORT_CSV, REPORT_JSON, SKIPPED_CSV = "progress.jsonl", "report.csv", "report.json", "skipped.csv"
-# architecture keys of a checkpoint's network_kwargs that the refiner must be built with (training-only keys such
-# as the freeze flags or lora_dropout do not change inference; lora_target_modules decides which layers hold adapters)
-_ARCH_KEYS = ("model_type", "preprocessing", "image_resize", "use_lora", "lora_rank", "lora_alpha",
-              "lora_target_modules")
 
 
 # ------------------------------------------------------------------------------------------------ file writing
@@ -124,36 +122,6 @@ def resolve_refiner(checkpoint: str | os.PathLike | None = None, zero_shot: bool
                                   "--checkpoint F (a sam_refiner best.pt or models/model.pt) or --zero_shot "
                                   "(LiteMedSAM's packaged weights, no refiner training)")
     return path
-
-
-def build_refiner(checkpoint: Path | None, box_source: str = "largest") -> torch.nn.Module:
-    """A ``SAMRefiner`` with LiteMedSAM's packaged weights, plus ``checkpoint`` (a phase-2 refiner) when given.
-
-    The refiner is built with the architecture recorded in the checkpoint's ``network_kwargs`` (model type,
-    preprocessing, LoRA adapters) when it has them, so that LoRA and non-default checkpoints load. ``box_source``:
-    ``largest`` (one prompt set, from the coarse mask's largest component) or ``components`` (one per lesion).
-    """
-    from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint, require_phase
-    from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
-    from ultrarefiner.networks import SAMRefiner
-
-    if checkpoint is None:
-        return SAMRefiner(box_source=box_source)
-    obj = read_checkpoint(checkpoint, "refiner checkpoint")
-    require_phase(checkpoint, obj, 2, "refine")
-    kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
-    arch = {k: kwargs[k] for k in _ARCH_KEYS if k in kwargs} if isinstance(kwargs, dict) else {}
-    partial = isinstance(obj, dict) and bool(obj.get("partial") or obj.get("lora"))
-    base: str | None = "packaged"
-    if arch.get("model_type", "lite_medsam") != "lite_medsam":
-        if partial:
-            raise BadInputError(checkpoint, f"holds only part of a {arch['model_type']} refiner; its base SAM "
-                                            "weights are not packaged (export the full refiner: models/model.pt)")
-        base = None  # the checkpoint holds every weight
-    del obj
-    refiner = SAMRefiner(checkpoint=base, box_source=box_source, **arch)
-    load_refiner_checkpoint(refiner, checkpoint)
-    return refiner
 
 
 def _refiner_name(checkpoint: Path | None) -> str:
@@ -353,7 +321,7 @@ class BatchRefiner:
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
 
         passes = [(s, f) for f in ((False, True) if self.tta else (False,)) for s in samples]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast(self.device, self.amp):
             embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, self.device) for s, f in passes]))
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (s, _) in enumerate(passes):
@@ -364,7 +332,7 @@ class BatchRefiner:
             coarse = np.stack([np.fliplr(passes[i][0]["coarse"]) if passes[i][1] else passes[i][0]["coarse"]
                                for i in idx])  # the flipped pass is prompted by the flipped coarse mask
             coarse = torch.from_numpy(coarse)[:, None].to(self.device).float().div_(255.0)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with autocast(self.device, self.amp):
                 out = self.refiner(image_embeddings=embeddings[idx], coarse=coarse, original_size=size)
             chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default
             iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
@@ -379,14 +347,10 @@ class BatchRefiner:
 
 
 def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
+    from ultrarefiner.engines.evaluation.folder_evaluation import score_pair
 
-    y = torch.from_numpy(label)[None].float()
-    out: dict[str, float] = {}
-    for key, mask in (("coarse", coarse), ("refined", refined)):
-        values = segmentation_metrics(torch.from_numpy(mask)[None].float(), y)
-        out.update({f"{key}_{m}": round(float(values[m]), 6) for m in METRIC_NAMES})
-    return out
+    scores = {**score_pair(coarse, label, prefix="coarse_"), **score_pair(refined, label, prefix="refined_")}
+    return {k: round(v, 6) for k, v in scores.items()}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -399,9 +363,8 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 
 def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any]:
-    from ultrarefiner.engines.evaluation.e2e_evaluation import paired_comparison
+    from ultrarefiner.engines.evaluation.comparison import compare_columns, summarise
     from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
-    from ultrarefiner.engines.evaluation.segmentation_report import summarise
 
     labelled = [r for r in rows if "refined_dice" in r]
     cols = ["pred_iou", "coarse_area", "refined_area"]
@@ -409,12 +372,7 @@ def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any
     out: dict[str, Any] = {"n_images": len(rows), "n_refined_now": n_new, "n_resumed": len(rows) - n_new,
                            "n_skipped": len(skipped), "n_labelled": len(labelled), "metrics": summarise(rows, cols)}
     if labelled:
-        nan = float("nan")
-        out["refined_vs_coarse"] = {
-            m: paired_comparison([r.get(f"coarse_{m}", nan) for r in labelled],
-                                 [r.get(f"refined_{m}", nan) for r in labelled], m)
-            for m in METRIC_NAMES
-        }
+        out["refined_vs_coarse"] = compare_columns(labelled, "coarse", "refined", METRIC_NAMES)
     return out
 
 
@@ -566,7 +524,7 @@ def refine_folder(
                 good = [s for s in batch if "reason" not in s]
                 skipped += [s for s in batch if "reason" in s]
                 if good and runner is None:
-                    refiner = build_refiner(ckpt, box_source).to(dev)
+                    refiner = create_model("sam_refiner", ckpt, device=dev, box_source=box_source)
                     refiner.eval()  # after .to(): TinyViT caches attention biases on eval, on the device they are on
                     runner = BatchRefiner(refiner, dev, amp, tta, optimize)
                 for sample, refined, iou in _refine_batch(runner, good, skipped):

@@ -16,41 +16,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
+from monai.transforms import Compose
 from tqdm import tqdm
 
 from ultrarefiner.data.datalist import datalist_path
 from ultrarefiner.data.imaging import read_image, read_mask
-from ultrarefiner.data.pipeline import get_transforms
-from ultrarefiner.engines.checkpoints.checkpoint import (
-    check_identity,
-    load_weights,
-    read_checkpoint,
-    require_phase,
-    run_identity,
-)
+from ultrarefiner.data.pipeline import load_transforms, resize_transforms
+from ultrarefiner.engines.checkpoints.checkpoint import run_identity
 from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.hub import create_model
+from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.io import staged_folder, write_json, write_png
 
 logger = logging.getLogger(__name__)
-
-
-def load_transunet(ckpt: str | os.PathLike, device: torch.device | str = "cpu", expect: dict | None = None,
-                   **overrides) -> torch.nn.Module:
-    """Rebuild the network from the ``network_kwargs`` stored in ``best.pt``/``last.pt`` and load its weights.
-
-    ``expect``: the run identity (``checkpoint.run_identity``) the file must have where it records one.
-    """
-    from ultrarefiner.networks import TransUNet
-
-    obj = read_checkpoint(ckpt)
-    require_phase(ckpt, obj, 1, "TransUNet prediction")  # else: TypeError on TransUNet(**phase-3 kwargs)
-    if expect and isinstance(obj, dict):
-        check_identity(ckpt, obj.get("identity"), expect,
-                       hint="out-of-fold predictions need model k of this dataset for fold k (fold_<k>/best.pt)")
-    kwargs = {**(obj.get("network_kwargs") or {}), **overrides} if isinstance(obj, dict) else overrides
-    model = TransUNet(**kwargs)
-    model.load_state_dict(load_weights(ckpt))
-    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -69,7 +47,8 @@ def predict_probabilities(
     Every image is resized to the network input in the data workers, so a batch mixes native sizes; each
     probability is resized back to its own image. On CUDA: bfloat16 autocast (``amp``) and channels_last inputs
     (the ResNet stem's convolutions)."""
-    transform = get_transforms("transunet", train=False, keys=("image",), img_size=img_size)
+    # the deterministic part of the transunet bundle's inference preprocessing
+    transform = Compose([*load_transforms(["image"]), *resize_transforms(["image"], img_size)])
     device = torch.device(device)
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -78,7 +57,7 @@ def predict_probabilities(
     out: list[np.ndarray] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None):
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with autocast(device, amp):
             logits = model(x)
         prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
         heights, widths = batch["original_size"]
@@ -178,7 +157,8 @@ def predict_out_of_fold(
     new_training, new_testing = [], [dict(e) for e in testing]
     with staged_folder(out) as stage:  # paths in the datalist are relative to ``out``: same parent as ``stage``
         for k, ckpt in enumerate(ckpts):
-            model = load_transunet(ckpt, device, expect=run_identity("transunet", dataset, k))  # no fold mix-up
+            # out-of-fold predictions need model k of this dataset for fold k: a file of another run is refused
+            model = create_model("transunet", ckpt, device=device, identity=run_identity("transunet", dataset, k))
             img_size = model.img_size if hasattr(model, "img_size") else 224
             held_out = [e for e in training if e["fold"] == k]
             probs = predict_probabilities(

@@ -16,7 +16,10 @@
 Both extras are off by default: whether they help must be measured on real data (``evaluate.json`` reports them
 next to the plain refinement).
 
-Output layout of ``UltraPredictor.predict`` (all files written atomically)::
+Inference (``inference.json``, ``python -m ultrarefiner predict``) is a MONAI ``SupervisedEvaluator``: ``InputImages``
+reads the images in data workers, ``UltraPredictor`` is its iteration (the per-image logic, on batches of images of
+any sizes), writer transforms in its ``postprocessing`` save the masks (``SaveImaged``) and ``PredictionReport``
+writes the report. Output layout (every file written atomically)::
 
     <output_dir>/coarse/<name>.png     TransUNet mask at native size (0/255)
     <output_dir>/refined/<name>.png    final refined mask (after iterations / gate when enabled)
@@ -27,33 +30,42 @@ Output layout of ``UltraPredictor.predict`` (all files written atomically)::
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data.image_writer import NibabelWriter, PILWriter
+from monai.transforms import MapTransform
 
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
 from ultrarefiner.errors import BadInputError, UltraRefinerError
+from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.flags import as_flag
-from ultrarefiner.utils.io import atomic_write, write_json, write_png
+from ultrarefiner.utils.io import atomic_write, write_json
 
 __all__ = [
     "COARSE_COLOUR",
     "REFINED_COLOUR",
+    "AtomicNibabelWriter",
+    "AtomicPILWriter",
+    "CoarseRefinedOverlayd",
+    "InputImages",
+    "PredictionReport",
     "UltraPredictor",
+    "input_datalist",
     "list_inputs",
-    "load_network",
-    "load_ultrarefiner",
     "overlay_coarse_refined",
     "refine",
     "refine_coarse",
+    "run_inference",
     "selected_iou",
+    "transunet_transform",
 ]
 
 logger = logging.getLogger(__name__)
@@ -181,77 +193,7 @@ def overlay_coarse_refined(image: np.ndarray, coarse: np.ndarray | None, refined
     return rgb
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def load_network(network: torch.nn.Module, ckpt_path: str | os.PathLike, obj: Any = None) -> torch.nn.Module:
-    """Load phase-3 weights (``best.pt``/``last.pt``/``models/model.pt``) into ``network`` (strict); returns it.
-    ``obj``: the file's content when the caller has already read it (it is not read again)."""
-    from ultrarefiner.engines.checkpoints.checkpoint import load_weights, weights_of
-
-    path = Path(ckpt_path)
-    if obj is not None:
-        weights = weights_of(obj)
-    elif not path.is_file():
-        raise BadInputError(path, "UltraRefiner checkpoint not found (train bundles/ultrarefiner first, or pass "
-                                  "--ckpt_path / --checkpoint)")
-    else:
-        weights = load_weights(path)
-    own = network.state_dict()
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if missing or unexpected:  # a count and a few names, not the thousands of a whole state_dict
-        raise BadInputError(path, f"does not match the configured UltraRefiner (network_kwargs?): "
-                                  f"{_few(missing)} missing, {_few(unexpected)} unexpected weights")
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as e:  # shape mismatches: MONAI-style one line per tensor, keep the first few
-        lines = str(e).splitlines()
-        raise BadInputError(path, f"does not match the configured UltraRefiner (network_kwargs?): "
-                                  f"{' '.join(lines[:4])[:600]}") from e
-    return network
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    """``"12 (a, b, c, ...)"``: a count and the first names."""
-    shown = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-    return f"{len(names)} ({shown})" if names else "0"
-
-
-def load_ultrarefiner(
-    checkpoint: str | os.PathLike,
-    bundle: str | os.PathLike | None = None,
-    device: torch.device | str = "cpu",
-    overrides: dict[str, Any] | None = None,
-) -> torch.nn.Module:
-    """UltraRefiner with the weights of ``checkpoint``, for inference (no embedding cache).
-
-    The architecture comes from the checkpoint's ``network_kwargs`` (``best.pt``/``last.pt`` of the bundle), else
-    from ``<bundle>/configs/inference.json`` (``network_kwargs``, with ``overrides`` of its ids) for a plain
-    ``models/model.pt``.
-    """
-    from ultrarefiner.engines.checkpoints.checkpoint import read_checkpoint, require_phase
-    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
-
-    path = Path(checkpoint)
-    obj = read_checkpoint(path, "UltraRefiner checkpoint")
-    require_phase(path, obj, 3, "UltraRefiner prediction")
-    kwargs = obj.get("network_kwargs") if isinstance(obj, dict) else None
-    if not (isinstance(kwargs, dict) and "transunet" in kwargs):
-        if bundle is None:
-            raise BadInputError(path, "holds no network_kwargs; give the bundle whose inference.json describes it")
-        from monai.bundle import ConfigParser
-
-        config = Path(bundle) / "configs" / "inference.json"
-        if not config.is_file():
-            raise BadInputError(config, "bundle config not found")
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        for k, v in (overrides or {}).items():
-            parser[k] = v
-        kwargs = parser.get_parsed_content("network_kwargs")
-    model = build_ultrarefiner(kwargs, cache_embeddings=False)
-    return load_network(model, path, obj).to(device).eval()
-
-
-# ------------------------------------------------------------------------------------------------ predictor
+# ------------------------------------------------------------------------------------------------ inputs
 def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """One image file, a folder (its image files, sorted, not recursive) or a list of files."""
     if isinstance(source, (str, os.PathLike)):
@@ -280,37 +222,56 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def _write_nifti(path: Path, mask: np.ndarray) -> None:
-    import nibabel as nib
+def input_datalist(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict[str, str]]:
+    """``[{"image": path, "name": output name}]`` of ``list_inputs(source)``: the outputs of an image are named
+    ``<name>.png`` (its stem, made unique)."""
+    paths = list_inputs(source)
+    return [{"image": str(p), "name": n} for p, n in zip(paths, _output_names(paths), strict=True)]
 
-    img = nib.Nifti1Image(np.ascontiguousarray(mask.T[:, :, None]).astype(np.uint8), np.eye(4))  # x = column
-    data = gzip.compress(img.to_bytes())
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+def transunet_transform(img_size: int) -> Any:
+    """The TransUNet input of a (1, H, W) image: min-max to [0, 1], anti-aliased bilinear resize to img_size (as the
+    evaluation pipeline; ``inference.json`` writes the same chain out as its ``preprocessing``)."""
+    from monai.transforms import Compose, Resize, ScaleIntensity
+
+    return Compose([ScaleIntensity(), Resize((img_size, img_size), mode="bilinear", anti_aliasing=True)])
 
 
-class _InputDataset(torch.utils.data.Dataset):
-    """Reads one input image in a data worker: its TransUNet input and its SAM encoder frame(s) (the flipped image's
-    too with flip TTA); an unreadable file comes back as {"index", "reason"}."""
+class InputImages(torch.utils.data.Dataset):
+    def __init__(self, data: Sequence[dict[str, str]], transform: Any, geometry: Any, tta: str = "none") -> None:
+        """
+        Input images read in data workers, for ``UltraPredictor``: per item its TransUNet input and its SAM encoder
+        frame(s) (the flipped image's too with flip TTA). An unreadable file comes back as an item with a "reason"
+        instead of the arrays; it never stops the run.
 
-    def __init__(self, paths: Sequence[Path], transform: Any, geometry: Any, tta: bool) -> None:
-        self.paths, self.transform, self.geometry, self.tta = list(paths), transform, geometry, tta
+        Arguments:
+          data: ``input_datalist`` items {"image": path, "name": output name}.
+          transform: (1, H, W) float image -> (1, S, S) TransUNet input (``preprocessing`` of inference.json).
+          geometry (SamGeometry): the refiner's, for its encoder frame.
+          tta: ``none`` or ``flip``.
+
+        Items: {"index", "image", "name"} plus "pixels" (H, W) uint8, "small" (1, S, S) float32, "frame" (h, w)
+        uint8 or None (and "small_flipped", "frame_flipped" with flip TTA); or plus "reason".
+        """
+        self.data, self.transform, self.geometry, self.tta = list(data), transform, geometry, tta == "flip"
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.paths[index]
+        item = {"index": index, **self.data[index]}
         try:
-            image = read_image(path)
+            image = read_image(item["image"])
             if min(image.shape) < 2:
-                return {"index": index, "reason": f"image too small {image.shape}"}
-            return {"index": index, **self.sample(image)}
+                return {**item, "reason": f"image too small {image.shape}"}
+            return {**item, **self.sample(image)}
         except BadInputError as e:
-            return {"index": index, "reason": e.reason}
+            return {**item, "reason": e.reason}
         except Exception as e:  # a broken file must not stop the run
-            return {"index": index, "reason": f"{type(e).__name__}: {e}"}
+            return {**item, "reason": f"{type(e).__name__}: {e}"}
 
     def sample(self, image: np.ndarray) -> dict[str, Any]:
+        """The arrays of one (H, W) uint8 image."""
         from ultrarefiner.engines.inference.refine_folder import encoder_frame
 
         native = torch.from_numpy(np.array(image, dtype=np.uint8))[None]  # (1, H, W) uint8, own copy
@@ -324,11 +285,22 @@ class _InputDataset(torch.utils.data.Dataset):
             out["small_flipped"] = torch.as_tensor(small, dtype=torch.float32).clamp(0, 1).as_subclass(torch.Tensor)
         return out
 
+    def size_batches(self, batch_size: int) -> list[list[int]]:
+        """Index batches (a ``batch_sampler``) in (size, input order) order: equal sizes share the refiner's decoder
+        pass. A file whose header cannot be read goes last; its worker reports why."""
+        from ultrarefiner.data.imaging import image_size
 
-def _as_list(batch: list) -> list:
-    return batch
+        def key(i: int) -> tuple[int, int, int]:
+            try:
+                return (*image_size(self.data[i]["image"]), i)
+            except BadInputError:
+                return (1 << 30, 1 << 30, i)
+
+        order = sorted(range(len(self.data)), key=key)
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
+# ------------------------------------------------------------------------------------------------ predictor
 class UltraPredictor:
     def __init__(
         self,
@@ -338,16 +310,15 @@ class UltraPredictor:
         iterations: int = 0,
         quality_gate: bool = False,
         gate_threshold: float = 0.5,
-        threshold: float = 0.5,
         amp: bool = False,
-        nifti: bool = False,
         batch_size: int | None = None,
         num_workers: int = 2,
         tta: str = "none",
         optimize: str | None = "auto",
     ) -> None:
         """
-        Predict coarse and refined masks of image files and write them (module docstring).
+        Coarse and refined lesion probabilities of batches of input images; the iteration of the inference
+        ``SupervisedEvaluator`` of ``inference.json`` (``iteration_update``), whose writer transforms save them.
 
         Images of any sizes share a batch: TransUNet sees them at its input size and SAM's image encoder in its
         own frame (data workers resize them); the refiner's prompts and decoder run per image size, and outputs are
@@ -356,11 +327,9 @@ class UltraPredictor:
         Arguments:
           network (UltraRefiner): with its weights loaded.
           device: where the network runs.
-          img_size (int or None): TransUNet input side; None: ``network.transunet.img_size``.
+          img_size (int or None): TransUNet input side of ``predict_array``; None: ``network.transunet.img_size``.
           iterations, quality_gate, gate_threshold: see ``refine`` (off by default).
-          threshold (float): probability threshold of the written masks.
           amp (bool): bfloat16 autocast (CUDA only).
-          nifti (bool): also write NIfTI masks.
           batch_size (int or None): images per forward pass; None: 8 on CUDA, 1 on the CPU.
           num_workers (int): data workers reading and resizing the images.
           tta (str): ``none`` or ``flip``: mean of the pipeline's probabilities (coarse and refined) on the image
@@ -368,8 +337,6 @@ class UltraPredictor:
             image counts as gated when either pass kept its coarse mask.
           optimize (str): SAM image encoder speed option (``fast_inference.fast_encoder``).
         """
-        from monai.transforms import Compose, Resize, ScaleIntensity
-
         from ultrarefiner.commands.args import check_range
         from ultrarefiner.engines.inference.fast_inference import (
             check_tta,
@@ -380,12 +347,10 @@ class UltraPredictor:
 
         self.network = network.to(device).eval()
         self.device = torch.device(device)
-        size = img_size or getattr(_unwrap(network).transunet, "img_size", 224)
-        # the evaluation pipeline's TransUNet input: min-max to [0, 1], anti-aliased bilinear resize
-        self.transform = Compose([ScaleIntensity(), Resize((size, size), mode="bilinear", anti_aliasing=True)])
-        self.iterations, self.gate_threshold, self.threshold = int(iterations), gate_threshold, threshold
+        self.transform = transunet_transform(img_size or getattr(_unwrap(network).transunet, "img_size", 224))
+        self.iterations, self.gate_threshold = int(iterations), gate_threshold
         self.quality_gate = as_flag(quality_gate, "quality_gate")
-        self.amp, self.nifti = as_flag(amp, "amp"), as_flag(nifti, "nifti")
+        self.amp = as_flag(amp, "amp")
         batch_size = default_batch_size(self.device) if batch_size is None else batch_size
         self.batch_size = check_range(batch_size, "batch_size", 1, 1024, integer=True)
         self.num_workers = check_range(num_workers, "num_workers", 0, 64, integer=True)
@@ -393,12 +358,11 @@ class UltraPredictor:
         self.optimize = resolve_optimize(optimize, self.device)
         self.refiner = _unwrap(network).refiner
         self.encoder = fast_encoder(self.refiner.sam.image_encoder, self.device, self.optimize)
-        self.dataset = _InputDataset([], self.transform, self.refiner.geometry, self.tta == "flip")
+        self.dataset = InputImages([], self.transform, self.refiner.geometry, self.tta)
 
     def settings(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "quality_gate": self.quality_gate,
-                "gate_threshold": self.gate_threshold if self.quality_gate else None, "threshold": self.threshold,
-                "tta": self.tta}
+                "gate_threshold": self.gate_threshold if self.quality_gate else None, "tta": self.tta}
 
     def predict_array(self, image: np.ndarray) -> dict[str, Any]:
         """(H, W) uint8 image -> dict of numpy arrays (coarse/refined probabilities, (H, W)) and scalars."""
@@ -406,7 +370,7 @@ class UltraPredictor:
 
     @torch.no_grad()  # not inference_mode: jit_freeze traces the encoder on its first call
     def predict_batch(self, samples: Sequence[dict]) -> list[dict[str, Any]]:
-        """Predictions of ``_InputDataset`` samples (images of any sizes): one TransUNet and one encoder pass for the
+        """Predictions of ``InputImages`` samples (images of any sizes): one TransUNet and one encoder pass for the
         batch (and its flips with TTA), then the refiner per image size; results as ``predict_array``."""
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
         from ultrarefiner.engines.inference.refine_folder import encoder_input
@@ -415,7 +379,7 @@ class UltraPredictor:
         flips = (False, True) if self.tta == "flip" else (False,)
         passes = [(s, f) for f in flips for s in samples]
         small = torch.stack([s["small_flipped" if f else "small"] for s, f in passes]).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == "cuda"):
+        with autocast(dev, self.amp):
             embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, dev) for s, f in passes]))
             coarse_probs = net.coarse_probability(net.transunet(small))
         groups: dict[tuple[int, int], list[int]] = {}
@@ -423,7 +387,7 @@ class UltraPredictor:
             groups.setdefault(tuple(s["pixels"].shape), []).append(i)
         per_pass: list[dict[str, torch.Tensor]] = [{} for _ in passes]
         for size, idx in groups.items():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == "cuda"):
+            with autocast(dev, self.amp):
                 out = refine_coarse(self.network, coarse_probs[idx], embeddings[idx], size, self.iterations,
                                     self.quality_gate, self.gate_threshold)
             for j, i in enumerate(idx):
@@ -449,80 +413,197 @@ class UltraPredictor:
             results.append(result)
         return results
 
-    def _batches(self, paths: Sequence[Path]) -> list[list[int]]:
-        """Index batches in (size, input order) order: equal sizes share the refiner's decoder pass. A file whose
-        header cannot be read goes last; its worker reports why."""
-        from ultrarefiner.data.imaging import image_size
+    def __call__(self, engine: Any, batch: Sequence[dict]) -> list[dict[str, Any]]:
+        """One evaluator iteration over a batch of ``InputImages`` items: per item its prediction, the "coarse"
+        and "refined" probabilities as (1, H, W) MetaTensors named after the item (for ``SaveImaged``); an empty
+        dict for an unreadable item. Fires the iteration events the evaluator's postprocessing runs on."""
+        from monai.data import MetaTensor
+        from monai.engines.utils import IterationEvents
 
-        def key(i: int) -> tuple[int, int, int]:
-            try:
-                return (*image_size(paths[i]), i)
-            except BadInputError:
-                return (1 << 30, 1 << 30, i)
+        good = [s for s in batch if "reason" not in s]
+        results = iter(self.predict_batch(good) if good else [])
+        outputs: list[dict[str, Any]] = []
+        for s in batch:
+            if "reason" in s:
+                outputs.append({})
+                continue
+            res = next(results)
+            meta = {"filename_or_obj": f"{s['name']}.png"}  # SaveImaged names the file after its stem
+            outputs.append({**res, **{k: MetaTensor(torch.from_numpy(res[k])[None], meta=dict(meta))
+                                      for k in ("coarse", "refined")}})
+        engine.state.output = outputs
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
-        order = sorted(range(len(paths)), key=key)
-        return [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
 
-    def predict(self, inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike) -> dict:
-        """Predict every input image, write the outputs and ``predictions.json``; returns that report.
+# ------------------------------------------------------------------------------------------------ outputs
+def _write_atomically(write: Callable[[str], None], filename: str | os.PathLike) -> None:
+    """``write(path)`` through ``utils.io.atomic_write``: a temporary file next to ``filename``, then a rename (no
+    half-written file; a failed write names ``filename``). The temporary file keeps the suffix (``.png``,
+    ``.nii.gz``) from which the MONAI writers pick the format."""
+    suffix = ".nii.gz" if str(filename).endswith(".nii.gz") else Path(filename).suffix
 
-        Unreadable files are listed under "skipped" with the reason (and logged); they never stop the run. Raises
-        ``UltraRefinerError`` when no input could be predicted.
+    def to_tmp(tmp: str) -> None:
+        named = tmp + suffix
+        try:
+            write(named)
+            os.replace(named, tmp)
+        finally:
+            if os.path.exists(named):
+                os.remove(named)
+
+    atomic_write(filename, to_tmp)
+
+
+class AtomicPILWriter(PILWriter):
+    """MONAI's ``PILWriter`` (``SaveImaged``'s PNG writer) writing each file atomically."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
+        _write_atomically(lambda path: PILWriter.write(self, path, verbose=verbose, **kwargs), filename)
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` (``SaveImaged``'s NIfTI writer) writing each file atomically."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
+        _write_atomically(lambda path: NibabelWriter.write(self, path, verbose=verbose, **kwargs), filename)
+
+
+class CoarseRefinedOverlayd(MapTransform):
+    def __init__(self, keys: KeysCollection = ("coarse", "refined"), image_key: str = "pixels",
+                 overlay_key: str = "overlay", allow_missing_keys: bool = False) -> None:
         """
-        from tqdm import tqdm
+        The image with the contours of its coarse (blue) and refined (red) masks, for ``SaveImaged``.
 
-        out = Path(output_dir)
-        paths = list_inputs(inputs)
-        names = _output_names(paths)
-        dataset = _InputDataset(paths, self.transform, self.refiner.geometry, self.tta == "flip")
-        batches = self._batches(paths)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_as_list,
-                                             num_workers=min(self.num_workers, len(batches)))
-        entries: dict[int, dict] = {}
-        skipped: dict[int, dict] = {}
-        bar = tqdm(total=len(paths), desc="predict", leave=False, disable=None)
-        for batch in loader:
-            for s in batch:
-                if "reason" in s:
-                    path = paths[s["index"]]
-                    logger.warning(f"skipped {path}: {s['reason']}")
-                    skipped[s["index"]] = {"image": str(path), "reason": s["reason"]}
-            good = [s for s in batch if "reason" not in s]
-            for s, res in zip(good, self.predict_batch(good) if good else [], strict=True):
-                entries[s["index"]] = self._write(out, paths[s["index"]], names[s["index"]], s["pixels"], res)
-            bar.update(len(batch))
-        bar.close()
-        images = [entries[i] for i in sorted(entries)]
-        skipped_list = [skipped[i] for i in sorted(skipped)]
-        report = {"settings": self.settings(), "n_images": len(images), "n_skipped": len(skipped_list),
-                  "images": images, "skipped": skipped_list}
-        write_json(out / "predictions.json", report)
-        if skipped_list:
-            logger.warning(f"{len(skipped_list)} of {len(paths)} input files skipped (listed in "
-                           f"{out / 'predictions.json'})")
-        if not images:
-            raise UltraRefinerError(f"no input image could be predicted ({len(skipped_list)} skipped: "
-                                    f"{'; '.join(s['image'] + ': ' + s['reason'] for s in skipped_list[:5])})")
-        logger.info(f"predicted {len(images)} image(s) into {out}")
-        return report
+        Arguments:
+          keys: the coarse and the refined mask, (1, H, W) bool MetaTensors.
+          image_key: the (H, W) uint8 image.
+          overlay_key: written: (3, H, W) uint8 MetaTensor with the coarse mask's metadata.
+          allow_missing_keys: skip items without the masks (unreadable inputs).
+        """
+        super().__init__(keys, allow_missing_keys)
+        self.image_key, self.overlay_key = image_key, overlay_key
 
-    def _write(self, out: Path, path: Path, name: str, image: np.ndarray, res: dict[str, Any]) -> dict[str, Any]:
-        """Masks, overlay (and NIfTI) of one image, atomically; its report entry."""
-        coarse, refined = res["coarse"] > self.threshold, res["refined"] > self.threshold
-        entry = {"image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
-                 "pred_iou": round(res["pred_iou"], 6), "coarse": f"coarse/{name}.png",
-                 "refined": f"refined/{name}.png", "overlay": f"overlays/{name}.png",
-                 "coarse_area": int(coarse.sum()), "refined_area": int(refined.sum())}
-        if self.iterations:
-            entry.update(final_iou=round(res["final_iou"], 6), best_pass=res["best_pass"])
-        if self.quality_gate:
-            entry["gated"] = res["gated"]
-        write_png(out / entry["coarse"], coarse.astype(np.uint8) * 255)
-        write_png(out / entry["refined"], refined.astype(np.uint8) * 255)
-        write_png(out / entry["overlay"], overlay_coarse_refined(image.astype(np.float32) / 255.0, coarse, refined))
-        if self.nifti:
-            for kind, mask in (("coarse", coarse), ("refined", refined)):
-                rel = f"nifti/{name}_{kind}.nii.gz"
-                _write_nifti(out / rel, mask)
-                entry[f"{kind}_nifti"] = rel
-        return entry
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        masks = [d[k] for k in self.key_iterator(d)]
+        if not masks:
+            return d
+        coarse, refined = (np.asarray(torch.as_tensor(m)[0]) for m in masks)
+        rgb = overlay_coarse_refined(np.asarray(d[self.image_key], np.float32) / 255.0, coarse, refined)
+        meta = dict(getattr(masks[0], "meta", {}))
+        d[self.overlay_key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(np.moveaxis(rgb, -1, 0))), meta=meta)
+        return d
+
+
+class PredictionReport:
+    def __init__(self, output_dir: str | os.PathLike, predictor: UltraPredictor, threshold: float = 0.5,
+                 keys: Sequence[str] = ("coarse", "refined", "overlay")) -> None:
+        """
+        ``<output_dir>/predictions.json`` of an inference run (module docstring), written when the evaluator
+        completes: settings, per image its size, predicted IoU (chosen pass, gate), written files and mask areas,
+        and the skipped files with the reason. Raises ``UltraRefinerError`` when no input could be predicted.
+
+        Arguments:
+          output_dir: where the writers put the files (paths in the report are relative to it).
+          predictor: the evaluator's ``UltraPredictor`` (its settings go into the report).
+          threshold: the probability threshold of the written masks.
+          keys: written images whose paths (``saved_to`` of ``SaveImaged``) the entries list; NIfTI copies
+            ``<key>_nifti`` are listed when present.
+        """
+        self.output_dir, self.predictor, self.threshold = Path(output_dir), predictor, threshold
+        self.keys = list(keys)
+        self.entries: dict[int, dict] = {}
+        self.skipped: dict[int, dict] = {}
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Any) -> None:
+        """Empty the report, and fail at once, naming the folder, when nothing can be written there (the writer
+        transforms' own errors reach the caller only as the text of MONAI's "cannot find a suitable writer")."""
+        self.entries, self.skipped = {}, {}
+        probe = atomic_write(self.output_dir / ".write_check", lambda tmp: None)
+        probe.unlink()
+
+    def _saved(self, value: Any) -> str:
+        return Path(value.meta["saved_to"]).relative_to(self.output_dir).as_posix()
+
+    def _collect(self, engine: Any) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output, strict=True):
+            if "reason" in item:
+                logger.warning(f"skipped {item['image']}: {item['reason']}")
+                self.skipped[item["index"]] = {"image": item["image"], "reason": item["reason"]}
+                continue
+            h, w = item["pixels"].shape
+            entry = {"image": item["image"], "height": int(h), "width": int(w),
+                     "pred_iou": round(out["pred_iou"], 6)}
+            entry.update({k: self._saved(out[k]) for k in self.keys})
+            entry.update(coarse_area=int(out["coarse"].sum()), refined_area=int(out["refined"].sum()))
+            if self.predictor.iterations:
+                entry.update(final_iou=round(out["final_iou"], 6), best_pass=out["best_pass"])
+            if self.predictor.quality_gate:
+                entry["gated"] = out["gated"]
+            entry.update({f"{k}_nifti": self._saved(out[f"{k}_nifti"]) for k in ("coarse", "refined")
+                          if f"{k}_nifti" in out})
+            self.entries[item["index"]] = entry
+
+    def report(self) -> dict[str, Any]:
+        images = [self.entries[i] for i in sorted(self.entries)]
+        skipped = [self.skipped[i] for i in sorted(self.skipped)]
+        settings = {**self.predictor.settings(), "threshold": self.threshold}
+        return {"settings": settings, "n_images": len(images), "n_skipped": len(skipped), "images": images,
+                "skipped": skipped}
+
+    def _write(self, engine: Any) -> None:
+        report = self.report()
+        path = self.output_dir / "predictions.json"
+        write_json(path, report)
+        n = report["n_images"] + report["n_skipped"]
+        if report["skipped"]:
+            logger.warning(f"{report['n_skipped']} of {n} input files skipped (listed in {path})")
+        if not report["images"]:
+            raise UltraRefinerError(f"no input image could be predicted ({report['n_skipped']} skipped: "
+                                    + "; ".join(f"{s['image']}: {s['reason']}" for s in report["skipped"][:5]) + ")")
+        logger.info(f"predicted {report['n_images']} image(s) into {self.output_dir}")
+
+
+def run_inference(bundle: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``<bundle>/configs/inference.json`` (its evaluator, as ``python -m monai.bundle run`` does) with
+    ``overrides`` of its ids (values may be objects, e.g. ``network``); returns the predictions.json report."""
+    from monai.bundle import ConfigParser
+
+    config = Path(bundle) / "configs" / "inference.json"
+    if not config.is_file():
+        raise BadInputError(config, "bundle config not found")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(bundle)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    try:
+        parser.get_parsed_content("evaluator").run()
+    except RuntimeError as e:  # MONAI wraps what a transform raised: a failed write or bad input is the user's
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        raise cause from e
+    return parser.get_parsed_content("report").report()
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The ``UltraRefinerError`` or ``OSError`` behind MONAI's wrapping exceptions, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (UltraRefinerError, OSError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

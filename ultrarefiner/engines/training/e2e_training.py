@@ -5,10 +5,9 @@
   and are skipped), so the group layout never changes and optimizer-state resume works (no ``add_param_group``).
 - ``E2EPrepareBatch``: a MONAI ``prepare_batch`` turning a batch dict into
   ``(image, target, (), {"sam_image" | "image_embeddings", "original_size"})``.
-- ``E2EIteration``: the ``iteration_update`` of ``SupervisedTrainer``: forward under bf16 autocast (CUDA by
-  default), ``UltraRefinerLoss``, backward, per-group gradient clipping, a step skipped on non-finite gradients,
-  and the usual ``IterationEvents`` (so decollation, postprocessing, metrics and handlers work unchanged).
-- ``create_e2e_trainer``: a ``SupervisedTrainer`` wired with the two.
+- ``E2ETrainStep``: phase 3's hook of the shared ``TrainStep`` (``engines.training.step``): the network's forward
+  and ``UltraRefinerLoss``; the step clips per param group and skips a step on non-finite gradients.
+- ``E2EEvalStep``: phase 3's hook of ``EvalStep``: ``ultra_predict.refine`` on a native-frame batch.
 
 End-to-end training without clipping and with a high SAM learning rate degraded TransUNet in a published
 implementation: clipping is on by default and the SAM group gets a 10x lower learning rate.
@@ -17,17 +16,22 @@ implementation: clipping is on by default and the SAM group gets a 10x lower lea
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Engine
 from monai.data import MetaTensor
-from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-__all__ = ["E2EIteration", "E2EPrepareBatch", "build_e2e_optimizer", "clip_gradients", "create_e2e_trainer"]
+from ultrarefiner.engines.evaluation.e2e_evaluation import PRED_KEYS
+from ultrarefiner.engines.inference.ultra_predict import refine
+from ultrarefiner.engines.training.step import EvalStep, TrainStep
+from ultrarefiner.utils.flags import as_flag
+
+__all__ = ["E2EEvalStep", "E2EPrepareBatch", "E2ETrainStep", "build_e2e_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def build_e2e_optimizer(
         ``requires_grad`` off they never get a gradient, and the optimizer skips them.
       kwargs: further optimizer arguments (betas, momentum, ...). Adam/AdamW default to ``fused=True`` where
         torch has the fused kernel for every parameter's device (CUDA, CPU, ...): one kernel per step instead of a
-        Python loop, and :class:`E2EIteration` can skip a non-finite step on the device (``found_inf``), without
+        Python loop, and :class:`E2ETrainStep` can skip a non-finite step on the device (``found_inf``), without
         reading the gradient norms back to the host.
 
     Returns:
@@ -94,30 +98,6 @@ def _fused_supported(params: Sequence[torch.Tensor]) -> bool:
     devices = _get_fused_kernels_supported_devices()
     trainable = [p for p in params if p.requires_grad]
     return bool(trainable) and all(p.is_floating_point() and p.device.type in devices for p in trainable)
-
-
-def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """The optimizer skips its own step when ``optimizer.found_inf`` is 1 (as under ``GradScaler``): fused Adam and
-    AdamW, which also leave their step counts unchanged. (Fused SGD would leave a first momentum buffer unset.)"""
-    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
-
-
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float,
-                   per_group: bool = True) -> dict[str, torch.Tensor]:
-    """Clip gradient norms to ``max_norm``, per param group (default: SAM's gradients cannot shrink TransUNet's
-    and the reverse) or over all parameters.
-
-    Returns:
-      {group name (or "all"): norm before clipping (0-dim tensor)}; groups without gradients are left out.
-    """
-    groups = optimizer.param_groups if per_group else [{"params": [p for g in optimizer.param_groups
-                                                                   for p in g["params"]], "name": "all"}]
-    norms = {}
-    for i, group in enumerate(groups):
-        params = [p for p in group["params"] if p.grad is not None]
-        if params:
-            norms[group.get("name", str(i))] = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norms
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -237,147 +217,77 @@ class E2EPrepareBatch(PrepareBatch):
         return to(image), target, (), net_kwargs
 
 
-class E2EIteration:
+class E2ETrainStep(TrainStep):
     def __init__(
         self,
         max_grad_norm: float | None = 1.0,
         clip_per_group: bool = True,
-        amp: bool | None = None,
+        amp: bool = True,
         amp_dtype: torch.dtype = torch.bfloat16,
         skip_nonfinite: bool = True,
         log_interval: int = 100,
     ) -> None:
         """
-        ``iteration_update`` of a MONAI ``SupervisedTrainer`` for ``UltraRefiner``.
-
-        Uses the engine's ``prepare_batch`` (``E2EPrepareBatch``), ``network``, ``optimizer`` and ``loss_function``
-        (``UltraRefinerLoss``: called as ``loss(outputs, target)`` or ``loss(outputs, **target)`` for a dict
-        target; a dict result's "loss" is optimised and its other entries are logged). The trainer's own
-        ``amp``/``GradScaler`` are not used: leave ``amp=False`` there.
+        Phase 3's hook of :class:`TrainStep`: the ``iteration_update`` of a ``SupervisedTrainer`` over
+        ``UltraRefiner``, with ``E2EPrepareBatch`` and ``UltraRefinerLoss`` (called as ``loss(outputs, target)``,
+        or ``loss(outputs, **target)`` for a dict target; a dict result's "loss" is optimised and its other entries
+        are logged as ``loss_<name>``). Output also ``grad_norm_<group>`` per param group when clipping.
 
         Arguments:
-          max_grad_norm (float or None): gradient clipping norm (None: no clipping).
-          clip_per_group (bool): clip each param group separately (``clip_gradients``).
-          amp (bool or None): autocast the forward pass; None: on CUDA devices only.
-          amp_dtype (torch.dtype): bfloat16 (float16 would need a GradScaler, not provided).
-          skip_nonfinite (bool): skip the optimizer step when a gradient norm is NaN/inf (needs clipping, which
-            computes the norms). The weights and the optimizer state stay as they were. With fused Adam/AdamW
-            (``build_e2e_optimizer``'s default) the optimizer skips on the device; any other optimizer reads one
-            flag back to the host per step. Skipped steps are counted on the device (``skipped_steps`` reads the
-            count) and logged every ``log_interval`` iterations and at the end of each epoch.
-          log_interval (int): iterations between the reads of the skipped-step count (each a host sync).
+          max_grad_norm: gradient clipping norm (None: no clipping).
+          clip_per_group: clip each param group (TransUNet, SAM) separately.
+          amp, amp_dtype, skip_nonfinite, log_interval: see :class:`TrainStep` (with fused Adam/AdamW,
+            ``build_e2e_optimizer``'s default, a non-finite step is skipped on the device).
         """
-        if amp_dtype != torch.bfloat16:
-            raise ValueError(f"amp_dtype must be torch.bfloat16 (no GradScaler here), got {amp_dtype}")
-        self.max_grad_norm = max_grad_norm
-        self.clip_per_group = clip_per_group
-        self.amp = amp
-        self.amp_dtype = amp_dtype
-        self.skip_nonfinite = skip_nonfinite
-        self.log_interval = max(1, int(log_interval))
-        self._skipped: torch.Tensor | int = 0  # device count: read back only every log_interval iterations
-        self._logged = 0
+        super().__init__(amp, amp_dtype, max_grad_norm, clip_per_group, skip_nonfinite, log_interval)
 
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients so far (reads the device count: a host sync)."""
-        return int(self._skipped)
-
-    def _log_skips(self, engine: SupervisedTrainer) -> None:
-        total = self.skipped_steps
-        if total > self._logged:
-            logger.warning(f"iteration {engine.state.iteration}: {total - self._logged} optimizer step(s) skipped for "
-                           f"a non-finite gradient norm since the last report ({total} so far)")
-        self._logged = total
-
-    def __call__(self, engine: SupervisedTrainer, batchdata: Any) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        if getattr(engine, "accumulation_steps", 1) != 1:
-            raise ValueError("E2EIteration does not implement gradient accumulation; use accumulation_steps=1")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    def forward_and_loss(self, engine: Engine, batch: Any) -> dict[str, Any]:
         inputs, targets, args, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+        outputs = engine.network(inputs, *args, **kwargs)
+        losses = (self.compute_loss(engine, outputs, **targets) if isinstance(targets, Mapping)
+                  else self.compute_loss(engine, outputs, targets))
         label = targets["target"] if isinstance(targets, Mapping) else targets
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: label}
-        device = torch.device(engine.state.device) if engine.state.device is not None else inputs.device
-        amp = device.type == "cuda" if self.amp is None else self.amp
-
-        engine.network.train()
-        # set_to_none: parameters without a gradient this step are skipped by the optimizer (no decay, no momentum)
-        engine.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=amp):
-            outputs = engine.network(inputs, *args, **kwargs)
-        engine.state.output[Keys.PRED] = outputs["masks"].detach()
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        # the loss casts to float32 itself; outside autocast so its reductions stay in float32
-        losses = (engine.loss_function(outputs, **targets) if isinstance(targets, Mapping)
-                  else engine.loss_function(outputs, targets))
-        loss = losses["loss"] if isinstance(losses, Mapping) else losses
-        engine.state.output[Keys.LOSS] = loss.detach()
+        result = {Keys.IMAGE: inputs, Keys.LABEL: label, Keys.PRED: outputs["masks"].detach()}
         if isinstance(losses, Mapping):
-            engine.state.output.update({f"loss_{k}": v.detach() for k, v in losses.items() if k != "loss"})
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        norms = {}
-        if self.max_grad_norm is not None:
-            norms = clip_gradients(engine.optimizer, self.max_grad_norm, self.clip_per_group)
-            engine.state.output.update({f"grad_norm_{k}": v.detach() for k, v in norms.items()})
-        if self.skip_nonfinite and norms:
-            self._gated_step(engine.optimizer, norms)
-            state = engine.state
-            if state.iteration % self.log_interval == 0 or (state.epoch_length and
-                                                              state.iteration % state.epoch_length == 0):
-                self._log_skips(engine)
-        else:
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+            result.update({f"loss_{k}": v.detach() for k, v in losses.items() if k != "loss"})
+            losses = losses["loss"]
+        result[Keys.LOSS] = losses
+        return result
 
 
-    def _gated_step(self, optimizer: torch.optim.Optimizer, norms: Mapping[str, torch.Tensor]) -> None:
-        """``optimizer.step()`` unless a norm is non-finite; the decision stays on the device where it can."""
-        device = next(iter(norms.values())).device
-        nonfinite = ~torch.stack([torch.isfinite(v.detach().to(device)) for v in norms.values()]).all()
-        self._skipped = self._skipped + nonfinite.long()
-        if _skips_on_device(optimizer):
-            optimizer.found_inf = nonfinite.float()  # type: ignore[attr-defined]  # read by Adam's fused step
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf
-        elif not bool(nonfinite):  # the one host read of a step with a non-fused optimizer
-            optimizer.step()
 
+class E2EEvalStep(EvalStep):
+    def __init__(
+        self,
+        iterations: int = 0,
+        quality_gate: bool = False,
+        gate_threshold: float = 0.5,
+        amp: bool = True,
+        amp_dtype: torch.dtype = torch.bfloat16,
+        image_key: str = "image_native",
+    ) -> None:
+        """
+        Phase 3's hook of :class:`EvalStep`: the ``iteration_update`` of a ``SupervisedEvaluator`` over
+        ``UltraRefiner`` (batch size 1, native frame; train.json's ``validate#prepare_batch``).
 
-def create_e2e_trainer(
-    model: nn.Module,
-    loss_function: Callable,
-    optimizer: torch.optim.Optimizer,
-    train_data_loader: Iterable,
-    device: str | torch.device,
-    max_epochs: int = 1,
-    prepare_batch: PrepareBatch | None = None,
-    max_grad_norm: float | None = 1.0,
-    amp: bool | None = None,
-    epoch_length: int | None = None,
-    train_handlers: Sequence | None = None,
-    **kwargs: Any,
-) -> SupervisedTrainer:
-    """``SupervisedTrainer`` with ``E2EPrepareBatch`` (default keys) and ``E2EIteration``; other keyword arguments
-    (postprocessing, key_train_metric, decollate, ...) go to ``SupervisedTrainer``."""
-    return SupervisedTrainer(
-        device=device,
-        max_epochs=max_epochs,
-        train_data_loader=train_data_loader,
-        network=model,
-        optimizer=optimizer,
-        loss_function=loss_function,
-        epoch_length=epoch_length,
-        prepare_batch=prepare_batch or E2EPrepareBatch(),
-        iteration_update=E2EIteration(max_grad_norm=max_grad_norm, amp=amp),
-        train_handlers=train_handlers,
-        amp=False,
-        **kwargs,
-    )
+        Output: ``pred`` (final refined probability), ``coarse``, ``refined`` (and ``iterative``/``gated`` when
+        enabled, ``gate``, ``best_pass``), ``label`` (native), ``image`` (native, [0,1]) and ``pred_iou``.
+
+        Arguments:
+          iterations, quality_gate, gate_threshold: see ``ultra_predict.refine``.
+          amp, amp_dtype: see :class:`EvalStep`.
+          image_key: key of the raw batch's native image in [0,1], output as ``image`` (overlays).
+        """
+        super().__init__(amp, amp_dtype)
+        self.iterations, self.gate_threshold = int(iterations), gate_threshold
+        self.quality_gate = as_flag(quality_gate, "quality_gate")
+        self.image_key = image_key
+
+    def forward(self, engine: Engine, batch: Any) -> dict[str, Any]:
+        inputs, label, _, kwargs = batch
+        out = refine(engine.network, inputs, kwargs.get("sam_image"), kwargs.get("original_size"),
+                     self.iterations, self.quality_gate, self.gate_threshold)
+        image = engine.state.batch.get(self.image_key, inputs)  # the raw batch: ignite's state.batch
+        output = {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: out["final"], "pred_iou": out["pred_iou"]}
+        output.update({k: out[k] for k in (*PRED_KEYS, "gate", "best_pass") if k in out})
+        return output

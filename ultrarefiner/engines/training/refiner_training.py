@@ -1,25 +1,24 @@
-"""Phase-2 (SAM refiner) Ignite pieces for MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``.
+"""Phase-2 (SAM refiner) pieces of MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``.
 
 Batches come from ``ultrarefiner.data.refiner_data`` (image in the encoder frame, coarse, label, ``image_key``).
-With a frozen image encoder the embeddings go through :class:`KeyedEmbeddingCache`: each (image, flip) is encoded
+With a frozen image encoder the embeddings go through :class:`EmbeddingCache`: each (image, flip) is encoded
 once and reused across epochs and across every coarse mask of that image; only the prompt encoder and mask
-decoder run with autograd. The refiner loss needs the coarse mask as well as the label and returns a dict, so the
-trainer uses :class:`RefinerTrainStep` as ``iteration_update`` (with :class:`RefinerPrepareBatch` as
-``prepare_batch``); it fires MONAI's ``IterationEvents`` like ``SupervisedTrainer._iteration`` and fills
-``engine.state.output`` with MONAI keys: ``pred`` (refined probability at the label's resolution), ``label``,
+decoder run with autograd. :class:`RefinerTrainStep` and :class:`RefinerEvalStep` are phase 2's hooks of the shared
+``TrainStep`` / ``EvalStep`` (``engines.training.step``), with :class:`RefinerPrepareBatch` as ``prepare_batch``;
+``engine.state.output`` carries MONAI keys: ``pred`` (refined probability at the label's resolution), ``label``,
 ``loss``, plus ``coarse``, ``input_dice``, ``iou_predictions`` and the loss terms.
 
-Typical use (a bundle does the same through ``_target_``)::
+The trainer is ``bundles/sam_refiner/configs/train.json``'s ``train#trainer`` (tests and benchmarks build it with
+``engines.training.bundle_trainer``)::
 
-    cache = KeyedEmbeddingCache(refiner.sam.image_encoder, cache_dir)
+    cache = EmbeddingCache(refiner.sam.image_encoder, cache_dir)
     precompute_embeddings(refiner, cache, train_ds, num_workers=8)       # optional: fills the cache in parallel
-    trainer = create_refiner_trainer(device, epochs, train_loader, refiner, optimizer, cache=cache, amp=True)
+    trainer = bundle_trainer("sam_refiner", {"network": refiner, "cache": cache, "train#dataset": train_ds})
     trainer.run()
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader, Dataset
 
 from ultrarefiner.data.refiner_data import load_encoder_image, resize_backend
-from ultrarefiner.losses.refiner_loss import RefinerLoss, curriculum_weights
+from ultrarefiner.engines.training.step import EvalStep, TrainStep
+from ultrarefiner.losses.refiner_loss import curriculum_weights
 from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.networks.sam_geometry import SamGeometry
+from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.flags import as_flag
 
 if TYPE_CHECKING:
@@ -43,16 +42,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DatasetEpochHandler",
-    "KeyedEmbeddingCache",
     "RefinerEvalStep",
     "RefinerPrepareBatch",
     "RefinerTrainStep",
-    "autocast_context",
-    "create_refiner_evaluator",
-    "create_refiner_trainer",
+    "check_geometry",
     "encode_batch",
     "encoder_inputs",
     "fill_encoder_padding",
+    "parse_curriculum",
     "precompute_embeddings",
     "refine_batch",
 ]
@@ -63,73 +60,6 @@ ImageLoader = Callable[[str, bool, SamGeometry], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------ cache
-class KeyedEmbeddingCache(EmbeddingCache):
-    """:class:`EmbeddingCache` addressed by the datasets' ``image_key`` (image file digest, flip, resize) instead
-    of a digest of the encoder input: no 3x1024x1024 tensor is hashed or even built on a hit, and samples loaded
-    without images (``with_image=False``) can still be served. Entries stay namespaced by the encoder-weights
-    fingerprint (memory and ``<cache_dir>/<fingerprint>/<key>.pt``), stored in ``dtype``.
-
-    Arguments:
-      encoder: the frozen image encoder (``refiner.sam.image_encoder``); refused if any parameter requires grad.
-      cache_dir: folder of the persistent cache; None keeps entries in memory only.
-      max_items: bound of the in-memory LRU (None: unbounded; ~2 MB per vit_b entry in float16).
-      dtype: storage dtype.
-      store_device: where in-memory entries live (``cuda`` saves the host-to-device copy when they fit).
-    """
-
-    def __init__(self, encoder: torch.nn.Module, cache_dir: str | None = None, max_items: int | None = None,
-                 dtype: torch.dtype = torch.float16, store_device: str | torch.device = "cpu") -> None:
-        super().__init__(encoder, cache_dir, max_items, dtype)
-        self.store_device = torch.device(store_device)
-
-    def __contains__(self, key: str) -> bool:
-        if key in self._memory:
-            return True
-        path = self._disk_path(key)
-        return path is not None and path.is_file()
-
-    def embed(self, keys: Sequence[str], compute: Callable[[list[int]], torch.Tensor],
-              device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Embeddings of a batch, computing only the missing ones (each distinct key once).
-
-        Arguments:
-          keys: B cache keys.
-          compute: ``compute(indices)`` -> (M,C,h,w) encoder outputs for those batch positions (one per distinct
-            missing key); called at most once, under ``torch.no_grad``.
-          device, dtype: of the returned tensor.
-
-        Returns:
-          torch.Tensor: (B,C,h,w).
-        """
-        found: list[torch.Tensor | None] = []
-        for k in keys:
-            v = self._get(k)
-            if v is not None and v.device != self.store_device:  # a disk hit lands on the CPU
-                v = self._memory[k] = v.to(self.store_device)
-            found.append(v)
-        first_missing: dict[str, int] = {}
-        for i, (k, v) in enumerate(zip(keys, found, strict=True)):
-            if v is None:
-                first_missing.setdefault(k, i)
-        self.hits += len(keys) - len(first_missing)
-        self.misses += len(first_missing)
-        if first_missing:
-            idx = list(first_missing.values())
-            with torch.no_grad():
-                computed = compute(idx)
-            if computed.shape[0] != len(idx):
-                raise ValueError(f"compute returned {computed.shape[0]} embeddings for {len(idx)} images")
-            new = {}
-            # one device-to-host copy for the batch's misses, not one per sample
-            stored = computed.detach().to(self.store_device, self.dtype)
-            for k, emb in zip(first_missing, stored, strict=True):
-                new[k] = emb.clone()  # own storage: a view would keep the whole batch alive in the LRU
-                self._put(k, new[k])
-            found = [new[k] if v is None else v for k, v in zip(keys, found, strict=True)]
-        # cast before stacking: stack under a bf16 autocast rejects the fp16 store dtype
-        return torch.stack([v.to(device, dtype, non_blocking=True) for v in found])
-
-
 # ------------------------------------------------------------------------------------------------ encoder input
 def fill_encoder_padding(image: torch.Tensor, input_size: torch.Tensor | None, geometry: SamGeometry) -> torch.Tensor:
     """Encoder-frame images padded with zeros by the data worker -> images whose SAM preprocessing is exact.
@@ -191,7 +121,7 @@ def _cache_keys(refiner: SAMRefiner, keys: Sequence[str]) -> list[str]:
     return out
 
 
-def encode_batch(refiner: SAMRefiner, batch: dict, cache: KeyedEmbeddingCache,
+def encode_batch(refiner: SAMRefiner, batch: dict, cache: EmbeddingCache,
                  image_loader: ImageLoader = load_encoder_image) -> torch.Tensor:
     """(B,256,S/16,S/16) embeddings of a prepared batch through the cache (encoder frozen).
 
@@ -218,7 +148,7 @@ def encode_batch(refiner: SAMRefiner, batch: dict, cache: KeyedEmbeddingCache,
     return cache.embed(_cache_keys(refiner, batch["image_key"]), compute, device)
 
 
-def refine_batch(refiner: SAMRefiner, batch: dict, cache: KeyedEmbeddingCache | None = None,
+def refine_batch(refiner: SAMRefiner, batch: dict, cache: EmbeddingCache | None = None,
                  image_loader: ImageLoader = load_encoder_image) -> dict[str, Any]:
     """The refiner's forward on a prepared batch (see :class:`RefinerPrepareBatch`).
 
@@ -280,19 +210,6 @@ class RefinerPrepareBatch:
         return out
 
 
-def autocast_context(device: torch.device | str, enabled: bool, dtype: torch.dtype = torch.bfloat16):
-    """bf16 autocast on CUDA when ``enabled``; a no-op elsewhere (CPU bf16 is slow and not needed)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def _float_outputs(out: dict[str, Any]) -> dict[str, Any]:
-    """Loss in float32 whatever the autocast dtype of the forward."""
-    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
-
-
 def _at(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, tuple(size), mode="bilinear",
                                                                       align_corners=False)
@@ -323,98 +240,76 @@ def parse_curriculum(value: Any) -> dict | None:
     return {} if as_flag(value, "curriculum") else None
 
 
-class RefinerTrainStep:
-    """``iteration_update`` of a ``SupervisedTrainer`` whose network is a ``SAMRefiner`` and whose
-    ``loss_function`` is a :class:`RefinerLoss`.
+def check_geometry(loader: Iterable | None, refiner: torch.nn.Module) -> None:
+    """Refuse a data loader whose dataset was built for another SAM geometry than the refiner's (its samples would
+    be in the wrong encoder frame)."""
+    inner = getattr(refiner, "module", refiner)
+    g, r = getattr(getattr(loader, "dataset", None), "geometry", None), inner.geometry
+    if g is not None and (g.mode, g.img_size) != (r.mode, r.img_size):
+        raise ValueError(f"dataset geometry ({g.mode}, {g.img_size}) differs from the refiner's ({r.mode}, "
+                         f"{r.img_size}): use geometry=refiner.geometry")
 
-    One iteration: prepare the batch, embeddings (cache when given), prompts + decoder with grad under bf16
-    autocast (``engine.amp``, CUDA), the loss in float32 (with the coarse mask as its input mask and optional
-    curriculum weights), backward, optional gradient-norm clipping over the trainable parameters, optimizer step.
-    ``engine.state.output``: ``pred`` (B,1,hl,wl) probability, ``label``, ``coarse`` (at label size),
-    ``input_dice`` (B,), ``iou_predictions`` (B,K), ``image_key``, ``loss`` and ``loss_bce``/``loss_dice``/
-    ``loss_iou``/``loss_change`` (detached scalars), ``grad_norm`` when clipping, ``image`` when loaded.
 
-    Arguments:
-      cache: embeddings of the frozen encoder (None: encode every step).
-      grad_clip: max global gradient norm (None or 0: no clipping).
-      curriculum: easy-to-hard curriculum by loss weighting (``curriculum_weights``: a sample with input Dice d
-        weighs exp(-s (1 - d)), s decaying from 5 to 0 over the first half of ``engine.state.max_epochs``). True
-        (the original scripts' bare ``--curriculum``) uses those defaults, a dict sets them (e.g.
-        ``{"start_sharpness": 3.0}``), None/False (or 'false') keeps uniform weights.
-      amp_dtype: autocast dtype when ``engine.amp`` is on and the device is CUDA: bfloat16 (float16 would need a
-        GradScaler, which this step does not have; refused as in phase 3).
-      image_loader: loads a cache miss of a batch without images (see :func:`encode_batch`).
-    """
+class RefinerTrainStep(TrainStep):
+    def __init__(self, cache: EmbeddingCache | None = None, grad_clip: float | None = 1.0,
+                 curriculum: dict | None = None, amp: bool = True, amp_dtype: torch.dtype = torch.bfloat16,
+                 skip_nonfinite: bool = False, image_loader: ImageLoader = load_encoder_image) -> None:
+        """
+        Phase 2's hook of :class:`TrainStep`, the ``iteration_update`` of a ``SupervisedTrainer`` whose network is
+        a ``SAMRefiner`` and whose ``loss_function`` is a ``RefinerLoss``.
 
-    def __init__(self, cache: KeyedEmbeddingCache | None = None, grad_clip: float | None = 1.0,
-                 curriculum: dict | None = None, amp_dtype: torch.dtype = torch.bfloat16,
-                 image_loader: ImageLoader = load_encoder_image) -> None:
-        if amp_dtype != torch.bfloat16:
-            raise ValueError(f"amp_dtype must be torch.bfloat16 (no GradScaler here), got {amp_dtype}")
-        self.cache, self.grad_clip, self.curriculum = cache, grad_clip, parse_curriculum(curriculum)
-        self.amp_dtype, self.image_loader = amp_dtype, image_loader
+        Forward: embeddings (from ``cache`` when given), prompts + decoder with grad; the loss in float32 with the
+        coarse mask as its input mask and optional curriculum weights. ``engine.state.output``: ``pred``
+        (B,1,hl,wl) probability, ``label``, ``coarse`` (at label size), ``input_dice`` (B,), ``iou_predictions``
+        (B,K), ``image_key``, ``loss`` and ``loss_bce``/``loss_dice``/``loss_iou``/``loss_change`` (detached
+        scalars), ``grad_norm`` when clipping, ``image`` when loaded.
 
-    def __call__(self, engine: Engine, batchdata: dict) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        if getattr(engine, "accumulation_steps", 1) != 1:
-            raise ValueError("RefinerTrainStep does not implement gradient accumulation; use a larger batch")
-        device = engine.state.device
-        batch = engine.prepare_batch(batchdata, device, engine.non_blocking, **engine.to_kwargs)
-        net = engine.network
-        net.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with autocast_context(device, engine.amp, self.amp_dtype):
-            out = refine_batch(net, batch, self.cache, self.image_loader)
-        engine.state.output = _outputs(batch, out)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        Arguments:
+          cache: embeddings of the frozen encoder (None: encode every step).
+          grad_clip: max global gradient norm over the trainable parameters (None or 0: no clipping).
+          curriculum: easy-to-hard curriculum by loss weighting (``curriculum_weights``: a sample with input Dice d
+            weighs exp(-s (1 - d)), s decaying from 5 to 0 over the first half of ``engine.state.max_epochs``).
+            True (the original scripts' bare ``--curriculum``) uses those defaults, a dict sets them (e.g.
+            ``{"start_sharpness": 3.0}``), None/False (or 'false') keeps uniform weights.
+          amp, amp_dtype, skip_nonfinite: see :class:`TrainStep`.
+          image_loader: loads a cache miss of a batch without images (see :func:`encode_batch`).
+        """
+        super().__init__(amp, amp_dtype, max_grad_norm=grad_clip, clip_per_group=False, skip_nonfinite=skip_nonfinite)
+        self.cache, self.curriculum, self.image_loader = cache, parse_curriculum(curriculum), image_loader
+
+    def forward_and_loss(self, engine: Engine, batch: dict) -> dict[str, Any]:
+        check_geometry(getattr(engine, "data_loader", None), engine.network)
+        out = refine_batch(engine.network, batch, self.cache, self.image_loader)
         weights = None
         if self.curriculum is not None:
             weights = curriculum_weights(batch["input_dice"], engine.state.epoch - 1, engine.state.max_epochs,
                                          **self.curriculum)
-        terms = engine.loss_function(_float_outputs(out), batch["label"], input_mask=batch["coarse"],
-                                     sample_weights=weights)
-        loss = terms["loss"]
-        engine.state.output[Keys.LOSS] = loss.detach()
-        for name in ("bce", "dice", "iou", "change"):
-            engine.state.output[f"loss_{name}"] = terms[name].detach()
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip:
-            params = [p for p in net.parameters() if p.requires_grad and p.grad is not None]
-            engine.state.output["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip).detach()
-        engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        terms = self.compute_loss(engine, out, batch["label"], input_mask=batch["coarse"], sample_weights=weights)
+        result = _outputs(batch, out)
+        result[Keys.LOSS] = terms["loss"]
+        result.update({f"loss_{name}": terms[name].detach() for name in ("bce", "dice", "iou", "change")})
+        return result
 
 
-class RefinerEvalStep:
-    """``iteration_update`` of a ``SupervisedEvaluator`` over a ``SAMRefiner``: eval mode (argmax candidate),
-    no grad, bf16 autocast on CUDA with ``engine.amp``. Output keys as :class:`RefinerTrainStep` without the
-    loss: ``pred`` is the refined probability at the label's resolution (native with ``frame="native"``).
+class RefinerEvalStep(EvalStep):
+    def __init__(self, cache: EmbeddingCache | None = None, amp: bool = True,
+                 amp_dtype: torch.dtype = torch.bfloat16, image_loader: ImageLoader = load_encoder_image) -> None:
+        """
+        Phase 2's hook of :class:`EvalStep` over a ``SAMRefiner`` (eval mode: the argmax candidate). Output keys as
+        :class:`RefinerTrainStep` without the loss: ``pred`` is the refined probability at the label's resolution
+        (native with ``frame="native"``).
 
-    Arguments:
-      cache: embedding cache of the frozen encoder (None: encode every batch).
-      amp_dtype, image_loader: as in :class:`RefinerTrainStep`.
-    """
+        Arguments:
+          cache: embedding cache of the frozen encoder (None: encode every batch).
+          amp, amp_dtype: see :class:`EvalStep`.
+          image_loader: as in :class:`RefinerTrainStep`.
+        """
+        super().__init__(amp, amp_dtype)
+        self.cache, self.image_loader = cache, image_loader
 
-    def __init__(self, cache: KeyedEmbeddingCache | None = None, amp_dtype: torch.dtype = torch.bfloat16,
-                 image_loader: ImageLoader = load_encoder_image) -> None:
-        self.cache, self.amp_dtype, self.image_loader = cache, amp_dtype, image_loader
-
-    def __call__(self, engine: Engine, batchdata: dict) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        device = engine.state.device
-        batch = engine.prepare_batch(batchdata, device, engine.non_blocking, **engine.to_kwargs)
-        engine.network.eval()
-        with torch.no_grad(), autocast_context(device, engine.amp, self.amp_dtype):
-            out = refine_batch(engine.network, batch, self.cache, self.image_loader)
-        engine.state.output = _outputs(batch, out)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+    def forward(self, engine: Engine, batch: dict) -> dict[str, Any]:
+        check_geometry(getattr(engine, "data_loader", None), engine.network)
+        return _outputs(batch, refine_batch(engine.network, batch, self.cache, self.image_loader))
 
 
 class DatasetEpochHandler:
@@ -440,70 +335,6 @@ class DatasetEpochHandler:
                 d.set_epoch(engine.state.epoch - 1)
 
 
-def _check_geometry(loader: Iterable, refiner: SAMRefiner) -> None:
-    g = getattr(getattr(loader, "dataset", None), "geometry", None)
-    if g is not None and (g.mode, g.img_size) != (refiner.geometry.mode, refiner.geometry.img_size):
-        raise ValueError(f"dataset geometry ({g.mode}, {g.img_size}) differs from the refiner's "
-                         f"({refiner.geometry.mode}, {refiner.geometry.img_size}): use geometry=refiner.geometry")
-
-
-def create_refiner_trainer(
-    device: torch.device | str,
-    max_epochs: int,
-    train_loader: Iterable,
-    refiner: SAMRefiner,
-    optimizer: torch.optim.Optimizer | None = None,
-    loss: RefinerLoss | None = None,
-    cache: KeyedEmbeddingCache | None = None,
-    amp: bool = False,
-    grad_clip: float | None = 1.0,
-    curriculum: dict | None = None,
-    lr: float = 1e-4,
-    train_handlers: Sequence | None = None,
-    **kwargs: Any,
-) -> SupervisedTrainer:
-    """A ``SupervisedTrainer`` wired with :class:`RefinerPrepareBatch`, :class:`RefinerTrainStep` and a
-    :class:`DatasetEpochHandler` for the loader's dataset.
-
-    Arguments:
-      optimizer: default AdamW(lr) over the refiner's trainable parameters.
-      loss: default ``RefinerLoss()``.
-      amp: bf16 autocast on CUDA (no GradScaler is used: bf16 needs none).
-      kwargs: more ``SupervisedTrainer`` arguments (``key_train_metric``, ``postprocessing``, ...).
-    """
-    _check_geometry(train_loader, refiner)
-    if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in refiner.parameters() if p.requires_grad], lr=lr)
-    trainer = SupervisedTrainer(
-        device=torch.device(device), max_epochs=max_epochs, train_data_loader=train_loader, network=refiner,
-        optimizer=optimizer, loss_function=loss or RefinerLoss(), prepare_batch=RefinerPrepareBatch(),
-        iteration_update=RefinerTrainStep(cache, grad_clip, curriculum), amp=amp, train_handlers=train_handlers,
-        **kwargs,
-    )
-    dataset = getattr(train_loader, "dataset", None)
-    if dataset is not None and hasattr(dataset, "set_epoch"):
-        DatasetEpochHandler(dataset).attach(trainer)
-    return trainer
-
-
-def create_refiner_evaluator(
-    device: torch.device | str,
-    val_loader: Iterable,
-    refiner: SAMRefiner,
-    cache: KeyedEmbeddingCache | None = None,
-    amp: bool = False,
-    val_handlers: Sequence | None = None,
-    **kwargs: Any,
-) -> SupervisedEvaluator:
-    """A ``SupervisedEvaluator`` wired with :class:`RefinerPrepareBatch` and :class:`RefinerEvalStep`
-    (``kwargs``: ``key_val_metric``, ``additional_metrics``, ``postprocessing``, ...)."""
-    _check_geometry(val_loader, refiner)
-    return SupervisedEvaluator(
-        device=torch.device(device), val_data_loader=val_loader, network=refiner, prepare_batch=RefinerPrepareBatch(),
-        iteration_update=RefinerEvalStep(cache), amp=amp, val_handlers=val_handlers, **kwargs,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ precompute
 class _EncoderImages(Dataset):
     """(key, path, flip) -> {"key", "image" (1,S,S) zero-padded encoder-frame content, "input_size" (2,)}."""
@@ -523,7 +354,7 @@ class _EncoderImages(Dataset):
         return {"key": key, "image": out, "input_size": torch.tensor(img.shape[1:])}
 
 
-def precompute_embeddings(refiner: SAMRefiner, cache: KeyedEmbeddingCache,
+def precompute_embeddings(refiner: SAMRefiner, cache: EmbeddingCache,
                           sources: Dataset | Sequence[tuple[str, str, bool]], batch_size: int = 8,
                           num_workers: int = 0, amp: bool = False) -> int:
     """Fills ``cache`` with every (image, flip) a dataset can use, loading and resizing images in ``num_workers``
@@ -543,6 +374,6 @@ def precompute_embeddings(refiner: SAMRefiner, cache: KeyedEmbeddingCache,
     for b in loader:
         batch = {"image": b["image"].to(device), "input_size": b["input_size"], "image_key": list(b["key"]),
                  "original_size": (refiner.geometry.low_res_size, refiner.geometry.low_res_size)}
-        with autocast_context(device, amp):
+        with autocast(device, amp):
             encode_batch(refiner, batch, cache)
     return cache.misses - before

@@ -32,6 +32,8 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
+from ultrarefiner.engines.evaluation.engine_fields import field, output_items
+
 VAL_COLUMNS = {
     "Dice": "val_mean_dice",
     "IoU": "val_mean_iou",
@@ -45,10 +47,10 @@ VAL_COLUMNS = {
 def _loss_of(output: Any) -> torch.Tensor | float | None:
     """Loss from a MONAI engine output: dict, list of decollated dicts, tensor or number. A tensor is returned
     detached as a 0-d tensor where it lives (reading its value on a GPU is a host sync: left to the caller)."""
-    if isinstance(output, (list, tuple)) and output:
-        output = output[0]
+    items = output_items(output)
+    output = items[0] if items else None
     if isinstance(output, Mapping):
-        output = output.get("loss")
+        output = field(output, None, "loss", required=False)
     if isinstance(output, torch.Tensor) and output.numel() == 1:
         return output.detach().reshape(())
     if isinstance(output, (int, float)):
