@@ -32,7 +32,7 @@ from bundle_utils import (
 from ultrarefiner.data.imaging import read_image
 from ultrarefiner.engines.checkpoints.checkpoint import config_fingerprint
 from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
-from ultrarefiner.errors import BadInputError
+from ultrarefiner.errors import BadInputError, BadOptionError
 from ultrarefiner.networks import SAMRefiner, StackedInputRefiner, build_tiny_sam
 from ultrarefiner.networks.embedding_cache import weights_fingerprint
 
@@ -126,11 +126,14 @@ def test_data_sources(data, tmp_path):
     assert isinstance(err.value.__cause__, BadInputError) and "nowhere" in str(err.value.__cause__)
     with pytest.raises(RuntimeError) as err:
         train_set(data_source="sims")
-    assert isinstance(err.value.__cause__, KeyError) and "'sims'" in str(err.value.__cause__)
+    cause = err.value.__cause__  # the option and its choices, not a bare KeyError
+    assert isinstance(cause, BadOptionError) and "--data_source" in str(cause) and "'sims'" in str(cause)
 
     def eval_set(**options):
-        return config_datasets(data, ("train.json", "evaluate.json"), **{"predictions_dir": str(preds),
-                                                                          **options}).get_parsed_content("validate#dataset")
+        # evaluate.json's network (its geometry, its embedding cache) comes from the checkpoint (create_model); no
+        # checkpoint exists here, and the untrained tiny network_def has the same geometry
+        options = {"predictions_dir": str(preds), "network": "$@network_def.refiner", **options}
+        return config_datasets(data, ("train.json", "evaluate.json"), **options).get_parsed_content("validate#dataset")
 
     test_sim = eval_set(eval_samples_per_image=2)
     sample = test_sim[0]
@@ -190,6 +193,14 @@ def test_train_writes_checkpoints_and_report(trained):
     coarse[..., 10:30, 20:40] = 1.0
     with torch.no_grad():
         assert torch.equal(from_model(image=x, coarse=coarse)["masks"], from_best(image=x, coarse=coarse)["masks"])
+    # the record describes the tiny SAM as built (read from it), so the file alone rebuilds the refiner
+    assert kwargs["model_type"] == "tiny" and kwargs["sam_kwargs"]["img_size"] == 64
+    from ultrarefiner import create_model
+
+    hub = create_model("sam_refiner", data / "models" / "model.pt", sam_checkpoint="",
+                       **{k: kwargs[k] for k in ("use_point_prompt", "box_source")})
+    with torch.no_grad():
+        assert torch.equal(hub(image=x, coarse=coarse)["masks"], from_model(image=x, coarse=coarse)["masks"])
     # a decoder never meets an encoder it was not trained with
     with pytest.raises(BadInputError, match="another image encoder"):
         load_refiner_checkpoint(SAMRefiner(build_tiny_sam(img_size=64, seed=1)), data / "models" / "model.pt")

@@ -26,7 +26,7 @@ TINY = {
     # "torch" resize: the exact (numpy) MedSAM resize would be frozen into the trace as a constant
     "sam_refiner": ({"sam_def": "$ultrarefiner.networks.build_tiny_sam(img_size=256, seed=0)", "image_resize": "torch"},
                     [64, 64]),
-    "ultrarefiner": ({"img_size": 32, "vit_depth": 1, "sam_kwargs": {"model_type": "tiny", "img_size": 256},
+    "ultrarefiner": ({"img_size": 32, "vit_depth": 1, "sam_model_type": "tiny", "sam_def#img_size": 256,
                       "image_resize": "torch"}, [64, 64]),
 }
 

@@ -187,6 +187,25 @@ def test_partial_vit_refiner_needs_its_base_weights(tmp_path):
     assert str(partial) in str(e.value)
 
 
+def test_tiny_sam_refiner_record_rebuilds_its_sam(tmp_path):
+    """A refiner over a tiny SAM records that SAM's build kwargs (read from the built Sam, ``sam_record``):
+    ``create_model`` rebuilds it from the file alone, and an override contradicting the record is refused."""
+    from ultrarefiner.networks import SAMRefiner, build_sam, sam_record
+
+    refiner = SAMRefiner(build_sam("tiny", "random", img_size=64, encoder_depth=2, seed=3)).eval()
+    record = sam_record(refiner.sam)
+    assert record == {"model_type": "tiny", "sam_kwargs": {"img_size": 64, "encoder_dim": 32, "encoder_depth": 2,
+                                                           "prompt_dim": 64, "decoder_depth": 1, "window_size": 8,
+                                                           "seed": 3}}
+    path = save_checkpoint(tmp_path / "model.pt", {"kind": "sam_refiner", "model": refiner.state_dict(),
+                                                   "network_kwargs": record, "lora": False, "partial": False})
+    rebuilt = ultrarefiner.create_model("sam_refiner", path)
+    assert len(rebuilt.sam.image_encoder.blocks) == 2
+    assert all(torch.equal(v, refiner.state_dict()[k]) for k, v in rebuilt.state_dict().items())
+    with pytest.raises(BadInputError, match="img_size=64, not 128"):
+        ultrarefiner.create_model("sam_refiner", path, sam_kwargs={"img_size": 128})
+
+
 # ------------------------------------------------------------------------------------------------ ultrarefiner
 def test_ultrarefiner_from_best_and_exported_model(tmp_path):
     from ultrarefiner.engines.inference.ultra_predict import refine

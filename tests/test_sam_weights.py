@@ -71,7 +71,7 @@ def test_wrong_model_size_and_not_a_checkpoint(vit_b, tmp_path):
         load_sam_checkpoint(vit_b, tiny)  # different depth: missing keys
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(BadInputError, match="cannot be read"):
+    with pytest.raises(BadInputError, match="not a readable PyTorch checkpoint"):
         load_sam_checkpoint(vit_b, text)
     with pytest.raises(BadInputError, match="not found"):
         load_sam_checkpoint(vit_b, tmp_path / "missing.pth")
@@ -93,7 +93,7 @@ def test_shape_mismatch_is_reported(tmp_path):
 def test_unsafe_pickle_refused(vit_b, tmp_path):
     path = tmp_path / "pickled.pth"
     torch.save({"model": build_tiny_sam(img_size=256)}, path)  # a whole nn.Module: refused by weights_only
-    with pytest.raises(BadInputError, match="cannot be read"):
+    with pytest.raises(BadInputError, match="not a readable PyTorch checkpoint"):
         load_sam_checkpoint(vit_b, path)
 
 

@@ -15,8 +15,8 @@ from conftest import blob, save
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ultrarefiner"
 TU = {"img_size": 32, "num_classes": 2, "in_channels": 1, "variant": "R50-ViT-B_16", "vit_depth": 1, "hidden_size": 32,
       "num_heads": 2, "mlp_dim": 64, "block_units": [1, 1, 1], "decoder_channels": [32, 16, 16, 8]}
-TINY = {"img_size": 32, "transunet_kwargs": TU, "sam_kwargs": {"model_type": "tiny", "img_size": 256},
-        "sam_checkpoint": "", "device": "$torch.device('cpu')"}
+TINY = {"img_size": 32, **{f"network_def#transunet#{k}": v for k, v in TU.items()}, "sam_model_type": "tiny",
+        "sam_def#img_size": 256, "sam_checkpoint": "", "device": "$torch.device('cpu')"}
 
 
 def _items(root: Path, n: int = 3) -> list[dict]:
@@ -137,8 +137,9 @@ def test_augmentation_override_by_id(tmp_path):
 
 
 def test_datasets_and_network_are_components(tmp_path):
-    """``train#dataset`` is a ``CacheDataset`` that caches with ``cache memory`` only; ``network_def`` is built from
-    the ``*_kwargs`` dicts that checkpoints record, so an override of either changes both."""
+    """``train#dataset`` is a ``CacheDataset`` that caches with ``cache memory`` only; the ``network_kwargs`` that
+    checkpoints record are read back from the built ``network_def``, so an override of a leaf argument is what they
+    record."""
     from monai.data import CacheDataset
 
     items = _items(tmp_path, n=2)
@@ -147,9 +148,21 @@ def test_datasets_and_network_are_components(tmp_path):
         parser["train#datalist"] = items
         dataset = parser.get_parsed_content("train#dataset")
         assert isinstance(dataset, CacheDataset) and len(dataset) == 2 and dataset.cache_num == cached
-    parser = _parser(**{"transunet_kwargs#vit_depth": 2, "refiner_kwargs#image_resize": "torch"})
+    parser = _parser(**{"network_def#transunet#vit_depth": 2, "refiner_kwargs#image_resize": "torch",
+                        "sam_def#encoder_depth": 2})
     net = parser.get_parsed_content("network_def")
     assert len(net.transunet.blocks) == 2 and net.refiner.geometry.image_resize == "torch"
+    assert len(net.refiner.sam.image_encoder.blocks) == 2
     recorded = parser.get_parsed_content("network_kwargs")
     assert recorded["transunet"]["vit_depth"] == 2 and recorded["refiner"]["image_resize"] == "torch"
-    assert recorded["sam"] == TINY["sam_kwargs"]
+    assert recorded["transunet"] == net.transunet.network_kwargs and recorded["transunet"]["hidden_size"] == 32
+    assert recorded["sam"]["model_type"] == "tiny" and recorded["sam"]["img_size"] == 256
+    assert recorded["sam"]["encoder_depth"] == 2
+    # the record rebuilds this network exactly: a checkpoint of it loads strictly through create_model
+    from ultrarefiner.engines.checkpoints.checkpoint import save_checkpoint
+    from ultrarefiner.hub import create_model
+
+    path = tmp_path / "net.pt"
+    save_checkpoint(path, {"kind": "ultrarefiner", "model": net.state_dict(), "network_kwargs": recorded})
+    rebuilt = create_model("ultrarefiner", path)
+    assert len(rebuilt.transunet.blocks) == 2 and len(rebuilt.refiner.sam.image_encoder.blocks) == 2

@@ -11,7 +11,8 @@ explicitly (``**overrides`` or ``fallback_kwargs``), and are refused with a mess
 What each kind returns (eval mode, on ``device``)::
 
     transunet      TransUNet(**network_kwargs)                      (B,1,S,S) -> logits (B,C,S,S)
-    sam_refiner    SAMRefiner(sam=build_sam(model_type, base), ...)  image (B,1|3,H,W) + coarse (B,1,H,W) -> dict
+    sam_refiner    SAMRefiner(sam=build_sam(model_type, base, **sam_kwargs), ...)
+                                                                    image (B,1|3,H,W) + coarse (B,1,H,W) -> dict
     ultrarefiner   UltraRefiner(TransUNet, SAMRefiner)               (no embedding cache unless asked)
 
 ``sam_refiner`` without a checkpoint is the zero-shot refiner: LiteMedSAM's packaged weights (or ``model_type`` /
@@ -80,7 +81,8 @@ def create_model(
       overrides: network kwargs over the recorded ones; an architecture kwarg that differs from the file's is
         refused (its weights do not fit). ``ultrarefiner``: ``transunet``/``sam``/``refiner`` dicts merge into those
         sections, other keys go to ``UltraRefiner`` (``cache_embeddings``, ...). ``sam_refiner``: ``sam_kwargs``
-        (``build_tiny_sam`` arguments with ``model_type="tiny"``).
+        (``build_tiny_sam`` arguments with ``model_type="tiny"``), merged key by key with the recorded ones
+        (``networks.sam_record``: a file of a tiny-SAM refiner rebuilds without them).
 
     Raises:
       ValueError: unknown ``kind``, or no checkpoint for a kind that needs one.
@@ -221,9 +223,11 @@ def _sam_refiner(path: Path, obj: Any, stored: dict, overrides: dict, sam_checkp
     if _is_plain_sam(obj):  # base weights only: the zero-shot refiner over them
         return _zero_shot_refiner(overrides, None, base_file=path)
     arch = {k: stored[k] for k in REFINER_ARCH_KEYS if k in stored}
+    # the recorded build_sam arguments (a tiny SAM's, ``networks.sam_record``), merged key by key
+    sam_kwargs = _merge(path, dict(stored.get("sam_kwargs") or {}), dict(overrides.pop("sam_kwargs", None) or {}),
+                        None, "SAM")
     kwargs = _merge(path, arch, overrides, [k for k in REFINER_ARCH_KEYS if k not in _REFINER_FREE], "refiner")
     model_type = kwargs.pop("model_type", "lite_medsam")
-    sam_kwargs = kwargs.pop("sam_kwargs", {})
     rec = as_refiner_checkpoint(obj, path)
     base = sam_checkpoint
     if not base:

@@ -15,6 +15,8 @@ from .sam_refiner import SAMRefiner as SAMRefiner
 from .sam_weights import build_sam as build_sam
 from .sam_weights import build_tiny_sam as build_tiny_sam
 from .sam_weights import load_sam_checkpoint as load_sam_checkpoint
+from .sam_weights import sam_build_kwargs as sam_build_kwargs
+from .sam_weights import sam_record as sam_record
 from .stacked_refiner import StackedInputRefiner as StackedInputRefiner
 from .transunet import TransUNet as TransUNet
 from .transunet_weights import load_pretrained_npz as load_pretrained_npz

@@ -18,8 +18,10 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from ultrarefiner.errors import BadInputError
+from ultrarefiner.utils.io import read_checkpoint
 
-__all__ = ["SAM_MODEL_TYPES", "build_sam", "build_tiny_sam", "extract_state_dict", "load_sam_checkpoint"]
+__all__ = ["SAM_MODEL_TYPES", "build_sam", "build_tiny_sam", "extract_state_dict", "load_sam_checkpoint",
+           "sam_build_kwargs", "sam_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def load_sam_checkpoint(sam: nn.Module, path: str | Path, strict: bool = True) -
     """Loads a SAM or MedSAM checkpoint file into ``sam``.
 
     Accepts a plain state_dict, or one nested under ``model``/``state_dict``, with an optional ``sam.``
-    (or ``module.``) key prefix. Loads with ``torch.load(weights_only=True)`` (safe with torch >= 2.6).
+    (or ``module.``) key prefix. Loads with ``utils.io.read_checkpoint`` (``weights_only``: no code runs from the file).
 
     Arguments:
       sam: the model to fill (a segment-anything ``Sam``).
@@ -99,12 +101,7 @@ def load_sam_checkpoint(sam: nn.Module, path: str | Path, strict: bool = True) -
         has missing/unexpected keys; the message names the file and lists the keys.
     """
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(path, "SAM checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor pickles refused by weights_only
-        raise BadInputError(path, f"cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
+    obj = read_checkpoint(path, "SAM checkpoint file")
     expected = set(sam.state_dict().keys())
     try:
         sd = extract_state_dict(obj, expected)
@@ -174,13 +171,15 @@ def build_sam(model_type: str = "lite_medsam", checkpoint: str | os.PathLike | N
     if name == "" and model_type == "tiny":
         name = "random"  # no weights exist for the test model
     if model_type == "tiny":
-        sam = build_tiny_sam(**tiny_kwargs)
+        sam = build_tiny_sam(**tiny_kwargs)  # stamps its own full build kwargs
     elif model_type == "lite_medsam":
         from .lite_medsam import build_lite_medsam
 
         sam = build_lite_medsam(None)
+        sam.build_kwargs = {"model_type": model_type}
     else:
         sam = sam_model_registry[model_type](checkpoint=None).eval()  # its own loader lacks weights_only
+        sam.build_kwargs = {"model_type": model_type}
     if name == "random":
         logger.warning(f"SAM {model_type} starts from random initialisation (checkpoint {checkpoint!r})")
         return sam
@@ -216,6 +215,10 @@ def build_tiny_sam(img_size: int = 1024, encoder_dim: int = 32, encoder_depth: i
     Returns:
       Sam in eval mode.
     """
+    # every argument, defaults included, so that the record rebuilds this exact architecture
+    build_kwargs = {"model_type": "tiny", "img_size": img_size, "encoder_dim": encoder_dim,
+                    "encoder_depth": encoder_depth, "prompt_dim": prompt_dim, "decoder_depth": decoder_depth,
+                    "window_size": window_size, "seed": seed}
     if seed is not None:
         torch.manual_seed(seed)
     emb = img_size // 16
@@ -239,4 +242,27 @@ def build_tiny_sam(img_size: int = 1024, encoder_dim: int = 32, encoder_depth: i
         for name, p in sam.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
                 p.normal_(0.0, 0.02)
+    sam.build_kwargs = build_kwargs
     return sam.eval()
+
+
+def sam_build_kwargs(sam: nn.Module) -> dict[str, Any]:
+    """What ``build_sam`` was called with to make ``sam`` (``model_type`` and, for ``tiny``, the ``build_tiny_sam``
+    arguments; never the checkpoint): the record that rebuilds it, read from the network so it cannot drift.
+
+    Raises:
+      ValueError: ``sam`` was not made by ``build_sam``/``build_tiny_sam`` (no record to trust).
+    """
+    kwargs = getattr(sam, "build_kwargs", None)
+    if not isinstance(kwargs, dict) or "model_type" not in kwargs:
+        raise ValueError(f"{type(sam).__name__} was not built by ultrarefiner.networks.build_sam: no build kwargs "
+                         "to record")
+    return dict(kwargs)
+
+
+def sam_record(sam: nn.Module) -> dict[str, Any]:
+    """``sam_build_kwargs`` as a refiner's ``network_kwargs`` entries: ``model_type``, plus ``sam_kwargs`` (the
+    tiny-SAM arguments) when there are any, which ``create_model("sam_refiner", ...)`` passes back to ``build_sam``."""
+    kwargs = sam_build_kwargs(sam)
+    model_type = kwargs.pop("model_type")
+    return {"model_type": model_type, **({"sam_kwargs": kwargs} if kwargs else {})}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,13 @@ class TransUNet(nn.Module):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         self.img_size, self.num_classes, self.in_channels, self.variant = img_size, num_classes, in_channels, variant
+        # the constructor arguments, defaults included (sequences as lists): what checkpoints record, read from the
+        # network itself so that the record cannot drift from what was built
+        self.network_kwargs: dict[str, Any] = {
+            "img_size": img_size, "num_classes": num_classes, "in_channels": in_channels, "variant": variant,
+            "vit_depth": vit_depth, "hidden_size": hidden_size, "num_heads": num_heads, "mlp_dim": mlp_dim,
+            "dropout": dropout, "attention_dropout": attention_dropout, "n_skip": n_skip,
+            "decoder_channels": list(decoder_channels), "block_units": list(block_units)}
         self.grid_size = (img_size // 16, img_size // 16)
 
         if variant == "R50-ViT-B_16":

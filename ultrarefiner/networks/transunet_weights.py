@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ultrarefiner.errors import BadInputError
+from ultrarefiner.utils.io import read_checkpoint
 
 from .transunet import TransUNet
 
@@ -256,10 +257,7 @@ def load_transunet_checkpoint(model: TransUNet, path: str | os.PathLike) -> Tran
     unwrapped. All keys must match: a missing or mis-shaped key raises ``BadInputError`` naming it and both shapes;
     keys the model has no use for are an error too, since they mean a different architecture. Returns ``model``.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise BadInputError(path, f"cannot read as a PyTorch checkpoint ({e})") from e
+    state = read_checkpoint(path, "TransUNet checkpoint")
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file, and a crash never destroys an old one."""
+"""Atomic file writes (a reader never sees a half-written file, and a crash never destroys an old one), and the one
+reader of torch files."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
+
+from ultrarefiner.errors import BadInputError
 
 
 def _default_file_mode() -> int:
@@ -159,3 +163,22 @@ def _renamed(e: OSError, stage: Path | None, dest: Path) -> OSError:
         return e
     tail = name[len(str(stage)):] if name is not None and stage is not None else ""
     return OSError(e.errno, e.strerror or os.strerror(e.errno), str(dest) + tail)
+
+
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """The one reader of every torch file the package loads (``best.pt``, ``last.pt``, ``models/model.pt``, SAM and
+    TransUNet ``.pth`` weights): ``torch.load``
+    on the CPU with ``weights_only`` (no code runs from a file), with errors that name the file: missing or unreadable.
+    ``mmap``: map the tensors instead of reading them (when only the metadata is wanted)."""
+    if not Path(path).is_file():
+        raise BadInputError(path, f"{what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise BadInputError(path, unreadable_reason(e)) from e
+
+
+def unreadable_reason(e: Exception) -> str:
+    """Why ``torch.load`` failed, in one short line (torch's messages run to a paragraph of advice)."""
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__}: {first[:200]})"

@@ -32,7 +32,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ultrarefiner.errors import CheckpointMismatchError
-from ultrarefiner.utils.io import atomic_write
+from ultrarefiner.utils.io import atomic_write, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -40,26 +40,6 @@ logger = logging.getLogger(__name__)
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
     """``torch.save`` through a temporary file, so a kill never leaves a half-written checkpoint."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
-    """The one reader of the package's checkpoints (``best.pt``, ``last.pt``, ``models/model.pt``): ``torch.load``
-    on the CPU with ``weights_only`` (no code runs from a file), with errors that name the file: missing or unreadable.
-    ``mmap``: map the tensors instead of reading them (when only the metadata is wanted)."""
-    from ultrarefiner.errors import BadInputError
-
-    if not Path(path).is_file():
-        raise BadInputError(path, f"{what} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise BadInputError(path, unreadable_reason(e)) from e
-
-
-def unreadable_reason(e: Exception) -> str:
-    """Why ``torch.load`` failed, in one short line (torch's messages run to a paragraph of advice)."""
-    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-    return f"not a readable PyTorch checkpoint, truncated or corrupt? ({type(e).__name__}: {first[:200]})"
 
 
 def weights_of(obj: Any, key: str = "model") -> dict[str, torch.Tensor]:

@@ -183,7 +183,7 @@ def init_from_phase_checkpoints(
       refiner_ckpt: refiner ``best.pt`` of the sam_refiner bundle (full or LoRA-only, ``refiner_checkpoint``).
       from_scratch: skip both files (random TransUNet; SAM from ``sam_checkpoint`` or random), for experiments.
       sam_checkpoint: base SAM/MedSAM file; required by LoRA-only refiner checkpoints.
-      transunet_kwargs: the configured TransUNet arguments.
+      transunet_kwargs: the configured TransUNet arguments (None: the network's own ``network_kwargs``).
       lora_rank, lora_alpha: adapter settings of a LoRA checkpoint that does not store them.
       dataset, fold: this run's; a checkpoint that records another phase, or another fold of this dataset, is
         refused; one of another dataset is used with a warning (None: not checked).
@@ -203,6 +203,8 @@ def init_from_phase_checkpoints(
     missing = [f for f in files if not f[2].is_file()]
     if missing:
         raise MissingCheckpointError(_missing_message(missing))
+    if transunet_kwargs is None:  # what the TransUNet was built with (``TransUNet.network_kwargs``)
+        transunet_kwargs = getattr(network.transunet, "network_kwargs", None)
     _load_transunet(network.transunet, Path(transunet_ckpt), transunet_kwargs, dataset, fold)
     _load_refiner(network, Path(refiner_ckpt), sam_checkpoint, lora_rank, lora_alpha, dataset, fold)
     logger.info(f"UltraRefiner initialised from {transunet_ckpt} and {refiner_ckpt}")

@@ -25,6 +25,7 @@ from ultrarefiner.engines.training.refiner_training import precompute_embeddings
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.networks.lora import has_lora, merge_lora
+from ultrarefiner.networks.sam_weights import sam_record
 
 __all__ = [
     "PrecomputeEmbeddings",
@@ -128,6 +129,9 @@ def export_refiner(ckpt_dir: str | os.PathLike, model_path: str | os.PathLike, n
     obj = load_refiner_checkpoint(refiner, best)
     record = {k: obj[k] for k in ("identity", "epoch", "metric", "metric_name") if k in obj}
     kwargs = dict(obj.get("network_kwargs") or {})
+    if getattr(refiner.sam, "build_kwargs", None):  # the SAM as built (tiny kwargs included), not as configured
+        kwargs.pop("sam_kwargs", None)
+        kwargs.update(sam_record(refiner.sam))
     if obj["partial"] and not obj["lora"]:
         save_checkpoint(model_path, {"kind": "sam_refiner", "model": obj["model"], "network_kwargs": kwargs,
                                      "lora": False, "partial": True, "encoder": obj.get("encoder"), **record})
