@@ -78,6 +78,7 @@ def measure(settings: dict[str, Callable[[], int]], repeats: int) -> dict[str, t
 def encoder_settings(encoder: torch.nn.Module, device: torch.device, modes: list[str], batches: list[int],
                      amp: bool) -> dict[str, Callable[[], int]]:
     from ultrarefiner.engines.inference.fast_inference import fast_encoder
+    from ultrarefiner.utils.amp import autocast
 
     out = {}
     for mode in modes:
@@ -86,7 +87,7 @@ def encoder_settings(encoder: torch.nn.Module, device: torch.device, modes: list
             x = torch.rand(b, 3, encoder.img_size, encoder.img_size, device=device)
 
             def run(fn=fn, x=x) -> int:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad(), autocast(device, amp):
                     fn(x)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
