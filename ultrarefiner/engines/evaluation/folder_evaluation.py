@@ -67,13 +67,14 @@ def score_pair(pred: Any, label: Any, metrics: Sequence[str] = METRIC_NAMES, pre
 
 
 # ------------------------------------------------------------------------------------------------ files
-def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+              extrasaction: str = "raise") -> Path:
     """Atomically write ``rows`` as CSV; columns: the given ones, else every key in order of first appearance
-    (a row lacking one leaves it empty)."""
+    (a row lacking one leaves it empty). ``extrasaction``: ``csv.DictWriter``'s, for keys outside ``columns``."""
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", extrasaction=extrasaction)
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))

@@ -26,15 +26,13 @@ the run; it fails only when no image at all has a result.
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import json
 import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, re
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
-from ultrarefiner.utils.io import FILE_MODE, atomic_write
+from ultrarefiner.utils.io import atomic_write
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_frame", "encoder_input", "files_by_stem",
            "format_summary", "refine_folder", "resolve_refiner"]
@@ -62,41 +60,20 @@ PROGRESS, REPORT_CSV, REPORT_JSON, SKIPPED_CSV = "progress.jsonl", "report.csv",
 
 
 # ------------------------------------------------------------------------------------------------ file writing
-def _file_mode() -> int:
-    return FILE_MODE
-
-
-def _write_atomic(path: Path, write: Callable[[str], None], mode: int) -> None:
-    """``atomic_write`` (which gives the usual permissions); ``mode`` is kept for the callers' signature."""
-    atomic_write(path, write)
-
-
-def _write_png(path: Path, array: np.ndarray, mode: int) -> None:
+def _write_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    _write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), mode)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-def _write_text(path: Path, text: str, mode: int) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode)
-
-
-def _write_nifti(path: Path, mask: np.ndarray, mode: int) -> None:
+def _write_nifti(path: Path, mask: np.ndarray) -> None:
     import nibabel as nib
 
     # same orientation as ``predict``: x = column, y = row, one slice; labels 0/1
     img = nib.Nifti1Image(np.ascontiguousarray(mask.T[:, :, None]).astype(np.uint8), np.eye(4))
     data = gzip.compress(img.to_bytes())
-    _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data), mode)
-
-
-def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ------------------------------------------------------------------------------------------------ refiner
@@ -475,7 +452,6 @@ def refine_folder(
     name += " with one prompt set per lesion" if box_source == "components" else ""
     images, masks, out = Path(images), Path(masks), Path(output_dir)
     items, skipped = _match(images, masks, Path(labels) if labels is not None else None)
-    mode = _file_mode()
     out.mkdir(parents=True, exist_ok=True)
     progress = out / PROGRESS
     records = _read_progress(progress)
@@ -491,7 +467,7 @@ def refine_folder(
             return False  # no result yet, or none with the metrics now asked for
         nii = out / "masks" / f"{item['stem']}.nii.gz"
         if nifti and not nii.is_file():  # asked for now, not then: convert the saved mask
-            _write_nifti(nii, read_mask(mask_png), mode)
+            _write_nifti(nii, read_mask(mask_png))
         return True
 
     pending = [it for it in items if not done(it)]
@@ -528,12 +504,12 @@ def refine_folder(
                     refiner.eval()  # after .to(): TinyViT caches attention biases on eval, on the device they are on
                     runner = BatchRefiner(refiner, dev, amp, tta, optimize)
                 for sample, refined, iou in _refine_batch(runner, good, skipped):
-                    saving.append(pool.submit(_save, sample, refined, iou, out, nifti, mode, name))
+                    saving.append(pool.submit(_save, sample, refined, iou, out, nifti, name))
                 finish(keep=2 * writers)  # bounded: finished samples must not pile up in memory
                 bar.update(len(batch))
             finish(keep=0)
         bar.close()
-    report = _write_report(out, records, skipped, n_new, mode, dict(
+    report = _write_report(out, records, skipped, n_new, dict(
         images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
         threshold=THRESHOLD, batch_size=batch_size, device=str(dev), amp=bool(amp and dev.type == "cuda"),
         nifti=bool(nifti), tta=tta, optimize=optimize, box_source=box_source))
@@ -564,18 +540,18 @@ def _refine_batch(runner: BatchRefiner | None, samples: list[dict], skipped: lis
         yield sample, refined, iou
 
 
-def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, mode: int, name: str) -> dict:
+def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, name: str) -> dict:
     """Write the mask (and NIfTI) and the overlay of one sample; its progress record."""
     from ultrarefiner.engines.inference.ultra_predict import overlay_coarse_refined
 
     stem = sample["stem"]
     coarse = sample["coarse"] > 255 * THRESHOLD
     label = sample.get("truth")
-    _write_png(out / "masks" / f"{stem}.png", refined.astype(np.uint8) * 255, mode)
+    _write_png(out / "masks" / f"{stem}.png", refined.astype(np.uint8) * 255)
     if nifti:
-        _write_nifti(out / "masks" / f"{stem}.nii.gz", refined, mode)
+        _write_nifti(out / "masks" / f"{stem}.nii.gz", refined)
     picture = overlay_coarse_refined(sample["pixels"].astype(np.float32) / 255.0, coarse, refined, label)
-    _write_png(out / "overlays" / f"{stem}.png", picture, mode)
+    _write_png(out / "overlays" / f"{stem}.png", picture)
     record = {"stem": stem, "image": sample["image"], "mask": sample["mask"]}
     if label is not None:
         record["label"] = sample["label"]
@@ -599,15 +575,19 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _write_report(out: Path, records: dict[str, dict], skipped: list[dict], n_new: int, mode: int,
+def _write_report(out: Path, records: dict[str, dict], skipped: list[dict], n_new: int,
                   settings: dict[str, Any]) -> dict[str, Any]:
     """report.csv, report.json and skipped.csv from the progress records whose mask is on disk."""
+    from ultrarefiner.engines.evaluation.folder_evaluation import write_csv  # a top-level import would be circular
+
     rows = [{k: v for k, v in r.items() if k != "refiner"} for stem, r in sorted(records.items())
             if (out / "masks" / f"{stem}.png").is_file()]
     skipped = sorted(skipped, key=lambda s: (s["stem"], s["file"]))
-    _write_text(out / REPORT_CSV, _csv_text(rows, _columns(rows)), mode)
-    _write_text(out / SKIPPED_CSV, _csv_text(skipped, ["stem", "file", "reason"]), mode)
+    # report rows carry internal keys and skipped entries whole samples: only the listed columns are written
+    write_csv(out / REPORT_CSV, rows, _columns(rows), extrasaction="ignore")
+    write_csv(out / SKIPPED_CSV, skipped, ["stem", "file", "reason"], extrasaction="ignore")
     report = {"settings": settings, "summary": _summary(rows, skipped, n_new), "images": rows, "skipped": skipped}
     report = _finite(report)
-    _write_text(out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", mode)
+    text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write(out / REPORT_JSON, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return report
