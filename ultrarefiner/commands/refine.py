@@ -13,7 +13,7 @@ def refine(
     masks: str,
     output_dir: str,
     labels: str | None = None,
-    checkpoint: str | None = None,
+    checkpoint: str | list[str] | None = None,
     zero_shot: bool = False,
     batch_size: int | None = None,
     nifti: bool = False,
@@ -41,7 +41,10 @@ def refine(
         output_dir: where the outputs go (created).
         labels: optional folder of ground-truth masks (<stem>.png) for the metrics.
         checkpoint: phase-2 refiner checkpoint (sam_refiner best.pt or models/model.pt); default: the shipped
-            bundles/sam_refiner/models/model.pt.
+            bundles/sam_refiner/models/model.pt. Several files separated by commas (e.g. the five folds' refiners)
+            make an ensemble: the mean of their probabilities; refiners sharing LiteMedSAM's frozen encoder share
+            its pass, so each extra one adds only a decoder pass (see bundles/sam_refiner/docs/README.md for what
+            it gains on BUSI).
         zero_shot: use LiteMedSAM's packaged weights without a refiner checkpoint (not with --checkpoint).
         batch_size: images per image-encoder pass (any sizes: each is resized into the encoder frame; the decoder
             runs per image size, outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU (where

@@ -48,7 +48,7 @@ from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.io import atomic_write
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_frame", "encoder_input", "files_by_stem",
-           "format_summary", "refine_folder", "resolve_refiner"]
+           "format_summary", "checkpoint_list", "refine_folder", "resolve_refiner", "resolve_refiners"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,44 @@ def resolve_refiner(checkpoint: str | os.PathLike | None = None, zero_shot: bool
     return path
 
 
-def _refiner_name(checkpoint: Path | None) -> str:
-    return ZERO_SHOT if checkpoint is None else f"checkpoint {checkpoint.resolve()}"
+def checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """``--checkpoint`` as a list of paths: one path, a comma-separated string, or a list/tuple (an ensemble)."""
+    if checkpoint is None or checkpoint == "":
+        return []
+    if isinstance(checkpoint, (str, os.PathLike)):
+        items = [c.strip() for c in str(checkpoint).split(",")]
+    else:
+        items = [str(c).strip() for c in checkpoint]
+    if any(not c for c in items):
+        raise BadOptionError(f"--checkpoint has an empty entry: {checkpoint!r} (separate the files of an ensemble "
+                             f"with commas)")
+    return items
+
+
+def resolve_refiners(checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                     zero_shot: bool = False) -> list[Path | None]:
+    """``resolve_refiner`` of each file of ``checkpoint`` (``checkpoint_list``): the members of an ensemble.
+
+    Raises:
+      BadOptionError: the same file listed twice (its weight would double silently).
+    """
+    paths = checkpoint_list(checkpoint)
+    if len(paths) <= 1:
+        return [resolve_refiner(paths[0] if paths else None, zero_shot)]
+    resolved = [resolve_refiner(c, zero_shot) for c in paths]
+    seen: set[Path] = set()
+    for path in resolved:
+        if path.resolve() in seen:
+            raise BadOptionError(f"--checkpoint lists {path} twice: each ensemble member once")
+        seen.add(path.resolve())
+    return resolved
+
+
+def _refiner_name(checkpoints: Sequence[Path | None]) -> str:
+    names = [ZERO_SHOT if c is None else f"checkpoint {c.resolve()}" for c in checkpoints]
+    if len(names) == 1:
+        return names[0]
+    return f"ensemble of {len(names)} refiners (mean probability): " + "; ".join(names)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -263,16 +299,21 @@ def encoder_input(refiner: torch.nn.Module, sample: dict, flipped: bool, device:
 
 
 class BatchRefiner:
-    def __init__(self, refiner: torch.nn.Module, device: torch.device, amp: bool = True, tta: str = "none",
-                 optimize: str | None = "auto") -> None:
+    def __init__(self, refiner: torch.nn.Module | Sequence[torch.nn.Module], device: torch.device, amp: bool = True,
+                 tta: str = "none", optimize: str | None = "auto") -> None:
         """
-        A ``SAMRefiner`` (eval mode, on ``device``) applied to batches of images of any sizes: one encoder pass for
-        the batch (every image preprocessed into the encoder frame), then the prompt encoder and mask decoder per
-        image size (prompts and the output resize depend on it). Results equal the refiner's own forward per image
-        up to float rounding (batched matrix products).
+        A ``SAMRefiner`` (eval mode, on ``device``), or an ensemble of them, applied to batches of images of any
+        sizes: one encoder pass for the batch (every image preprocessed into the encoder frame), then the prompt
+        encoder and mask decoder per image size (prompts and the output resize depend on it). Results equal the
+        refiner's own forward per image up to float rounding (batched matrix products).
+
+        An ensemble (e.g. the five folds' phase-2 refiners) returns the mean of its members' probabilities and
+        predicted IoUs. Members whose image encoders hold the same weights (phase-2 refiners keep LiteMedSAM's
+        frozen encoder) share one encoder pass, so each extra member costs one prompt encoder + mask decoder pass.
 
         Arguments:
-          refiner (SAMRefiner): in eval mode, on ``device``.
+          refiner (SAMRefiner or a sequence of them): in eval mode, on ``device``; the members of an ensemble must
+            share the image preprocessing (model type, input size, normalisation).
           device: where it runs.
           amp (bool): bfloat16 autocast on CUDA (never on the CPU).
           tta (str): ``none`` or ``flip`` (mean probability of the image and its left-right flip, the flipped pass
@@ -280,47 +321,87 @@ class BatchRefiner:
           optimize (str): the image encoder's speed option (``fast_inference.fast_encoder``).
         """
         from ultrarefiner.engines.inference.fast_inference import check_tta, fast_encoder
+        from ultrarefiner.networks.embedding_cache import weights_fingerprint
 
-        self.refiner, self.device = refiner, torch.device(device)
+        members = [refiner] if isinstance(refiner, torch.nn.Module) else list(refiner)
+        if not members:
+            raise ValueError("BatchRefiner needs at least one refiner")
+        frames = {_geometry_signature(m) for m in members} if len(members) > 1 else set()
+        if len(frames) > 1:
+            raise UltraRefinerError(f"the refiners of an ensemble must share the image preprocessing (model type, "
+                                    f"input size, normalisation); got {len(frames)} different ones: {sorted(frames)}")
+        self.members, self.refiner, self.device = members, members[0], torch.device(device)
         self.amp = bool(amp and self.device.type == "cuda")
         self.tta = check_tta(tta) == "flip"
-        self.encoder = fast_encoder(refiner.sam.image_encoder, self.device, optimize)
+        # members grouped by encoder weights: one (optimised) encoder per group
+        groups: dict[str, list[int]] = {}
+        for i, m in enumerate(members):
+            groups.setdefault(weights_fingerprint(m.sam.image_encoder) if len(members) > 1 else "", []).append(i)
+        self.groups = [(fast_encoder(members[idx[0]].sam.image_encoder, self.device, optimize), idx)
+                       for idx in groups.values()]
+        self.encoder = self.groups[0][0]
 
     def __call__(self, samples: Sequence[dict]) -> list[tuple[np.ndarray, float]]:
         """Refined bool masks (H, W) (probability > 0.5) and predicted IoUs of ``samples``."""
         probs, iou = self.probabilities(samples)
         return [((p > 0.5).cpu().numpy(), float(v)) for p, v in zip(probs, iou.tolist(), strict=True)]
 
-    @torch.no_grad()  # not inference_mode: jit_freeze traces its encoder on the first call
     def probabilities(self, samples: Sequence[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Refined probabilities (H, W) per sample ({"pixels", "coarse" uint8 (H, W)[, "frame", "frame_flipped"]})
-        and their predicted IoUs (B,) on the CPU; with flip TTA the means over the two passes."""
+        and their predicted IoUs (B,) on the CPU; with flip TTA the means over the two passes, with an ensemble the
+        means over its members."""
+        per_member = self.member_probabilities(samples)
+        if len(per_member) == 1:
+            return per_member[0]
+        n = len(per_member)
+        probs = [sum(m[0][j] for m in per_member) / n for j in range(len(samples))]
+        return probs, sum(m[1] for m in per_member) / n
+
+    @torch.no_grad()  # not inference_mode: jit_freeze traces its encoder on the first call
+    def member_probabilities(self, samples: Sequence[dict]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """``probabilities`` of each member alone, in member order (one encoder pass per encoder group)."""
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
 
         passes = [(s, f) for f in ((False, True) if self.tta else (False,)) for s in samples]
-        with autocast(self.device, self.amp):
-            embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, self.device) for s, f in passes]))
-        groups: dict[tuple[int, int], list[int]] = {}
+        sizes: dict[tuple[int, int], list[int]] = {}
         for i, (s, _) in enumerate(passes):
-            groups.setdefault(tuple(s["pixels"].shape), []).append(i)
-        logits: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-        ious: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-        for size, idx in groups.items():
-            coarse = np.stack([np.fliplr(passes[i][0]["coarse"]) if passes[i][1] else passes[i][0]["coarse"]
-                               for i in idx])  # the flipped pass is prompted by the flipped coarse mask
-            coarse = torch.from_numpy(coarse)[:, None].to(self.device).float().div_(255.0)
-            with autocast(self.device, self.amp):
-                out = self.refiner(image_embeddings=embeddings[idx], coarse=coarse, original_size=size)
-            chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default
-            iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
-            for j, i in enumerate(idx):
-                logits[i], ious[i] = out["masks"][j, 0].float(), iou[j]
+            sizes.setdefault(tuple(s["pixels"].shape), []).append(i)
+        # coarse prompts per image size; the flipped pass is prompted by the flipped coarse mask
+        coarse = {size: torch.from_numpy(np.stack([np.fliplr(passes[i][0]["coarse"]) if passes[i][1]
+                                                   else passes[i][0]["coarse"] for i in idx]))[:, None]
+                  .to(self.device).float().div_(255.0) for size, idx in sizes.items()}
+        results: list[tuple[list[torch.Tensor], torch.Tensor]] = [([], torch.empty(0))] * len(self.members)
         b = len(samples)
-        iou = torch.stack(ious).cpu()  # one copy for the batch
-        probs = [torch.sigmoid(x) for x in logits]
-        if self.tta:
-            return [flip_tta_mean(probs[i], probs[i + b]) for i in range(b)], 0.5 * (iou[:b] + iou[b:])
-        return probs, iou
+        for encoder, members in self.groups:
+            with autocast(self.device, self.amp):
+                embeddings = encoder(torch.cat([encoder_input(self.members[members[0]], s, f, self.device)
+                                                for s, f in passes]))
+            for k in members:
+                logits: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+                ious: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+                for size, idx in sizes.items():
+                    with autocast(self.device, self.amp):
+                        out = self.members[k](image_embeddings=embeddings[idx], coarse=coarse[size],
+                                              original_size=size)
+                    chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default
+                    iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
+                    for j, i in enumerate(idx):
+                        logits[i], ious[i] = out["masks"][j, 0].float(), iou[j]
+                iou = torch.stack(ious).cpu()  # one copy for the batch
+                probs = [torch.sigmoid(x) for x in logits]
+                if self.tta:
+                    results[k] = ([flip_tta_mean(probs[i], probs[i + b]) for i in range(b)],
+                                  0.5 * (iou[:b] + iou[b:]))
+                else:
+                    results[k] = (probs, iou)
+        return results
+
+
+def _geometry_signature(refiner: torch.nn.Module) -> str:
+    """What decides a refiner's encoder input: preprocessing mode, resize rule, input size, normalisation."""
+    g = refiner.geometry
+    return repr((g.mode, g.image_resize, refiner.sam.image_encoder.img_size,
+                 refiner.sam.pixel_mean.flatten().tolist(), refiner.sam.pixel_std.flatten().tolist()))
 
 
 def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -400,7 +481,7 @@ def refine_folder(
     masks: str | os.PathLike,
     output_dir: str | os.PathLike,
     labels: str | os.PathLike | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     zero_shot: bool = False,
     batch_size: int | None = None,
     nifti: bool = False,
@@ -418,6 +499,8 @@ def refine_folder(
       output_dir: where the outputs go (created; a second run resumes).
       labels: optional folder of ground-truth masks (matched by stem): metrics and the paired comparison.
       checkpoint: phase-2 refiner checkpoint; None: the shipped refiner (``DEFAULT_REFINER``) unless ``zero_shot``.
+        Several (a list, or paths separated by commas): an ensemble, the mean of their probabilities
+        (``BatchRefiner``; members with the same frozen encoder share its pass).
       zero_shot: LiteMedSAM's packaged weights without a refiner checkpoint.
       batch_size: images per encoder pass (any sizes; the decoder runs per image size within the batch); None: 8 on
         CUDA, 1 on the CPU (``fast_inference.default_batch_size``).
@@ -439,7 +522,7 @@ def refine_folder(
     from ultrarefiner.engines.inference.fast_inference import check_tta, default_batch_size, resolve_optimize
 
     tta = check_tta(tta)
-    ckpt = resolve_refiner(checkpoint, zero_shot)
+    ckpts = resolve_refiners(checkpoint, zero_shot)
     dev = _device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -448,7 +531,7 @@ def refine_folder(
     if box_source not in ("largest", "components"):
         raise BadOptionError(f"--box_source must be 'largest' or 'components', got {box_source!r}")
     # TTA and the prompt rule change the results: a folder refined with one setting is not resumed with the other
-    name = _refiner_name(ckpt) + (" with flip TTA" if tta == "flip" else "")
+    name = _refiner_name(ckpts) + (" with flip TTA" if tta == "flip" else "")
     name += " with one prompt set per lesion" if box_source == "components" else ""
     images, masks, out = Path(images), Path(masks), Path(output_dir)
     items, skipped = _match(images, masks, Path(labels) if labels is not None else None)
@@ -500,9 +583,10 @@ def refine_folder(
                 good = [s for s in batch if "reason" not in s]
                 skipped += [s for s in batch if "reason" in s]
                 if good and runner is None:
-                    refiner = create_model("sam_refiner", ckpt, device=dev, box_source=box_source)
-                    refiner.eval()  # after .to(): TinyViT caches attention biases on eval, on the device they are on
-                    runner = BatchRefiner(refiner, dev, amp, tta, optimize)
+                    # eval after .to(): TinyViT caches attention biases on eval, on the device they are on
+                    refiners = [create_model("sam_refiner", c, device=dev, box_source=box_source).eval()
+                                for c in ckpts]
+                    runner = BatchRefiner(refiners, dev, amp, tta, optimize)
                 for sample, refined, iou in _refine_batch(runner, good, skipped):
                     saving.append(pool.submit(_save, sample, refined, iou, out, nifti, name))
                 finish(keep=2 * writers)  # bounded: finished samples must not pile up in memory
