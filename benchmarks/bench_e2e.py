@@ -2,6 +2,8 @@
 
     python benchmarks/bench_e2e.py                      # full size on the device present (cuda, else cpu)
     python benchmarks/bench_e2e.py --tiny --steps 5     # tiny networks (CPU smoke numbers)
+    python benchmarks/bench_e2e.py --sam lite_medsam    # LiteMedSAM refiner (packaged weights, 256x256)
+    python benchmarks/bench_e2e.py --profile --trace e2e_trace.json   # + torch.profiler's top operations
 
 Run from the repository root with the package importable (installed, or PYTHONPATH=.).
 
@@ -36,16 +38,20 @@ from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_sam
 from ultrarefiner.utils.amp import autocast
 
 
-def build_model(tiny: bool, image_resize: str) -> UltraRefiner:
+def build_model(tiny: bool, image_resize: str, sam_type: str = "vit_b") -> UltraRefiner:
+    """TransUNet + SAM refiner; ``sam_type`` vit_b (random init, MedSAM preprocessing at 1024) or lite_medsam
+    (LiteMedSAM's packaged weights, its own preprocessing at 256); ``tiny`` ignores it."""
     torch.manual_seed(0)
+    preprocessing = "medsam"
     if tiny:
         transunet = TransUNet(img_size=64, vit_depth=1, hidden_size=64, num_heads=2, mlp_dim=128,
                               block_units=(1, 1, 1), decoder_channels=(32, 16, 16, 8))
         sam = build_tiny_sam(img_size=256, encoder_depth=2)
     else:
         transunet = TransUNet()
-        sam = build_sam("vit_b", "random")
-    refiner = SAMRefiner(sam, preprocessing="medsam", image_resize=image_resize)
+        sam = build_sam(sam_type, "random" if sam_type == "vit_b" else "packaged")
+        preprocessing = "medsam" if sam_type == "vit_b" else "litemedsam"
+    refiner = SAMRefiner(sam, preprocessing=preprocessing, image_resize=image_resize)
     return UltraRefiner(transunet, refiner)
 
 
@@ -111,6 +117,34 @@ def run_infer(model: UltraRefiner, device: torch.device, amp: bool, args: argpar
     return {"images_per_s": args.infer_batch / call, "call_ms": 1000 * call} | memory(device, base)
 
 
+def run_profile(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace) -> dict:
+    """torch.profiler over ``--steps`` training steps after the warm-up: the top operations by self device time
+    (CUDA) or self CPU time, printed as a table; a Chrome trace with ``--trace``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = make_batch(args.batch, model.transunet.img_size, tuple(args.native))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    trainer = bundle_trainer("ultrarefiner", {
+        "network": model, "device": device, "amp": amp, "epochs": 1, "epoch_length": None, "train#handlers": [],
+        "train#dataloader": [batch] * (args.warmup + args.steps), "train#prepare_batch": E2EPrepareBatch(),
+    })
+    prof = profile(activities=activities, record_shapes=False)
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=args.warmup))
+    def _start(engine) -> None:
+        sync(device)
+        prof.__enter__()
+
+    trainer.run()
+    sync(device)
+    prof.__exit__(None, None, None)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    return {"profiled_steps": args.steps, "sorted_by": key, "trace": args.trace}
+
+
 def memory(device: torch.device, base_rss: float) -> dict:
     if device.type == "cuda":
         return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
@@ -121,9 +155,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(args.tiny, args.image_resize).to(device)
+    model = build_model(args.tiny, args.image_resize, args.sam).to(device)
     amp = args.precision == "bf16"
-    result = (run_train if args.worker == "train" else run_infer)(model, device, amp, args)
+    result = {"train": run_train, "infer": run_infer, "profile": run_profile}[args.worker](model, device, amp, args)
     print("RESULT " + json.dumps(result))
 
 
@@ -140,7 +174,13 @@ def main() -> None:
     parser.add_argument("--image-resize", default="exact", choices=("exact", "torch"),
                         help="SAM/MedSAM image resize (exact: CPU reference; torch: on the device)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--worker", choices=("train", "infer"), help=argparse.SUPPRESS)
+    parser.add_argument("--sam", choices=("vit_b", "lite_medsam"), default="vit_b",
+                        help="refiner: SAM vit_b (random init, 1024) or LiteMedSAM (packaged weights, 256)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile --steps training steps (bf16 on CUDA) and print the top operations")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--trace", default=None, help="Chrome trace file of the profiled steps")
+    parser.add_argument("--worker", choices=("train", "infer", "profile"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.native = args.native or ([96, 128] if args.tiny else [480, 640])
@@ -151,7 +191,8 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name(0) if cuda else f"cpu ({args.threads or torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; {'tiny' if args.tiny else 'full-size'} networks; "
+    print(f"device: {name}; torch {torch.__version__}; {'tiny' if args.tiny else 'full-size'} networks "
+          f"(refiner {'tiny SAM' if args.tiny else args.sam}); "
           f"native {args.native[0]}x{args.native[1]}; train batch {args.batch}, infer batch {args.infer_batch}; "
           f"{args.steps} timed steps after {args.warmup} warm-up; image_resize={args.image_resize}")
     passthrough = list(sys.argv[1:])
@@ -167,6 +208,15 @@ def main() -> None:
                 continue
             results[mode, precision] = json.loads(line[len("RESULT "):])
             print(f"{mode:5s} {precision}: {json.dumps(results[mode, precision])}")
+
+    if args.profile:
+        precision = "bf16" if cuda else "fp32"
+        cmd = [sys.executable, __file__, *passthrough, "--device", args.device, "--worker", "profile",
+               "--precision", precision]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        table = proc.stdout.split("RESULT ")[0]
+        print(f"profile ({precision}, {args.steps} training steps):\n{table}" if proc.returncode == 0
+              else f"profile: FAILED\n{proc.stderr[-3000:]}")
 
     mem = "peak_mem_mb" if cuda else "peak_rss_mb"
     for mode, rate in (("train", "samples_per_s"), ("infer", "images_per_s")):
