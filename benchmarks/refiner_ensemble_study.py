@@ -8,12 +8,14 @@ each member's prompt encoder + mask decoder, so every member and the ensemble (m
 ``refine --checkpoint a.pt,b.pt,...`` writes) are scored on exactly the same inputs. Images whose coarse mask is
 blank are left out, as ``refine`` skips them. Prints, per metric, each member's and the ensemble's mean and the
 paired bootstrap 95% CI of ensemble minus each member; and the cost: seconds in the encoder and in the decoders,
-and the ensemble's time per image over a single refiner's, both measured in this run.
+and the ensemble's time per image over a single refiner's, both measured in this run. ``--soup`` also scores one
+refiner holding the members' mean weights (a uniform model soup: a single refiner's cost and file size).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -49,6 +51,17 @@ def _samples(images: Path, masks: Path, labels: Path) -> tuple[list[dict], list[
     return samples, blank
 
 
+def weight_average(members: list[torch.nn.Module]) -> torch.nn.Module:
+    """A copy of ``members[0]`` holding the mean of the members' floating-point weights (the members share their
+    architecture and, as phase-2 refiners of one recipe, their initialisation)."""
+    soup = copy.deepcopy(members[0])
+    states = [m.state_dict() for m in members]
+    mean = {k: torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+    soup.load_state_dict(mean)
+    return soup.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, required=True)
@@ -58,6 +71,8 @@ def main() -> None:
     ap.add_argument("--names", default=None, help="member names separated by commas (default fold_0, fold_1, ...)")
     ap.add_argument("--output", type=Path, required=True, help="JSON with the per-image rows and the summary")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--soup", action="store_true",
+                    help="also score one refiner holding the members' mean weights (a uniform 'model soup')")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +81,11 @@ def main() -> None:
     if len(names) != len(paths):
         raise SystemExit(f"--names has {len(names)} names for {len(checkpoint_list(args.checkpoints))} checkpoints")
     members = [create_model("sam_refiner", p).eval() for p in paths]
-    runner = BatchRefiner(members, torch.device("cpu"))
+    scored = list(names)
+    extra = []
+    if args.soup:  # one refiner with the members' mean weights: no extra inference cost, one file to ship
+        extra, scored = [weight_average(members)], [*names, "soup"]
+    runner = BatchRefiner(members + extra, torch.device("cpu"))
     encoder_seconds = 0.0
 
     def timed(encoder):
@@ -86,16 +105,21 @@ def main() -> None:
         per_member = runner.member_probabilities([s])
         probs = [p[0][0] for p in per_member]
         row = {"stem": s["stem"], **score_pair(s["coarse"] > 127, s["truth"], prefix="coarse_")}
-        for name, p in zip(names, probs, strict=True):
+        for name, p in zip(scored, probs, strict=True):
             row.update(score_pair(p > 0.5, s["truth"], prefix=f"{name}_"))
-        row.update(score_pair(sum(probs) / len(probs) > 0.5, s["truth"], prefix="ensemble_"))
+        ensemble = sum(probs[: len(members)]) / len(members)
+        row.update(score_pair(ensemble > 0.5, s["truth"], prefix="ensemble_"))
         rows.append(row)
     total = time.perf_counter() - start  # includes the metric computation, reported apart below
-    cols = [f"{k}_{m}" for k in ["coarse", *names, "ensemble"] for m in METRIC_NAMES]
+    cols = [f"{k}_{m}" for k in ["coarse", *scored, "ensemble"] for m in METRIC_NAMES]
     summary = summarise(rows, cols)
     comparisons = {f"ensemble_vs_{k}": {m: paired_comparison([r[f"{k}_{m}"] for r in rows],
                                                               [r[f"ensemble_{m}"] for r in rows], m)
-                                        for m in METRIC_NAMES} for k in ["coarse", *names]}
+                                        for m in METRIC_NAMES} for k in ["coarse", *scored]}
+    if args.soup:
+        comparisons[f"soup_vs_{names[0]}"] = {m: paired_comparison([r[f"{names[0]}_{m}"] for r in rows],
+                                                                   [r[f"soup_{m}"] for r in rows], m)
+                                              for m in METRIC_NAMES}
     n = len(samples)
     encoder_per_image = encoder_seconds / n
     # the decoders' time: the members' share of the refine pass, measured by running them again on cached embeddings
@@ -123,10 +147,11 @@ def main() -> None:
     print(f"{n} images ({len(blank)} blank coarse masks left out), {len(members)} members, "
           f"{len(runner.groups)} encoder pass(es) per image")
     for m in [m for m in ("dice", "iou", "hd95", "nsd") if m in METRIC_NAMES]:  # all of them in the JSON
-        print(f"\n{m}: " + ", ".join(f"{k} {summary[f'{k}_{m}']['mean']:.4f}" for k in ["coarse", *names, "ensemble"]))
-        for k in ["coarse", *names]:
-            c = comparisons[f"ensemble_vs_{k}"][m]
-            print(f"  ensemble - {k:<8s} {c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]  "
+        print(f"\n{m}: " + ", ".join(f"{k} {summary[f'{k}_{m}']['mean']:.4f}"
+                                     for k in ["coarse", *scored, "ensemble"]))
+        for key, c in comparisons.items():
+            c = c[m]
+            print(f"  {key:<22s} {c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]  "
                   f"better/worse {c['improved']}/{c['worsened']}")
     print(f"\ncost per image: encoder {encoder_per_image:.3f} s, each member's decoder {decoder_seconds:.3f} s; "
           f"ensemble / single refiner = {cost['ensemble_over_single']:.2f}x "
