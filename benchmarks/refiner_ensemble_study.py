@@ -56,7 +56,10 @@ def weight_average(members: list[torch.nn.Module]) -> torch.nn.Module:
     architecture and, as phase-2 refiners of one recipe, their initialisation)."""
     soup = copy.deepcopy(members[0])
     states = [m.state_dict() for m in members]
-    mean = {k: torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v
+    # weights the members share (the frozen encoder) are kept bit for bit: a mean of equal floats can move by an
+    # ulp, and the soup would then need an encoder pass of its own
+    mean = {k: torch.stack([st[k] for st in states]).mean(0)
+            if v.is_floating_point() and any(not torch.equal(v, st[k]) for st in states[1:]) else v
             for k, v in states[0].items()}
     soup.load_state_dict(mean)
     return soup.eval()
