@@ -13,7 +13,7 @@ from PIL import Image
 from bundle_utils import REPO
 from conftest import blob, save
 from ultrarefiner.engines.inference import refine_folder as engine
-from ultrarefiner.engines.inference.fast_inference import same_size_batches
+from ultrarefiner.engines.inference.fast_inference import native_bf16_cpu, resolve_optimize, same_size_batches
 from ultrarefiner.networks import SAMRefiner
 from ultrarefiner.networks.sam_weights import build_tiny_sam
 
@@ -60,7 +60,7 @@ def test_litemedsam_batch_of_three_sizes_equals_batch_one(lite_medsam):
 @pytest.mark.parametrize("optimize", ["channels_last", "jit_freeze", "bf16"])
 def test_encoder_speed_options_keep_the_masks(lite_medsam, optimize):
     """float32 options: the same numbers up to rounding; bf16 (opt-in, CPUs with native bfloat16): close."""
-    if optimize == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if optimize == "bf16" and not native_bf16_cpu():
         pytest.skip("no native bfloat16 on this CPU")
     image, coarse = _scene(*SIZES[1], seed=5)
     samples = [_sample(lite_medsam, image, coarse)] * 2
@@ -75,6 +75,20 @@ def test_encoder_speed_options_keep_the_masks(lite_medsam, optimize):
 def _tiny_refiner() -> SAMRefiner:
     # MedSAM-style geometry with its exact (CPU) resize: the data workers do it
     return SAMRefiner(build_tiny_sam(img_size=64), checkpoint=None, preprocessing="medsam").eval()
+
+
+def test_auto_is_bf16_on_a_cpu_with_native_bfloat16_else_float32(monkeypatch):
+    """``optimize="auto"``: bf16 on a CPU with native bfloat16 (measured: same Dice as float32 on BUSI's test split,
+    1.7x faster), jit_freeze (float32) on other CPUs, channels_last on CUDA; an explicit bf16 falls back to
+    jit_freeze where bfloat16 is emulated."""
+    from ultrarefiner.engines.inference import fast_inference
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expected in ((True, "bf16"), (False, "jit_freeze")):
+        monkeypatch.setattr(fast_inference, "native_bf16_cpu", lambda native=native: native)
+        assert resolve_optimize("auto", cpu) == resolve_optimize(None, cpu) == expected
+        assert resolve_optimize("bf16", cpu) == expected and resolve_optimize("jit_freeze", cpu) == "jit_freeze"
+        assert resolve_optimize("auto", cuda) == "channels_last"
 
 
 def test_refine_folder_batch_three_writes_what_batch_one_writes(tmp_path, monkeypatch):

@@ -54,8 +54,9 @@ def predict(
         num_workers: data workers reading and resizing the images.
         tta: test-time augmentation: none (default) or flip (mean of the coarse and refined probabilities of the
             image and of its left-right flip, flipped back; twice the compute).
-        optimize: SAM image-encoder speed option: auto (channels_last on CUDA, jit_freeze on the CPU), none,
-            channels_last, jit_freeze, compile or bf16 (see `refine --help`).
+        optimize: SAM image-encoder speed option: auto (channels_last on CUDA; bf16 on a CPU with native
+            bfloat16, else jit_freeze), none, channels_last, jit_freeze (float32 on every CPU), compile or bf16 (see
+            `refine --help`).
     """
     import logging
 

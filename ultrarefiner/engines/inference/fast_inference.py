@@ -8,9 +8,10 @@ probabilities of the original and the flipped pass. ``hflip`` / ``flip_tta_mean`
 Image-encoder speed options (``optimize``): ``channels_last`` (the convolutions run in oneDNN's native NHWC layout),
 ``jit_freeze`` (TorchScript trace + ``torch.jit.freeze`` + ``optimize_for_inference``: batch norms folded into the
 convolutions, oneDNN-fused ops; CPU only; one trace per batch shape, a few seconds), ``compile`` (``torch.compile``:
-2-6 minutes of compilation on 2 CPU cores), all float32 (the same numbers up to ~1e-6 relative); ``bf16`` (opt-in,
-CPUs with native bfloat16: the encoder under bfloat16 autocast, embeddings within ~5%, refined Dice within 0.003 on
-8 BUSI test images). ``auto``: ``channels_last`` on CUDA (with bf16 autocast), ``jit_freeze`` on the CPU. LiteMedSAM
+2-6 minutes of compilation on 2 CPU cores), all float32 (the same numbers up to ~1e-6 relative); ``bf16`` (CPUs with
+native bfloat16, avx512_bf16 or AMX: the encoder under bfloat16 autocast, embeddings within ~5%; on BUSI's test split
+the same Dice as float32 for ``refine`` and ``predict``, see ``resolve_optimize``). ``auto``: ``channels_last`` on
+CUDA (with bf16 autocast), ``bf16`` on a CPU with native bfloat16, else ``jit_freeze``. LiteMedSAM
 encoder, one thread of a shared 2-core CPU, CPU seconds per image at batch 1 (``benchmarks/bench_inference.py``):
 none 2.14, channels_last 1.93, jit_freeze 1.71, compile 1.39, bf16 0.97; batch 8 costs ~40% more per image on the
 CPU (hence batch 1 there by default).
@@ -29,8 +30,9 @@ from torch import nn
 
 from ultrarefiner.utils.amp import autocast
 
-__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FlipTTAInferer", "FrozenEncoder", "check_tta", "fast_encoder",
-           "flip_tta_mean", "hflip", "default_batch_size", "resolve_optimize", "same_size_batches", "tta_inferer"]
+__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FlipTTAInferer", "FrozenEncoder", "check_tta", "default_batch_size",
+           "fast_encoder", "flip_tta_mean", "hflip", "native_bf16_cpu", "resolve_optimize", "same_size_batches",
+           "tta_inferer"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +92,32 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if torch.device(device).type == "cuda" else 1
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX, through oneDNN); elsewhere bf16 is emulated
+    and slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_optimize(optimize: str | None, device: torch.device) -> str:
-    """The encoder speed option to use on ``device`` (``auto``: channels_last on CUDA, jit_freeze on the CPU)."""
+    """The encoder speed option to use on ``device``.
+
+    ``auto``: channels_last on CUDA (where the engines add bf16 autocast); on a CPU ``bf16`` when it has native
+    bfloat16 (avx512_bf16/AMX), else ``jit_freeze`` (float32). bf16 is the CPU default because it kept the masks'
+    quality on BUSI's test split while running 1.7x faster on 2 cores: ``refine`` (shipped refiner, 122 TransUNet
+    masks) Dice +0.0000 [95% CI -0.0006, +0.0006] against float32; ``predict`` (phase-3 model, 129 images) see the
+    ultrarefiner bundle README. ``jit_freeze`` gives float32 results on any CPU.
+    """
     mode = "auto" if optimize in (None, "") else str(optimize).strip().lower()
     if mode not in OPTIMIZE_MODES:
         raise ValueError(f"--optimize must be one of {', '.join(OPTIMIZE_MODES)}, got {optimize!r}")
     if mode == "auto":
-        return "channels_last" if device.type == "cuda" else "jit_freeze"
+        if device.type == "cuda":
+            return "channels_last"
+        return "bf16" if native_bf16_cpu() else "jit_freeze"
     if mode in ("jit_freeze", "bf16") and device.type != "cpu":
         logger.info("optimize=%s is a CPU option; using channels_last on %s (bf16 there: amp)", mode, device)
         return "channels_last"
-    if mode == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if mode == "bf16" and not native_bf16_cpu():
         logger.warning("optimize=bf16: this CPU has no native bfloat16 (avx512_bf16/AMX), where it is slower than "
                        "float32; using jit_freeze")
         return "jit_freeze"
