@@ -74,12 +74,17 @@ def make_batch(n: int, img_size: int, native: tuple[int, int], seed: int = 0) ->
     return {"image": image, "sam_image": sam_image.round(), "label": label.repeat(n, 1, 1, 1)}
 
 
-def run_train(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace) -> dict:
+def e2e_trainer(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace):
+    """The phase-3 bundle's ``train#trainer`` over --warmup + --steps copies of one phantom batch, no handlers."""
     batch = make_batch(args.batch, model.transunet.img_size, tuple(args.native))
-    trainer = bundle_trainer("ultrarefiner", {
+    return bundle_trainer("ultrarefiner", {
         "network": model, "device": device, "amp": amp, "epochs": 1, "epoch_length": None, "train#handlers": [],
         "train#dataloader": [batch] * (args.warmup + args.steps), "train#prepare_batch": E2EPrepareBatch(),
     })
+
+
+def run_train(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace) -> dict:
+    trainer = e2e_trainer(model, device, amp, args)
     stamps: list[float] = []
 
     @trainer.on(Events.ITERATION_COMPLETED)
@@ -122,12 +127,8 @@ def run_profile(model: UltraRefiner, device: torch.device, amp: bool, args: argp
     (CUDA) or self CPU time, printed as a table; a Chrome trace with ``--trace``."""
     from torch.profiler import ProfilerActivity, profile
 
-    batch = make_batch(args.batch, model.transunet.img_size, tuple(args.native))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    trainer = bundle_trainer("ultrarefiner", {
-        "network": model, "device": device, "amp": amp, "epochs": 1, "epoch_length": None, "train#handlers": [],
-        "train#dataloader": [batch] * (args.warmup + args.steps), "train#prepare_batch": E2EPrepareBatch(),
-    })
+    trainer = e2e_trainer(model, device, amp, args)
     prof = profile(activities=activities, record_shapes=False)
 
     @trainer.on(Events.ITERATION_COMPLETED(once=args.warmup))

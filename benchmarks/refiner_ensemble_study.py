@@ -5,11 +5,12 @@
 
 One pass over the images: ``BatchRefiner.member_probabilities`` runs the shared frozen encoder once per image and
 each member's prompt encoder + mask decoder, so every member and the ensemble (mean probability, what
-``refine --checkpoint a.pt,b.pt,...`` writes) are scored on exactly the same inputs. Images whose coarse mask is
-blank are left out, as ``refine`` skips them. Prints, per metric, each member's and the ensemble's mean and the
-paired bootstrap 95% CI of ensemble minus each member; and the cost: seconds in the encoder and in the decoders,
-and the ensemble's time per image over a single refiner's, both measured in this run. ``--soup`` also scores one
-refiner holding the members' mean weights (a uniform model soup: a single refiner's cost and file size).
+``refine --checkpoint a.pt,b.pt,...`` writes) are scored on exactly the same inputs. The samples are read and
+checked by ``refine``'s own rules, so the images it skips (a blank coarse mask, sizes that differ) are left out.
+Prints, per metric, each member's and the ensemble's mean and the paired bootstrap 95% CI of ensemble minus each
+member; and the cost: seconds in the encoder and in the decoders, and the ensemble's time per image over a single
+refiner's, both measured in this run. ``--soup`` also scores one refiner holding the members' mean weights (a
+uniform model soup: a single refiner's cost and file size).
 """
 
 from __future__ import annotations
@@ -23,32 +24,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ultrarefiner.data.imaging import read_image, read_mask
 from ultrarefiner.engines.evaluation.comparison import paired_comparison, summarise
 from ultrarefiner.engines.evaluation.folder_evaluation import score_pair
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
 from ultrarefiner.engines.inference.refine_folder import (
+    THRESHOLD,
     BatchRefiner,
+    _match,
+    _SampleDataset,
     checkpoint_list,
-    encoder_frame,
-    files_by_stem,
+    encoder_input,
     resolve_refiners,
 )
 from ultrarefiner.hub import create_model
 
 
-def _samples(images: Path, masks: Path, labels: Path) -> tuple[list[dict], list[str]]:
-    image_files, mask_files, label_files = (files_by_stem(images, "images"), files_by_stem(masks, "masks"),
-                                            files_by_stem(labels, "labels"))
-    samples, blank = [], []
-    for stem in sorted(set(image_files) & set(mask_files) & set(label_files)):
-        coarse = read_image(mask_files[stem][0])
-        if int(coarse.max()) <= 127:
-            blank.append(stem)
-            continue
-        samples.append({"stem": stem, "pixels": read_image(image_files[stem][0]), "coarse": coarse,
-                        "truth": read_mask(label_files[stem][0])})
-    return samples, blank
+def _samples(images: Path, masks: Path, labels: Path) -> tuple[list[dict], list[dict]]:
+    """The samples ``refine`` would refine, read and checked by its own rules (``_match``, ``_SampleDataset``: a
+    blank, missing or differently sized coarse mask or label is skipped), and the skipped ones with their reasons."""
+    items, skipped = _match(images, masks, labels)
+    dataset = _SampleDataset(items)
+    loaded = [dataset[i] for i in range(len(dataset))]
+    return [s for s in loaded if "reason" not in s], skipped + [s for s in loaded if "reason" in s]
 
 
 def weight_average(members: list[torch.nn.Module]) -> torch.nn.Module:
@@ -101,13 +98,12 @@ def main() -> None:
         return run
 
     runner.groups = [(timed(encoder), idx) for encoder, idx in runner.groups]
-    samples, blank = _samples(args.images, args.masks, args.labels)
+    samples, skipped = _samples(args.images, args.masks, args.labels)
     rows, start = [], time.perf_counter()
     for s in tqdm(samples, desc="ensemble study", unit="image"):
-        s["frame"] = encoder_frame(runner.refiner.geometry, s["pixels"])
         per_member = runner.member_probabilities([s])
         probs = [p[0][0] for p in per_member]
-        row = {"stem": s["stem"], **score_pair(s["coarse"] > 127, s["truth"], prefix="coarse_")}
+        row = {"stem": s["stem"], **score_pair(s["coarse"] > 255 * THRESHOLD, s["truth"], prefix="coarse_")}
         for name, p in zip(scored, probs, strict=True):
             row.update(score_pair(p > 0.5, s["truth"], prefix=f"{name}_"))
         ensemble = sum(probs[: len(members)]) / len(members)
@@ -128,14 +124,14 @@ def main() -> None:
     # the decoders' time: the members' share of the refine pass, measured by running them again on cached embeddings
     with torch.no_grad():
         s = samples[0]
-        emb = runner.groups[0][0](members[0].preprocess_image(torch.from_numpy(s["frame"])[None, None], resized=True))
+        emb = runner.groups[0][0](encoder_input(members[0], s, False, torch.device("cpu")))
         coarse = torch.from_numpy(s["coarse"])[None, None].float() / 255
         t = time.perf_counter()
         for _ in range(3):
             for m in members:
                 m(image_embeddings=emb, coarse=coarse, original_size=tuple(s["pixels"].shape))
         decoder_seconds = (time.perf_counter() - t) / 3 / len(members)
-    cost = {"images": n, "blank_coarse_left_out": blank, "members": len(members), "encoder_groups": len(runner.groups),
+    cost = {"images": n, "skipped": skipped, "members": len(members), "encoder_groups": len(runner.groups),
             "encoder_s_per_image": encoder_per_image, "decoder_s_per_image_per_member": decoder_seconds,
             "single_refiner_s_per_image": encoder_per_image + decoder_seconds,
             "ensemble_s_per_image": encoder_per_image + len(members) * decoder_seconds,
@@ -147,7 +143,7 @@ def main() -> None:
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1, allow_nan=True) + "\n")
     tmp.replace(args.output)
-    print(f"{n} images ({len(blank)} blank coarse masks left out), {len(members)} members, "
+    print(f"{n} images ({len(skipped)} skipped by refine's rules, e.g. blank coarse masks), {len(members)} members, "
           f"{len(runner.groups)} encoder pass(es) per image")
     for m in [m for m in ("dice", "iou", "hd95", "nsd") if m in METRIC_NAMES]:  # all of them in the JSON
         print(f"\n{m}: " + ", ".join(f"{k} {summary[f'{k}_{m}']['mean']:.4f}"

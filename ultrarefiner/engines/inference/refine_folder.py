@@ -339,7 +339,6 @@ class BatchRefiner:
             groups.setdefault(weights_fingerprint(m.sam.image_encoder) if len(members) > 1 else "", []).append(i)
         self.groups = [(fast_encoder(members[idx[0]].sam.image_encoder, self.device, optimize), idx)
                        for idx in groups.values()]
-        self.encoder = self.groups[0][0]
 
     def __call__(self, samples: Sequence[dict]) -> list[tuple[np.ndarray, float]]:
         """Refined bool masks (H, W) (probability > 0.5) and predicted IoUs of ``samples``."""
@@ -398,10 +397,10 @@ class BatchRefiner:
 
 
 def _geometry_signature(refiner: torch.nn.Module) -> str:
-    """What decides a refiner's encoder input: preprocessing mode, resize rule, input size, normalisation."""
+    """What decides a refiner's encoder input, all held by its ``SamGeometry``: preprocessing mode, resize rule,
+    input size, normalisation."""
     g = refiner.geometry
-    return repr((g.mode, g.image_resize, refiner.sam.image_encoder.img_size,
-                 refiner.sam.pixel_mean.flatten().tolist(), refiner.sam.pixel_std.flatten().tolist()))
+    return repr((g.mode, g.image_resize, g.img_size, g.pixel_mean.flatten().tolist(), g.pixel_std.flatten().tolist()))
 
 
 def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict[str, float]:
