@@ -167,9 +167,9 @@ def _renamed(e: OSError, stage: Path | None, dest: Path) -> OSError:
 
 def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
     """The one reader of every torch file the package loads (``best.pt``, ``last.pt``, ``models/model.pt``, SAM and
-    TransUNet ``.pth`` weights): ``torch.load``
-    on the CPU with ``weights_only`` (no code runs from a file), with errors that name the file: missing or unreadable.
-    ``mmap``: map the tensors instead of reading them (when only the metadata is wanted)."""
+    TransUNet ``.pth`` weights): ``torch.load`` on the CPU with ``weights_only`` (no code runs from a file), with
+    errors that name the file: missing or unreadable. ``mmap``: map the tensors instead of reading them (when only
+    the metadata is wanted)."""
     if not Path(path).is_file():
         raise BadInputError(path, f"{what} not found")
     try:
