@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU throughput figures of the bundle READMEs in one run (each benchmark under a wall-clock cap, so the whole
-# run fits in a short device lease: about 8 minutes on one H200 with the default caps):
+# run fits in one 10-minute device call: the caps add up to 585 s):
 #
 #   OUT=$OUT bash benchmarks/gpu_throughput.sh                  # on the GPU machine, from the repository root
 #   TINY=1 OUT=/tmp/gpu_smoke bash benchmarks/gpu_throughput.sh  # CPU smoke run of the same commands (tiny sizes)
@@ -8,7 +8,9 @@
 #   1. bench_e2e.py with SAM vit_b (+ a torch.profiler table of the top operations and a Chrome trace) and with
 #      LiteMedSAM: phase-3 training samples/s and peak memory, full-pipeline inference images/s, bf16 vs fp32;
 #   2. bench_refiner_cache.py with vit_b: phase-2 samples/s with and without the embedding cache;
-#   3. bench_inference.py at batch 1, 8 and 32: encoder, refine (LiteMedSAM) and predict images/s.
+#   3. bench_inference.py at batch 1, 8 and 32: encoder, refine (LiteMedSAM) and predict images/s, 6 data workers;
+#   4. bench_output_writing.py: the host cost of writing refine's and predict's files, with the writer threads the
+#      machine's cores allow (the ceiling of images/s files to files, whatever the card).
 # Every log goes to $OUT/<name>.log and the last lines of each are printed; $OUT/summary.txt names the card.
 set -u
 OUT=$(realpath -m "${OUT:-./gpu_throughput_out}")
@@ -31,13 +33,14 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"; } 2>&1 
 
 if [ "$TINY" = 1 ]; then
   e2e=(--tiny --steps 2 --warmup 1 --batch 2); cache=(--model tiny --batch 2 --steps 2 --warmup 1)
-  infer=(--batch_sizes 1,2 --n 2 --repeats 1 --sections encoder,refine)
+  infer=(--batch_sizes 1,2 --n 2 --repeats 1 --sections encoder,refine); writing=(--n 4 --repeats 1)
 else
   e2e=(--batch 8 --steps 20); cache=(--model vit_b --batch 32 --steps 20 --amp)
-  infer=(--batch_sizes 1,8,32 --n 64 --repeats 1)
+  infer=(--batch_sizes 1,8,32 --n 128 --num_workers 6 --repeats 1); writing=(--n 48)
 fi
-run e2e_vit_b "${CAP_E2E:-180}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --profile --trace "$OUT/e2e_vit_b_trace.json"
-run e2e_lite_medsam "${CAP_E2E:-180}" $PY benchmarks/bench_e2e.py --sam lite_medsam "${e2e[@]}"
+run e2e_vit_b "${CAP_E2E:-150}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --profile --trace "$OUT/e2e_vit_b_trace.json"
+run e2e_lite_medsam "${CAP_E2E:-150}" $PY benchmarks/bench_e2e.py --sam lite_medsam "${e2e[@]}"
 run refiner_cache_vit_b "${CAP_CACHE:-90}" $PY benchmarks/bench_refiner_cache.py "${cache[@]}"
 run inference "${CAP_INFER:-150}" $PY benchmarks/bench_inference.py --optimize auto "${infer[@]}"
+run output_writing "${CAP_WRITING:-45}" $PY benchmarks/bench_output_writing.py "${writing[@]}"
 echo "done $(date +%T); logs in $OUT" | tee -a "$OUT/summary.txt"

@@ -297,3 +297,33 @@ def test_nothing_refinable_fails(folders, tmp_path, capsys):
                       "--zero_shot", "--num_workers", "0"], capsys)
     assert "no image could be refined" in err and "blank coarse mask" in err
     assert "blank" in (tmp_path / "out" / "skipped.csv").read_text()
+
+
+def test_a_failed_write_stops_the_run_and_a_rerun_finishes(tmp_path, monkeypatch):
+    """Masks and overlays are written by threads (``BackgroundWrites``): a write failing there (disk full) stops
+    the run with its OSError; what was logged before is whole, and the next run refines only the rest."""
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _StubRefiner())
+    for i in range(5):
+        image, _, coarse = _scene(i, 40, 48)
+        save(tmp_path / "img" / f"s{i}.png", image)
+        save(tmp_path / "msk" / f"s{i}.png", coarse)
+    real = engine.write_png
+
+    def full_disk(path, array, compress_level=None):
+        if Path(path).name == "s3.png" and Path(path).parent.name == "overlays":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, array, compress_level)
+
+    monkeypatch.setattr(engine, "write_png", full_disk)
+    out = tmp_path / "out"
+    run = dict(zero_shot=True, batch_size=1, device="cpu", num_workers=0, optimize="none")
+    with pytest.raises(OSError, match="No space left") as e:
+        engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, **run)
+    assert e.value.filename == str(out / "overlays" / "s3.png")
+    logged = [json.loads(line)["stem"] for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert "s3" not in logged and len(logged) == len(set(logged))
+    assert not (out / "report.json").exists() and not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(engine, "write_png", real)
+    report = engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, **run)
+    assert [r["stem"] for r in report["images"]] == [f"s{i}" for i in range(5)]
+    assert report["summary"]["n_refined_now"] == 5 - len(logged) and report["summary"]["n_resumed"] == len(logged)

@@ -37,7 +37,7 @@ from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
 from ultrarefiner.engines.evaluation.report_handler import extremes
 from ultrarefiner.engines.evaluation.segmentation_report import SegmentationReport
 from ultrarefiner.engines.inference.ultra_predict import overlay_coarse_refined
-from ultrarefiner.utils.io import write_json, write_png
+from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, write_json, write_png
 
 __all__ = ["E2EReport", "PRED_KEYS"]
 
@@ -171,4 +171,4 @@ class E2EReport(SegmentationReport):
             r = rows[name]
             picture = overlay_coarse_refined(image, preds["coarse"], preds[final], label)
             fname = f"{tag}_{name}_coarse{r['coarse_dice']:.3f}_{final}{r[f'{final}_dice']:.3f}.png"
-            write_png(self.output_dir / "overlays" / fname, picture)
+            write_png(self.output_dir / "overlays" / fname, picture, PICTURE_PNG_LEVEL)

@@ -37,6 +37,10 @@ from monai.metrics import (
 )
 from monai.networks.utils import one_hot
 
+# MONAI's surface metrics pass get_mask_edges an argument that MONAI itself deprecated: one filter for the process
+# (warnings.catch_warnings around each call is not thread-safe, and refine computes metrics on writer threads)
+warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*", category=FutureWarning)
+
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy", "hd95", "nsd")
 NSD_TOLERANCE = 2.0  # pixels
 # Ignite names of the validation metrics; "val_mean_dice" is the key metric of the bundles.
@@ -76,9 +80,7 @@ def _surface_metric(pred: torch.Tensor, label: torch.Tensor, both_empty: float, 
         if not (p_any and l_any):
             out[i] = both_empty if p_any == l_any else one_empty
             continue
-        with warnings.catch_warnings():  # MONAI's own deprecated internal argument (get_mask_edges)
-            warnings.simplefilter("ignore", FutureWarning)
-            out[i] = compute(pred[i : i + 1].float(), label[i : i + 1].float()).reshape(())
+        out[i] = compute(pred[i : i + 1].float(), label[i : i + 1].float()).reshape(())
     return out
 
 

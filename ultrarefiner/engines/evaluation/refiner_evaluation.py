@@ -38,7 +38,7 @@ from ultrarefiner.engines.evaluation.engine_fields import as_scalar, field
 from ultrarefiner.engines.evaluation.folder_evaluation import binary_mask, score_pair, write_comparison_csv, write_csv
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
 from ultrarefiner.engines.evaluation.report_handler import ReportHandler, extremes
-from ultrarefiner.utils.io import write_json, write_png
+from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, write_json, write_png
 
 __all__ = ["BUCKET_ORDER", "NativeImaged", "RefinerReport", "bucket_table"]
 
@@ -209,4 +209,5 @@ class RefinerReport(ReportHandler):
                     image = np.zeros(label.shape, np.uint8)
                 picture = np.concatenate([overlay_contours(image / 255.0, label, coarse),
                                           overlay_contours(image / 255.0, label, refined)], axis=1)
-                write_png(self.output_dir / "overlays" / f"{tag}_{name}_dice{dice[name]:.3f}.png", picture)
+                write_png(self.output_dir / "overlays" / f"{tag}_{name}_dice{dice[name]:.3f}.png", picture,
+                          PICTURE_PNG_LEVEL)

@@ -25,7 +25,7 @@ from ultrarefiner.engines.evaluation.comparison import summarise
 from ultrarefiner.engines.evaluation.engine_fields import field, image_stem
 from ultrarefiner.engines.evaluation.folder_evaluation import binary_mask, score_pair, write_csv
 from ultrarefiner.engines.evaluation.report_handler import ReportHandler, extremes
-from ultrarefiner.utils.io import write_json, write_png
+from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, write_json, write_png
 
 __all__ = ["SegmentationReport"]
 
@@ -95,4 +95,5 @@ class SegmentationReport(ReportHandler):
         for tag, cases in (("worst", worst), ("best", best)):
             for name, image, label, preds in cases:
                 picture = overlay_contours(image, label, preds[key])
-                write_png(self.output_dir / "overlays" / f"{tag}_{name}_dice{dice[name]:.3f}.png", picture)
+                write_png(self.output_dir / "overlays" / f"{tag}_{name}_dice{dice[name]:.3f}.png", picture,
+                          PICTURE_PNG_LEVEL)

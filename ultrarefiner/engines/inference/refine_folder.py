@@ -31,9 +31,7 @@ import json
 import logging
 import math
 import os
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,8 @@ from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, re
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
-from ultrarefiner.utils.io import atomic_write
+from ultrarefiner.utils.background_writes import BackgroundWrites
+from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_frame", "encoder_input", "files_by_stem",
            "format_summary", "checkpoint_list", "refine_folder", "resolve_refiner", "resolve_refiners"]
@@ -60,13 +59,6 @@ PROGRESS, REPORT_CSV, REPORT_JSON, SKIPPED_CSV = "progress.jsonl", "report.csv",
 
 
 # ------------------------------------------------------------------------------------------------ file writing
-def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
-
-
 def _write_nifti(path: Path, mask: np.ndarray) -> None:
     import nibabel as nib
 
@@ -563,34 +555,36 @@ def refine_folder(
         loader = torch.utils.data.DataLoader(_SampleDataset(pending), batch_sampler=batches, collate_fn=_as_list,
                                              num_workers=num_workers)
         bar = tqdm(total=sum(len(b) for b in batches), desc="refine", unit="image", disable=None)
-        writers = max(1, min(4, os.cpu_count() or 1))
         # metrics, PNGs and overlays of one batch are computed by threads while the refiner runs the next batch
         # (they dominate on a GPU); records are logged in the main thread once their files are on disk
-        saving: deque[Future] = deque()
-        with progress.open("a", encoding="utf-8") as log, ThreadPoolExecutor(writers) as pool:
+        writes = BackgroundWrites()
+        with progress.open("a", encoding="utf-8") as log:
 
-            def finish(keep: int) -> None:
+            def log_records(finished: list[dict]) -> None:
                 nonlocal n_new
-                while len(saving) > keep:
-                    record = saving.popleft().result()  # a failed write (disk full...) stops the run
+                for record in finished:
                     log.write(json.dumps(record) + "\n")
-                    log.flush()  # a crash loses at most the images being written
                     records[record["stem"]] = record
                     n_new += 1
+                log.flush()  # a crash loses at most the images being written
 
-            for batch in loader:
-                good = [s for s in batch if "reason" not in s]
-                skipped += [s for s in batch if "reason" in s]
-                if good and runner is None:
-                    # eval after .to(): TinyViT caches attention biases on eval, on the device they are on
-                    refiners = [create_model("sam_refiner", c, device=dev, box_source=box_source).eval()
-                                for c in ckpts]
-                    runner = BatchRefiner(refiners, dev, amp, tta, optimize)
-                for sample, refined, iou in _refine_batch(runner, good, skipped):
-                    saving.append(pool.submit(_save, sample, refined, iou, out, nifti, name))
-                finish(keep=2 * writers)  # bounded: finished samples must not pile up in memory
-                bar.update(len(batch))
-            finish(keep=0)
+            try:
+                for batch in loader:
+                    good = [s for s in batch if "reason" not in s]
+                    skipped += [s for s in batch if "reason" in s]
+                    if good and runner is None:
+                        # eval after .to(): TinyViT caches attention biases on eval, on the device they are on
+                        refiners = [create_model("sam_refiner", c, device=dev, box_source=box_source).eval()
+                                    for c in ckpts]
+                        runner = BatchRefiner(refiners, dev, amp, tta, optimize)
+                    for sample, refined, iou in _refine_batch(runner, good, skipped):
+                        writes.submit(_save, sample, refined, iou, out, nifti, name)
+                    # bounded: finished samples must not pile up in memory; a failed write (disk full...) stops the run
+                    log_records(writes.wait())
+                    bar.update(len(batch))
+                log_records(writes.wait(0))
+            finally:
+                writes.close()
         bar.close()
     report = _write_report(out, records, skipped, n_new, dict(
         images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
@@ -630,11 +624,11 @@ def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool,
     stem = sample["stem"]
     coarse = sample["coarse"] > 255 * THRESHOLD
     label = sample.get("truth")
-    _write_png(out / "masks" / f"{stem}.png", refined.astype(np.uint8) * 255)
+    write_png(out / "masks" / f"{stem}.png", refined.astype(np.uint8) * 255)
     if nifti:
         _write_nifti(out / "masks" / f"{stem}.nii.gz", refined)
     picture = overlay_coarse_refined(sample["pixels"].astype(np.float32) / 255.0, coarse, refined, label)
-    _write_png(out / "overlays" / f"{stem}.png", picture)
+    write_png(out / "overlays" / f"{stem}.png", picture, PICTURE_PNG_LEVEL)
     record = {"stem": stem, "image": sample["image"], "mask": sample["mask"]}
     if label is not None:
         record["label"] = sample["label"]

@@ -26,7 +26,7 @@ from ultrarefiner.engines.checkpoints.checkpoint import run_identity
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
-from ultrarefiner.utils.io import staged_folder, write_json, write_png
+from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, staged_folder, write_json, write_png
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def write_overlays(folder: Path, entries: list[dict], probs: list[np.ndarray], n
     for e, p in list(zip(entries, probs, strict=True))[:n]:
         image = np.asarray(Image.open(e["image"]).convert("L"), np.float32) / 255.0
         label = np.asarray(Image.open(e["label"]).convert("L")) > 127
-        write_png(folder / f"{Path(e['image']).stem}.png", overlay_contours(image, label, p > 0.5))
+        write_png(folder / f"{Path(e['image']).stem}.png", overlay_contours(image, label, p > 0.5), PICTURE_PNG_LEVEL)
 
 
 SKIPPED_JSON = "skipped.json"

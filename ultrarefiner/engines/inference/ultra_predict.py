@@ -46,6 +46,7 @@ from monai.transforms import MapTransform
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.amp import autocast
+from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.flags import as_flag
 from ultrarefiner.utils.io import atomic_write, write_json
 
@@ -457,17 +458,33 @@ def _write_atomically(write: Callable[[str], None], filename: str | os.PathLike)
 
 
 class AtomicPILWriter(PILWriter):
-    """MONAI's ``PILWriter`` (``SaveImaged``'s PNG writer) writing each file atomically."""
+    def __init__(self, writes: BackgroundWrites | None = None, **kwargs: Any) -> None:
+        """MONAI's ``PILWriter`` (``SaveImaged``'s PNG writer) writing each file atomically; on a thread of
+        ``writes`` when given (``SaveImaged(writer=functools.partial(AtomicPILWriter, writes=...))``), where the
+        encoding no longer holds up the next batch. ``kwargs``: ``PILWriter``'s."""
+        super().__init__(**kwargs)
+        self.writes = writes
 
     def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        _write_atomically(lambda path: PILWriter.write(self, path, verbose=verbose, **kwargs), filename)
+        _write_in(self.writes, lambda path: PILWriter.write(self, path, verbose=verbose, **kwargs), filename)
 
 
 class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` (``SaveImaged``'s NIfTI writer) writing each file atomically."""
+    def __init__(self, writes: BackgroundWrites | None = None, **kwargs: Any) -> None:
+        """MONAI's ``NibabelWriter`` (``SaveImaged``'s NIfTI writer) writing each file atomically, on a thread of
+        ``writes`` when given (as ``AtomicPILWriter``). ``kwargs``: ``NibabelWriter``'s."""
+        super().__init__(**kwargs)
+        self.writes = writes
 
     def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        _write_atomically(lambda path: NibabelWriter.write(self, path, verbose=verbose, **kwargs), filename)
+        _write_in(self.writes, lambda path: NibabelWriter.write(self, path, verbose=verbose, **kwargs), filename)
+
+
+def _write_in(writes: BackgroundWrites | None, write: Callable[[str], None], filename: str | os.PathLike) -> None:
+    if writes is None:
+        _write_atomically(write, filename)
+    else:  # the writer object is made per file by SaveImage and not touched again: the thread may own it
+        writes.submit(_write_atomically, write, filename)
 
 
 class CoarseRefinedOverlayd(MapTransform):
@@ -501,11 +518,13 @@ class CoarseRefinedOverlayd(MapTransform):
 
 class PredictionReport:
     def __init__(self, output_dir: str | os.PathLike, predictor: UltraPredictor, threshold: float = 0.5,
-                 keys: Sequence[str] = ("coarse", "refined", "overlay")) -> None:
+                 keys: Sequence[str] = ("coarse", "refined", "overlay"), writes: BackgroundWrites | None = None
+                 ) -> None:
         """
         ``<output_dir>/predictions.json`` of an inference run (module docstring), written when the evaluator
-        completes: settings, per image its size, predicted IoU (chosen pass, gate), written files and mask areas,
-        and the skipped files with the reason. Raises ``UltraRefinerError`` when no input could be predicted.
+        completes and every file it lists is on disk: settings, per image its size, predicted IoU (chosen pass,
+        gate), written files and mask areas, and the skipped files with the reason. Raises ``UltraRefinerError``
+        when no input could be predicted.
 
         Arguments:
           output_dir: where the writers put the files (paths in the report are relative to it).
@@ -513,9 +532,12 @@ class PredictionReport:
           threshold: the probability threshold of the written masks.
           keys: written images whose paths (``saved_to`` of ``SaveImaged``) the entries list; NIfTI copies
             ``<key>_nifti`` are listed when present.
+          writes: the writers' ``BackgroundWrites``, if any: after each iteration its backlog is bounded (a failed
+            write stops the run, naming the file), and the report waits for all of them.
         """
         self.output_dir, self.predictor, self.threshold = Path(output_dir), predictor, threshold
         self.keys = list(keys)
+        self.writes = writes
         self.entries: dict[int, dict] = {}
         self.skipped: dict[int, dict] = {}
 
@@ -525,6 +547,8 @@ class PredictionReport:
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+        if self.writes is not None:
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
 
     def _reset(self, engine: Any) -> None:
         """Empty the report, and fail at once, naming the folder, when nothing can be written there (the writer
@@ -532,6 +556,12 @@ class PredictionReport:
         self.entries, self.skipped = {}, {}
         probe = atomic_write(self.output_dir / ".write_check", lambda tmp: None)
         probe.unlink()
+
+    def _failed(self, engine: Any, error: BaseException) -> None:
+        """The run failed: the writes already started still finish (each is atomic); the error goes on (ignite
+        hands an exception to its EXCEPTION_RAISED handlers instead of raising it)."""
+        self.writes.close()
+        raise error
 
     def _saved(self, value: Any) -> str:
         return Path(value.meta["saved_to"]).relative_to(self.output_dir).as_posix()
@@ -554,6 +584,8 @@ class PredictionReport:
             entry.update({f"{k}_nifti": self._saved(out[f"{k}_nifti"]) for k in ("coarse", "refined")
                           if f"{k}_nifti" in out})
             self.entries[item["index"]] = entry
+        if self.writes is not None:
+            self.writes.wait()
 
     def report(self) -> dict[str, Any]:
         images = [self.entries[i] for i in sorted(self.entries)]
@@ -563,6 +595,8 @@ class PredictionReport:
                 "skipped": skipped}
 
     def _write(self, engine: Any) -> None:
+        if self.writes is not None:
+            self.writes.wait(0)
         report = self.report()
         path = self.output_dir / "predictions.json"
         write_json(path, report)
