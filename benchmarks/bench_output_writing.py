@@ -35,16 +35,17 @@ def samples(images: Path, masks: Path, labels: Path | None, n: int) -> list[dict
     return [s for s in (dataset[i] for i in range(len(dataset))) if "reason" not in s]
 
 
-def refine_run(data: list[dict], out: Path, workers: int, level: int) -> Callable[[], int]:
+def refine_run(data: list[dict], out: Path, workers: int, level: int, batch: int) -> Callable[[], int]:
     from ultrarefiner.engines.inference import refine_folder as engine
     from ultrarefiner.utils.background_writes import BackgroundWrites
 
     def run() -> int:
         engine.PICTURE_PNG_LEVEL = level  # read by _save at call time
-        writes = BackgroundWrites(workers)
-        for s in data:
+        writes = BackgroundWrites(workers, round_size=batch)  # as refine_folder's
+        for k, s in enumerate(data):
             writes.submit(engine._save, s, s["coarse"] > 127, 0.9, out, False, "bench")
-            writes.wait()
+            if (k + 1) % batch == 0:
+                writes.wait()
         writes.wait(0)
         return len(data)
 
@@ -62,7 +63,9 @@ def predict_run(data: list[dict], out: Path, workers: int, level: int, batch: in
     io.PICTURE_PNG_LEVEL = level  # the config reads it when parsed
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle), "output_dir": str(out), "writers": workers})
+    # the predictor (and so its network) is not built: the writes' round is set as the config sets it
+    parser.update({"bundle_root": str(bundle), "output_dir": str(out), "writers": workers,
+                   "writes#round_size": 3 * batch})
     post, writes = parser.get_parsed_content("postprocessing"), parser.get_parsed_content("writes")
     io.PICTURE_PNG_LEVEL = saved
     items = []
@@ -89,7 +92,7 @@ def main() -> None:
     p.add_argument("--masks", help="folder of coarse masks <stem>.png (with --images)")
     p.add_argument("--labels", help="folder of ground-truth masks: refine also computes its metrics")
     p.add_argument("--n", type=int, default=24)
-    p.add_argument("--batch", type=int, default=8, help="predict's images per iteration")
+    p.add_argument("--batch", type=int, default=8, help="images per batch (refine) or iteration (predict)")
     p.add_argument("--writers", type=int, default=None, help="writer threads (default: default_writers())")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
@@ -116,7 +119,7 @@ def main() -> None:
                     f"now: zlib {PICTURE_PNG_LEVEL}, {threads} threads": (threads, PICTURE_PNG_LEVEL)}
         settings = {}
         for name, (workers, level) in variants.items():
-            settings[f"refine   {name}"] = refine_run(data, tmp / "refine", workers, level)
+            settings[f"refine   {name}"] = refine_run(data, tmp / "refine", workers, level, args.batch)
         for name, (workers, level) in variants.items():
             settings[f"predict  {name}"] = predict_run(data, tmp / "predict", workers, level, args.batch)
         rates = measure(settings, args.repeats)

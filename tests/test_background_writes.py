@@ -47,6 +47,8 @@ def test_inline_mode_and_defaults():
     assert where == [threading.current_thread()] and writes.wait(0) == [7]
     assert 1 <= default_writers() <= 8
     assert BackgroundWrites(workers=3).backlog == 6
+    assert BackgroundWrites(workers=3, round_size=8).backlog == 16  # two batches in flight
+    assert BackgroundWrites(workers=3, backlog=1, round_size=8).backlog == 1
     with pytest.raises(ValueError, match="workers must be >= 0"):
         BackgroundWrites(workers=-1)
 
@@ -65,19 +67,26 @@ def test_a_failed_write_is_raised_with_its_file_and_later_writes_finish(tmp_path
     assert len(writes) == 0 and writes._pool is None
 
 
-def test_predict_stops_on_a_failed_write_without_a_report(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def model():
+    import torch
+    from test_predict import NETWORK_KWARGS
+
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+
+    torch.manual_seed(0)
+    return build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()
+
+
+def test_predict_stops_on_a_failed_write_without_a_report(model, tmp_path, monkeypatch):
     """A write that fails on a writer thread (disk full) stops ``run_inference`` with that OSError; predictions.json,
     which would list the missing file, is not written; the other files are whole PNGs."""
-    import torch
-    from test_predict import NETWORK_KWARGS, _scene
+    from test_predict import _scene
     from test_ultrarefiner_inference import BUNDLE
 
     from conftest import save
     from ultrarefiner.engines.inference import ultra_predict
-    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
 
-    torch.manual_seed(0)
-    model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()
     src = tmp_path / "in"
     for i in range(3):
         save(src / f"s{i}.png", _scene(seed=i))
@@ -101,3 +110,22 @@ def test_predict_stops_on_a_failed_write_without_a_report(tmp_path, monkeypatch)
     for p in written:
         Image.open(p).load()  # whole files only
     assert not list(out.rglob("*.tmp"))
+
+
+def test_predict_config_keeps_two_batches_of_writes_in_flight(model):
+    """The bundle's ``writes``: three files per image (coarse, refined, overlay), two batches pending at most, so
+    that a batch's writes run while the next batch is predicted."""
+    from monai.bundle import ConfigParser
+    from test_ultrarefiner_inference import BUNDLE
+
+    from ultrarefiner.engines.inference.ultra_predict import PredictionReport
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "network": model, "device": "cpu", "batch_size": 8, "writers": 2})
+    writes = parser.get_parsed_content("writes")
+    assert (writes.workers, writes.backlog) == (2, 48)
+    report = parser.get_parsed_content("report")
+    assert isinstance(report, PredictionReport) and report.writes is writes
+    assert all(w.keywords["writes"] is writes for w in (parser.get_parsed_content("png_writer"),
+                                                         parser.get_parsed_content("nifti_writer")))

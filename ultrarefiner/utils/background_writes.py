@@ -24,18 +24,21 @@ def default_writers() -> int:
 
 
 class BackgroundWrites:
-    def __init__(self, workers: int | None = None, backlog: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, backlog: int | None = None, round_size: int = 1) -> None:
         """
         A bounded queue of file writes run by ``workers`` threads.
 
         Arguments:
           workers: threads; None: ``default_writers()``. 0 writes in the caller's thread (no pool).
-          backlog: the most writes left pending by ``wait()`` (each holds its arrays in memory); None: 2 per thread.
+          backlog: the most writes left pending by ``wait()`` (each holds its arrays in memory); None: two rounds'
+            writes or two per thread, whichever is more.
+          round_size: writes submitted between two ``wait()`` calls (a batch's). A backlog of two rounds lets the
+            writes of one batch run while the next is predicted: a smaller one would stall the caller on them.
         """
         self.workers = default_writers() if workers is None else int(workers)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        self.backlog = 2 * max(1, self.workers) if backlog is None else int(backlog)
+        self.backlog = max(2 * self.workers, 2 * round_size) if backlog is None else int(backlog)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future] = deque()
 

@@ -557,7 +557,7 @@ def refine_folder(
         bar = tqdm(total=sum(len(b) for b in batches), desc="refine", unit="image", disable=None)
         # metrics, PNGs and overlays of one batch are computed by threads while the refiner runs the next batch
         # (they dominate on a GPU); records are logged in the main thread once their files are on disk
-        writes = BackgroundWrites()
+        writes = BackgroundWrites(round_size=batch_size)
         with progress.open("a", encoding="utf-8") as log:
 
             def log_records(finished: list[dict]) -> None:
