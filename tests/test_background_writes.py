@@ -85,19 +85,20 @@ def test_predict_stops_on_a_failed_write_without_a_report(model, tmp_path, monke
     from test_ultrarefiner_inference import BUNDLE
 
     from conftest import save
+    from ultrarefiner.data import image_writers
     from ultrarefiner.engines.inference import ultra_predict
 
     src = tmp_path / "in"
     for i in range(3):
         save(src / f"s{i}.png", _scene(seed=i))
-    real = ultra_predict._write_atomically
+    real = image_writers.write_atomically
 
     def full_disk(write, filename):
         if Path(filename).name == "s1.png" and Path(filename).parent.name == "overlays":
             raise OSError(28, "No space left on device", str(filename))
         real(write, filename)
 
-    monkeypatch.setattr(ultra_predict, "_write_atomically", full_disk)
+    monkeypatch.setattr(image_writers, "write_atomically", full_disk)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left") as e:
         ultra_predict.run_inference(BUNDLE, {"network": model, "device": "cpu", "input_dir": str(src),

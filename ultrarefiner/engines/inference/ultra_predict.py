@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data.image_writer import NibabelWriter, PILWriter
 from monai.transforms import MapTransform
 
+# the writers lived here until 0.1.3 of the bundle: configs that name them here keep working
+from ultrarefiner.data.image_writers import AtomicNibabelWriter, AtomicPILWriter
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.amp import autocast
@@ -439,54 +440,6 @@ class UltraPredictor:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def _write_atomically(write: Callable[[str], None], filename: str | os.PathLike) -> None:
-    """``write(path)`` through ``utils.io.atomic_write``: a temporary file next to ``filename``, then a rename (no
-    half-written file; a failed write names ``filename``). The temporary file keeps the suffix (``.png``,
-    ``.nii.gz``) from which the MONAI writers pick the format."""
-    suffix = ".nii.gz" if str(filename).endswith(".nii.gz") else Path(filename).suffix
-
-    def to_tmp(tmp: str) -> None:
-        named = tmp + suffix
-        try:
-            write(named)
-            os.replace(named, tmp)
-        finally:
-            if os.path.exists(named):
-                os.remove(named)
-
-    atomic_write(filename, to_tmp)
-
-
-class AtomicPILWriter(PILWriter):
-    def __init__(self, writes: BackgroundWrites | None = None, **kwargs: Any) -> None:
-        """MONAI's ``PILWriter`` (``SaveImaged``'s PNG writer) writing each file atomically; on a thread of
-        ``writes`` when given (``SaveImaged(writer=functools.partial(AtomicPILWriter, writes=...))``), where the
-        encoding no longer holds up the next batch. ``kwargs``: ``PILWriter``'s."""
-        super().__init__(**kwargs)
-        self.writes = writes
-
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        _write_in(self.writes, lambda path: PILWriter.write(self, path, verbose=verbose, **kwargs), filename)
-
-
-class AtomicNibabelWriter(NibabelWriter):
-    def __init__(self, writes: BackgroundWrites | None = None, **kwargs: Any) -> None:
-        """MONAI's ``NibabelWriter`` (``SaveImaged``'s NIfTI writer) writing each file atomically, on a thread of
-        ``writes`` when given (as ``AtomicPILWriter``). ``kwargs``: ``NibabelWriter``'s."""
-        super().__init__(**kwargs)
-        self.writes = writes
-
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        _write_in(self.writes, lambda path: NibabelWriter.write(self, path, verbose=verbose, **kwargs), filename)
-
-
-def _write_in(writes: BackgroundWrites | None, write: Callable[[str], None], filename: str | os.PathLike) -> None:
-    if writes is None:
-        _write_atomically(write, filename)
-    else:  # the writer object is made per file by SaveImage and not touched again: the thread may own it
-        writes.submit(_write_atomically, write, filename)
-
-
 class CoarseRefinedOverlayd(MapTransform):
     def __init__(self, keys: KeysCollection = ("coarse", "refined"), image_key: str = "pixels",
                  overlay_key: str = "overlay", allow_missing_keys: bool = False) -> None:
