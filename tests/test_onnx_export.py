@@ -107,6 +107,28 @@ def test_transunet(tmp_path):
     assert np.abs(got - ref).max() < TOL
 
 
+def test_a_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
+    """The .onnx is written to a temporary file, checked, then renamed: an export that dies half-way (or yields a
+    fixed-batch graph) leaves the previous export whole and no temporary file."""
+    import monai.networks.utils
+
+    torch.manual_seed(0)
+    net = TransUNet(**TINY_TU).eval()
+    export_transunet_onnx(net, tmp_path, batch_size=2, verify=False)
+    before = (tmp_path / "transunet.onnx").read_bytes()
+
+    def dies_half_way(*args, filename, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(before[: len(before) // 2])
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(monai.networks.utils, "convert_to_onnx", dies_half_way)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_transunet_onnx(net, tmp_path, batch_size=2, verify=False)
+    assert (tmp_path / "transunet.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transunet.onnx"]
+
+
 def test_lite_medsam_refiner(lite):
     refiner, out, report = lite
     assert report["preprocessing"] == "litemedsam"

@@ -19,6 +19,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from ultrarefiner.utils.io import write_json
 from ultrarefiner.zoo.serving import write_training_datalist
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class BundleTrain(TrainTask):
         summary = {"bundle": self.bundle_dir.name, "images": len(items), "returncode": res.returncode,
                    "model_path": str(self.model_path), "model_written": self.model_path.is_file(),
                    "overrides": {k: v for k, v in ov.items() if k not in ("bundle_root",)}}
-        (self.work_dir / "last_run.json").write_text(json.dumps(summary, indent=2))
+        write_json(self.work_dir / "last_run.json", summary)
         if res.returncode != 0:
             raise RuntimeError(f"bundle {self.bundle_dir.name} training failed (exit {res.returncode}): "
                                f"{res.stderr[-2000:]}")

@@ -22,7 +22,6 @@ export) instead of SAM's point-label encoding, so its outputs equal ``SAMRefiner
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ultrarefiner.utils.io import atomic_write, write_json
 
 __all__ = [
     "RefinerDecoder",
@@ -169,19 +170,21 @@ def _export(module: nn.Module, inputs: Sequence[torch.Tensor], input_names: Sequ
     if inputs[0].shape[0] < 2:  # torch.export specialises size-1 dimensions: the graph would fix the batch at 1
         raise ValueError(f"export with a batch of at least 2 example inputs, got {inputs[0].shape[0]}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = module.eval()
-    convert_to_onnx(module, list(inputs), input_names=list(input_names), output_names=list(output_names),
-                    opset_version=opset, filename=str(path), dynamo=True, external_data=False,
-                    dynamic_shapes=_dynamic_batch(module, input_names), verify=False)
     import onnx
 
-    # torch's exporter may fall back to a graph that fixed the batch (code taking a Python int of it): refuse that
-    graph = onnx.load(str(path), load_external_data=False).graph
-    fixed = [i.name for i in graph.input if not i.type.tensor_type.shape.dim[0].dim_param]
-    if fixed:
-        raise RuntimeError(f"{path}: the batch axis of {fixed} was fixed during export (dynamic batch expected)")
-    return path
+    module = module.eval()
+
+    def write(tmp: str) -> None:  # checked before it replaces a previous export: a failed one leaves that whole
+        convert_to_onnx(module, list(inputs), input_names=list(input_names), output_names=list(output_names),
+                        opset_version=opset, filename=tmp, dynamo=True, external_data=False,
+                        dynamic_shapes=_dynamic_batch(module, input_names), verify=False)
+        # torch's exporter may fall back to a graph that fixed the batch (code taking a Python int of it): refused
+        graph = onnx.load(tmp, load_external_data=False).graph
+        fixed = [i.name for i in graph.input if not i.type.tensor_type.shape.dim[0].dim_param]
+        if fixed:
+            raise RuntimeError(f"{path}: the batch axis of {fixed} was fixed during export (dynamic batch expected)")
+
+    return atomic_write(path, write)
 
 
 def compare_onnx(module: nn.Module, path: str | os.PathLike, inputs: Mapping[str, torch.Tensor],
@@ -315,5 +318,5 @@ def export_onnx(kind: str, network: nn.Module, output_dir: str | os.PathLike, ba
     else:
         raise ValueError(f"kind must be transunet or refiner, got {kind!r}")
     report["torch"] = torch.__version__
-    Path(output_dir, report_file(kind)).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(Path(output_dir, report_file(kind)), report)
     return report
