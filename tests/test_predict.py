@@ -46,7 +46,7 @@ def test_cli_folder_with_corrupt_file_iterations_gate_and_nifti(checkpoint, tmp_
     out = tmp_path / "out"
     main(["predict", "--input", str(src), "--output_dir", str(out), "--checkpoint", str(checkpoint),
           "--iterations", "2", "--quality_gate", "--gate_threshold", "0.5", "--nifti", "--device", "cpu",
-          "--batch_size", "2", "--num_workers", "1"])
+          "--batch_size", "2", "--num_workers", "1", "--writers", "1"])
     printed = capsys.readouterr().out
     assert "2 image(s) predicted" in printed and "1 skipped" in printed and "broken.png" in printed
     report = json.loads((out / "predictions.json").read_text())

@@ -232,7 +232,7 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
         save(tmp_path / "msk" / f"{stem}.png", coarse)
     out = tmp_path / "out"
     report = engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, zero_shot=True, batch_size=2,
-                                  device="cpu", num_workers=0, optimize="none")
+                                  device="cpu", num_workers=0, writers=0, optimize="none")
     # batches in (size, name) order: [d, a] (two sizes, one encoder pass), [b, c], [odd] (fails alone)
     assert stub.sam.image_encoder.batches == [2, 2, 1]
     assert stub.calls == [(1, 30, 50), (1, 40, 48), (2, 40, 48)]
@@ -278,6 +278,8 @@ def test_option_errors(folders, tmp_path, capsys, monkeypatch):
     assert "--nifti" in err
     err = _cli_error([*base, "--zero_shot", "--batch_size", "0"], capsys)
     assert "--batch_size" in err
+    err = _cli_error([*base, "--zero_shot", "--writers", "-1"], capsys)
+    assert "--writers" in err
     err = _cli_error([*base, "--zero_shot", "--tta", "rotate"], capsys)
     assert "--tta" in err and "flip" in err
     err = _cli_error([*base, "--zero_shot", "--optimize", "fastest"], capsys)

@@ -21,6 +21,7 @@ def predict(
     amp: bool = True,
     batch_size: int | None = None,
     num_workers: int = 2,
+    writers: int | None = None,
     tta: str = "none",
     optimize: str = "auto",
 ) -> None:
@@ -52,6 +53,8 @@ def predict(
         batch_size: images per forward pass (any sizes: TransUNet and SAM's encoder see them resized to their
             inputs; outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU.
         num_workers: data workers reading and resizing the images.
+        writers: threads writing the masks and overlays while the next batch is predicted (the bundle's
+            `writers`); default one per core, up to 8; 0 writes in the main thread.
         tta: test-time augmentation: none (default) or flip (mean of the coarse and refined probabilities of the
             image and of its left-right flip, flipped back; twice the compute).
         optimize: SAM image-encoder speed option: auto (channels_last on CUDA; bf16 on a CPU with native
@@ -72,6 +75,8 @@ def predict(
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)
     check_range(num_workers, "num_workers", 0, 64, integer=True)
+    if writers is not None:
+        check_range(writers, "writers", 0, 64, integer=True)
     check_tta(tta)  # option errors before the model is loaded
     resolve_optimize(optimize, torch.device("cpu"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -84,7 +89,8 @@ def predict(
         "network": model, "device": dev, "input_dir": str(input), "output_dir": str(output_dir),
         "iterations": int(iterations), "quality_gate": bool(quality_gate), "gate_threshold": float(gate_threshold),
         "threshold": float(threshold), "nifti": bool(nifti), "amp": bool(amp), "batch_size": batch_size,
-        "num_workers": int(num_workers), "tta": tta, "optimize": optimize})
+        "num_workers": int(num_workers), "writers": None if writers is None else int(writers), "tta": tta,
+        "optimize": optimize})
     out = Path(output_dir).resolve()
     print(f"{report['n_images']} image(s) predicted into {out}; {report['n_skipped']} skipped")
     for s in report["skipped"]:

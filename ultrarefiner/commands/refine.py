@@ -20,6 +20,7 @@ def refine(
     device: str = "auto",
     amp: bool = True,
     num_workers: int = 4,
+    writers: int | None = None,
     tta: str = "none",
     optimize: str = "auto",
     box_source: str = "largest",
@@ -53,6 +54,8 @@ def refine(
         device: cpu, cuda, cuda:1 or auto (CUDA when available).
         amp: bfloat16 autocast on CUDA.
         num_workers: data workers reading and checking the files.
+        writers: threads writing the masks and overlays (and computing the metrics) while the next batch is
+            refined; default one per core, up to 8; 0 writes in the main thread.
         tta: test-time augmentation: none (default) or flip (mean probability of the image and of its left-right
             flip, prompted by the flipped coarse mask and flipped back; twice the compute). A folder refined with
             one setting is not resumed with the other.
@@ -74,6 +77,8 @@ def refine(
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)
     check_range(num_workers, "num_workers", 0, 64, integer=True)
+    if writers is not None:
+        check_range(writers, "writers", 0, 64, integer=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     report = refine_folder(
         images,
@@ -87,6 +92,7 @@ def refine(
         device=device,
         amp=as_flag(amp, "amp"),
         num_workers=int(num_workers),
+        writers=None if writers is None else int(writers),
         tta=tta,
         optimize=optimize,
         box_source=box_source,

@@ -479,6 +479,7 @@ def refine_folder(
     device: str | torch.device | None = None,
     amp: bool = True,
     num_workers: int = 2,
+    writers: int | None = None,
     tta: str = "none",
     optimize: str | None = "auto",
     box_source: str = "largest",
@@ -499,6 +500,8 @@ def refine_folder(
       device: cpu, cuda, cuda:N; None/"auto": CUDA when available.
       amp: bfloat16 autocast (CUDA only).
       num_workers: data workers reading and checking the files.
+      writers: threads writing the outputs and computing the metrics (``BackgroundWrites``); None: one per core,
+        up to 8; 0: in the main thread.
       tta: ``none`` or ``flip`` (left-right flip test-time augmentation, ``BatchRefiner``).
       box_source: ``largest`` (default) or ``components``: one prompt set per connected component of the coarse
         mask, merged (``SAMRefiner``); for images with several lesions.
@@ -557,7 +560,7 @@ def refine_folder(
         bar = tqdm(total=sum(len(b) for b in batches), desc="refine", unit="image", disable=None)
         # metrics, PNGs and overlays of one batch are computed by threads while the refiner runs the next batch
         # (they dominate on a GPU); records are logged in the main thread once their files are on disk
-        writes = BackgroundWrites(round_size=batch_size)
+        writes = BackgroundWrites(writers, round_size=batch_size)
         with progress.open("a", encoding="utf-8") as log:
 
             def log_records(finished: list[dict]) -> None:
