@@ -26,15 +26,6 @@ import numpy as np
 import torch
 
 
-def samples(images: Path, masks: Path, labels: Path | None, n: int) -> list[dict]:
-    """Up to ``n`` samples as ``refine`` loads them (its own matching and checks)."""
-    from ultrarefiner.engines.inference.refine_folder import _match, _SampleDataset
-
-    items, _ = _match(images, masks, labels)
-    dataset = _SampleDataset(items[:n])
-    return [s for s in (dataset[i] for i in range(len(dataset))) if "reason" not in s]
-
-
 def refine_run(data: list[dict], out: Path, workers: int, level: int, batch: int) -> Callable[[], int]:
     from ultrarefiner.engines.inference import refine_folder as engine
     from ultrarefiner.utils.background_writes import BackgroundWrites
@@ -99,6 +90,7 @@ def main() -> None:
 
     from bench_inference import measure, phantoms
 
+    from ultrarefiner.engines.inference.refine_folder import read_samples
     from ultrarefiner.utils.background_writes import default_writers
     from ultrarefiner.utils.io import PICTURE_PNG_LEVEL
 
@@ -110,7 +102,7 @@ def main() -> None:
         else:
             images, masks = phantoms(tmp / "in", args.n)
         labels = Path(args.labels) if args.labels else None
-        data = samples(images, masks, labels, args.n)
+        data, _ = read_samples(images, masks, labels, limit=args.n)
         sizes = sorted(s["pixels"].size for s in data)
         print(f"{len(data)} images, median {sizes[len(sizes) // 2] / 1e3:.0f} kpixels; labels: {labels is not None}; "
               f"{threads} writer thread(s), {os.cpu_count()} core(s)")

@@ -30,22 +30,12 @@ from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
 from ultrarefiner.engines.inference.refine_folder import (
     THRESHOLD,
     BatchRefiner,
-    _match,
-    _SampleDataset,
     checkpoint_list,
     encoder_input,
+    read_samples,
     resolve_refiners,
 )
 from ultrarefiner.hub import create_model
-
-
-def _samples(images: Path, masks: Path, labels: Path) -> tuple[list[dict], list[dict]]:
-    """The samples ``refine`` would refine, read and checked by its own rules (``_match``, ``_SampleDataset``: a
-    blank, missing or differently sized coarse mask or label is skipped), and the skipped ones with their reasons."""
-    items, skipped = _match(images, masks, labels)
-    dataset = _SampleDataset(items)
-    loaded = [dataset[i] for i in range(len(dataset))]
-    return [s for s in loaded if "reason" not in s], skipped + [s for s in loaded if "reason" in s]
 
 
 def weight_average(members: list[torch.nn.Module]) -> torch.nn.Module:
@@ -98,7 +88,7 @@ def main() -> None:
         return run
 
     runner.groups = [(timed(encoder), idx) for encoder, idx in runner.groups]
-    samples, skipped = _samples(args.images, args.masks, args.labels)
+    samples, skipped = read_samples(args.images, args.masks, args.labels)
     rows, start = [], time.perf_counter()
     for s in tqdm(samples, desc="ensemble study", unit="image"):
         per_member = runner.member_probabilities([s])

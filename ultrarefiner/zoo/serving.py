@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ultrarefiner.errors import BadInputError
-from ultrarefiner.utils.io import atomic_write, write_json
+from ultrarefiner.utils.io import write_json, write_png
 
 __all__ = [
     "BundlePredictor",
@@ -74,7 +74,7 @@ def write_mask(mask: np.ndarray, path: str | os.PathLike) -> Path:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a 2D mask (H, W) is expected, got shape {mask.shape}")
-    return atomic_write(path, lambda tmp: Image.fromarray(mask.astype(np.uint8)).save(tmp, format="PNG"))
+    return write_png(path, mask.astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------- automatic

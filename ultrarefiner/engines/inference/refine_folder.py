@@ -47,7 +47,8 @@ from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_frame", "encoder_input", "files_by_stem",
-           "format_summary", "checkpoint_list", "refine_folder", "resolve_refiner", "resolve_refiners"]
+           "format_summary", "checkpoint_list", "read_samples", "refine_folder", "resolve_refiner",
+           "resolve_refiners"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,17 @@ class _SampleDataset(torch.utils.data.Dataset):
                 return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}")
             out["truth"] = label
         return out
+
+
+def read_samples(images: str | os.PathLike, masks: str | os.PathLike, labels: str | os.PathLike | None = None,
+                 limit: int | None = None) -> tuple[list[dict], list[dict]]:
+    """The samples ``refine`` would refine, read in this process by its own rules (``_match``, ``_SampleDataset``):
+    the good ones (``pixels``, ``coarse``, ``truth`` with labels), and the skipped ones with their reasons.
+    ``limit``: only the first ``limit`` matched samples are read (benchmarks, studies)."""
+    items, skipped = _match(Path(images), Path(masks), Path(labels) if labels is not None else None)
+    dataset = _SampleDataset(items[:limit])
+    loaded = [dataset[i] for i in range(len(dataset))]
+    return [s for s in loaded if "reason" not in s], skipped + [s for s in loaded if "reason" in s]
 
 
 def _as_list(batch: list) -> list:
