@@ -49,7 +49,7 @@ CPU = {"device": "$torch.device('cpu')", "amp": False, "num_workers": 0}
 def device_labelling(monkeypatch):
     """Connected components as a GPU computes them (the pooling loop on the device): on a CPU, prompts label with
     scipy on the host, which the counter, standing in for a GPU, would rightly count."""
-    monkeypatch.setattr("ultrarefiner.networks.prompts._label_on_host", lambda fg: False)
+    monkeypatch.setattr("ultrarefiner.networks.labelling._label_on_host", lambda fg: False)
 
 
 def count_iteration(trainer: Engine, iteration: int, *device_state) -> HostSyncCounter:

@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
+
+from .labelling import component_labels
 
 __all__ = [
     "BOX_SOURCES",
@@ -265,40 +265,6 @@ def tight_box(prob: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor,
     box = torch.stack([x0, y0, x1, y1], dim=1).to(prob.dtype)
     full = box.new_tensor([0, 0, w - 1, h - 1]).expand_as(box)
     return torch.where(valid.view(-1, 1), box, full), valid
-
-
-def _label_on_host(fg: torch.Tensor) -> bool:
-    """CPU tensors are labelled by scipy in one pass: the propagation loop costs H + W max-pools (0.1-0.3 s per image
-    on a CPU core), while on a GPU it stays on the device with no host sync. Not under tracing (a fixed graph)."""
-    return fg.device.type == "cpu" and not torch.jit.is_tracing()
-
-
-def component_labels(fg: torch.Tensor) -> torch.Tensor:
-    """8-connected component labels of a binary mask (no gradient; no host sync on a GPU).
-
-    On a GPU (or under tracing), by max-label propagation: each foreground pixel starts with its own id (flat index
-    + 1) and takes the largest id of its 3x3 foreground neighbourhood, H + W times (enough for any component whose
-    geodesic diameter is at most that). On a CPU, ``scipy.ndimage.label`` (ids 1..n). The ids differ between the
-    two; the components are the same.
-
-    Arguments:
-      fg (torch.Tensor): (B,1,H,W) bool.
-
-    Returns:
-      torch.Tensor: (B,1,H,W) float labels, 0 on the background, one id per component.
-    """
-    if _label_on_host(fg):
-        eight = np.ones((3, 3), dtype=bool)
-        arr = fg.detach().numpy()
-        lab = np.stack([ndimage.label(a[0], structure=eight)[0] for a in arr])[:, None]
-        return torch.from_numpy(lab.astype(np.float32))
-    b, _, h, w = fg.shape
-    ids = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.float32).view(1, 1, h, w)
-    keep = fg.float()
-    lab = ids * keep
-    for _ in range(h + w):
-        lab = F.max_pool2d(lab, 3, stride=1, padding=1) * keep
-    return lab
 
 
 def largest_component(prob: torch.Tensor, threshold: float = 0.5, max_side: int = 128) -> torch.Tensor:
