@@ -4,6 +4,7 @@
     python benchmarks/bench_e2e.py --tiny --steps 5     # tiny networks (CPU smoke numbers)
     python benchmarks/bench_e2e.py --sam lite_medsam    # LiteMedSAM refiner (packaged weights, 256x256)
     python benchmarks/bench_e2e.py --profile --trace e2e_trace.json   # + torch.profiler's top operations
+    python benchmarks/bench_e2e.py --compile --modes train:bf16        # the bundles' compile option, bf16 training
 
 Run from the repository root with the package importable (installed, or PYTHONPATH=.).
 
@@ -16,7 +17,9 @@ state after the first epoch; the first, cache-filling step is excluded). bf16 is
 Inference: TransUNet + SAM encoder (no cache: each image is new) + prompts + decoder, eval mode, --infer-batch images
 per call. Rates use the MEDIAN step/call time (robust to other load on a shared machine). Each (mode, precision) runs
 in its own process so peak memory is its own: CUDA max_memory_allocated, or on CPU the process's peak RSS (ru_maxrss,
-model included) and its growth over the post-build baseline.
+model included) and its growth over the post-build baseline. ``--compile``: the bundles' ``compile`` option
+(``ultrarefiner.utils.compile``: TransUNet and the SAM decoder's transformer), compiled during the warm-up steps
+(the compile time is printed apart: ``first_step_s``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ultrarefiner.engines.training.bundle_engines import bundle_trainer
 from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_sam, build_tiny_sam
 from ultrarefiner.utils.amp import autocast
+from ultrarefiner.utils.compile import compile_network
 
 
 def build_model(tiny: bool, image_resize: str, sam_type: str = "vit_b") -> UltraRefiner:
@@ -95,9 +99,10 @@ def run_train(model: UltraRefiner, device: torch.device, amp: bool, args: argpar
             torch.cuda.reset_peak_memory_stats(device)
 
     base = rss_mb()
+    start = time.perf_counter()
     trainer.run()
     step = median([b - a for a, b in zip(stamps[args.warmup - 1:-1], stamps[args.warmup:], strict=True)])
-    out = {"samples_per_s": args.batch / step, "step_ms": 1000 * step,
+    out = {"samples_per_s": args.batch / step, "step_ms": 1000 * step, "first_step_s": stamps[0] - start,
            "loss": float(trainer.state.output["loss"]), "cache": model.cache_stats()}
     return out | memory(device, base)
 
@@ -157,6 +162,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model(args.tiny, args.image_resize, args.sam).to(device)
+    if args.compile and args.worker != "infer":  # the option compiles training; inference would compile again
+        compile_network(model)
     amp = args.precision == "bf16"
     result = {"train": run_train, "infer": run_infer, "profile": run_profile}[args.worker](model, device, amp, args)
     print("RESULT " + json.dumps(result))
@@ -181,6 +188,9 @@ def main() -> None:
                         help="also profile --steps training steps (bf16 on CUDA) and print the top operations")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--trace", default=None, help="Chrome trace file of the profiled steps")
+    parser.add_argument("--compile", action="store_true", help="the bundles' compile option (training and profile)")
+    parser.add_argument("--modes", default="train:fp32,train:bf16,infer:fp32,infer:bf16",
+                        help="comma-separated mode:precision runs (default: all four)")
     parser.add_argument("--worker", choices=("train", "infer", "profile"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,20 +205,24 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; {'tiny' if args.tiny else 'full-size'} networks "
           f"(refiner {'tiny SAM' if args.tiny else args.sam}); "
           f"native {args.native[0]}x{args.native[1]}; train batch {args.batch}, infer batch {args.infer_batch}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up; image_resize={args.image_resize}")
+          f"{args.steps} timed steps after {args.warmup} warm-up; image_resize={args.image_resize}"
+          f"{'; compiled (training)' if args.compile else ''}")
     passthrough = list(sys.argv[1:])
     results: dict[tuple[str, str], dict] = {}
-    for mode in ("train", "infer"):
-        for precision in ("fp32", "bf16"):
-            cmd = [sys.executable, __file__, *passthrough, "--device", args.device, "--worker", mode,
-                   "--precision", precision]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((s for s in proc.stdout.splitlines() if s.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(f"{mode} {precision}: FAILED\n{proc.stderr[-3000:]}")
-                continue
-            results[mode, precision] = json.loads(line[len("RESULT "):])
-            print(f"{mode:5s} {precision}: {json.dumps(results[mode, precision])}")
+    runs = [tuple(r.split(":")) for r in args.modes.split(",")]
+    bad = [r for r in runs if len(r) != 2 or r[0] not in ("train", "infer") or r[1] not in ("fp32", "bf16")]
+    if bad:
+        parser.error(f"--modes: expected mode:precision with mode train/infer and precision fp32/bf16, got {bad}")
+    for mode, precision in runs:
+        cmd = [sys.executable, __file__, *passthrough, "--device", args.device, "--worker", mode,
+               "--precision", precision]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((s for s in proc.stdout.splitlines() if s.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(f"{mode} {precision}: FAILED\n{proc.stderr[-3000:]}")
+            continue
+        results[mode, precision] = json.loads(line[len("RESULT "):])
+        print(f"{mode:5s} {precision}: {json.dumps(results[mode, precision])}")
 
     if args.profile:
         precision = "bf16" if cuda else "fp32"

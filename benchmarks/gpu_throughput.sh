@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU throughput figures of the bundle READMEs in one run (each benchmark under a wall-clock cap, so the whole
-# run fits in one 10-minute device call: the caps add up to 585 s):
+# The GPU throughput figures of the bundle READMEs in one run, most wanted first: each benchmark runs under a
+# wall-clock cap and the device call's own limit (600 s) may cut the tail; every log is written as it goes.
 #
 #   OUT=$OUT bash benchmarks/gpu_throughput.sh                  # on the GPU machine, from the repository root
 #   TINY=1 OUT=/tmp/gpu_smoke bash benchmarks/gpu_throughput.sh  # CPU smoke run of the same commands (tiny sizes)
 #
-#   1. bench_e2e.py with SAM vit_b (+ a torch.profiler table of the top operations and a Chrome trace) and with
-#      LiteMedSAM: phase-3 training samples/s and peak memory, full-pipeline inference images/s, bf16 vs fp32;
-#   2. bench_refiner_cache.py with vit_b: phase-2 samples/s with and without the embedding cache;
+#   0. the CUDA-only tests (component labelling as CUDA graphs: same labels as the loop, one replay);
+#   1. bench_e2e.py with SAM vit_b (+ a torch.profiler table of the top operations and a Chrome trace): phase-3
+#      training samples/s and peak memory, full-pipeline inference images/s, bf16 vs fp32;
+#   2. the same bf16 training without the labelling CUDA graphs (ULTRAREFINER_CUDA_GRAPHS=0), and compiled
+#      (the bundles' compile option): what each is worth;
 #   3. bench_inference.py at batch 1, 8 and 32: encoder, refine (LiteMedSAM) and predict images/s, 6 data workers;
-#   4. bench_output_writing.py: the host cost of writing refine's and predict's files, with the writer threads the
+#   4. bench_refiner_cache.py with vit_b: phase-2 samples/s with and without the embedding cache;
+#   5. bench_e2e.py with LiteMedSAM;
+#   6. bench_output_writing.py: the host cost of writing refine's and predict's files, with the writer threads the
 #      machine's cores allow (the ceiling of images/s files to files, whatever the card).
 # Every log goes to $OUT/<name>.log and the last lines of each are printed; $OUT/summary.txt names the card.
 set -u
@@ -38,9 +42,12 @@ else
   e2e=(--batch 8 --steps 20); cache=(--model vit_b --batch 32 --steps 20 --amp)
   infer=(--batch_sizes 1,8,32 --n 128 --num_workers 6 --repeats 1); writing=(--n 48)
 fi
-run e2e_vit_b "${CAP_E2E:-150}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --profile --trace "$OUT/e2e_vit_b_trace.json"
-run e2e_lite_medsam "${CAP_E2E:-150}" $PY benchmarks/bench_e2e.py --sam lite_medsam "${e2e[@]}"
-run refiner_cache_vit_b "${CAP_CACHE:-90}" $PY benchmarks/bench_refiner_cache.py "${cache[@]}"
-run inference "${CAP_INFER:-150}" $PY benchmarks/bench_inference.py --optimize auto "${infer[@]}"
-run output_writing "${CAP_WRITING:-45}" $PY benchmarks/bench_output_writing.py "${writing[@]}"
+run gpu_tests "${CAP_TESTS:-45}" $PY -m pytest -q -p no:cacheprovider tests/test_labelling.py
+run e2e_vit_b "${CAP_E2E:-140}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --profile --trace "$OUT/e2e_vit_b_trace.json"
+ULTRAREFINER_CUDA_GRAPHS=0 run e2e_vit_b_no_graphs "${CAP_E2E_ONE:-40}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --modes train:bf16
+run e2e_vit_b_compiled "${CAP_COMPILE:-150}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --modes train:bf16 --compile
+run inference "${CAP_INFER:-130}" $PY benchmarks/bench_inference.py --optimize auto "${infer[@]}"
+run refiner_cache_vit_b "${CAP_CACHE:-70}" $PY benchmarks/bench_refiner_cache.py "${cache[@]}"
+run e2e_lite_medsam "${CAP_E2E_LITE:-80}" $PY benchmarks/bench_e2e.py --sam lite_medsam "${e2e[@]}"
+run output_writing "${CAP_WRITING:-35}" $PY benchmarks/bench_output_writing.py "${writing[@]}"
 echo "done $(date +%T); logs in $OUT" | tee -a "$OUT/summary.txt"
