@@ -110,3 +110,17 @@ def test_batch_one_hot_matches_per_item_monai_postprocessing():
     assert torch.equal(ours["label"], torch.stack([i["label"] for i in items]))
     with pytest.raises(ValueError, match="logits"):
         BatchOneHotd(num_classes=3)(batch)
+
+
+def test_batch_metrics_of_metatensors_are_plain_and_equal():
+    """MONAI's post-processing hands the train metrics MetaTensors: same values, plain tensors out."""
+    from monai.data import MetaTensor
+
+    from ultrarefiner.engines.evaluation.metrics import batch_metrics
+
+    g = torch.Generator().manual_seed(0)
+    pred, label = (torch.rand(3, 1, 16, 16, generator=g) > 0.5).float(), (torch.rand(3, 1, 16, 16, generator=g) > 0.5)
+    plain = batch_metrics(pred, label.float(), ("dice", "iou"))
+    meta = batch_metrics(MetaTensor(pred), MetaTensor(label.float()), ("dice", "iou"))
+    for k in plain:
+        assert type(meta[k]) is torch.Tensor and torch.equal(meta[k], plain[k])

@@ -277,3 +277,34 @@ def test_autocast_is_called_in_one_place():
     sites = [f"{p.relative_to(REPO)}:{i}" for p in package.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"torch\.autocast\(", line)]
     assert sites and all(s.startswith("ultrarefiner/utils/amp.py:") for s in sites), sites
+
+
+class TypeRecorder(TwoPart):
+    """TwoPart that records the class of what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[type] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(type(x))
+        return super().forward(x)
+
+
+def test_phase1_step_trains_on_plain_tensors_from_metatensor_batches():
+    """MONAI's loaders give MetaTensors; a MetaTensor sends every operation of the forward pass through Python
+    (``__torch_function__``): the step hands the network, the loss and the output plain tensors, same values."""
+    from monai.data import MetaTensor
+    from monai.inferers import SimpleInferer
+
+    model = TypeRecorder()
+    meta = [(MetaTensor(x, meta={"filename_or_obj": "a.png"}), MetaTensor(y)) for x, y in batches(2)]
+    engine = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=meta, network=model,
+                               optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_function=RecordingLoss(),
+                               prepare_batch=lambda b, d, nb, **k: b, inferer=SimpleInferer(),
+                               iteration_update=InfererTrainStep(amp=False), decollate=False, amp=False)
+    engine.run()
+    assert model.seen == [torch.Tensor, torch.Tensor]
+    out = engine.state.output
+    assert all(type(out[k]) is torch.Tensor for k in (Keys.IMAGE, Keys.LABEL, Keys.PRED, Keys.LOSS))
+    assert torch.equal(out[Keys.IMAGE], meta[1][0].as_tensor())

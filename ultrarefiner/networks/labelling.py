@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..utils.amp import float32_region
+
 __all__ = ["LabelGraphs", "component_labels", "propagate_labels"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -82,12 +84,12 @@ class LabelGraphs:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
+            with torch.cuda.stream(side), float32_region(keep.device):
                 propagate_labels(static_in)  # warm-up outside the capture, as CUDA graphs require
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: a data-loader thread pinning memory meanwhile must not invalidate the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.autocast("cuda", enabled=False):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), float32_region(keep.device):
                 static_out = propagate_labels(static_in)
             graph.replay()
             agrees = torch.equal(static_out, propagate_labels(keep))  # once per graph: a host sync
