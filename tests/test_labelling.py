@@ -80,7 +80,7 @@ def test_graph_switches(monkeypatch):
 
 @CUDA
 def test_cuda_graphs_label_like_the_loop():
-    graphs = LabelGraphs(max_graphs=2)
+    graphs = LabelGraphs(max_graphs=2, capture_after=1)
     outs = []
     for seed, shape in enumerate([(4, 1, 64, 80), (4, 1, 64, 80), (2, 1, 128, 128), (1, 1, 50, 30)]):
         fg = masks(seed, shape).cuda()
@@ -103,9 +103,30 @@ def test_cuda_graph_replay_launches_once():
     from torch.profiler import ProfilerActivity, profile
 
     fg = masks(3).cuda()
-    component_labels(fg)  # capture
+    component_labels(fg)
+    component_labels(fg)  # the shape came back: captured
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         component_labels(fg)
     launches = sum(e.count for e in prof.key_averages() if e.key in ("aten::max_pool2d", "aten::mul"))
     assert launches == 0, f"{launches} eager pooling/multiplication calls: the graph was not replayed"
     assert math.isfinite(float(component_labels(fg).sum()))
+
+
+@CUDA
+def test_cuda_graph_is_captured_when_a_shape_comes_back():
+    graphs = LabelGraphs(capture_after=2)
+    fg = masks(4).cuda().float()
+    first = graphs(fg)
+    assert not graphs._graphs  # a one-off shape is not worth a capture
+    assert torch.equal(graphs(fg), first) and len(graphs._graphs) == 1
+    assert torch.equal(graphs(fg), first)
+
+
+def test_graph_capture_waits_for_a_shape_to_come_back():
+    """The call counting that decides a capture (CPU: the counting alone)."""
+    graphs = LabelGraphs(max_graphs=1, capture_after=3)
+    assert [graphs._due("a"), graphs._due("a"), graphs._due("a")] == [False, False, True]
+    assert graphs._due("b") is False and "a" not in graphs._calls  # counted afresh if its graph is dropped later
+    for i in range(100):
+        graphs._due(i)
+    assert len(graphs._calls) == 64  # bounded: many one-off shapes do not grow it

@@ -7,9 +7,11 @@
   data-dependent stop, so no host sync; but 2 (H + W) small kernels, 512 for the 128x128 working frame of the
   prompts: about a tenth of the operations of a whole phase-3 training step, which on a fast GPU is bound by the
   host's launch rate.
-- On CUDA that loop runs as one CUDA graph per (device, shape), captured on first use: one replay instead of 512
-  launches, the same kernels. The first replay of each graph is compared with the plain loop (one host sync, once);
-  a capture that fails or disagrees turns graphs off for the process with a warning, and the plain loop runs.
+- On CUDA that loop runs as one CUDA graph per (device, shape), captured when a shape comes back (the second call:
+  a capture costs about three loops, a sync and a cache flush, which a one-off shape, e.g. an image size seen once
+  by ``refine``, would not repay): one replay instead of 512 launches, the same kernels. The first replay of each
+  graph is compared with the plain loop (one host sync, once); a capture that fails or disagrees turns graphs off
+  for the process with a warning, and the plain loop runs.
   ``ULTRAREFINER_CUDA_GRAPHS=0`` turns them off from the start; nothing is captured while the caller is itself
   being captured or compiled (the loop then becomes part of the caller's graph).
 """
@@ -48,13 +50,15 @@ def propagate_labels(keep: torch.Tensor) -> torch.Tensor:
 
 
 class LabelGraphs:
-    """``propagate_labels`` as CUDA graphs, one per (device, shape), at most ``max_graphs`` (least recently used
-    first out). Thread-safe: a graph's static input and output are shared, so one replay at a time."""
+    """``propagate_labels`` as CUDA graphs, one per (device, shape), captured at a shape's ``capture_after``-th call,
+    at most ``max_graphs`` of them (least recently used first out; each holds about three label maps of its shape).
+    Thread-safe: a graph's static input and output are shared, so one replay at a time."""
 
-    def __init__(self, max_graphs: int = 8) -> None:
-        self.max_graphs = max_graphs
+    def __init__(self, max_graphs: int = 16, capture_after: int = 2) -> None:
+        self.max_graphs, self.capture_after = max_graphs, max(1, capture_after)
         self.enabled = os.environ.get("ULTRAREFINER_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no")
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._calls: OrderedDict[tuple, int] = OrderedDict()  # calls per shape not yet captured (bounded)
         self._lock = threading.Lock()
 
     def usable(self, keep: torch.Tensor) -> bool:
@@ -69,6 +73,8 @@ class LabelGraphs:
         with self._lock, torch.cuda.device(keep.device), torch.inference_mode(False), torch.no_grad():
             entry = self._graphs.get(key)
             if entry is None:
+                if not self._due(key):
+                    return propagate_labels(keep)
                 entry = self._capture(keep)
                 if entry is None:
                     return propagate_labels(keep)
@@ -78,6 +84,16 @@ class LabelGraphs:
             static_in.copy_(keep)
             graph.replay()
             return static_out.clone()
+
+    def _due(self, key: tuple) -> bool:
+        """Counts a call of a shape without a graph; True when the shape has come ``capture_after`` times."""
+        calls = self._calls.pop(key, 0) + 1
+        if calls >= self.capture_after:
+            return True
+        self._calls[key] = calls
+        while len(self._calls) > 64 * self.max_graphs:
+            self._calls.popitem(last=False)
+        return False
 
     def _capture(self, keep: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
         static_in = keep.detach().clone()
