@@ -406,3 +406,12 @@ def test_buffered_loss_writer_writes_what_the_default_writer_writes(every):
     assert reads[-1] == 7 // every and syncs.count == math.ceil(7 / every), syncs.report()  # + the epoch's end
     with pytest.raises(ValueError, match="every"):
         BufferedLossWriter(every=0)
+
+
+@pytest.mark.parametrize("bundle", ["sam_refiner", "ultrarefiner"])
+def test_bundle_optimizers_are_fused(bundles, bundle):
+    """One fused AdamW kernel per step (torch's default would be ~200 foreach dispatches on CUDA, a Python loop over
+    the parameters on a CPU); phase 3 also skips a non-finite step on the device with it."""
+    parser, _ = bundles.trainer(bundle)
+    optimizer = parser.get_parsed_content("optimizer")
+    assert isinstance(optimizer, torch.optim.AdamW) and all(g["fused"] for g in optimizer.param_groups)

@@ -16,7 +16,7 @@ implementation: clipping is on by default and the SAM group gets a 10x lower lea
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 
 from ultrarefiner.engines.evaluation.e2e_evaluation import PRED_KEYS
 from ultrarefiner.engines.inference.ultra_predict import refine
-from ultrarefiner.engines.training.step import EvalStep, TrainStep
+from ultrarefiner.engines.training.step import EvalStep, TrainStep, fused_adam_supported
 from ultrarefiner.utils.flags import as_flag
 
 __all__ = ["E2EEvalStep", "E2EPrepareBatch", "E2ETrainStep", "build_e2e_optimizer"]
@@ -83,21 +83,12 @@ def build_e2e_optimizer(
               {"params": sam_params, "lr": sam_lr, "name": "sam"}]
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
     if optimizer != "sgd" and "foreach" not in kwargs:
-        kwargs.setdefault("fused", _fused_supported(transunet_params + sam_params))
+        kwargs.setdefault("fused", fused_adam_supported(transunet_params + sam_params))
     opt = cls(groups, lr=transunet_lr, weight_decay=weight_decay, **kwargs)
     n_train = {g["name"]: sum(p.numel() for p in g["params"] if p.requires_grad) for g in opt.param_groups}
     logger.info(f"ultrarefiner optimizer {optimizer}: transunet lr {transunet_lr:g}, sam lr {sam_lr:g}, "
                 f"trainable {n_train}")
     return opt
-
-
-def _fused_supported(params: Sequence[torch.Tensor]) -> bool:
-    """torch has a fused Adam kernel for every trainable parameter (floating point, on a supported device)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    devices = _get_fused_kernels_supported_devices()
-    trainable = [p for p in params if p.requires_grad]
-    return bool(trainable) and all(p.is_floating_point() and p.device.type in devices for p in trainable)
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
