@@ -75,7 +75,7 @@ class LabelGraphs:
             if entry is None:
                 if not self._due(key):
                     return propagate_labels(keep)
-                entry = self._capture(keep)
+                entry = self._capture(key, keep)
                 if entry is None:
                     return propagate_labels(keep)
             else:
@@ -95,7 +95,8 @@ class LabelGraphs:
             self._calls.popitem(last=False)
         return False
 
-    def _capture(self, keep: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
+    def _capture(self, key: tuple, keep: torch.Tensor
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
         static_in = keep.detach().clone()
         try:
             side = torch.cuda.Stream()
@@ -118,7 +119,7 @@ class LabelGraphs:
         if len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         entry = (graph, static_in, static_out)
-        self._graphs[(keep.device, tuple(keep.shape), keep.dtype)] = entry
+        self._graphs[key] = entry
         return entry
 
     def _disable(self, why: str) -> None:

@@ -36,7 +36,6 @@ from monai.metrics import (
     get_confusion_matrix,
 )
 from monai.networks.utils import one_hot
-from monai.utils import convert_to_tensor
 
 # MONAI's surface metrics pass get_mask_edges an argument that MONAI itself deprecated: one filter for the process
 # (warnings.catch_warnings around each call is not thread-safe, and refine computes metrics on writer threads)
@@ -111,7 +110,7 @@ def batch_metrics(
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {METRIC_NAMES}")
     # MetaTensors (MONAI's post-processing makes them) as plain tensors: same values, a quarter of the host time
-    pred, label = convert_to_tensor(pred, track_meta=False), convert_to_tensor(label, track_meta=False)
+    pred, label = pred.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
     p, y = _foreground(pred), _foreground(label)
     if {"hd95", "nsd"} & set(names):
         p, y = p.cpu(), y.cpu()

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine
-from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -89,10 +88,6 @@ def build_e2e_optimizer(
     logger.info(f"ultrarefiner optimizer {optimizer}: transunet lr {transunet_lr:g}, sam lr {sam_lr:g}, "
                 f"trainable {n_train}")
     return opt
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def _shared_size(value: object) -> tuple[int, int]:
@@ -179,7 +174,7 @@ class E2EPrepareBatch(PrepareBatch):
           when the batch has ``sam_image_id_key``.
         """
         def to(x: torch.Tensor) -> torch.Tensor:
-            return _plain(x).to(device=device, non_blocking=non_blocking, **kwargs)
+            return x.as_subclass(torch.Tensor).to(device=device, non_blocking=non_blocking, **kwargs)
 
         missing = [k for k in (self.image_key, self.label_key, self.coarse_label_key,
                                self.embeddings_key or self.sam_image_key, self.original_size_key)
@@ -192,7 +187,7 @@ class E2EPrepareBatch(PrepareBatch):
         if self.embeddings_key is not None:
             net_kwargs["image_embeddings"] = to(batchdata[self.embeddings_key])
         else:
-            sam_image = _plain(batchdata[self.sam_image_key])
+            sam_image = batchdata[self.sam_image_key].as_subclass(torch.Tensor)
             if self.sam_image_scale != 1.0:
                 sam_image = sam_image.float() * self.sam_image_scale
             net_kwargs["sam_image"] = to(sam_image) if self.sam_image_to_device else sam_image
@@ -200,7 +195,7 @@ class E2EPrepareBatch(PrepareBatch):
             if ids is not None:
                 scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
                 net_kwargs["image_keys"] = [f"{i}{scale}" for i in ids]
-        image = _plain(batchdata[self.image_key])
+        image = batchdata[self.image_key].as_subclass(torch.Tensor)
         check_unit_range(image)  # every batch, on the host: the network reads its input back on its first call only
         target: torch.Tensor | dict[str, torch.Tensor] = to(batchdata[self.label_key])
         if self.coarse_label_key is not None:

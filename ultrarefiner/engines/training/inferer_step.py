@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from monai.utils import CommonKeys as Keys
-from monai.utils import convert_to_tensor
 
 from ultrarefiner.engines.training.step import EvalStep, TrainStep
 
@@ -48,7 +47,7 @@ class InfererTrainStep(TrainStep):
         the host, which bounds a GPU step.
         """
         inputs, targets, args, kwargs = _unpack(batch)
-        inputs, targets = convert_to_tensor(inputs, track_meta=False), convert_to_tensor(targets, track_meta=False)
+        inputs, targets = inputs.as_subclass(torch.Tensor), targets.as_subclass(torch.Tensor)
         pred = engine.inferer(inputs, engine.network, *args, **kwargs)
         loss = self.compute_loss(engine, pred, targets).mean()
         return {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: pred.detach(), Keys.LOSS: loss}

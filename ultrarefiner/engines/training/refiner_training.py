@@ -189,8 +189,7 @@ class RefinerPrepareBatch:
                              "frame='encoder' or batch_size=1")
 
         def dev(t: torch.Tensor) -> torch.Tensor:
-            t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> Tensor
-            return t.to(device, non_blocking=non_blocking, **kwargs)
+            return t.as_subclass(torch.Tensor).to(device, non_blocking=non_blocking, **kwargs)  # MetaTensor -> Tensor
 
         n = len(sizes)
         flips = batchdata.get("flip", [False] * n)
