@@ -1,7 +1,9 @@
-"""ATen operations dispatched by one training step of phase 2 and of phase 3, by part: the host's load on a GPU.
+"""ATen operations dispatched by one training step of phase 2 and of phase 3, and by one batched ``refine`` and
+``predict`` call, by part: the host's load on a GPU.
 
     python benchmarks/count_step_ops.py                 # full-size networks (random SAM vit_b), a few minutes on CPU
     python benchmarks/count_step_ops.py --tiny          # tiny networks, seconds
+    python benchmarks/count_step_ops.py --phases infer  # refine and predict: one image vs 8 images of 8 sizes
 
 A fast GPU runs these steps faster than the host can launch their kernels (bf16 gained 8% on an H200), so the number
 of operations per step, not their arithmetic, sets samples/s there. The count does not depend on the device, so it is
@@ -9,6 +11,13 @@ taken here on the CPU, with a ``TorchDispatchMode`` around the second step of ea
 fills the embedding cache), and with the component labelling on its device path (the H + W max-pool loop that a GPU
 without CUDA graphs runs; on a CPU scipy labels in one call). Views (``view``, ``t``, ``detach``, ...) are counted:
 they launch no kernel but cost the host a dispatch each.
+
+Inference (``infer``): ``refine``'s ``BatchRefiner`` (LiteMedSAM with its packaged weights, or ``--sam vit_b``) and
+``predict``'s ``UltraPredictor`` (TransUNet R50-ViT-B/16 + the same SAM) on phantoms of 8 different BUSI image
+sizes (BUSI has 639 sizes among its 780 images, so a batch rarely shares one), their second call counted:
+operations per batch of 1 and of 8, and per image. The prompts and the mask decoder run once per batch, whatever
+the sizes; before, they ran once per image size, which made a batch of 8 BUSI images cost about 8 times the host
+work of one.
 
 Phase 3: the ultrarefiner bundle's trainer (TransUNet R50-ViT-B/16 at 224, SAM vit_b, box and mask prompts) on one
 phantom batch (``bench_e2e``). Phase 2: the sam_refiner bundle's trainer (LiteMedSAM, packaged weights) on simulated
@@ -115,15 +124,82 @@ def phase2(args: argparse.Namespace) -> PartCounter:
     return counter
 
 
+BUSI_SIZES = [(465, 557), (470, 562), (469, 564), (587, 775), (467, 556), (468, 560), (471, 557), (467, 558)]
+
+
+def _phantom(h: int, w: int, seed: int) -> tuple:
+    """(image, coarse 0/255) uint8 (H, W): a bright ellipse on noise; the coarse mask a shifted, smaller ellipse."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[:h, :w]
+    fg = ((xs - w / 2) / (w / 5)) ** 2 + ((ys - h / 2) / (h / 6)) ** 2 < 1
+    image = np.clip(70 + 110 * fg + rng.normal(0, 15, (h, w)), 0, 255).astype(np.uint8)
+    coarse = ((xs - w / 2 - 9) / (w / 6)) ** 2 + ((ys - h / 2) / (h / 7)) ** 2 < 1
+    return image, coarse.astype(np.uint8) * 255
+
+
+def infer(args: argparse.Namespace) -> dict[str, tuple[PartCounter, PartCounter]]:
+    """{"refine": (one image, 8 sizes), "predict": (one image, 8 sizes)}: each call counted on its second run."""
+    import bench_e2e
+
+    from ultrarefiner.engines.inference.refine_folder import BatchRefiner, encoder_frame
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
+    from ultrarefiner.networks import SAMRefiner, UltraRefiner, build_sam, build_tiny_sam
+
+    sizes = [(h // 4, w // 4) for h, w in BUSI_SIZES] if args.tiny else BUSI_SIZES
+    scenes = [_phantom(h, w, i) for i, (h, w) in enumerate(sizes)]
+    if args.tiny:
+        refiner = SAMRefiner(build_tiny_sam(img_size=64), checkpoint=None)
+    elif args.sam == "vit_b":
+        refiner = SAMRefiner(build_sam("vit_b", "random"), preprocessing="medsam")
+    else:
+        refiner = SAMRefiner()  # LiteMedSAM, packaged weights
+    refiner.eval()
+    runner = BatchRefiner(refiner, torch.device("cpu"), optimize="none")
+    samples = [{"pixels": im, "coarse": c, "frame": encoder_frame(refiner.geometry, im)} for im, c in scenes]
+    built = bench_e2e.build_model(args.tiny, "exact", args.sam)
+    model = UltraRefiner(built.transunet, built.refiner, cache_embeddings=False).eval()
+    predictor = UltraPredictor(model, "cpu", optimize="none")
+    inputs = [predictor.dataset.sample(im) for im, _ in scenes]
+
+    def counted(net, call, batch) -> PartCounter:
+        counter = PartCounter()
+        counter.part = "glue, resizes, outputs"
+        tag_common(counter, net.prompt_generator)
+        counter.tag(net.sam.image_encoder, "forward", "SAM image encoder")
+        counter.tag(net, "decode", "prompt encoder and mask decoder")
+        if net is model.refiner:
+            counter.tag(model.transunet, "forward", "TransUNet forward")
+        call(batch)  # first call: lazy state
+        with counter:
+            call(batch)
+        return counter
+
+    return {"refine": tuple(counted(refiner, runner.probabilities, samples[:n]) for n in (1, len(samples))),
+            "predict": tuple(counted(model.refiner, predictor.predict_batch, inputs[:n]) for n in (1, len(inputs)))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny networks (seconds instead of minutes)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--phases", default="3,2", help="comma-separated: 2, 3")
+    parser.add_argument("--phases", default="3,2,infer", help="comma-separated: 2, 3, infer")
     parser.add_argument("--top", type=int, default=8, help="most frequent operators listed")
+    parser.add_argument("--sam", choices=("lite_medsam", "vit_b"), default="lite_medsam",
+                        help="infer: the refiner's SAM (vit_b: random weights, MedSAM preprocessing at 1024)")
     args = parser.parse_args()
     labelling._label_on_host = lambda fg: False  # the device path: the loop a GPU runs without CUDA graphs
     for phase in args.phases.split(","):
+        if phase.strip() == "infer":
+            for name, (one, many) in infer(args).items():
+                n1, n8 = sum(one.parts.values()), sum(many.parts.values())
+                print(f"{name} ({'tiny' if args.tiny else 'full-size, ' + args.sam}): 1 image {n1} ATen operations; "
+                      f"{len(BUSI_SIZES)} images of {len(BUSI_SIZES)} sizes {n8} ({n8 / len(BUSI_SIZES):.0f} per "
+                      f"image, x{n1 * len(BUSI_SIZES) / n8:.1f} fewer than one call per image)")
+                for part, n in many.parts.most_common():
+                    print(f"  {part:40s} {n:6d}  {100 * n / n8:5.1f}%")
+            continue
         counter = {"3": phase3, "2": phase2}[phase.strip()](args)
         total = sum(counter.parts.values())
         print(f"phase {phase} training step ({'tiny' if args.tiny else 'full-size'}, batch {args.batch}): "

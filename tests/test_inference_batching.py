@@ -1,5 +1,5 @@
-"""Batched inference gives what batch 1 gives: ``refine`` (images of any sizes share the encoder's batch, the
-decoder runs per size), ``predict`` (TransUNet and the encoder on the whole batch) and TransUNet's out-of-fold
+"""Batched inference gives what batch 1 gives: ``refine`` (images of any sizes share the encoder's, the prompts'
+and the decoder's pass), ``predict`` (TransUNet and the encoder on the whole batch) and TransUNet's out-of-fold
 predictions; the encoder speed options keep the masks; the sam_refiner bundle's loader batches one size at a
 time. No timings are asserted here (benchmarks/bench_inference.py measures them)."""
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bundle_utils import REPO
 from conftest import blob, save
@@ -49,12 +50,18 @@ def test_litemedsam_batch_of_three_sizes_equals_batch_one(lite_medsam):
         assert a.shape == image.shape and torch.allclose(a, p1[0], atol=1e-4)
         assert float(b) == pytest.approx(float(iou1[0]), abs=1e-4)
         assert ((a > 0.5) != (p1[0] > 0.5)).float().mean() <= 1e-3
-    image, coarse = scenes[0]
-    with torch.no_grad():
-        ref = lite_medsam(image=torch.from_numpy(image)[None, None],
-                          coarse=torch.from_numpy(coarse)[None, None].float() / 255)["masks"][0, 0]
-    # batch 1 through the worker-resized frame is the refiner's own computation
-    assert torch.allclose(singles[0][0][0], torch.sigmoid(ref), atol=1e-6)
+    for (image, coarse), (p1, _) in zip(scenes, singles, strict=True):
+        native = torch.from_numpy(image)[None, None]
+        with torch.no_grad():
+            framed = lite_medsam(image=native, coarse=engine.prompt_frame_masks(lite_medsam.geometry, [coarse],
+                                                                                 torch.device("cpu")))
+            own = lite_medsam(image=native, coarse=torch.from_numpy(coarse)[None, None].float() / 255)
+        # batch 1 through the worker-resized frame is the refiner's own computation on the prompt-frame mask
+        assert torch.allclose(p1[0], torch.sigmoid(framed["masks"][0, 0]), atol=1e-5)
+        # and within an encoder pixel of the prompts from the native mask: the same lesion
+        scale = max(image.shape) / lite_medsam.geometry.img_size
+        assert (framed["prompts"]["boxes"] - own["prompts"]["boxes"]).abs().max() <= scale
+        assert ((p1[0] > 0.5) != (torch.sigmoid(own["masks"][0, 0]) > 0.5)).float().mean() <= 1e-3
 
 
 @pytest.mark.parametrize("optimize", ["channels_last", "jit_freeze", "bf16"])
@@ -186,3 +193,107 @@ def test_sam_refiner_bundle_loader_batches_one_size(tmp_path):
                    "num_workers": 0})
     shapes = [tuple(batch["image"].shape) for batch in parser.get_parsed_content("dataloader")]
     assert sorted(shapes) == [(1, 2, 70, 90), (1, 2, 80, 120), (2, 2, 96, 128)]
+
+
+class _OpCount(TorchDispatchMode):
+    """ATen operations dispatched (on a GPU each one is a launch the host pays for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+DISTINCT = [(96, 128), (80, 120), (70, 90), (64, 100)]  # BUSI: 639 sizes among 780 images
+# operations each further image may add: its encoder-frame normalisation and its resizes, thresholds and copies;
+# a prompt and decoder pass of its own would add hundreds (the component-labelling loop alone is H + W steps)
+PER_IMAGE = 60
+
+
+def _count(run) -> tuple[int, int]:
+    """(ATen operations, SAMRefiner.decode calls) of ``run()``."""
+    calls = []
+    decode = SAMRefiner.decode
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return decode(self, *args, **kwargs)
+
+    SAMRefiner.decode = counted
+    try:
+        with _OpCount() as ops:
+            run()
+    finally:
+        SAMRefiner.decode = decode
+    return ops.n, len(calls)
+
+
+@pytest.mark.parametrize("box_source", ["largest", "components"])
+def test_refine_decodes_a_batch_of_any_sizes_in_one_pass(box_source):
+    """``refine``: a batch of four sizes costs about what one image costs (per image only the resizes), not four
+    prompt/decoder passes: on a GPU each pass is about a thousand launches (benchmarks/count_step_ops.py)."""
+    refiner = _tiny_refiner()
+    refiner.prompt_generator.box_source = box_source
+    samples = [_sample(refiner, *_scene(h, w, i)) for i, (h, w) in enumerate(DISTINCT)]
+    runner = engine.BatchRefiner(refiner, torch.device("cpu"), optimize="none")
+    runner.probabilities(samples[:1])  # first call: lazy state
+    one, one_calls = _count(lambda: runner.probabilities(samples[:1]))
+    four, four_calls = _count(lambda: runner.probabilities(samples))
+    assert one_calls == four_calls == 1
+    assert four < one + PER_IMAGE * (len(DISTINCT) - 1), (one, four)
+
+
+def test_predict_decodes_a_batch_of_any_sizes_in_one_pass_and_equals_refine():
+    """``predict`` (no iterations, the default): one prompt/decoder pass for four sizes; each image's outputs equal
+    ``refine`` on that image alone, with the quality gate."""
+    from test_predict import NETWORK_KWARGS
+
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, refine
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+
+    torch.manual_seed(0)
+    model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()
+    predictor = UltraPredictor(model, "cpu", quality_gate=True, gate_threshold=0.6, optimize="none")
+    images = [_scene(h, w, i)[0] for i, (h, w) in enumerate(DISTINCT)]
+    samples = [predictor.dataset.sample(im) for im in images]
+    predictor.predict_batch(samples[:1])
+    one, one_calls = _count(lambda: predictor.predict_batch(samples[:1]))
+    got = []
+    four, four_calls = _count(lambda: got.extend(predictor.predict_batch(samples)))
+    assert one_calls == four_calls == 1
+    assert four < one + PER_IMAGE * (len(DISTINCT) - 1), (one, four)
+    for image, g in zip(images, got, strict=True):
+        native = torch.from_numpy(image)[None, None]
+        small = torch.as_tensor(predictor.transform(native[0].float()), dtype=torch.float32)[None].clamp(0, 1)
+        ref = refine(model, small, native, quality_gate=True, gate_threshold=0.6)
+        assert g["refined"].shape == image.shape
+        assert np.allclose(g["refined"], ref["final"][0, 0].numpy(), atol=1e-4)
+        assert np.allclose(g["coarse"], ref["coarse"][0, 0].numpy(), atol=1e-5)
+        assert g["pred_iou"] == pytest.approx(float(ref["pred_iou"][0]), abs=1e-5)
+        assert g["gated"] == bool(ref["gate"][0] > 0)
+
+
+@pytest.mark.parametrize("mode", ["sam", "medsam", "litemedsam"])
+def test_forward_sizes_equals_forward_per_image(mode):
+    """``SAMRefiner.forward_sizes``: per-image prompts, mask prompt and output size in one batch, in every
+    geometry (the padded ones place each size's content differently)."""
+    refiner = (SAMRefiner() if mode == "litemedsam"  # LiteMedSAM's geometry needs its TinyViT encoder
+               else SAMRefiner(build_tiny_sam(img_size=64), checkpoint=None, preprocessing=mode)).eval()
+    sizes = [*DISTINCT, DISTINCT[1]]  # a size twice: grouped in the mask prompt and the final resize
+    torch.manual_seed(0)
+    emb = torch.randn(len(sizes), refiner.sam.prompt_encoder.embed_dim,
+                      *refiner.sam.prompt_encoder.image_embedding_size)
+    coarse = torch.stack([torch.from_numpy(_scene(56, 56, i)[1]).float()[None] / 255 for i in range(len(sizes))])
+    with torch.no_grad():
+        out = refiner.forward_sizes(emb, coarse, sizes)
+        for i, s in enumerate(sizes):
+            ref = refiner(image_embeddings=emb[i : i + 1], coarse=coarse[i : i + 1], original_size=s)
+            assert out["masks"][i].shape == (1, *s)
+            torch.testing.assert_close(out["masks"][i], ref["masks"][0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out["iou_predictions"][i], ref["iou_predictions"][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out["prompts"]["boxes"][i], ref["prompts"]["boxes"][0], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="4 sizes for 5"):
+        refiner.forward_sizes(emb, coarse, DISTINCT)

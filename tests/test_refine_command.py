@@ -191,7 +191,7 @@ class _StubEncoder(torch.nn.Module):
 
 class _StubRefiner(torch.nn.Module):
     """SAMRefiner's interface without SAM: a LiteMedSAM-style 64 px geometry, an encoder that subsamples its input,
-    refined = coarse > 0.5, three candidates (the third selected); a coarse mask marked 7 at (0, 0) fails."""
+    refined = coarse > 0.5, three candidates (the third selected); a coarse mask marked at (0, 0) fails."""
 
     def __init__(self) -> None:
         from types import SimpleNamespace
@@ -206,22 +206,27 @@ class _StubRefiner(torch.nn.Module):
     def preprocess_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
         return self.geometry.preprocess_image(image, resized)
 
-    def forward(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
-                original_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        assert coarse.shape[-2:] == tuple(original_size) and image_embeddings.shape[0] == coarse.shape[0]
+    def forward_sizes(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
+                      original_sizes: list[tuple[int, int]]) -> dict[str, object]:
+        from ultrarefiner.networks.sam_geometry import resize_mask
+
+        # every coarse mask in the 64 px prompt frame, whatever its image's size
+        assert coarse.shape[1:] == (1, 64, 64) and image_embeddings.shape[0] == coarse.shape[0] == len(original_sizes)
         assert 0.0 <= float(coarse.min()) and float(coarse.max()) <= 1.0
-        if (coarse[:, 0, 0, 0] == 7 / 255).any():
+        if (coarse[:, 0, 0, 0] > 0).any():
             raise ValueError("odd image")
         b = coarse.shape[0]
-        self.calls.append((b, *original_size))
+        self.calls.append((b, *[tuple(s) for s in original_sizes]))
         iou = torch.tensor([[0.2, 0.5, 0.9]]).repeat(b, 1)
-        return {"masks": (coarse - 0.5) * 20, "iou_predictions": iou,
+        return {"masks": [resize_mask((coarse[i : i + 1] - 0.5) * 20, tuple(s))[0]
+                          for i, s in enumerate(original_sizes)],
+                "iou_predictions": iou,
                 "selection_weights": torch.nn.functional.one_hot(torch.full((b,), 2), 3).float()}
 
 
 def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
-    """Fast engine path: the encoder batches images of any size (size order), the decoder runs per size, a failing
-    image is skipped alone, the selected candidate's IoU is reported."""
+    """Fast engine path: the encoder and the decoder batch images of any size (size order), a failing image is
+    skipped alone, the selected candidate's IoU is reported."""
     stub = _StubRefiner()
     monkeypatch.setattr(engine, "create_model", lambda *_, **__: stub)
     sizes = {"a": (40, 48), "b": (40, 48), "c": (40, 48), "d": (30, 50), "odd": (40, 48)}
@@ -235,7 +240,7 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
                                   device="cpu", num_workers=0, writers=0, optimize="none")
     # batches in (size, name) order: [d, a] (two sizes, one encoder pass), [b, c], [odd] (fails alone)
     assert stub.sam.image_encoder.batches == [2, 2, 1]
-    assert stub.calls == [(1, 30, 50), (1, 40, 48), (2, 40, 48)]
+    assert stub.calls == [(2, (30, 50), (40, 48)), (2, (40, 48), (40, 48))]  # one decoder pass per batch
     assert [r["stem"] for r in report["images"]] == ["a", "b", "c", "d"]
     assert [s["stem"] for s in report["skipped"]] == ["odd"]
     assert "refiner failed (ValueError: odd image)" in report["skipped"][0]["reason"]

@@ -68,10 +68,13 @@ class _PixelRefiner(torch.nn.Module):
     def preprocess_image(self, image: torch.Tensor, resized: bool = False) -> torch.Tensor:
         return self.geometry.preprocess_image(image, resized)
 
-    def forward(self, image_embeddings, coarse, original_size):
+    def forward_sizes(self, image_embeddings, coarse, original_sizes):
+        from ultrarefiner.networks.sam_geometry import resize_mask
+
         b = coarse.shape[0]
-        return {"masks": (coarse - 0.45) * 8, "iou_predictions": torch.full((b, 1), 0.7),
-                "selection_weights": torch.ones(b, 1)}
+        return {"masks": [resize_mask((coarse[i : i + 1] - 0.45) * 8, tuple(s))[0]
+                          for i, s in enumerate(original_sizes)],
+                "iou_predictions": torch.full((b, 1), 0.7), "selection_weights": torch.ones(b, 1)}
 
 
 def _samples(refiner, symmetric: bool, tta: bool) -> list[dict]:

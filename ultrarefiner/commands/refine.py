@@ -47,8 +47,8 @@ def refine(
             its pass, so each extra one adds only a decoder pass (see bundles/sam_refiner/docs/README.md for what
             it gains on BUSI).
         zero_shot: use LiteMedSAM's packaged weights without a refiner checkpoint (not with --checkpoint).
-        batch_size: images per image-encoder pass (any sizes: each is resized into the encoder frame; the decoder
-            runs per image size, outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU (where
+        batch_size: images per encoder, prompt and decoder pass (any sizes: images and coarse masks are resized
+            into the encoder's frame, outputs back to each image's size). Default: 8 on CUDA, 1 on the CPU (where
             batches of 8 measured slower per image than single images).
         nifti: also write NIfTI (.nii.gz, 0/1) masks.
         device: cpu, cuda, cuda:1 or auto (CUDA when available).

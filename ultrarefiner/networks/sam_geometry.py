@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-__all__ = ["SamGeometry", "litemedsam_resize_uint8", "medsam_resize_uint8"]
+__all__ = ["SamGeometry", "litemedsam_resize_uint8", "medsam_resize_uint8", "per_sample", "resize_mask"]
 
 _MODES = ("sam", "medsam", "litemedsam")
 _PADDED = ("sam", "litemedsam")  # longest side resized, content padded bottom/right
@@ -181,15 +181,23 @@ class SamGeometry:
         new_h, new_w = self.input_size(original_size)
         return new_w / float(original_size[1]), new_h / float(original_size[0])
 
-    def transform_coords(self, coords: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
-        """(...,2) (x,y) pixel coordinates of the original image -> encoder input frame (differentiable)."""
-        sx, sy = self._scale(original_size)
-        return coords * coords.new_tensor([sx, sy])
+    def _scales(self, original_size: Sequence[int] | Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
+        """(x, y) scales into the encoder frame: (2,) for one size, (B,1,2) for one size per sample."""
+        if per_sample(original_size):
+            return like.new_tensor([self._scale(s) for s in original_size]).unsqueeze(1)
+        return like.new_tensor(self._scale(original_size))
 
-    def transform_boxes(self, boxes: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
-        """(B,4) (x0,y0,x1,y1) of the original image -> encoder input frame (differentiable)."""
-        sx, sy = self._scale(original_size)
-        return boxes * boxes.new_tensor([sx, sy, sx, sy])
+    def transform_coords(self, coords: torch.Tensor, original_size: Sequence[int] | Sequence[Sequence[int]]
+                         ) -> torch.Tensor:
+        """(B,N,2) (x,y) pixel coordinates of the original image -> encoder input frame (differentiable).
+        ``original_size``: (H, W), or one (H, W) per sample."""
+        return coords * self._scales(original_size, coords)
+
+    def transform_boxes(self, boxes: torch.Tensor, original_size: Sequence[int] | Sequence[Sequence[int]]
+                        ) -> torch.Tensor:
+        """(B,4) (x0,y0,x1,y1) of the original image -> encoder input frame (differentiable).
+        ``original_size``: (H, W), or one (H, W) per sample."""
+        return (boxes.unflatten(-1, (2, 2)) * self._scales(original_size, boxes)).flatten(-2)
 
     # ----------------------------------------------------------------------------------------- image
     def resize_uint8(self, image: np.ndarray) -> np.ndarray:
@@ -270,12 +278,13 @@ class SamGeometry:
         return x.clamp(0, 255).floor()  # the recipe casts to uint8 (truncation) before min-max
 
     # ----------------------------------------------------------------------------------------- masks
-    def mask_prompt_frame(self, prob: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
+    def mask_prompt_frame(self, prob: torch.Tensor, original_size: Sequence[int] | Sequence[Sequence[int]]
+                          ) -> torch.Tensor:
         """Places a soft mask of the original image into SAM's low-res mask-prompt frame (differentiable).
 
         Arguments:
           prob (torch.Tensor): (B,1,h,w) in [0,1], covering the whole original image (any resolution).
-          original_size: (H, W) of the original image.
+          original_size: (H, W) of the original image, or one (H, W) per sample.
 
         Returns:
           torch.Tensor: (B,1,L,L) probabilities (``low_res_size``). ``sam``/``litemedsam``: the mask resized to the
@@ -283,13 +292,27 @@ class SamGeometry:
             (4x for SAM, none for LiteMedSAM), so it lines up with the padded image; ``medsam``: resized straight to
             L x L.
         """
+        if per_sample(original_size):  # the padded content differs per size; a squashed frame does not
+            if len(original_size) != prob.shape[0]:
+                raise ValueError(f"{len(original_size)} sizes for a batch of {prob.shape[0]}")
+            if not self.pads:
+                return resize_mask(prob, (self.low_res_size, self.low_res_size))
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, s in enumerate(original_size):
+                groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+            if len(groups) == 1:
+                return self.mask_prompt_frame(prob, next(iter(groups)))
+            order = [i for idx in groups.values() for i in idx]
+            framed = torch.cat([self.mask_prompt_frame(prob[idx[0] : idx[0] + 1] if len(idx) == 1 else prob[idx], s)
+                                for s, idx in groups.items()])
+            return framed[torch.tensor(order).argsort().to(prob.device)]  # back to the batch's order
         if self.pads:
             new_h, new_w = self.input_size(original_size)
-            x = _resize(prob, (new_h, new_w))
+            x = resize_mask(prob, (new_h, new_w))
             x = F.pad(x, (0, self.img_size - new_w, 0, self.img_size - new_h), value=0.0)
             f = self.low_res_factor
             return F.avg_pool2d(x, kernel_size=f, stride=f) if f > 1 else x
-        return _resize(prob, (self.low_res_size, self.low_res_size))
+        return resize_mask(prob, (self.low_res_size, self.low_res_size))
 
     def postprocess_masks(self, low_res: torch.Tensor, original_size: Sequence[int]) -> torch.Tensor:
         """(B,C,L,L) low-res logits -> (B,C,H,W) logits at the original size (``Sam.postprocess_masks`` in
@@ -306,6 +329,12 @@ class SamGeometry:
         return F.interpolate(low_res, size, mode="bilinear", align_corners=False)
 
 
+def per_sample(original_size: Sequence[int] | Sequence[Sequence[int]]) -> bool:
+    """Whether ``original_size`` holds one (H, W) per sample (a sequence of pairs) rather than one (H, W)."""
+    return len(original_size) > 0 and not isinstance(original_size[0], (int, np.integer)) and \
+        not (isinstance(original_size[0], torch.Tensor) and original_size[0].dim() == 0)
+
+
 def _min_max(x: torch.Tensor) -> torch.Tensor:
     """Per-image min-max scaling to [0, 1] (MedSAM and LiteMedSAM normalise this way, without mean/std)."""
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
@@ -313,8 +342,9 @@ def _min_max(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-8)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize, antialiased when shrinking (a thin lesion must not vanish between samples)."""
+def resize_mask(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,C,h,w) soft masks -> (B,C,H,W): bilinear, antialiased when shrinking (a thin lesion must not vanish
+    between samples); the mask prompt's resize."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]

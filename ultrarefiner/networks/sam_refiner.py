@@ -21,7 +21,7 @@ from ultrarefiner.utils.flags import as_flag
 from .lite_medsam import is_lite_medsam
 from .lora import apply_lora, count_parameters, has_lora
 from .prompts import PromptGenerator, component_masks, probability_to_mask_logits
-from .sam_geometry import SamGeometry
+from .sam_geometry import SamGeometry, per_sample
 from .sam_weights import build_sam, load_sam_checkpoint
 
 __all__ = ["SAMRefiner", "decode_masks_batched"]
@@ -243,31 +243,37 @@ class SAMRefiner(nn.Module):
             return self.sam.image_encoder(x)
 
     @staticmethod
-    def _mask_to_image_frame(xy: torch.Tensor, mask_size: Sequence[int], original_size: Sequence[int],
-                             edge: str = "centre") -> torch.Tensor:
-        """Pixel-index coordinates (...,2) of the coarse-mask frame -> original image frame.
+    def _mask_to_image_frame(xy: torch.Tensor, mask_size: Sequence[int],
+                             original_size: Sequence[int] | Sequence[Sequence[int]], edge: str = "centre"
+                             ) -> torch.Tensor:
+        """Pixel-index coordinates (B,N,2) or (B,2) of the coarse-mask frame -> original image frame (one (H, W),
+        or one per sample).
 
         ``centre``: pixel centres aligned (points); ``min``/``max``: the first/last image pixel covered by the mask
         pixel (box corners, so a box keeps covering the whole lesion when the mask is coarser than the image).
         """
-        sx = float(original_size[1]) / mask_size[1]
-        sy = float(original_size[0]) / mask_size[0]
-        if sx == 1.0 and sy == 1.0:
-            return xy
-        scale = xy.new_tensor([sx, sy])
+        if per_sample(original_size):
+            scale = xy.new_tensor([[float(w) / mask_size[1], float(h) / mask_size[0]] for h, w in original_size])
+            scale = scale.view(-1, *([1] * (xy.dim() - 2)), 2)
+        else:
+            sx = float(original_size[1]) / mask_size[1]
+            sy = float(original_size[0]) / mask_size[0]
+            if sx == 1.0 and sy == 1.0:
+                return xy
+            scale = xy.new_tensor([sx, sy])
         if edge == "min":
             return xy * scale
         if edge == "max":
             return (xy + 1.0) * scale - 1.0
         return (xy + 0.5) * scale - 0.5
 
-    def make_prompts(self, coarse: torch.Tensor, original_size: Sequence[int],
+    def make_prompts(self, coarse: torch.Tensor, original_size: Sequence[int] | Sequence[Sequence[int]],
                      box_source: str | None = None) -> dict[str, torch.Tensor | None]:
         """Prompts from the coarse mask, in the original image frame.
 
         Arguments:
           coarse (torch.Tensor): (B,1,h,w) soft mask in [0,1] covering the whole image (any resolution).
-          original_size: (H, W) of the image.
+          original_size: (H, W) of the images, or one (H, W) per image.
           box_source (str or None): overrides the prompt generator's (``PromptGenerator.forward``).
 
         Returns:
@@ -290,8 +296,9 @@ class SAMRefiner(nn.Module):
         return prompts
 
     def decode(self, image_embeddings: torch.Tensor, prompts: dict[str, torch.Tensor | None],
-               original_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder for B images with one prompt set each (prompts in the image frame).
+               original_size: Sequence[int] | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for B images with one prompt set each (prompts in the image frame;
+        ``original_size`` one (H, W), or one per image).
 
         Returns:
           torch.Tensor: (B,K,L,L) low-res logits; torch.Tensor: (B,K) predicted IoUs.
@@ -381,35 +388,81 @@ class SAMRefiner(nn.Module):
                              "training mode: the encoder would get no gradient")
         original_size = (int(original_size[0]), int(original_size[1]))
         coarse = coarse.float()  # prompt geometry in float32 (bf16 would round 1024-frame coordinates by pixels)
+        out = self.decode_low_res(image_embeddings, coarse, original_size)
+        candidates = self.geometry.postprocess_masks(out["low_res_logits"], original_size)
+        if self.prompt_generator.box_source == "components":  # slots merged at low res
+            masks = self.geometry.postprocess_masks(out["low_res_masks"], original_size)
+        else:  # postprocess is linear
+            masks = (out["selection_weights"][:, :, None, None] * candidates).sum(dim=1, keepdim=True)
+        prompts = out.pop("prompts")
+        return {**out, "candidate_logits": candidates, "masks": masks, "prompts": prompts}
+
+    def forward_sizes(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
+                      original_sizes: Sequence[Sequence[int]]) -> dict[str, object]:
+        """``forward`` for a batch of images of different sizes, from their embeddings, in one prompt and decoder
+        pass: only the final resize runs per image size. Each image's result equals ``forward`` on it alone.
+
+        Arguments:
+          image_embeddings (torch.Tensor): (B,256,E,E) ``encode_image`` output.
+          coarse (torch.Tensor): (B,1,h,w) soft coarse masks in [0,1], one resolution for the batch (e.g.
+            TransUNet's output, or each image's mask resized to a common side), each covering its whole image.
+          original_sizes: one (H, W) per image.
+
+        Returns:
+          dict: ``forward``'s "low_res_logits", "iou_predictions", "selection_weights", "low_res_masks" and
+          "prompts" (in each image's own frame); "masks": a list of B (1,H_i,W_i) selected logits at the images'
+          sizes. No "candidate_logits".
+        """
+        sizes = [(int(h), int(w)) for h, w in original_sizes]
+        if not (len(sizes) == coarse.shape[0] == image_embeddings.shape[0]):
+            raise ValueError(f"{len(sizes)} sizes for {coarse.shape[0]} coarse masks and {image_embeddings.shape[0]} "
+                             f"embeddings")
+        if self.training and self.encoder_trainable():
+            raise ValueError("precomputed image_embeddings with a trainable image encoder (LoRA/unfrozen) in "
+                             "training mode: the encoder would get no gradient")
+        out = self.decode_low_res(image_embeddings, coarse.float(), sizes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(size, []).append(i)
+        masks: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
+        low = out["low_res_masks"]
+        for size, idx in groups.items():
+            part = low[idx[0] : idx[0] + 1] if len(idx) == 1 else low[idx]
+            for j, m in zip(idx, self.geometry.postprocess_masks(part, size), strict=True):
+                masks[j] = m
+        out["masks"] = masks
+        return out
+
+    def decode_low_res(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
+                       original_size: Sequence[int] | Sequence[Sequence[int]]) -> dict[str, object]:
+        """Prompts, prompt encoder, mask decoder and candidate selection: ``forward``'s outputs in SAM's low-res
+        frame ("low_res_logits", "iou_predictions", "selection_weights", "low_res_masks", "prompts"), for one
+        (H, W) or one per image."""
         if self.prompt_generator.box_source == "components":
-            return self._forward_components(image_embeddings, coarse, original_size)
+            return self._components_low_res(image_embeddings, coarse, original_size)
         prompts = self.make_prompts(coarse, original_size)
         low_res, iou = self.decode(image_embeddings, prompts, original_size)
         weights = self.selection_weights(iou)
         low_res_sel = (weights[:, :, None, None] * low_res).sum(dim=1, keepdim=True)
-        candidates = self.geometry.postprocess_masks(low_res, original_size)
-        masks = (weights[:, :, None, None] * candidates).sum(dim=1, keepdim=True)  # postprocess is linear
         return {
             "low_res_logits": low_res,
             "iou_predictions": iou,
             "selection_weights": weights,
             "low_res_masks": low_res_sel,
-            "candidate_logits": candidates,
-            "masks": masks,
             "prompts": prompts,
         }
 
-    def _forward_components(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
-                            original_size: tuple[int, int]) -> dict[str, object]:
-        """``forward`` with one prompt set per connected component (``box_source="components"``).
+    def _components_low_res(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
+                            original_size: Sequence[int] | Sequence[Sequence[int]]) -> dict[str, object]:
+        """``decode_low_res`` with one prompt set per connected component (``box_source="components"``).
 
         The B images' K component slots are decoded as B*K prompt sets in one batch; each slot's prompts come from
         the coarse mask cut to that component (its box and its mask prompt). The refined mask is the maximum of the
         valid slots' logits (the union of the per-lesion masks). Slot 0 is the largest component, or the whole
         coarse mask when it has no foreground (the whole-image box, as with one prompt set).
 
-        Returns ``forward``'s dict: "low_res_logits", "candidate_logits", "low_res_masks" and "masks" merged over
-        the slots; "iou_predictions", "selection_weights" and "prompts" of slot 0 (the largest component), plus
+        Returns ``decode_low_res``'s dict: "low_res_logits" and "low_res_masks" merged over the slots;
+        "iou_predictions", "selection_weights" and "prompts" of slot 0 (the largest component), plus
         "component_boxes" (B,K,4) in image pixels and "component_valid" (B,K) bool.
         """
         b, k = coarse.shape[0], self.max_components
@@ -418,8 +471,9 @@ class SAMRefiner(nn.Module):
         first_part = torch.where(valid[:, :1, None, None], parts[:, :1], coarse)
         parts = torch.cat([first_part, parts[:, 1:]], dim=1)
         valid = torch.cat([torch.ones_like(valid[:, :1]), valid[:, 1:]], dim=1)
-        prompts = self.make_prompts(parts.reshape(b * k, 1, *coarse.shape[-2:]), original_size, box_source="whole")
-        low_res, iou = self.decode(image_embeddings.repeat_interleave(k, dim=0), prompts, original_size)
+        sizes = [s for s in original_size for _ in range(k)] if per_sample(original_size) else original_size
+        prompts = self.make_prompts(parts.reshape(b * k, 1, *coarse.shape[-2:]), sizes, box_source="whole")
+        low_res, iou = self.decode(image_embeddings.repeat_interleave(k, dim=0), prompts, sizes)
         weights = self.selection_weights(iou)
         low_res_sel = (weights[:, :, None, None] * low_res).sum(dim=1, keepdim=True)
         # invalid slots can never win the maximum: slot 0 is always valid and finite
@@ -434,7 +488,5 @@ class SAMRefiner(nn.Module):
             "iou_predictions": iou.view(b, k, -1)[:, 0],
             "selection_weights": weights.view(b, k, -1)[:, 0],
             "low_res_masks": low_res_sel,
-            "candidate_logits": self.geometry.postprocess_masks(low_res, original_size),
-            "masks": self.geometry.postprocess_masks(low_res_sel, original_size),
             "prompts": first,
         }

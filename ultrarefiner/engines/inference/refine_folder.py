@@ -3,8 +3,9 @@
 ``refine_folder`` is the engine of ``python -m ultrarefiner refine``. Images and coarse masks (and optional ground
 truth labels) are matched by file stem; every image is refined at its native size by a ``SAMRefiner`` (the shipped
 phase-2 refiner, a phase-2 checkpoint, or LiteMedSAM zero-shot) prompted by its coarse mask. Data workers read and
-check the files; each image is resized into the encoder frame, so a batch mixes image sizes in the encoder; the
-decoder runs per image size (``BatchRefiner``). Optional left-right flip test-time augmentation (``tta="flip"``).
+check the files; each image is resized into the encoder frame and each coarse mask to the encoder's side, so a batch
+of any image sizes shares one encoder, prompt and decoder pass; only the final resize runs per image size
+(``BatchRefiner``). Optional left-right flip test-time augmentation (``tta="flip"``).
 
 Output layout (every file written atomically, with the umask's normal permissions)::
 
@@ -255,9 +256,8 @@ def _as_list(batch: list) -> list:
 
 
 def _size_batches(items: Sequence[dict], batch_size: int) -> tuple[list[list[int]], list[dict]]:
-    """Index batches of ``batch_size`` images in (size, name) order, sizes read from the file headers: the encoder
-    batches any sizes (each image is resized into its frame), the decoder one size at a time, so images of one size
-    are kept together."""
+    """Index batches of ``batch_size`` images in (size, name) order, sizes read from the file headers: a batch takes
+    any sizes (one encoder, prompt and decoder pass); images of one size kept together share their final resize."""
     sized: list[tuple[tuple[int, int], int]] = []
     skipped = []
     for i, item in enumerate(items):
@@ -302,14 +302,35 @@ def encoder_input(refiner: torch.nn.Module, sample: dict, flipped: bool, device:
     return refiner.preprocess_image(hflip(native) if flipped else native)
 
 
+def prompt_frame_masks(geometry: Any, masks: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """(B,1,S,S) soft coarse masks in [0, 1] at the encoder's side S, from (H, W) uint8 masks (0-255) of any sizes:
+    the common resolution at which ``refine`` computes the prompts of a whole batch in one pass (each mask covers
+    its whole image; a box edge lands within one encoder pixel of the native mask's). Resized on ``device``,
+    bilinear, antialiased when shrinking (``SamGeometry``'s mask resize), one call per mask size."""
+    from ultrarefiner.networks.sam_geometry import resize_mask
+
+    side = (geometry.img_size, geometry.img_size)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(masks):
+        groups.setdefault(tuple(m.shape), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(masks)
+    for idx in groups.values():
+        stack = torch.from_numpy(np.stack([np.ascontiguousarray(masks[i]) for i in idx]))[:, None]
+        framed = resize_mask(stack.to(device).float().div_(255.0), side)
+        for j, i in enumerate(idx):
+            out[i] = framed[j]
+    return torch.stack(out)
+
+
 class BatchRefiner:
     def __init__(self, refiner: torch.nn.Module | Sequence[torch.nn.Module], device: torch.device, amp: bool = True,
                  tta: str = "none", optimize: str | None = "auto") -> None:
         """
         A ``SAMRefiner`` (eval mode, on ``device``), or an ensemble of them, applied to batches of images of any
-        sizes: one encoder pass for the batch (every image preprocessed into the encoder frame), then the prompt
-        encoder and mask decoder per image size (prompts and the output resize depend on it). Results equal the
-        refiner's own forward per image up to float rounding (batched matrix products).
+        sizes: one encoder pass for the batch (every image preprocessed into the encoder frame), one prompt and
+        mask-decoder pass (``SAMRefiner.forward_sizes``: prompts from the coarse masks resized to the encoder's side,
+        ``prompt_frame_masks``), and the output resize per image size. Results do not depend on the batch size (up
+        to float rounding), and equal the refiner's own forward on the resized coarse mask.
 
         An ensemble (e.g. the five folds' phase-2 refiners) returns the mean of its members' probabilities and
         predicted IoUs. Members whose image encoders hold the same weights (phase-2 refiners keep LiteMedSAM's
@@ -366,13 +387,9 @@ class BatchRefiner:
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
 
         passes = [(s, f) for f in ((False, True) if self.tta else (False,)) for s in samples]
-        sizes: dict[tuple[int, int], list[int]] = {}
-        for i, (s, _) in enumerate(passes):
-            sizes.setdefault(tuple(s["pixels"].shape), []).append(i)
-        # coarse prompts per image size; the flipped pass is prompted by the flipped coarse mask
-        coarse = {size: torch.from_numpy(np.stack([np.fliplr(passes[i][0]["coarse"]) if passes[i][1]
-                                                   else passes[i][0]["coarse"] for i in idx]))[:, None]
-                  .to(self.device).float().div_(255.0) for size, idx in sizes.items()}
+        sizes = [tuple(s["pixels"].shape) for s, _ in passes]
+        coarse = prompt_frame_masks(self.refiner.geometry, [np.fliplr(s["coarse"]) if f else s["coarse"]
+                                                            for s, f in passes], self.device)
         results: list[tuple[list[torch.Tensor], torch.Tensor]] = [([], torch.empty(0))] * len(self.members)
         b = len(samples)
         for encoder, members in self.groups:
@@ -380,18 +397,11 @@ class BatchRefiner:
                 embeddings = encoder(torch.cat([encoder_input(self.members[members[0]], s, f, self.device)
                                                 for s, f in passes]))
             for k in members:
-                logits: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-                ious: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-                for size, idx in sizes.items():
-                    with autocast(self.device, self.amp):
-                        out = self.members[k](image_embeddings=embeddings[idx], coarse=coarse[size],
-                                              original_size=size)
-                    chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default
-                    iou = out["iou_predictions"].float().gather(1, chosen)[:, 0]
-                    for j, i in enumerate(idx):
-                        logits[i], ious[i] = out["masks"][j, 0].float(), iou[j]
-                iou = torch.stack(ious).cpu()  # one copy for the batch
-                probs = [torch.sigmoid(x) for x in logits]
+                with autocast(self.device, self.amp):  # one prompt and decoder pass for every size in the batch
+                    out = self.members[k].forward_sizes(embeddings, coarse, sizes)
+                chosen = out["selection_weights"].float().argmax(dim=1, keepdim=True)  # K = 1 by default
+                iou = out["iou_predictions"].float().gather(1, chosen)[:, 0].cpu()  # one copy for the batch
+                probs = [torch.sigmoid(m[0].float()) for m in out["masks"]]
                 if self.tta:
                     results[k] = ([flip_tta_mean(probs[i], probs[i + b]) for i in range(b)],
                                   0.5 * (iou[:b] + iou[b:]))
@@ -506,7 +516,7 @@ def refine_folder(
         Several (a list, or paths separated by commas): an ensemble, the mean of their probabilities
         (``BatchRefiner``; members with the same frozen encoder share its pass).
       zero_shot: LiteMedSAM's packaged weights without a refiner checkpoint.
-      batch_size: images per encoder pass (any sizes; the decoder runs per image size within the batch); None: 8 on
+      batch_size: images per encoder, prompt and decoder pass (any sizes; outputs resized per image size); None: 8 on
         CUDA, 1 on the CPU (``fast_inference.default_batch_size``).
       nifti: also write ``masks/<stem>.nii.gz``.
       device: cpu, cuda, cuda:N; None/"auto": CUDA when available.

@@ -65,6 +65,7 @@ __all__ = [
     "overlay_coarse_refined",
     "refine",
     "refine_coarse",
+    "refine_coarse_sizes",
     "run_inference",
     "selected_iou",
     "transunet_transform",
@@ -139,8 +140,8 @@ def refine_coarse(
     gate_threshold: float = 0.5,
 ) -> dict[str, torch.Tensor]:
     """``refine`` from TransUNet's foreground probability (``UltraRefiner.coarse_probability``, (B,1,S,S)) and the
-    SAM image embeddings, for batched prediction: TransUNet and the image encoder run on a whole batch of images
-    of any sizes, this per image size. Same outputs as ``refine``."""
+    SAM image embeddings of images of one size (``refine_coarse_sizes`` takes several sizes, without iterations).
+    Same outputs as ``refine``."""
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     net = _unwrap(model)
@@ -148,6 +149,41 @@ def refine_coarse(
     out = net.refiner(coarse=coarse_probs, image_embeddings=image_embeddings.float(), original_size=size)
     return _refine_after(net, {"coarse_probs": coarse_probs, **out}, image_embeddings, size, iterations,
                          quality_gate, gate_threshold)
+
+
+@torch.no_grad()
+def refine_coarse_sizes(
+    model: torch.nn.Module,
+    coarse_probs: torch.Tensor,
+    image_embeddings: torch.Tensor,
+    original_sizes: Sequence[Sequence[int]],
+    quality_gate: bool = False,
+    gate_threshold: float = 0.5,
+) -> list[dict[str, torch.Tensor]]:
+    """``refine_coarse`` without iterations for a batch of images of different sizes: one prompt and decoder pass
+    for the whole batch (``SAMRefiner.forward_sizes``), then the resizes per image size. Per image, the values of
+    ``refine_coarse`` on that image alone: "coarse", "refined", "final" (1,H,W), "pred_iou" and "final_iou" (),
+    with the gate "gated" (1,H,W) and "gate" ()."""
+    net = _unwrap(model)
+    sizes = [(int(h), int(w)) for h, w in original_sizes]
+    out = net.refiner.forward_sizes(image_embeddings.float(), coarse_probs, sizes)
+    iou = selected_iou(out)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(size, []).append(i)
+    results: list[dict[str, torch.Tensor]] = [{} for _ in sizes]
+    for size, idx in groups.items():
+        part = coarse_probs[idx[0] : idx[0] + 1] if len(idx) == 1 else coarse_probs[idx]
+        coarse = F.interpolate(part.float(), size, mode="bilinear", align_corners=False).clamp(0, 1)
+        for j, i in enumerate(idx):
+            refined = torch.sigmoid(out["masks"][i].float())
+            r = {"coarse": coarse[j], "refined": refined, "pred_iou": iou[i], "final_iou": iou[i], "final": refined}
+            if quality_gate:
+                keep_coarse = iou[i] < gate_threshold
+                r.update(final=torch.where(keep_coarse, coarse[j], refined), gate=keep_coarse.float())
+                r["gated"] = r["final"]
+            results[i] = r
+    return results
 
 
 def _refine_after(net: torch.nn.Module, out: dict, embeddings: torch.Tensor, size: tuple[int, int], iterations: int,
@@ -323,8 +359,9 @@ class UltraPredictor:
         ``SupervisedEvaluator`` of ``inference.json`` (``iteration_update``), whose writer transforms save them.
 
         Images of any sizes share a batch: TransUNet sees them at its input size and SAM's image encoder in its
-        own frame (data workers resize them); the refiner's prompts and decoder run per image size, and outputs are
-        resized back per image. Results equal batch 1 up to float rounding.
+        own frame (data workers resize them); the refiner's prompts and decoder run once for the batch (per image
+        size with iterations), and outputs are resized back per image size. Results equal batch 1 up to float
+        rounding.
 
         Arguments:
           network (UltraRefiner): with its weights loaded.
@@ -373,7 +410,8 @@ class UltraPredictor:
     @torch.no_grad()  # not inference_mode: jit_freeze traces the encoder on its first call
     def predict_batch(self, samples: Sequence[dict]) -> list[dict[str, Any]]:
         """Predictions of ``InputImages`` samples (images of any sizes): one TransUNet and one encoder pass for the
-        batch (and its flips with TTA), then the refiner per image size; results as ``predict_array``."""
+        batch (and its flips with TTA), then the refiner's prompts and decoder (once, or per image size with
+        iterations); results as ``predict_array``."""
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
         from ultrarefiner.engines.inference.refine_folder import encoder_input
 
@@ -384,16 +422,22 @@ class UltraPredictor:
         with autocast(dev, self.amp):
             embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, dev) for s, f in passes]))
             coarse_probs = net.coarse_probability(net.transunet(small))
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (s, _) in enumerate(passes):
-            groups.setdefault(tuple(s["pixels"].shape), []).append(i)
         per_pass: list[dict[str, torch.Tensor]] = [{} for _ in passes]
-        for size, idx in groups.items():
+        if not self.iterations:  # one prompt and decoder pass for every size in the batch
             with autocast(dev, self.amp):
-                out = refine_coarse(self.network, coarse_probs[idx], embeddings[idx], size, self.iterations,
-                                    self.quality_gate, self.gate_threshold)
-            for j, i in enumerate(idx):
-                per_pass[i] = {k: v[j] for k, v in out.items()}
+                per_pass = refine_coarse_sizes(self.network, coarse_probs, embeddings,
+                                               [s["pixels"].shape for s, _ in passes], self.quality_gate,
+                                               self.gate_threshold)
+        else:  # the iterations prompt with the refined mask at its image's size: one pass per size
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, (s, _) in enumerate(passes):
+                groups.setdefault(tuple(s["pixels"].shape), []).append(i)
+            for size, idx in groups.items():
+                with autocast(dev, self.amp):
+                    out = refine_coarse(self.network, coarse_probs[idx], embeddings[idx], size, self.iterations,
+                                        self.quality_gate, self.gate_threshold)
+                for j, i in enumerate(idx):
+                    per_pass[i] = {k: v[j] for k, v in out.items()}
         b = len(samples)
         results = []
         for i in range(b):
