@@ -47,7 +47,7 @@ from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
 
-__all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_frame", "encoder_input", "files_by_stem",
+__all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_batch", "encoder_frame", "encoder_input", "files_by_stem",
            "format_summary", "checkpoint_list", "read_samples", "refine_folder", "resolve_refiner",
            "resolve_refiners"]
 
@@ -302,6 +302,28 @@ def encoder_input(refiner: torch.nn.Module, sample: dict, flipped: bool, device:
     return refiner.preprocess_image(hflip(native) if flipped else native)
 
 
+def encoder_batch(refiner: torch.nn.Module, passes: Sequence[tuple[dict, bool]], device: torch.device
+                  ) -> torch.Tensor:
+    """(B,3,S,S) encoder input of (sample, flipped) passes: ``encoder_input`` of each, with the worker-resized frames
+    of one shape stacked and preprocessed together (one call per frame shape, not per image: the frames of BUSI's
+    639 image sizes come in a few dozen shapes at LiteMedSAM's 256 px, one at MedSAM's squashed 1024)."""
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for i, (s, f) in enumerate(passes):
+        frame = s.get("frame_flipped" if f else "frame")
+        groups.setdefault(tuple(frame.shape) if frame is not None else None, []).append(i)
+    parts: list[torch.Tensor] = [torch.empty(0)] * len(passes)
+    for shape, idx in groups.items():
+        if shape is None or len(idx) == 1:  # no worker frame, or a shape of its own
+            for i in idx:
+                parts[i] = encoder_input(refiner, *passes[i], device)
+            continue
+        key = ["frame_flipped" if passes[i][1] else "frame" for i in idx]
+        frames = torch.from_numpy(np.stack([passes[i][0][k] for i, k in zip(idx, key, strict=True)]))[:, None]
+        for i, x in zip(idx, refiner.preprocess_image(frames.to(device), resized=True), strict=True):
+            parts[i] = x[None]
+    return torch.cat(parts)
+
+
 def prompt_frame_masks(geometry: Any, masks: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     """(B,1,S,S) soft coarse masks in [0, 1] at the encoder's side S, from (H, W) uint8 masks (0-255) of any sizes:
     the common resolution at which ``refine`` computes the prompts of a whole batch in one pass (each mask covers
@@ -394,8 +416,7 @@ class BatchRefiner:
         b = len(samples)
         for encoder, members in self.groups:
             with autocast(self.device, self.amp):
-                embeddings = encoder(torch.cat([encoder_input(self.members[members[0]], s, f, self.device)
-                                                for s, f in passes]))
+                embeddings = encoder(encoder_batch(self.members[members[0]], passes, self.device))
             for k in members:
                 with autocast(self.device, self.amp):  # one prompt and decoder pass for every size in the batch
                     out = self.members[k].forward_sizes(embeddings, coarse, sizes)

@@ -413,14 +413,14 @@ class UltraPredictor:
         batch (and its flips with TTA), then the refiner's prompts and decoder (once, or per image size with
         iterations); results as ``predict_array``."""
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
-        from ultrarefiner.engines.inference.refine_folder import encoder_input
+        from ultrarefiner.engines.inference.refine_folder import encoder_batch
 
         dev, net = self.device, _unwrap(self.network)
         flips = (False, True) if self.tta == "flip" else (False,)
         passes = [(s, f) for f in flips for s in samples]
         small = torch.stack([s["small_flipped" if f else "small"] for s, f in passes]).to(dev)
         with autocast(dev, self.amp):
-            embeddings = self.encoder(torch.cat([encoder_input(self.refiner, s, f, dev) for s, f in passes]))
+            embeddings = self.encoder(encoder_batch(self.refiner, passes, dev))
             coarse_probs = net.coarse_probability(net.transunet(small))
         per_pass: list[dict[str, torch.Tensor]] = [{} for _ in passes]
         if not self.iterations:  # one prompt and decoder pass for every size in the batch
