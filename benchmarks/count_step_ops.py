@@ -13,11 +13,11 @@ without CUDA graphs runs; on a CPU scipy labels in one call). Views (``view``, `
 they launch no kernel but cost the host a dispatch each.
 
 Inference (``infer``): ``refine``'s ``BatchRefiner`` (LiteMedSAM with its packaged weights, or ``--sam vit_b``) and
-``predict``'s ``UltraPredictor`` (TransUNet R50-ViT-B/16 + the same SAM) on phantoms of 8 different BUSI image
-sizes (BUSI has 639 sizes among its 780 images, so a batch rarely shares one), their second call counted:
-operations per batch of 1 and of 8, and per image. The prompts and the mask decoder run once per batch, whatever
-the sizes; before, they ran once per image size, which made a batch of 8 BUSI images cost about 8 times the host
-work of one.
+``predict``'s ``UltraPredictor`` (TransUNet R50-ViT-B/16 + the same SAM) on phantoms of 8 (``--images``) different
+BUSI image sizes (BUSI has 639 sizes among its 780 images, so a batch rarely shares one), their second call
+counted: operations per batch of 1 and of 8, and per image. The prompts and the mask decoder run once per batch,
+whatever the sizes; before, they ran once per image size, which made a batch of 8 BUSI images cost about 8 times
+the host work of one.
 
 Phase 3: the ultrarefiner bundle's trainer (TransUNet R50-ViT-B/16 at 224, SAM vit_b, box and mask prompts) on one
 phantom batch (``bench_e2e``). Phase 2: the sam_refiner bundle's trainer (LiteMedSAM, packaged weights) on simulated
@@ -148,6 +148,7 @@ def infer(args: argparse.Namespace) -> dict[str, tuple[PartCounter, PartCounter]
     from ultrarefiner.networks import SAMRefiner, UltraRefiner, build_sam, build_tiny_sam
 
     sizes = [(h // 4, w // 4) for h, w in BUSI_SIZES] if args.tiny else BUSI_SIZES
+    sizes = sizes[: args.images]
     scenes = [_phantom(h, w, i) for i, (h, w) in enumerate(sizes)]
     if args.tiny:
         refiner = SAMRefiner(build_tiny_sam(img_size=64), checkpoint=None)
@@ -188,6 +189,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="most frequent operators listed")
     parser.add_argument("--sam", choices=("lite_medsam", "vit_b"), default="lite_medsam",
                         help="infer: the refiner's SAM (vit_b: random weights, MedSAM preprocessing at 1024)")
+    parser.add_argument("--images", type=int, default=len(BUSI_SIZES), choices=range(2, len(BUSI_SIZES) + 1),
+                        metavar=f"2..{len(BUSI_SIZES)}", help="infer: images (of as many sizes) in the batch; vit_b "
+                        "on a CPU needs about 1.6 GB of memory per image")
     args = parser.parse_args()
     labelling._label_on_host = lambda fg: False  # the device path: the loop a GPU runs without CUDA graphs
     for phase in args.phases.split(","):
@@ -195,8 +199,8 @@ def main() -> None:
             for name, (one, many) in infer(args).items():
                 n1, n8 = sum(one.parts.values()), sum(many.parts.values())
                 print(f"{name} ({'tiny' if args.tiny else 'full-size, ' + args.sam}): 1 image {n1} ATen operations; "
-                      f"{len(BUSI_SIZES)} images of {len(BUSI_SIZES)} sizes {n8} ({n8 / len(BUSI_SIZES):.0f} per "
-                      f"image, x{n1 * len(BUSI_SIZES) / n8:.1f} fewer than one call per image)")
+                      f"{args.images} images of {args.images} sizes {n8} ({n8 / args.images:.0f} per "
+                      f"image, x{n1 * args.images / n8:.1f} fewer than one call per image)")
                 for part, n in many.parts.most_common():
                     print(f"  {part:40s} {n:6d}  {100 * n / n8:5.1f}%")
             continue
