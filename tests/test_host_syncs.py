@@ -265,6 +265,27 @@ def test_ultrarefiner_predict_on_a_batch():
     assert out["final"].shape == (3, 1, H, W)
 
 
+def test_predict_batch_reads_its_scalars_once():
+    """``UltraPredictor.predict_batch`` on images of four sizes with the quality gate: per image only its two maps
+    come to the host (a copy and its numpy view each); the predicted IoUs and gate decisions of the whole batch come
+    in one read, not three per image (28 here before)."""
+    import numpy as np
+
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
+
+    built = _ultrarefiner()
+    model = UltraRefiner(built.transunet, built.refiner, cache_embeddings=False).eval()
+    predictor = UltraPredictor(model, "cpu", quality_gate=True, optimize="none")
+    rng = np.random.default_rng(0)
+    samples = [predictor.dataset.sample(rng.integers(0, 255, size, dtype=np.uint8))
+               for size in ((40, 48), (36, 50), (44, 40), (30, 30))]
+    predictor.predict_batch(samples)
+    with HostSyncCounter(model) as syncs:
+        out = predictor.predict_batch(samples)
+    assert syncs.count == 4 * len(samples) + 1, syncs.report()
+    assert all(isinstance(o["pred_iou"], float) and isinstance(o["gated"], bool) for o in out)
+
+
 # ------------------------------------------------------------------------------------------------ bundle trainers
 TB_EVERY = 3  # TensorBoard's loss read-back interval in these runs (the configs say 20): one read in the window
 ITERATIONS = 8  # 1: warm-up (caches, lazy state); 2-5: counted as configured; 6-7: with a handler doing .item();

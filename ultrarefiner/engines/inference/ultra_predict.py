@@ -439,7 +439,7 @@ class UltraPredictor:
                 for j, i in enumerate(idx):
                     per_pass[i] = {k: v[j] for k, v in out.items()}
         b = len(samples)
-        results = []
+        maps, scalars = [], []
         for i in range(b):
             o = per_pass[i]
             coarse, final = o["coarse"][0], o["final"][0]
@@ -450,12 +450,19 @@ class UltraPredictor:
                 coarse, final = flip_tta_mean(coarse, f["coarse"][0]), flip_tta_mean(final, f["final"][0])
                 pred_iou, final_iou = 0.5 * (pred_iou + f["pred_iou"]), 0.5 * (final_iou + f["final_iou"])
                 gate = torch.maximum(gate, f["gate"]) if gate is not None else None
-            result = {"coarse": coarse.cpu().numpy(), "refined": final.cpu().numpy(), "pred_iou": float(pred_iou),
-                      "final_iou": float(final_iou)}
-            if "best_pass" in o:
-                result["best_pass"] = int(o["best_pass"])
-            if gate is not None:
-                result["gated"] = bool(gate > 0)
+            maps.append((coarse, final))
+            scalars.append(torch.stack([pred_iou.float(), final_iou.float(),
+                                        (gate if gate is not None else torch.zeros_like(pred_iou)).float(),
+                                        o.get("best_pass", torch.zeros_like(pred_iou)).float()]))
+        values = torch.stack(scalars).tolist() if scalars else []  # the batch's scalars in one copy, not 4 per image
+        results = []
+        for i, ((coarse, final), (pred_iou, final_iou, gate, best_pass)) in enumerate(zip(maps, values, strict=True)):
+            result = {"coarse": coarse.cpu().numpy(), "refined": final.cpu().numpy(), "pred_iou": pred_iou,
+                      "final_iou": final_iou}
+            if "best_pass" in per_pass[i]:
+                result["best_pass"] = int(best_pass)
+            if "gate" in per_pass[i]:
+                result["gated"] = gate > 0
             results.append(result)
         return results
 
