@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ultrarefiner.utils.grouping import index_groups, take_rows
+
 __all__ = ["SamGeometry", "litemedsam_resize_uint8", "medsam_resize_uint8", "per_sample", "resize_mask"]
 
 _MODES = ("sam", "medsam", "litemedsam")
@@ -297,14 +299,11 @@ class SamGeometry:
                 raise ValueError(f"{len(original_size)} sizes for a batch of {prob.shape[0]}")
             if not self.pads:
                 return resize_mask(prob, (self.low_res_size, self.low_res_size))
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, s in enumerate(original_size):
-                groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+            groups = index_groups((int(s[0]), int(s[1])) for s in original_size)
             if len(groups) == 1:
                 return self.mask_prompt_frame(prob, next(iter(groups)))
             order = [i for idx in groups.values() for i in idx]
-            framed = torch.cat([self.mask_prompt_frame(prob[idx[0] : idx[0] + 1] if len(idx) == 1 else prob[idx], s)
-                                for s, idx in groups.items()])
+            framed = torch.cat([self.mask_prompt_frame(take_rows(prob, idx), s) for s, idx in groups.items()])
             return framed[torch.tensor(order).argsort().to(prob.device)]  # back to the batch's order
         if self.pads:
             new_h, new_w = self.input_size(original_size)

@@ -17,6 +17,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from torch import nn
 
 from ultrarefiner.utils.flags import as_flag
+from ultrarefiner.utils.grouping import index_groups, take_rows
 
 from .lite_medsam import is_lite_medsam
 from .lora import apply_lora, count_parameters, has_lora
@@ -421,14 +422,10 @@ class SAMRefiner(nn.Module):
             raise ValueError("precomputed image_embeddings with a trainable image encoder (LoRA/unfrozen) in "
                              "training mode: the encoder would get no gradient")
         out = self.decode_low_res(image_embeddings, coarse.float(), sizes)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, size in enumerate(sizes):
-            groups.setdefault(size, []).append(i)
         masks: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
-        low = out["low_res_masks"]
-        for size, idx in groups.items():
-            part = low[idx[0] : idx[0] + 1] if len(idx) == 1 else low[idx]
-            for j, m in zip(idx, self.geometry.postprocess_masks(part, size), strict=True):
+        for size, idx in index_groups(sizes).items():
+            for j, m in zip(idx, self.geometry.postprocess_masks(take_rows(out["low_res_masks"], idx), size),
+                            strict=True):
                 masks[j] = m
         out["masks"] = masks
         return out

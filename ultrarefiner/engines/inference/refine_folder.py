@@ -45,6 +45,7 @@ from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
+from ultrarefiner.utils.grouping import index_groups
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_batch", "encoder_frame", "encoder_input", "files_by_stem",
@@ -307,19 +308,15 @@ def encoder_batch(refiner: torch.nn.Module, passes: Sequence[tuple[dict, bool]],
     """(B,3,S,S) encoder input of (sample, flipped) passes: ``encoder_input`` of each, with the worker-resized frames
     of one shape stacked and preprocessed together (one call per frame shape, not per image: the frames of BUSI's
     639 image sizes come in a few dozen shapes at LiteMedSAM's 256 px, one at MedSAM's squashed 1024)."""
-    groups: dict[tuple[int, int] | None, list[int]] = {}
-    for i, (s, f) in enumerate(passes):
-        frame = s.get("frame_flipped" if f else "frame")
-        groups.setdefault(tuple(frame.shape) if frame is not None else None, []).append(i)
+    frames = [s.get("frame_flipped" if f else "frame") for s, f in passes]
     parts: list[torch.Tensor] = [torch.empty(0)] * len(passes)
-    for shape, idx in groups.items():
+    for shape, idx in index_groups(None if f is None else f.shape for f in frames).items():
         if shape is None or len(idx) == 1:  # no worker frame, or a shape of its own
             for i in idx:
                 parts[i] = encoder_input(refiner, *passes[i], device)
             continue
-        key = ["frame_flipped" if passes[i][1] else "frame" for i in idx]
-        frames = torch.from_numpy(np.stack([passes[i][0][k] for i, k in zip(idx, key, strict=True)]))[:, None]
-        for i, x in zip(idx, refiner.preprocess_image(frames.to(device), resized=True), strict=True):
+        stack = torch.from_numpy(np.stack([frames[i] for i in idx]))[:, None]
+        for i, x in zip(idx, refiner.preprocess_image(stack.to(device), resized=True), strict=True):
             parts[i] = x[None]
     return torch.cat(parts)
 
@@ -332,11 +329,8 @@ def prompt_frame_masks(geometry: Any, masks: Sequence[np.ndarray], device: torch
     from ultrarefiner.networks.sam_geometry import resize_mask
 
     side = (geometry.img_size, geometry.img_size)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, m in enumerate(masks):
-        groups.setdefault(tuple(m.shape), []).append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(masks)
-    for idx in groups.values():
+    for idx in index_groups(m.shape for m in masks).values():
         stack = torch.from_numpy(np.stack([np.ascontiguousarray(masks[i]) for i in idx]))[:, None]
         framed = resize_mask(stack.to(device).float().div_(255.0), side)
         for j, i in enumerate(idx):

@@ -49,6 +49,7 @@ from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.flags import as_flag
+from ultrarefiner.utils.grouping import index_groups, take_rows
 from ultrarefiner.utils.io import atomic_write, write_json
 
 __all__ = [
@@ -168,13 +169,10 @@ def refine_coarse_sizes(
     sizes = [(int(h), int(w)) for h, w in original_sizes]
     out = net.refiner.forward_sizes(image_embeddings.float(), coarse_probs, sizes)
     iou = selected_iou(out)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, size in enumerate(sizes):
-        groups.setdefault(size, []).append(i)
     results: list[dict[str, torch.Tensor]] = [{} for _ in sizes]
-    for size, idx in groups.items():
-        part = coarse_probs[idx[0] : idx[0] + 1] if len(idx) == 1 else coarse_probs[idx]
-        coarse = F.interpolate(part.float(), size, mode="bilinear", align_corners=False).clamp(0, 1)
+    for size, idx in index_groups(sizes).items():
+        coarse = F.interpolate(take_rows(coarse_probs, idx).float(), size, mode="bilinear",
+                               align_corners=False).clamp(0, 1)
         for j, i in enumerate(idx):
             refined = torch.sigmoid(out["masks"][i].float())
             r = {"coarse": coarse[j], "refined": refined, "pred_iou": iou[i], "final_iou": iou[i], "final": refined}
@@ -429,10 +427,7 @@ class UltraPredictor:
                                                [s["pixels"].shape for s, _ in passes], self.quality_gate,
                                                self.gate_threshold)
         else:  # the iterations prompt with the refined mask at its image's size: one pass per size
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, (s, _) in enumerate(passes):
-                groups.setdefault(tuple(s["pixels"].shape), []).append(i)
-            for size, idx in groups.items():
+            for size, idx in index_groups(tuple(s["pixels"].shape) for s, _ in passes).items():
                 with autocast(dev, self.amp):
                     out = refine_coarse(self.network, coarse_probs[idx], embeddings[idx], size, self.iterations,
                                         self.quality_gate, self.gate_threshold)
