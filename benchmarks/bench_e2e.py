@@ -15,11 +15,13 @@ metrics as the bundle runs them; no handlers) at --batch (8), frozen encoder wit
 state after the first epoch; the first, cache-filling step is excluded). bf16 is the package's one AMP rule
 (``ultrarefiner.utils.amp.autocast``): on CUDA only, so on a CPU the two precisions run the same float32 code.
 Inference: TransUNet + SAM encoder (no cache: each image is new) + prompts + decoder, eval mode, --infer-batch images
-per call. Rates use the MEDIAN step/call time (robust to other load on a shared machine). Each (mode, precision) runs
-in its own process so peak memory is its own: CUDA max_memory_allocated, or on CPU the process's peak RSS (ru_maxrss,
-model included) and its growth over the post-build baseline. ``--compile``: the bundles' ``compile`` option
-(``ultrarefiner.utils.compile``: TransUNet and the SAM decoder's transformer), compiled during the warm-up steps
-(the compile time is printed apart: ``first_step_s``).
+per call. Rates use the MEDIAN step/call time, with a device sync after each (robust to other load on a shared
+machine); training also reports ``pipelined_samples_per_s``: --steps more steps synced only at their end, as a
+real run goes (the host queues the next step while the device finishes the last; the batch pinned on CUDA).
+Each (mode, precision) runs in its own process so peak memory is its own: CUDA max_memory_allocated, or on CPU
+the process's peak RSS (ru_maxrss, model included) and its growth over the post-build baseline. ``--compile``: the
+bundles' ``compile`` option (``ultrarefiner.utils.compile``: TransUNet and the SAM decoder's transformer), compiled
+during the warm-up steps (the compile time is printed apart: ``first_step_s``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_sam, build_tiny_sam
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.compile import compile_network
+from ultrarefiner.utils.transfer import pins_for
 
 
 def build_model(tiny: bool, image_resize: str, sam_type: str = "vit_b") -> UltraRefiner:
@@ -78,32 +81,44 @@ def make_batch(n: int, img_size: int, native: tuple[int, int], seed: int = 0) ->
     return {"image": image, "sam_image": sam_image.round(), "label": label.repeat(n, 1, 1, 1)}
 
 
-def e2e_trainer(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace):
-    """The phase-3 bundle's ``train#trainer`` over --warmup + --steps copies of one phantom batch, no handlers."""
+def e2e_trainer(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace,
+                iterations: int | None = None):
+    """The phase-3 bundle's ``train#trainer`` over ``iterations`` (--warmup + --steps) copies of one phantom batch, no
+    handlers. On CUDA the batch is pinned, as the bundle's loader pins its batches there."""
     batch = make_batch(args.batch, model.transunet.img_size, tuple(args.native))
+    if pins_for(device):
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     return bundle_trainer("ultrarefiner", {
         "network": model, "device": device, "amp": amp, "epochs": 1, "epoch_length": None, "train#handlers": [],
-        "train#dataloader": [batch] * (args.warmup + args.steps), "train#prepare_batch": E2EPrepareBatch(),
+        "train#dataloader": [batch] * (iterations or args.warmup + args.steps),
+        "train#prepare_batch": E2EPrepareBatch(),
     })
 
 
 def run_train(model: UltraRefiner, device: torch.device, amp: bool, args: argparse.Namespace) -> dict:
-    trainer = e2e_trainer(model, device, amp, args)
+    """--steps steps with a device sync after each (their median: ``samples_per_s``), then --steps more synced only
+    at the end, as training runs (``pipelined_samples_per_s``: the host queues the next step while the device
+    finishes the last one)."""
+    synced = args.warmup + args.steps
+    trainer = e2e_trainer(model, device, amp, args, synced + args.steps)
     stamps: list[float] = []
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _stamp(engine) -> None:
-        sync(device)
-        stamps.append(time.perf_counter())
-        if len(stamps) == args.warmup and device.type == "cuda":
+        if engine.state.iteration <= synced or engine.state.iteration == engine.state.epoch_length:
+            sync(device)
+            stamps.append(time.perf_counter())
+        if engine.state.iteration == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
     base = rss_mb()
     start = time.perf_counter()
     trainer.run()
-    step = median([b - a for a, b in zip(stamps[args.warmup - 1:-1], stamps[args.warmup:], strict=True)])
-    out = {"samples_per_s": args.batch / step, "step_ms": 1000 * step, "first_step_s": stamps[0] - start,
-           "loss": float(trainer.state.output["loss"]), "cache": model.cache_stats()}
+    step = median([b - a for a, b in zip(stamps[args.warmup - 1:synced - 1], stamps[args.warmup:synced], strict=True)])
+    pipelined = (stamps[-1] - stamps[synced - 1]) / args.steps
+    out = {"samples_per_s": args.batch / step, "step_ms": 1000 * step,
+           "pipelined_samples_per_s": args.batch / pipelined, "pipelined_step_ms": 1000 * pipelined,
+           "first_step_s": stamps[0] - start, "loss": float(trainer.state.output["loss"]), "cache": model.cache_stats()}
     return out | memory(device, base)
 
 

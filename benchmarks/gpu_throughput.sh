@@ -51,7 +51,7 @@ else
   e2e=(--batch 8 --steps 20 --image-resize torch); cache=(--model vit_b --batch 32 --steps 20 --amp)
   infer=(--batch_sizes 1,8,32 --n 128 --num_workers 6 --repeats 1); writing=(--n 48)
 fi
-run gpu_tests "${CAP_TESTS:-45}" $PY -m pytest -q -p no:cacheprovider tests/test_labelling.py
+run gpu_tests "${CAP_TESTS:-45}" $PY -m pytest -q -p no:cacheprovider tests/test_labelling.py tests/test_embedding_cache.py tests/test_transfer.py
 run e2e_vit_b "${CAP_E2E:-140}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --profile --trace "$OUT/e2e_vit_b_trace.json"
 ULTRAREFINER_CUDA_GRAPHS=0 run e2e_vit_b_no_graphs "${CAP_E2E_ONE:-40}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --modes train:bf16
 run e2e_vit_b_compiled "${CAP_COMPILE:-150}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --modes train:bf16 --compile

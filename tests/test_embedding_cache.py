@@ -70,3 +70,45 @@ def test_dataset_keys_and_content_keys_share_one_cache(tmp_path, monkeypatch):
     monkeypatch.undo()
     by_content = cache(x)  # forward: keyed by content, computed once, then a hit
     assert cache.misses == 4 and torch.equal(cache(x), by_content) and cache.hits == 4
+
+
+def test_entries_bound_for_cuda_are_pinned_once(monkeypatch):
+    """A CUDA copy from pageable memory makes the host wait for the GPU: host entries bound for CUDA are pinned on
+    first use and kept pinned, not pinned again at every step (a 2 MB host copy each). Pinning needs a GPU, so a
+    stand-in marks the copies it makes; the CUDA-only test below checks the real thing."""
+    import ultrarefiner.networks.embedding_cache as ec
+
+    pinned: list[int] = []
+
+    def pin_memory(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        out.pinned_here = True
+        pinned.append(id(out))
+        return out
+
+    monkeypatch.setattr(ec, "pins_for", lambda device: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: getattr(t, "pinned_here", False))
+    enc = encoder()
+    cache = EmbeddingCache(enc)
+    x = torch.rand(2, 3, 32, 32)
+    keys = ["a", "b"]
+    first = cache.embed(keys, lambda idx: enc(x[idx]), "cpu")
+    assert len(pinned) == 2 and all(cache._memory[k].is_pinned() for k in keys)
+    again = cache.embed(["b", "a", "b"], lambda idx: pytest.fail("all cached"), "cpu")
+    assert len(pinned) == 2  # kept pinned: no new copy
+    assert torch.equal(again, first[[1, 0, 1]]) and again.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hits_are_pinned_and_copied_without_a_sync():
+    from ultrarefiner.utils.sync_counter import HostSyncCounter
+
+    enc = encoder().cuda()
+    cache = EmbeddingCache(enc)
+    x = torch.rand(2, 3, 32, 32, device="cuda")
+    first = cache(x, keys=["a", "b"])
+    with HostSyncCounter(enc) as syncs:
+        again = cache(x, keys=["a", "b"])
+    assert all(cache._memory[k].is_pinned() for k in ("a", "b"))
+    assert syncs.count == 0 and torch.equal(again, first), syncs.report()

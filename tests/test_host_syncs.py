@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.handlers import TensorBoardStatsHandler
 from refiner_toy import write_toy
@@ -39,6 +40,7 @@ from ultrarefiner.losses import RefinerLoss, UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
 from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.utils.sync_counter import HostSyncCounter
+from ultrarefiner.utils.transfer import to_device
 
 S, H, W = 64, 96, 128  # TransUNet input side, native SAM image size
 POINTS = {"use_point_prompt": True, "use_negative_point": True}  # exercises soft_depth and the point embeddings
@@ -63,6 +65,7 @@ def count_iteration(trainer: Engine, iteration: int, *device_state) -> HostSyncC
 def test_counter_counts_what_would_sync():
     weight = torch.randn(4, requires_grad=True)  # stands for a parameter on the GPU
     host = torch.tensor([[3, 4], [3, 4]])  # a collated batch on the host
+    image, mask = torch.ones(2, 3), torch.zeros(2, 3)  # more host data (``.to`` on the CPU returns the tensor itself)
     with HostSyncCounter(weight) as syncs:
         assert host.reshape(-1, 2).tolist() == [[3, 4], [3, 4]] and bool((host == host[0]).all())  # host: free
         torch.arange(3).tolist()  # a host factory: free
@@ -73,10 +76,18 @@ def test_counter_counts_what_would_sync():
         y.nonzero()
         y.detach().cpu()
         y.detach().numpy()
-        int(host.to("cpu")[0, 0])  # moved to the device, then read
+        int(host.to("cpu", non_blocking=True)[0, 0])  # moved to the device asynchronously, then read
+        moved = image.to("cpu")  # a blocking host-to-device copy: PyTorch synchronises the stream after it
+        moved.to("cpu")  # already on the device: no copy from the host
+        MetaTensor(moved).as_subclass(torch.Tensor).to("cpu")  # the same device data as another object: free
+        torch.tensor([1.0, 2.0], device="cpu")  # built on the host, copied blocking
+        torch.as_tensor(mask, device="cpu")
+        torch.zeros(2, device="cpu")  # made on the device: free
     kinds = [e.op for e in syncs.events]
-    assert syncs.count == 7, syncs.report()
+    assert syncs.count == 10, syncs.report()
     assert kinds.count("aten._local_scalar_dense.default") == 3 and "cpu" in kinds and "numpy" in kinds
+    assert [e.op for e in syncs.events if e.kind == "to device"] == [
+        "to (blocking)", "tensor(device=...)", "as_tensor(device=...)"], syncs.report()
 
 
 # ------------------------------------------------------------------------------------------------ phase 2
@@ -248,7 +259,7 @@ def test_refiner_forward_on_a_batch():
     with torch.inference_mode():
         refiner(image=image, coarse=coarse)
         with HostSyncCounter(refiner) as syncs:
-            out = refiner(image=image, coarse=coarse.to("cpu"))
+            out = refiner(image=image, coarse=to_device(coarse, "cpu"))
             masks = (out["masks"][:, 0] > 0).cpu()  # the one final fetch
     assert syncs.count == 1 and masks.shape == (4, H, W), syncs.report()
 
@@ -260,7 +271,7 @@ def test_ultrarefiner_predict_on_a_batch():
     with torch.inference_mode():
         refine(model, small, native)  # the first call checks the TransUNet input's range
         with HostSyncCounter(model) as syncs:
-            out = refine(model, small.to("cpu"), native, iterations=1, quality_gate=True)
+            out = refine(model, to_device(small, "cpu"), native, iterations=1, quality_gate=True)
     assert syncs.count == 0, syncs.report()
     assert out["final"].shape == (3, 1, H, W)
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ultrarefiner.utils.io import atomic_write
+from ultrarefiner.utils.transfer import pins_for
 
 __all__ = ["EmbeddingCache", "content_key", "content_keys", "weights_fingerprint"]
 
@@ -71,7 +72,9 @@ class EmbeddingCache(nn.Module):
         max_items: bound of the in-memory cache (least recently used entries are dropped); None: unbounded
             (~2 MB per vit_b entry in float16).
         dtype: storage dtype of cached embeddings.
-        store_device: where in-memory entries live (``cuda`` saves the host-to-device copy when they fit).
+        store_device: where in-memory entries live (``cuda`` saves the host-to-device copy when they fit). Host
+            entries bound for a CUDA device are pinned on first use, so that their copies do not sync the host
+            (the pinned memory is the cache's size: ~2 MB per entry in float16).
     :meth:`refresh` recomputes the weight fingerprint after weights were loaded into the encoder.
     """
 
@@ -173,8 +176,20 @@ class EmbeddingCache(nn.Module):
                 self._put(k, new[k])
             found = [new[k] if v is None else v for k, v in zip(keys, found, strict=True)]
         dtype = dtype or next(self.encoder.parameters()).dtype
-        # cast before stacking: stack under a bf16 autocast rejects the fp16 store dtype
+        if pins_for(device) and self.store_device.type == "cpu":
+            found = [self._pinned(k, v) for k, v in zip(keys, found, strict=True)]
+        # cast before stacking: stack under a bf16 autocast rejects the fp16 store dtype. A non-blocking copy casts on
+        # the device, and from a pinned entry it is queued without a host sync (``ultrarefiner.utils.transfer``).
         return torch.stack([v.to(device, dtype, non_blocking=True) for v in found])
+
+    def _pinned(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """The entry in pinned host memory, pinned once and kept so (entries are never written in place)."""
+        if value.is_pinned():
+            return value
+        value = value.pin_memory()
+        if key in self._memory:
+            self._memory[key] = value
+        return value
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:

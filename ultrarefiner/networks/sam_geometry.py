@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ultrarefiner.utils.grouping import index_groups, take_rows
+from ultrarefiner.utils.transfer import to_device
 
 __all__ = ["SamGeometry", "litemedsam_resize_uint8", "medsam_resize_uint8", "per_sample", "resize_mask"]
 
@@ -236,7 +237,7 @@ class SamGeometry:
                 raise ValueError(f"a resized image must match the {self.mode} encoder frame, got {(h, w)}")
         if self.mode == "sam":
             x = image.float() if resized else self._resize_sam(image)
-            x = (x - self.pixel_mean.to(x.device)) / self.pixel_std.to(x.device)  # normalise once, 0-255 scale
+            x = (x - to_device(self.pixel_mean, x.device)) / to_device(self.pixel_std, x.device)  # 0-255 scale
             h, w = x.shape[-2:]
             return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
         if self.mode == "litemedsam":
@@ -258,14 +259,14 @@ class SamGeometry:
         if self.image_resize == "exact":
             resize = ResizeLongestSide(self.img_size)
             arr = np.stack([resize.apply_image(a) for a in self._to_uint8_numpy(image)])
-            return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
+            return to_device(torch.from_numpy(arr), image.device).permute(0, 3, 1, 2).float()
         return F.interpolate(image.float(), (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
 
     def _resize_litemedsam(self, image: torch.Tensor) -> torch.Tensor:
         new_h, new_w = self.input_size(image.shape[-2:])
         if self.image_resize == "exact":
             arr = np.stack([litemedsam_resize_uint8(a, self.img_size) for a in self._to_uint8_numpy(image)])
-            return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
+            return to_device(torch.from_numpy(arr), image.device).permute(0, 3, 1, 2).float()
         shrink = new_h < image.shape[-2]
         x = F.interpolate(image.float(), (new_h, new_w), mode="area" if shrink else "bilinear",
                           align_corners=None if shrink else False)
@@ -274,7 +275,7 @@ class SamGeometry:
     def _resize_medsam(self, image: torch.Tensor) -> torch.Tensor:
         if self.image_resize == "exact":
             arr = np.stack([medsam_resize_uint8(a, self.img_size) for a in self._to_uint8_numpy(image)])
-            return torch.from_numpy(arr).to(image.device).permute(0, 3, 1, 2).float()
+            return to_device(torch.from_numpy(arr), image.device).permute(0, 3, 1, 2).float()
         x = F.interpolate(image.float(), (self.img_size, self.img_size), mode="bicubic", align_corners=False,
                           antialias=True)
         return x.clamp(0, 255).floor()  # the recipe casts to uint8 (truncation) before min-max

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrarefiner.utils.amp import autocast, float32_region
+from ultrarefiner.utils.transfer import to_device
 
 from .embedding_cache import EmbeddingCache
 from .sam_geometry import SamGeometry
@@ -59,7 +60,7 @@ class SamImageEncoding(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B,1|3,H,W) 0-255 image -> (B,C,S/16,S/16) embeddings, on the encoder's device."""
         device = next(self.encoder.parameters()).device
-        x = self.geometry.preprocess_image(image, self.resized).to(device)
+        x = to_device(self.geometry.preprocess_image(image, self.resized), device)
         with autocast(device, self.amp_dtype is not None, self.amp_dtype or torch.bfloat16):
             return self.encoder(x)
 

@@ -25,6 +25,13 @@ bound the number of syncs per training step on any machine:
 Every ``.to(device)`` counts as a move to the device, also ``.to("cpu")`` of a cache entry stored on the host, so
 the stand-in errs towards counting too much: code that passes on the CPU also passes on a GPU.
 
+Moves *to* the device sync too unless they are asynchronous: PyTorch ends a host-to-device copy made with
+``non_blocking=False`` (the default of ``.to``/``.cuda``, and what ``torch.tensor(data, device=...)`` and
+``torch.as_tensor(host, device=...)`` do) with a stream synchronisation, so the host waits for every kernel queued
+before it, e.g. the previous step's backward. Such a move of a host tensor counts ("to device"). A
+``non_blocking=True`` copy is asynchronous only from pinned memory, which a CPU cannot make: the loaders
+(``pin_memory`` on CUDA) and the embedding cache (pinned entries on CUDA) provide it, and are tested for it apart.
+
 Example::
 
     with HostSyncCounter(model, optimizer) as syncs:
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +109,13 @@ def _caller() -> str:
     return "?"
 
 
+def _non_blocking(func, args: tuple, kwargs: dict) -> bool:
+    """The ``non_blocking`` flag of a ``Tensor.to``/``Tensor.cuda`` call, given by keyword or by position."""
+    if func is torch.Tensor.cuda:
+        return bool(kwargs.get("non_blocking", len(args) > 2 and args[2]))
+    return bool(torch._C._nn._parse_to(*args[1:], **kwargs)[2])
+
+
 class _FunctionCounter(TorchFunctionMode):
     def __init__(self, owner: HostSyncCounter) -> None:
         super().__init__()
@@ -111,9 +126,15 @@ class _FunctionCounter(TorchFunctionMode):
         if (func in _CONVERSIONS and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
                 and self.owner.made(args[0])):
             self.owner._record("to host", func.__name__)
+        moves = func in (torch.Tensor.to, torch.Tensor.cuda) and (
+            func is torch.Tensor.cuda or torch._C._nn._parse_to(*args[1:], **kwargs)[0] is not None)
+        if moves and not _non_blocking(func, args, kwargs) and not self.owner.made(args[0]):
+            self.owner._record("to device", f"{func.__name__} (blocking)")
+        elif (func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+                and not any(self.owner.made(t) for t in _tensors(args))):
+            self.owner._record("to device", f"{func.__name__}(device=...)")
         out = func(*args, **kwargs)
-        if func in (torch.Tensor.to, torch.Tensor.cuda) and (func is torch.Tensor.cuda or torch._C._nn._parse_to(
-                *args[1:], **kwargs)[0] is not None):
+        if moves:
             for t in _tensors(out):  # moved to "the device": a no-op on the CPU, so it is marked here
                 self.owner._made[t] = True
         elif (func in _HOST_FACTORIES and kwargs.get("device") is None and not _tensors((args, kwargs))
@@ -198,12 +219,27 @@ class HostSyncCounter(TorchDispatchMode):
                 self._made[t] = True
         return out
 
+    def _as_subclass(self, inner: Callable) -> Callable:
+        """``Tensor.as_subclass`` that keeps a device tensor's mark: the new object (MetaTensor <-> Tensor) aliases
+        the same data, but neither mode sees the call."""
+
+        def as_subclass(tensor: torch.Tensor, cls: type) -> torch.Tensor:
+            out = inner(tensor, cls)
+            if self.made(tensor):
+                self._made[out] = True
+            return out
+
+        return as_subclass
+
     def __enter__(self) -> HostSyncCounter:
+        self._saved_as_subclass = torch.Tensor.as_subclass
+        torch.Tensor.as_subclass = self._as_subclass(self._saved_as_subclass)
         self._functions.__enter__()
         try:
             super().__enter__()
         except BaseException:
             self._functions.__exit__(None, None, None)
+            torch.Tensor.as_subclass = self._saved_as_subclass
             raise
         return self
 
@@ -212,3 +248,4 @@ class HostSyncCounter(TorchDispatchMode):
             super().__exit__(exc_type, exc_value, tb)
         finally:
             self._functions.__exit__(exc_type, exc_value, tb)
+            torch.Tensor.as_subclass = self._saved_as_subclass

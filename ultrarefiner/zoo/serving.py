@@ -27,6 +27,7 @@ from PIL import Image
 
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
+from ultrarefiner.utils.transfer import to_device
 
 __all__ = [
     "BundlePredictor",
@@ -278,7 +279,7 @@ class InteractivePredictor:
             cached = embeddings is not None
             if embeddings is None:
                 self.encoder_calls += 1
-                x = torch.from_numpy(np.array(pixels)).to(self.device)
+                x = to_device(torch.from_numpy(np.array(pixels)), self.device)
                 x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
                 embeddings = refiner.encode_image(x.float())
                 self._embeddings[key] = embeddings

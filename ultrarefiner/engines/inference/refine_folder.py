@@ -47,6 +47,7 @@ from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.grouping import index_groups
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
+from ultrarefiner.utils.transfer import to_device
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_batch", "encoder_frame", "encoder_input", "files_by_stem",
            "format_summary", "checkpoint_list", "read_samples", "refine_folder", "resolve_refiner",
@@ -298,8 +299,8 @@ def encoder_input(refiner: torch.nn.Module, sample: dict, flipped: bool, device:
     if key not in sample:
         frame = encoder_frame(refiner.geometry, np.fliplr(sample["pixels"]) if flipped else sample["pixels"])
     if frame is not None:
-        return refiner.preprocess_image(torch.from_numpy(frame)[None, None].to(device), resized=True)
-    native = torch.from_numpy(np.ascontiguousarray(sample["pixels"]))[None, None].to(device)
+        return refiner.preprocess_image(to_device(torch.from_numpy(frame)[None, None], device), resized=True)
+    native = to_device(torch.from_numpy(np.ascontiguousarray(sample["pixels"]))[None, None], device)
     return refiner.preprocess_image(hflip(native) if flipped else native)
 
 
@@ -316,7 +317,7 @@ def encoder_batch(refiner: torch.nn.Module, passes: Sequence[tuple[dict, bool]],
                 parts[i] = encoder_input(refiner, *passes[i], device)
             continue
         stack = torch.from_numpy(np.stack([frames[i] for i in idx]))[:, None]
-        for i, x in zip(idx, refiner.preprocess_image(stack.to(device), resized=True), strict=True):
+        for i, x in zip(idx, refiner.preprocess_image(to_device(stack, device), resized=True), strict=True):
             parts[i] = x[None]
     return torch.cat(parts)
 
@@ -332,7 +333,7 @@ def prompt_frame_masks(geometry: Any, masks: Sequence[np.ndarray], device: torch
     out: list[torch.Tensor] = [torch.empty(0)] * len(masks)
     for idx in index_groups(m.shape for m in masks).values():
         stack = torch.from_numpy(np.stack([np.ascontiguousarray(masks[i]) for i in idx]))[:, None]
-        framed = resize_mask(stack.to(device).float().div_(255.0), side)
+        framed = resize_mask(to_device(stack, device).float().div_(255.0), side)
         for j, i in enumerate(idx):
             out[i] = framed[j]
     return torch.stack(out)

@@ -51,6 +51,7 @@ from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.flags import as_flag
 from ultrarefiner.utils.grouping import index_groups, take_rows
 from ultrarefiner.utils.io import atomic_write, write_json
+from ultrarefiner.utils.transfer import to_device
 
 __all__ = [
     "COARSE_COLOUR",
@@ -416,7 +417,7 @@ class UltraPredictor:
         dev, net = self.device, _unwrap(self.network)
         flips = (False, True) if self.tta == "flip" else (False,)
         passes = [(s, f) for f in flips for s in samples]
-        small = torch.stack([s["small_flipped" if f else "small"] for s, f in passes]).to(dev)
+        small = to_device(torch.stack([s["small_flipped" if f else "small"] for s, f in passes]), dev)
         with autocast(dev, self.amp):
             embeddings = self.encoder(encoder_batch(self.refiner, passes, dev))
             coarse_probs = net.coarse_probability(net.transunet(small))

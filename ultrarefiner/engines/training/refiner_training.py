@@ -36,6 +36,7 @@ from ultrarefiner.networks.embedding_cache import EmbeddingCache
 from ultrarefiner.networks.sam_geometry import SamGeometry
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.flags import as_flag
+from ultrarefiner.utils.transfer import pins_for, to_device
 
 if TYPE_CHECKING:
     from ultrarefiner.networks.sam_refiner import SAMRefiner
@@ -140,10 +141,11 @@ def encode_batch(refiner: SAMRefiner, batch: dict, cache: EmbeddingCache,
         else:
             xs = []
             for i in idx:
-                img = image_loader(batch["source"][i], bool(batch["flip"][i]), refiner.geometry)[None].to(device)
+                img = image_loader(batch["source"][i], bool(batch["flip"][i]), refiner.geometry)
+                img = to_device(img[None], device)
                 xs.append(refiner.preprocess_image(img, resized=True))
             x = torch.cat(xs)
-        return refiner.sam.image_encoder(x.to(device))
+        return refiner.sam.image_encoder(to_device(x, device))
 
     return cache.embed(_cache_keys(refiner, batch["image_key"]), compute, device)
 
@@ -367,11 +369,12 @@ def precompute_embeddings(refiner: SAMRefiner, cache: EmbeddingCache,
     if not triples:
         return 0
     device = refiner.sam.pixel_mean.device
-    loader = DataLoader(_EncoderImages(triples, refiner.geometry), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_EncoderImages(triples, refiner.geometry), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=pins_for(device))
     before = cache.misses
     refiner.eval()
     for b in loader:
-        batch = {"image": b["image"].to(device), "input_size": b["input_size"], "image_key": list(b["key"]),
+        batch = {"image": to_device(b["image"], device), "input_size": b["input_size"], "image_key": list(b["key"]),
                  "original_size": (refiner.geometry.low_res_size, refiner.geometry.low_res_size)}
         with autocast(device, amp):
             encode_batch(refiner, batch, cache)
