@@ -307,12 +307,14 @@ class _Bundles:
     """Synthetic phantoms and the phase-1/phase-2 checkpoints phase 3 starts from, as the bundle tests write them."""
 
     def __init__(self, root: Path) -> None:
+        from test_bundle_transunet import TINY as TINY_TRANSUNET
         from test_bundle_ultrarefiner import TINY, write_phase1, write_phase2
 
         self.root = preprocessed_phantoms(root, n_benign=4, n_malignant=3)
         write_phase1(root / "ckpt")
         write_phase2(root / "ckpt")
         self.tiny = {
+            "transunet": {k: v for k, v in TINY_TRANSUNET.items() if k != "epoch_length"},
             "sam_refiner": {"sam_def": "$ultrarefiner.networks.build_tiny_sam(img_size=64)", "sam_checkpoint": "",
                             "batch_size": 2, "num_workers": 0},
             "ultrarefiner": TINY,
@@ -372,9 +374,9 @@ def _count_iterations(parser: ConfigParser, trainer: SupervisedTrainer) -> tuple
     return counts, counter, losses
 
 
-@pytest.mark.parametrize("bundle", ["sam_refiner", "ultrarefiner"])
+@pytest.mark.parametrize("bundle", ["transunet", "sam_refiner", "ultrarefiner"])
 def test_bundle_trainer_reads_back_once_per_n_iterations(bundles, bundle, capsys):
-    """The real phase-2 / phase-3 trainer with every handler and metric of its train.json: no host sync in an
+    """The real phase-1 / phase-2 / phase-3 trainer with every handler and metric of its train.json: no host sync in an
     iteration but TensorBoard's periodic read of the buffered losses; the console, TensorBoard and the epoch loss
     show the same numbers as reading every loss."""
     parser, trainer = bundles.trainer(bundle)
@@ -440,10 +442,43 @@ def test_buffered_loss_writer_writes_what_the_default_writer_writes(every):
         BufferedLossWriter(every=0)
 
 
-@pytest.mark.parametrize("bundle", ["sam_refiner", "ultrarefiner"])
+@pytest.mark.parametrize("bundle", ["transunet", "sam_refiner", "ultrarefiner"])
 def test_bundle_optimizers_are_fused(bundles, bundle):
-    """One fused AdamW kernel per step (torch's default would be ~200 foreach dispatches on CUDA, a Python loop over
-    the parameters on a CPU); phase 3 also skips a non-finite step on the device with it."""
+    """One fused AdamW (SGD in phase 1) kernel per step (torch's default would be ~200 foreach dispatches on CUDA, a
+    Python loop over the parameters on a CPU); phases 1 and 3 also skip a non-finite step on the device with it."""
     parser, _ = bundles.trainer(bundle)
     optimizer = parser.get_parsed_content("optimizer")
-    assert isinstance(optimizer, torch.optim.AdamW) and all(g["fused"] for g in optimizer.param_groups)
+    kind = torch.optim.SGD if bundle == "transunet" else torch.optim.AdamW
+    assert isinstance(optimizer, kind) and all(g["fused"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("bad", [1, 2], ids=["first_step", "later_step"])
+def test_fused_sgd_skips_a_nonfinite_step(bad):
+    """Phase 1's fused SGD skips a non-finite step on the device (``found_inf``), weights and momentum unchanged,
+    except before its first successful step: there it reads the flag, since fused SGD would leave the momentum
+    buffers it has just allocated uninitialised when it skips."""
+    from ultrarefiner.engines.training.step import TrainStep, gradient_norms
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)
+    step = TrainStep(skip_nonfinite=True)
+    x = torch.randn(8, 4)
+    for i in (1, 2, 3):
+        before = [p.detach().clone() for p in net.parameters()]
+        momentum = [optimizer.state.get(p, {}).get("momentum_buffer") for p in net.parameters()]
+        momentum = [None if m is None else m.clone() for m in momentum]
+        optimizer.zero_grad()
+        with HostSyncCounter(net, optimizer) as syncs:
+            (net(x).square().mean() * (float("nan") if i == bad else 1.0)).backward()
+            step._gated_step(optimizer, gradient_norms(optimizer))
+        first = momentum[0] is None  # no successful step yet: no momentum buffers
+        assert syncs.count == int(first) and first == (i == 1 or bad == 1 and i == 2), syncs.report()
+        after = [p.detach() for p in net.parameters()]
+        if i == bad:
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+            now = [optimizer.state.get(p, {}).get("momentum_buffer") for p in net.parameters()]
+            assert all((m is None and n is None) or torch.equal(m, n) for m, n in zip(momentum, now, strict=True))
+        else:
+            assert all(torch.isfinite(a).all() and not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert step.skipped_steps == 1

@@ -124,3 +124,40 @@ def test_batch_metrics_of_metatensors_are_plain_and_equal():
     meta = batch_metrics(MetaTensor(pred), MetaTensor(label.float()), ("dice", "iou"))
     for k in plain:
         assert type(meta[k]) is torch.Tensor and torch.equal(meta[k], plain[k])
+
+
+def test_ignore_empty_equals_monai_mean_dice_and_iou_without_host_reads():
+    """The phase-1 bundle's Dice and IoU (``ignore_empty``): MONAI's ``MeanDice``/``MeanIoUHandler`` values on
+    one-hot pairs (images without a lesion left out; 0 when none has one), computed without a host read per image."""
+    from monai.handlers import MeanDice, MeanIoUHandler, from_engine
+    from monai.networks.utils import one_hot
+
+    from ultrarefiner.engines.evaluation.metrics import SegmentationMetric
+    from ultrarefiner.utils.sync_counter import HostSyncCounter
+
+    g = torch.Generator().manual_seed(0)
+    label = (torch.rand(6, 1, 16, 16, generator=g) > 0.7).float()
+    label[1] = 0  # no lesion, empty prediction
+    label[2] = 0  # no lesion, a false positive
+    pred = (torch.rand(6, 1, 16, 16, generator=g) > 0.6).float()
+    pred[1] = 0
+    pred[4] = 0  # a missed lesion
+    batches = [(one_hot(pred[i:i + 3], 2), one_hot(label[i:i + 3], 2)) for i in (0, 3)]
+    pairs = from_engine(["pred", "label"])
+    for ours, theirs in ((SegmentationMetricHandler("dice", ignore_empty=True),
+                          MeanDice(include_background=False, output_transform=pairs)),
+                         (SegmentationMetricHandler("iou", ignore_empty=True),
+                          MeanIoUHandler(include_background=False, output_transform=pairs))):
+        values = []
+        for handler in (ours, theirs):
+            engine = Engine(lambda e, b: {"pred": b[0], "label": b[1]})
+            handler.attach(engine, "m")
+            values.append(engine.run(batches).metrics["m"])
+        assert values[0] == pytest.approx(values[1], abs=1e-6) and 0 < values[0] < 1
+        with HostSyncCounter() as syncs:  # the metric's update on device tensors (stand-in: moved first)
+            p, y = (t.to("cpu", non_blocking=True) for t in batches[0])
+            ours.metric_fn(p, y)
+        assert syncs.count == 0, syncs.report()
+    none = SegmentationMetric("dice", ignore_empty=True)
+    none(one_hot(pred[1:2], 2), one_hot(label[1:2], 2))
+    assert float(none.aggregate()) == 0.0  # MONAI's value when no image has a lesion

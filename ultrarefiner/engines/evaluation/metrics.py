@@ -35,7 +35,9 @@ from monai.metrics import (
     compute_surface_dice,
     get_confusion_matrix,
 )
+from monai.metrics.utils import do_metric_reduction
 from monai.networks.utils import one_hot
+from monai.utils import MetricReduction
 
 # MONAI's surface metrics pass get_mask_edges an argument that MONAI itself deprecated: one filter for the process
 # (warnings.catch_warnings around each call is not thread-safe, and refine computes metrics on writer threads)
@@ -152,27 +154,41 @@ def segmentation_metrics(
 
 
 class SegmentationMetric(CumulativeIterationMetric):
-    """One metric of the set as a MONAI cumulative metric: buffers per-image values, ``aggregate`` is their mean."""
+    """One metric of the set as a MONAI cumulative metric: buffers per-image values, ``aggregate`` is their mean.
 
-    def __init__(self, metric_name: str = "dice") -> None:
+    ``ignore_empty``: images with an empty label are left out of the mean (their value is NaN), as in MONAI's
+    ``DiceMetric`` and ``MeanIoU`` (``ignore_empty=True``, their default; 0 when no image has a lesion): with it,
+    ``dice`` and ``iou`` equal MONAI's ``MeanDice``/``MeanIoUHandler(include_background=False)`` on binary
+    one-hot pairs, without their host reads (MONAI's Dice reads ``label.sum() > 0`` of every image back to the
+    host, and its IoU copies a NaN from the host: a sync per image, per iteration on a GPU).
+    """
+
+    def __init__(self, metric_name: str = "dice", ignore_empty: bool = False) -> None:
         """
         Arguments:
           metric_name (str): one of ``METRIC_NAMES``.
+          ignore_empty (bool): leave images with an empty label out of the mean (MONAI's convention).
         """
         super().__init__()
         if metric_name not in METRIC_NAMES:
             raise ValueError(f"unknown metric {metric_name!r}; known: {METRIC_NAMES}")
-        self.metric_name = metric_name
+        self.metric_name, self.ignore_empty = metric_name, ignore_empty
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError("a label is required")
-        return batch_metrics(y_pred, y, (self.metric_name,))[self.metric_name].unsqueeze(1)  # (B, 1)
+        values = batch_metrics(y_pred, y, (self.metric_name,))[self.metric_name]
+        if self.ignore_empty:
+            empty = ~_foreground(y.as_subclass(torch.Tensor)).flatten(1).any(1)
+            values = values.masked_fill(empty.to(values.device), float("nan"))
+        return values.unsqueeze(1)  # (B, 1)
 
     def aggregate(self) -> torch.Tensor:
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor) or data.numel() == 0:
             raise ValueError(f"no values to aggregate for {self.metric_name}")
+        if self.ignore_empty:
+            return do_metric_reduction(data.float(), MetricReduction.MEAN)[0]  # MONAI's mean of the non-NaN values
         return data.float().mean()
 
 
@@ -184,16 +200,18 @@ class SegmentationMetricHandler(IgniteMetricHandler):
     """
 
     def __init__(
-        self, metric_name: str = "dice", output_transform: Callable | None = None, save_details: bool = True
+        self, metric_name: str = "dice", output_transform: Callable | None = None, save_details: bool = True,
+        ignore_empty: bool = False,
     ) -> None:
         """
         Arguments:
           metric_name (str): one of ``METRIC_NAMES``.
           output_transform (callable): engine output -> [y_pred, y].
           save_details (bool): keep per-image values in ``engine.state.metric_details``.
+          ignore_empty (bool): leave images with an empty label out of the mean (``SegmentationMetric``).
         """
         super().__init__(
-            metric_fn=SegmentationMetric(metric_name),
+            metric_fn=SegmentationMetric(metric_name, ignore_empty),
             output_transform=output_transform or from_engine(["pred", "label"]),
             save_details=save_details,
         )

@@ -26,7 +26,8 @@ from monai.utils import CommonKeys as Keys
 
 from ultrarefiner.utils.amp import autocast, check_amp_dtype, float32_region
 
-__all__ = ["EvalStep", "TrainStep", "clip_gradients", "fused_adam_supported", "gradient_norms", "to_float32"]
+__all__ = ["EvalStep", "TrainStep", "clip_gradients", "fused_adam_supported", "fused_supported", "gradient_norms",
+           "to_float32"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ def to_float32(value: Any) -> Any:
     return value
 
 
-def fused_adam_supported(params: Iterable[torch.Tensor]) -> bool:
-    """torch has a fused Adam/AdamW kernel for every trainable parameter (floating point, on a supported device: CUDA,
-    CPU, ...). Fused, a step is one kernel; torch's default on CUDA (``foreach``) is about 200 dispatches for the
+def fused_supported(params: Iterable[torch.Tensor]) -> bool:
+    """torch has a fused Adam/AdamW/SGD kernel for every trainable parameter (floating point, on a supported device:
+    CUDA, CPU, ...). Fused, a step is one kernel; torch's default on CUDA (``foreach``) is about 200 dispatches for the
     refiner's 132 tensors, its default on a CPU a Python loop over them."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -86,10 +87,20 @@ def fused_adam_supported(params: Iterable[torch.Tensor]) -> bool:
     return bool(trainable) and all(p.is_floating_point() and p.device.type in devices for p in trainable)
 
 
+fused_adam_supported = fused_supported  # the name the bundles' configs and phase 3 use
+
+
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """The optimizer skips its own step when ``optimizer.found_inf`` is 1 (as under ``GradScaler``): fused Adam and
-    AdamW, which also leave their step counts unchanged. (Fused SGD would leave a first momentum buffer unset.)"""
-    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
+    AdamW, which also leave their step counts unchanged, and fused SGD once its momentum buffers exist (skipping its
+    first step, fused SGD would leave the buffers it has just allocated uninitialised: that step reads the flag)."""
+    if not all(g.get("fused") for g in optimizer.param_groups):
+        return False
+    if isinstance(optimizer, torch.optim.Adam):
+        return True
+    return isinstance(optimizer, torch.optim.SGD) and all(
+        g["momentum"] == 0 or all(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in g["params"])
+        for g in optimizer.param_groups)
 
 
 class TrainStep:
@@ -112,9 +123,9 @@ class TrainStep:
           max_grad_norm: gradient-norm clipping (None or 0: none).
           clip_per_group: clip (and report) each optimizer param group separately instead of all parameters.
           skip_nonfinite: skip the optimizer step when a gradient norm is NaN/inf; the weights and the optimizer
-            state stay as they were. Fused Adam/AdamW skip on the device (``found_inf``); any other optimizer costs
-            one host read per step. Skipped steps are counted on the device and logged every ``log_interval``
-            iterations and at the end of each epoch.
+            state stay as they were. Fused Adam/AdamW, and fused SGD after its first step, skip on the device
+            (``found_inf``); any other optimizer costs one host read per step. Skipped steps are counted on the
+            device and logged every ``log_interval`` iterations and at the end of each epoch.
           log_interval: iterations between the reads of the skipped-step count (each a host sync).
         """
         self.amp, self.amp_dtype = bool(amp), check_amp_dtype(amp_dtype)
