@@ -305,7 +305,7 @@ class SamGeometry:
                 return self.mask_prompt_frame(prob, next(iter(groups)))
             order = [i for idx in groups.values() for i in idx]
             framed = torch.cat([self.mask_prompt_frame(take_rows(prob, idx), s) for s, idx in groups.items()])
-            return framed[torch.tensor(order).argsort().to(prob.device)]  # back to the batch's order
+            return framed[to_device(torch.tensor(order).argsort(), prob.device)]  # back to the batch's order
         if self.pads:
             new_h, new_w = self.input_size(original_size)
             x = resize_mask(prob, (new_h, new_w))

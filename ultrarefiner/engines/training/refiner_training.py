@@ -85,11 +85,11 @@ def fill_encoder_padding(image: torch.Tensor, input_size: torch.Tensor | None, g
     # decided on the host copy of the sizes (the data worker's): no device value is read back
     if all(sh >= h and sw >= w for sh, sw in torch.as_tensor(input_size).reshape(-1, 2).tolist()):
         return x
-    sizes = input_size.to(x.device).long()
+    sizes = to_device(input_size, x.device).long()
     rows = torch.arange(h, device=x.device)[None, :] < sizes[:, :1]  # (B,H')
     cols = torch.arange(w, device=x.device)[None, :] < sizes[:, 1:2]  # (B,W')
     inside = (rows[:, :, None] & cols[:, None, :])[:, None]  # (B,1,H',W')
-    mean = geometry.pixel_mean.to(x.device, x.dtype)  # (1,3,1,1)
+    mean = to_device(geometry.pixel_mean, x.device).to(x.dtype)  # (1,3,1,1)
     return torch.where(inside, x.expand(-1, 3, -1, -1), mean)
 
 
