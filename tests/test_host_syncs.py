@@ -276,10 +276,11 @@ def test_ultrarefiner_predict_on_a_batch():
     assert out["final"].shape == (3, 1, H, W)
 
 
-def test_predict_batch_reads_its_scalars_once():
-    """``UltraPredictor.predict_batch`` on images of four sizes with the quality gate: per image only its two maps
-    come to the host (a copy and its numpy view each); the predicted IoUs and gate decisions of the whole batch come
-    in one read, not three per image (28 here before)."""
+def test_predict_batch_fetches_its_results_in_one_copy():
+    """``UltraPredictor.predict_batch`` on images of four sizes with the quality gate: the two maps of every image
+    and the predicted IoUs and gate decisions of the whole batch come to the host in one copy (``to_host``: a copy
+    and its numpy view, which the CPU stand-in counts apart), whatever the batch size; 4 per image + 1 before, and
+    28 before that."""
     import numpy as np
 
     from ultrarefiner.engines.inference.ultra_predict import UltraPredictor
@@ -291,10 +292,37 @@ def test_predict_batch_reads_its_scalars_once():
     samples = [predictor.dataset.sample(rng.integers(0, 255, size, dtype=np.uint8))
                for size in ((40, 48), (36, 50), (44, 40), (30, 30))]
     predictor.predict_batch(samples)
-    with HostSyncCounter(model) as syncs:
-        out = predictor.predict_batch(samples)
-    assert syncs.count == 4 * len(samples) + 1, syncs.report()
+    for batch in (samples, samples[:1]):
+        with HostSyncCounter(model) as syncs:
+            out = predictor.predict_batch(batch)
+        assert [(e.kind, e.op) for e in syncs.events] == [("to host", "cpu"), ("to host", "numpy")], syncs.report()
+        assert all("to_host" in e.where for e in syncs.events), syncs.report()
     assert all(isinstance(o["pred_iou"], float) and isinstance(o["gated"], bool) for o in out)
+
+
+def test_refine_batch_fetches_its_masks_in_one_copy():
+    """``refine``'s ``BatchRefiner`` on four sizes: the predicted IoUs in one copy and the masks in another (bool
+    and float: one copy per dtype), whatever the batch size."""
+    import numpy as np
+
+    from ultrarefiner.engines.inference.refine_folder import BatchRefiner, encoder_frame
+
+    refiner = SAMRefiner(build_tiny_sam(img_size=64, seed=0), checkpoint=None, preprocessing="medsam").eval()
+    runner = BatchRefiner(refiner, torch.device("cpu"), optimize="none")
+    rng = np.random.default_rng(0)
+    samples = []
+    for h, w in ((40, 48), (36, 50), (44, 40), (30, 30)):
+        image = rng.integers(0, 255, (h, w), dtype=np.uint8)
+        coarse = np.zeros((h, w), np.uint8)
+        coarse[h // 4 : h // 2, w // 4 : w // 2] = 255
+        samples.append({"pixels": image, "coarse": coarse, "frame": encoder_frame(refiner.geometry, image)})
+    runner(samples)
+    for batch in (samples, samples[:1]):
+        with HostSyncCounter(refiner) as syncs:
+            out = runner(batch)
+        assert len(out) == len(batch) and out[0][0].shape == (40, 48) and out[0][0].dtype == bool
+        copies = [e for e in syncs.events if e.op == "cpu"]
+        assert len(copies) == 2 and syncs.count == 4, syncs.report()  # + the numpy view / tolist of each copy
 
 
 # ------------------------------------------------------------------------------------------------ bundle trainers

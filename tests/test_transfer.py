@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from ultrarefiner.engines.training.bundle_engines import bundle_config
 from ultrarefiner.utils.sync_counter import HostSyncCounter
-from ultrarefiner.utils.transfer import pins_for, to_device
+from ultrarefiner.utils.transfer import pins_for, to_device, to_host
 
 
 def test_to_device_copies_asynchronously(monkeypatch):
@@ -24,6 +25,26 @@ def test_to_device_copies_asynchronously(monkeypatch):
     to_device(host, torch.device("cuda"))
     assert calls == ["pin", "to {'non_blocking': True}"]
     assert pins_for("cuda:1") and not pins_for("cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_to_host_copies_each_dtype_once(device):
+    """Maps of different sizes and dtypes come back as numpy arrays of their own shapes and values, in order, with
+    one copy per dtype (the CPU stand-in also counts each copy's numpy view)."""
+    made = [torch.arange(12.0).reshape(3, 4), torch.ones(2, 2, dtype=torch.bool), torch.full((5,), 7.0),
+            torch.eye(3)[:, :2]]  # the last one not contiguous
+    made[1][0, 1] = False
+    on_device = [t.to(device) for t in made]
+    with HostSyncCounter(*on_device) as syncs:
+        host = to_host(on_device)
+    assert [e.kind for e in syncs.events] == ["to host"] * (4 if device == "cpu" else 2), syncs.report()
+    for h, t in zip(host, made, strict=True):
+        assert isinstance(h, np.ndarray) and h.shape == tuple(t.shape) and h.dtype == t.numpy().dtype
+        assert np.array_equal(h, t.numpy())
+    host[0][0, 0] = -1.0  # disjoint views of one buffer: writing one leaves the others intact
+    assert host[2][0] == 7.0 and host[3][0, 0] == 1.0
+    assert to_host([]) == []
 
 
 BUNDLES = {"transunet": ("train", "inference"), "sam_refiner": ("train", "inference"), "ultrarefiner": ("train",)}

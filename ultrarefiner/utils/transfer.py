@@ -8,13 +8,21 @@ no longer queue the next kernels ahead of the GPU. A copy from pinned (page-lock
 (``pin_memory=True``; the engines pass ``non_blocking=True``), the embedding cache keeps pinned entries, and the
 inference paths move their host tensors with :func:`to_device`. ``ultrarefiner.utils.sync_counter`` counts any
 blocking move that comes back.
+
+The other way, a device-to-host copy always makes the host wait for the copy, so inference brings a batch's outputs
+back in one copy (:func:`to_host`), not one per image (their sizes differ, so they cannot be one stacked tensor).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
-__all__ = ["pins_for", "to_device"]
+from ultrarefiner.utils.grouping import index_groups
+
+__all__ = ["pins_for", "to_device", "to_host"]
 
 
 def pins_for(device: torch.device | str) -> bool:
@@ -33,3 +41,22 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if x.device.type == "cpu" and pins_for(device) and not x.is_pinned():
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """``tensors`` (any shapes, e.g. a batch's maps at each image's own size) as numpy arrays, with one
+    device-to-host copy per dtype instead of one per tensor: on a GPU one host sync for the batch.
+
+    Each dtype's tensors are flattened into one buffer on their device, copied, and split on the host; the arrays
+    are views of that buffer (disjoint, writable), in ``tensors`` order and shapes. numpy has no bfloat16: convert
+    such tensors first.
+    """
+    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
+    for idx in index_groups(t.dtype for t in tensors).values():
+        parts = [tensors[i].detach().reshape(-1) for i in idx]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        host = flat.cpu().numpy()
+        bounds = np.cumsum([p.numel() for p in parts])[:-1]
+        for i, piece in zip(idx, np.split(host, bounds), strict=True):
+            out[i] = piece.reshape(tuple(tensors[i].shape))
+    return out

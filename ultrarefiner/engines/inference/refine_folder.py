@@ -47,7 +47,7 @@ from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.grouping import index_groups
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
-from ultrarefiner.utils.transfer import to_device
+from ultrarefiner.utils.transfer import to_device, to_host
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_batch", "encoder_frame", "encoder_input", "files_by_stem",
            "format_summary", "checkpoint_list", "read_samples", "refine_folder", "resolve_refiner",
@@ -385,7 +385,8 @@ class BatchRefiner:
     def __call__(self, samples: Sequence[dict]) -> list[tuple[np.ndarray, float]]:
         """Refined bool masks (H, W) (probability > 0.5) and predicted IoUs of ``samples``."""
         probs, iou = self.probabilities(samples)
-        return [((p > 0.5).cpu().numpy(), float(v)) for p, v in zip(probs, iou.tolist(), strict=True)]
+        masks = to_host([p > 0.5 for p in probs])  # the batch's masks in one copy
+        return [(m, float(v)) for m, v in zip(masks, iou.tolist(), strict=True)]
 
     def probabilities(self, samples: Sequence[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Refined probabilities (H, W) per sample ({"pixels", "coarse" uint8 (H, W)[, "frame", "frame_flipped"]})

@@ -27,6 +27,7 @@ from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, staged_folder, write_json, write_png
+from ultrarefiner.utils.transfer import to_host
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ def predict_probabilities(
             logits = model(x)
         prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
         heights, widths = batch["original_size"]
-        for p, h, w in zip(prob, heights.tolist(), widths.tolist(), strict=True):
-            native = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            out.append(native.clamp(0, 1).cpu().numpy())
+        natives = [F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+                   for p, h, w in zip(prob, heights.tolist(), widths.tolist(), strict=True)]
+        out += to_host(natives)  # the batch in one copy (one host sync), not one per image
     return out
 
 

@@ -51,7 +51,7 @@ from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.flags import as_flag
 from ultrarefiner.utils.grouping import index_groups, take_rows
 from ultrarefiner.utils.io import atomic_write, write_json
-from ultrarefiner.utils.transfer import to_device
+from ultrarefiner.utils.transfer import to_device, to_host
 
 __all__ = [
     "COARSE_COLOUR",
@@ -414,6 +414,8 @@ class UltraPredictor:
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
         from ultrarefiner.engines.inference.refine_folder import encoder_batch
 
+        if not samples:
+            return []
         dev, net = self.device, _unwrap(self.network)
         flips = (False, True) if self.tta == "flip" else (False,)
         passes = [(s, f) for f in flips for s in samples]
@@ -450,10 +452,12 @@ class UltraPredictor:
             scalars.append(torch.stack([pred_iou.float(), final_iou.float(),
                                         (gate if gate is not None else torch.zeros_like(pred_iou)).float(),
                                         o.get("best_pass", torch.zeros_like(pred_iou)).float()]))
-        values = torch.stack(scalars).tolist() if scalars else []  # the batch's scalars in one copy, not 4 per image
+        # the batch's maps and scalars in one copy (one host sync), not two maps and four numbers per image
+        host = to_host([m.float() for pair in maps for m in pair] + [torch.stack(scalars)])
+        values = host[-1].tolist()
         results = []
-        for i, ((coarse, final), (pred_iou, final_iou, gate, best_pass)) in enumerate(zip(maps, values, strict=True)):
-            result = {"coarse": coarse.cpu().numpy(), "refined": final.cpu().numpy(), "pred_iou": pred_iou,
+        for i, (pred_iou, final_iou, gate, best_pass) in enumerate(values):
+            result = {"coarse": host[2 * i], "refined": host[2 * i + 1], "pred_iou": pred_iou,
                       "final_iou": final_iou}
             if "best_pass" in per_pass[i]:
                 result["best_pass"] = int(best_pass)
