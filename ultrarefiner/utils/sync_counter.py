@@ -215,8 +215,11 @@ class HostSyncCounter(TorchDispatchMode):
         # device data in, device data out; a factory (no tensor input) makes a device tensor unless the function
         # mode finds it was called without a device
         if not inputs or any(self.made(t) for t in inputs):
+            # on an accelerator, a host output of device inputs (a copy to the CPU) is host data: reading it is free
+            on_accelerator = any(t.device.type != "cpu" for t in inputs)
             for t in _tensors(out):
-                self._made[t] = True
+                if not (on_accelerator and t.device.type == "cpu"):
+                    self._made[t] = True
         return out
 
     def _as_subclass(self, inner: Callable) -> Callable:
