@@ -166,3 +166,42 @@ def test_report_and_metrics_on_monai_engines(tmp_path, capsys):
     assert "★ BEST" in rows[0]
     assert set(evaluator.state.metrics) >= {"val_mean_dice", "val_mean_iou", "val_loss", "val_accuracy"}
     assert evaluator.state.output[0]["pred"].shape == (2, 32, 32)
+
+
+def test_batch_length_reads_shapes_of_any_batch_form():
+    from ultrarefiner.engines.training.report import batch_length
+
+    x = torch.zeros(4, 1, 8, 8)
+    assert batch_length({"image": x, "label": x[:, :1]}) == 4  # collated dict
+    assert batch_length([{"image": x[0]}, {"image": x[1]}, {"image": x[2]}]) == 3  # MONAI's decollated list
+    assert batch_length((x, x)) == 4 and batch_length(x) == 4
+    assert batch_length({"name": ["a", "b"], "image": x}) == 4  # the first tensor counts
+    assert batch_length(0.5) is None and batch_length({"n": torch.tensor(2.0)}) is None and batch_length([]) is None
+
+
+def test_console_report_times_each_pass(capsys):
+    """The [TRAIN] line ends with the epoch's loop time and samples/s, the [VALIDATION] header with the validation
+    run's; the samples are those of the batches seen (3 batches of 4; 5 decollated validation items)."""
+    import re
+    import time
+
+    def step(engine, batch):
+        time.sleep(0.02)
+        return {"loss": batch["image"].mean()}
+
+    trainer, evaluator = Engine(step), Engine(lambda e, b: time.sleep(0.01) or b)
+    report = ConsoleReport("ultrarefiner", "BUSI", fold=0, n_splits=5, n_train=12, n_val=5, evaluator=evaluator)
+    report.attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([[{"image": torch.zeros(1, 8, 8)}]] * 5))
+    trainer.run([{"image": torch.ones(4, 1, 8, 8)}] * 3, max_epochs=2)
+    lines = capsys.readouterr().out.splitlines()
+    train = [ln for ln in lines if ln.startswith("[TRAIN]")]
+    val = [ln for ln in lines if ln.startswith("[VALIDATION]")]
+    assert len(train) == len(val) == 2
+    pace = re.compile(r"\| (\d+\.\d) s, (\d+\.\d) samples/s$")
+    for line, n, least in [(train[1], 12, 0.06), (val[1], 5, 0.05)]:
+        seconds, rate = map(float, pace.search(line).groups())
+        # the time is printed to 0.1 s: the rate lies between the samples over its rounding bounds
+        assert seconds >= round(least, 1) - 0.05 and n / (seconds + 0.05) <= rate <= n / (seconds - 0.05), line
+    assert report._samples == {"train": 12, "val": 5}  # counted per pass, not summed over epochs
+    assert "Loss: 1.0000" in train[0] and "LR: -" in train[0]

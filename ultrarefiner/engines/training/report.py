@@ -7,14 +7,20 @@ Output (written with ``tqdm.write`` so that it does not garble Ignite's ``Progre
     Train samples: 517 | Val samples: 130
     ==============================================================================
     Epoch 3/150
-    [TRAIN]      Loss: 0.4312 | Dice: 0.6120 | IoU: 0.4630 | LR: 9.87e-03
-    [VALIDATION] Dice     IoU      Precision   Recall   Accuracy   Loss
+    [TRAIN]      Loss: 0.4312 | Dice: 0.6120 | IoU: 0.4630 | LR: 9.87e-03 | 8.3 s, 62.3 samples/s
+    [VALIDATION] Dice     IoU      Precision   Recall   Accuracy   Loss     | 4.1 s, 31.7 samples/s
                  0.7012   0.5623   0.7410      0.6892   0.9512     0.3120   ★ BEST
 
 ``[TRAIN]`` loss is the mean of the iteration losses of the epoch; Dice/IoU come from the trainer's metrics
 (``train_mean_dice``/``train_mean_iou``; "-" when not attached); LR is the optimizer's first group after the epoch.
 The validation row reads the evaluator's metrics; ★ BEST marks an improvement of the key metric. The report works
 whichever of itself and MONAI's ``ValidationHandler`` is attached first.
+
+Each line ends with the wall time of its pass and its samples per second: Ignite's own times (the epoch's loop over
+the data without its end-of-epoch handlers, so without the validation; the whole validation run), and the samples
+of the batches seen. They show where an epoch's time goes, e.g. how much of a GPU run the per-epoch validation takes.
+On a GPU the host runs ahead of the device, so a pass's time ends when its last kernels are queued, not run: the
+train time can miss the tail of its last step, which the next pass then pays.
 
 Neither the report nor ``BufferedLossWriter`` (the bundles' TensorBoard iteration loss) reads the loss back from the
 device at every iteration: each such read is a host sync that stalls the GPU's queue. The report sums the losses on
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import torch
@@ -62,6 +68,26 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float64, the precision of a Python float (MPS has none: float32): float32/bf16 values convert
     exactly, and sums of them round as Python's sums of the same floats do."""
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
+def batch_length(batch: Any) -> int | None:
+    """Samples in an engine's batch: a collated dict or sequence (the first dimension of its first tensor), a
+    decollated list of dicts (its length); None when it cannot be told. Reads shapes only, never values."""
+    if isinstance(batch, Sequence) and batch and all(isinstance(b, Mapping) for b in batch):
+        return len(batch)
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else [batch]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _pace(seconds: float | None, samples: int) -> str:
+    """" | 8.3 s, 62.3 samples/s" (no rate when no sample was counted); "" without a time."""
+    if seconds is None:
+        return ""
+    rate = f", {samples / seconds:.1f} samples/s" if samples and seconds > 0 else ""
+    return f" | {seconds:.1f} s{rate}"
 
 
 def _fmt(value: Any, width: int = 0) -> str:
@@ -119,6 +145,7 @@ class ConsoleReport:
         # the epoch's loss sum: a device tensor read once, at the end of the epoch (a float if the loss is one)
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
+        self._samples = {"train": 0, "val": 0}  # of the epoch / validation run being reported
         self._printed_epoch = 0
 
     def _print(self, line: str = "") -> None:
@@ -132,9 +159,12 @@ class ConsoleReport:
         trainer.add_event_handler(Events.STARTED, self._header)
         trainer.add_event_handler(Events.EPOCH_STARTED, self._reset_loss)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._collect_loss)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count, "train")
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._train_line)
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.STARTED, self._train_line)
+            self.evaluator.add_event_handler(Events.STARTED, self._reset_count, "val")
+            self.evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._count, "val")
             self.evaluator.add_event_handler(Events.COMPLETED, self._validation_table)
 
     def _header(self, engine: Engine) -> None:
@@ -150,6 +180,13 @@ class ConsoleReport:
 
     def _reset_loss(self, _: Engine) -> None:
         self._loss_sum, self._loss_count = 0.0, 0
+        self._samples["train"] = 0
+
+    def _reset_count(self, _: Engine, phase: str) -> None:
+        self._samples[phase] = 0
+
+    def _count(self, engine: Engine, phase: str) -> None:
+        self._samples[phase] += batch_length(engine.state.batch) or 0
 
     def _collect_loss(self, engine: Engine) -> None:
         loss = self.loss_transform(engine.state.output)
@@ -171,7 +208,8 @@ class ConsoleReport:
             f"{col}: {_fmt(metrics.get(name))}" for col, name in self.train_metrics.items()
         ]
         lr = f"{self.optimizer.param_groups[0]['lr']:.2e}" if self.optimizer is not None else "-"
-        self._print(f"[TRAIN]      {' | '.join(parts)} | LR: {lr}")
+        pace = _pace(trainer.state.times.get(Events.EPOCH_COMPLETED.name), self._samples["train"])
+        self._print(f"[TRAIN]      {' | '.join(parts)} | LR: {lr}{pace}")
 
     def _improved(self, value: Any) -> bool:
         if value is None or not isinstance(value, (int, float)) or math.isnan(value):
@@ -191,7 +229,8 @@ class ConsoleReport:
             self.best = float(value)
             self.best_epoch = self._trainer.state.epoch if self._trainer is not None else evaluator.state.epoch
             row += "★ BEST"
-        self._print(f"[VALIDATION] {head.rstrip()}")
+        pace = _pace(evaluator.state.times.get(Events.COMPLETED.name), self._samples["val"])
+        self._print(f"[VALIDATION] {head}{pace[1:]}" if pace else f"[VALIDATION] {head.rstrip()}")
         self._print(f"{'':13s}{row.rstrip()}")
 
 
