@@ -15,8 +15,8 @@
 #
 #   0. the CUDA-only tests (component labelling as CUDA graphs: same labels as the loop, one replay);
 #   1. bench_e2e.py with SAM vit_b (+ a torch.profiler table of the top operations and a Chrome trace): phase-3
-#      training samples/s and peak memory, full-pipeline inference images/s, bf16 vs fp32 (the SAM image resized on
-#      the device, as in the bundle README's first H200 figures);
+#      training samples/s and peak memory, full-pipeline inference images/s at batch 8 (the first H200 figures were
+#      at batch 1, launch-bound), bf16 vs fp32 (the SAM image resized on the device, as in those figures);
 #   2. the same bf16 training without the labelling CUDA graphs (ULTRAREFINER_CUDA_GRAPHS=0), and compiled
 #      (the bundles' compile option): what each is worth;
 #   3. bench_inference.py at batch 1, 8 and 32: encoder, refine (LiteMedSAM) and predict images/s, 6 data workers;
@@ -48,7 +48,7 @@ if [ "$TINY" = 1 ]; then
   e2e=(--tiny --steps 2 --warmup 1 --batch 2); cache=(--model tiny --batch 2 --steps 2 --warmup 1)
   infer=(--batch_sizes 1,2 --n 2 --repeats 1 --sections encoder,refine); writing=(--n 4 --repeats 1)
 else
-  e2e=(--batch 8 --steps 20 --image-resize torch); cache=(--model vit_b --batch 32 --steps 20 --amp)
+  e2e=(--batch 8 --infer-batch 8 --steps 20 --image-resize torch); cache=(--model vit_b --batch 32 --steps 20 --amp)
   infer=(--batch_sizes 1,8,32 --n 128 --num_workers 6 --repeats 1); writing=(--n 48)
 fi
 run gpu_tests "${CAP_TESTS:-45}" $PY -m pytest -q -p no:cacheprovider tests/test_labelling.py tests/test_embedding_cache.py tests/test_transfer.py
