@@ -18,7 +18,8 @@ whichever of itself and MONAI's ``ValidationHandler`` is attached first.
 
 Each line ends with the wall time of its pass and its samples per second: Ignite's own times (the epoch's loop over
 the data without its end-of-epoch handlers, so without the validation; the whole validation run), and the samples
-of the batches seen. They show where an epoch's time goes, e.g. how much of a GPU run the per-epoch validation takes.
+of the batches seen (times the number of ranks in a distributed run: the samples/s of all GPUs together). They
+show where an epoch's time goes, e.g. how much of a GPU run the per-epoch validation takes.
 On a GPU the host runs ahead of the device, so a pass's time ends when its last kernels are queued, not run: the
 train time can miss the tail of its last step, which the next pass then pays.
 
@@ -186,7 +187,10 @@ class ConsoleReport:
         self._samples[phase] = 0
 
     def _count(self, engine: Engine, phase: str) -> None:
-        self._samples[phase] += batch_length(engine.state.batch) or 0
+        # every rank runs its share of the batches (DistributedSampler): the report on rank 0 counts them all
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_available() and \
+            torch.distributed.is_initialized() else 1
+        self._samples[phase] += (batch_length(engine.state.batch) or 0) * ranks
 
     def _collect_loss(self, engine: Engine) -> None:
         loss = self.loss_transform(engine.state.output)
