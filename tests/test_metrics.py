@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric
 
 from ultrarefiner.engines import SegmentationMetricHandler, segmentation_metrics, validation_metrics
+from ultrarefiner.engines.evaluation.metrics import NSD_TOLERANCE
 
 
 def square(y: int, x: int, size: int = 10, shape: tuple[int, int] = (48, 48)) -> torch.Tensor:
@@ -161,3 +163,29 @@ def test_ignore_empty_equals_monai_mean_dice_and_iou_without_host_reads():
     none = SegmentationMetric("dice", ignore_empty=True)
     none(one_hot(pred[1:2], 2), one_hot(label[1:2], 2))
     assert float(none.aggregate()) == 0.0  # MONAI's value when no image has a lesion
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside MONAI's own surface metrics
+def test_hd95_and_nsd_from_one_distance_computation_equal_monai_on_irregular_masks():
+    """HD95 and NSD share one boundary-distance computation per image (``_surface_metrics``): the values equal
+    MONAI's ``compute_hausdorff_distance`` and ``compute_surface_dice``, each of which computes it on its own, on
+    irregular masks of several components, some touching the image border."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    gen = torch.Generator().manual_seed(3)
+
+    def blobs(n: int) -> torch.Tensor:
+        noise = torch.rand(n, 1, 12, 15, generator=gen)
+        smooth = F.interpolate(noise, size=(61, 77), mode="bicubic", align_corners=False)
+        return (smooth > 0.62).float()
+
+    pred, label = blobs(10), blobs(10)
+    keep = (pred.flatten(1).sum(1) > 0) & (label.flatten(1).sum(1) > 0)
+    pred, label = pred[keep], label[keep]
+    assert len(pred) >= 8 and bool((pred[:, :, 0] + label[:, :, 0]).sum() > 0)  # the border is reached
+    ours = segmentation_metrics(pred, label, ("hd95", "nsd"))
+    hd = compute_hausdorff_distance(pred, label, include_background=True, percentile=95)[:, 0]
+    nsd = compute_surface_dice(pred, label, class_thresholds=[NSD_TOLERANCE], include_background=True)[:, 0]
+    assert torch.equal(ours["hd95"], hd.float()) and torch.equal(ours["nsd"], nsd.float())
+    assert len(set(ours["nsd"].tolist())) > 3  # varied cases, not one value
+    assert list(segmentation_metrics(pred, label, ("nsd", "dice"))) == ["nsd", "dice"]  # asked order kept
