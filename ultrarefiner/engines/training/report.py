@@ -147,6 +147,7 @@ class ConsoleReport:
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._samples = {"train": 0, "val": 0}  # of the epoch / validation run being reported
+        self._ranks = 1
         self._printed_epoch = 0
 
     def _print(self, line: str = "") -> None:
@@ -154,11 +155,15 @@ class ConsoleReport:
 
     def attach(self, trainer: Engine) -> None:
         """Attach to the trainer (and to ``evaluator`` if given at construction); a no-op on ranks other than 0."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank():
             return
+        # every rank runs its share of the batches (DistributedSampler): rank 0's count times the ranks is them all
+        self._ranks = torch.distributed.get_world_size() if distributed else 1
         self._trainer = trainer
         trainer.add_event_handler(Events.STARTED, self._header)
         trainer.add_event_handler(Events.EPOCH_STARTED, self._reset_loss)
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._reset_count, "train")
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._collect_loss)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count, "train")
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._train_line)
@@ -181,16 +186,12 @@ class ConsoleReport:
 
     def _reset_loss(self, _: Engine) -> None:
         self._loss_sum, self._loss_count = 0.0, 0
-        self._samples["train"] = 0
 
     def _reset_count(self, _: Engine, phase: str) -> None:
         self._samples[phase] = 0
 
     def _count(self, engine: Engine, phase: str) -> None:
-        # every rank runs its share of the batches (DistributedSampler): the report on rank 0 counts them all
-        ranks = torch.distributed.get_world_size() if torch.distributed.is_available() and \
-            torch.distributed.is_initialized() else 1
-        self._samples[phase] += (batch_length(engine.state.batch) or 0) * ranks
+        self._samples[phase] += (batch_length(engine.state.batch) or 0) * self._ranks
 
     def _collect_loss(self, engine: Engine) -> None:
         loss = self.loss_transform(engine.state.output)
