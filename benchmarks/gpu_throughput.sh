@@ -22,8 +22,9 @@
 #   3. bench_refiner_cache.py with vit_b: phase-2 samples/s with and without the embedding cache;
 #   4. the bf16 training of 1 without the labelling CUDA graphs (ULTRAREFINER_CUDA_GRAPHS=0): what they are worth;
 #   5. bench_e2e.py with LiteMedSAM;
-#   6. the bf16 training of 1 compiled (the bundles' compile option; minutes of compilation, hence late);
-#   7. bench_output_writing.py: the host cost of writing refine's and predict's files, with the writer threads the
+#   6. bench_validation.py with vit_b: phase-3 validation images/s at batch 1 and 8 (empty and full embedding cache);
+#   7. the bf16 training of 1 compiled (the bundles' compile option; minutes of compilation, hence late);
+#   8. bench_output_writing.py: the host cost of writing refine's and predict's files, with the writer threads the
 #      machine's cores allow (the ceiling of images/s files to files, whatever the card).
 # The caps add up to more than one device call's 600 s: the stages run in the order of the issue's goals (training,
 # inference, the phase-2 cache), so a cut loses the least wanted ones.
@@ -50,9 +51,11 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"; } 2>&1 
 if [ "$TINY" = 1 ]; then
   e2e=(--tiny --steps 2 --warmup 1 --batch 2); cache=(--model tiny --batch 2 --steps 2 --warmup 1)
   infer=(--batch_sizes 1,2 --n 2 --repeats 1 --sections encoder,refine); writing=(--n 4 --repeats 1)
+  val=(--sam lite_medsam --n 4 --batches 1,2 --repeats 1 --workers 0)
 else
   e2e=(--batch 8 --infer-batch 8 --steps 20 --image-resize torch); cache=(--model vit_b --batch 32 --steps 20 --amp)
   infer=(--batch_sizes 1,8,32 --n 128 --num_workers 6 --repeats 1); writing=(--n 48)
+  val=(--sam vit_b --n 48 --batches 1,8 --repeats 1 --workers 6)
 fi
 run gpu_tests "${CAP_TESTS:-45}" $PY -m pytest -q -p no:cacheprovider tests/test_labelling.py tests/test_embedding_cache.py tests/test_transfer.py
 run e2e_vit_b "${CAP_E2E:-140}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --profile --trace "$OUT/e2e_vit_b_trace.json"
@@ -60,6 +63,7 @@ run inference "${CAP_INFER:-130}" $PY benchmarks/bench_inference.py --optimize a
 run refiner_cache_vit_b "${CAP_CACHE:-70}" $PY benchmarks/bench_refiner_cache.py "${cache[@]}"
 ULTRAREFINER_CUDA_GRAPHS=0 run e2e_vit_b_no_graphs "${CAP_E2E_ONE:-40}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --modes train:bf16
 run e2e_lite_medsam "${CAP_E2E_LITE:-80}" $PY benchmarks/bench_e2e.py --sam lite_medsam "${e2e[@]}"
+run validation "${CAP_VAL:-60}" $PY benchmarks/bench_validation.py "${val[@]}"
 run e2e_vit_b_compiled "${CAP_COMPILE:-150}" $PY benchmarks/bench_e2e.py --sam vit_b "${e2e[@]}" --modes train:bf16 --compile
 run output_writing "${CAP_WRITING:-35}" $PY benchmarks/bench_output_writing.py "${writing[@]}"
 echo "done $(date +%T); logs in $OUT" | tee -a "$OUT/summary.txt"

@@ -297,3 +297,117 @@ def test_forward_sizes_equals_forward_per_image(mode):
             torch.testing.assert_close(out["prompts"]["boxes"][i], ref["prompts"]["boxes"][0], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="4 sizes for 5"):
         refiner.forward_sizes(emb, coarse, DISTINCT)
+
+
+@pytest.mark.parametrize("iterations", [0, 1])
+def test_phase3_validation_batch_of_sizes_equals_batch_one(tmp_path, iterations):
+    """The ultrarefiner bundle's validation takes uncollated batches of native images of different sizes (one
+    encoder, TransUNet and decoder pass per batch): per image the outputs, the metrics and the report equal those of
+    batch 1 through MONAI's collate and decollate; the embeddings are cached under the same keys."""
+    import csv
+
+    from ignite.engine import Events
+    from test_predict import NETWORK_KWARGS
+
+    from ultrarefiner.engines.evaluation.engine_fields import output_items
+    from ultrarefiner.engines.training.bundle_engines import bundle_evaluator
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+
+    torch.manual_seed(0)
+    model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=True).eval()
+    items = []
+    for i, (h, w) in enumerate([*SIZES, (64, 100)]):
+        image, _ = _scene(h, w, i)
+        label = blob(h, w, cy=h // 2 - 5, cx=w // 3, r=min(h, w) // 4)
+        items.append({"image": str(save(tmp_path / f"img{i}.png", image)),
+                      "label": str(save(tmp_path / f"lab{i}.png", label)), "dataset": "BUSI"})
+
+    def validate(name: str, overrides: dict) -> tuple:
+        evaluator = bundle_evaluator("ultrarefiner", {
+            "device": "$torch.device('cpu')", "amp": False, "num_workers": 0, "cache": "none", "network_def": model,
+            "network": model, "img_size": NETWORK_KWARGS["transunet"]["img_size"], "validate#datalist": items,
+            "output_dir": str(tmp_path / name), "iterations": iterations, "quality_gate": True, **overrides})
+        outputs, batches = [], []
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (
+            outputs.extend(output_items(e.state.output)), batches.append(len(output_items(e.state.output)))))
+        evaluator.run()
+        with open(tmp_path / name / "val_report" / "metrics.csv") as f:
+            return outputs, batches, dict(evaluator.state.metrics), list(csv.DictReader(f))
+
+    one = validate("one", {"val_batch_size": 1, "validate#evaluator#decollate": True,
+                           "validate#dataloader#collate_fn": "$monai.data.utils.list_data_collate"})
+    stats = model.cache_stats()
+    assert stats == {"hits": 0, "misses": len(items)}
+    batched = validate("batched", {"val_batch_size": 3})
+    assert one[1] == [1] * len(items) and batched[1] == [3, 2]
+    assert model.cache_stats() == {"hits": len(items), "misses": len(items)}  # the same keys: the image files'
+    for a, b in zip(one[0], batched[0], strict=True):
+        keys = {"image", "label", "pred", "coarse", "refined", "gated", "gate", "pred_iou"}
+        keys |= {"iterative", "best_pass"} if iterations else set()
+        assert keys <= a.keys() and keys <= b.keys()
+        for k in keys:  # MONAI's decollate turns batch 1's scalars into Python numbers; the batch keeps tensors
+            got, ref = torch.as_tensor(b[k]).float(), torch.as_tensor(a[k]).float()
+            assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4), k
+    assert one[2].keys() == batched[2].keys()
+    assert all(batched[2][k] == pytest.approx(v, abs=1e-4) for k, v in one[2].items())
+    assert [r["image"] for r in one[3]] == [r["image"] for r in batched[3]]
+    for r1, r3 in zip(one[3], batched[3], strict=True):
+        assert r1["height"] == r3["height"] and r1["width"] == r3["width"]
+        assert float(r3["refined_dice"]) == pytest.approx(float(r1["refined_dice"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("setting", ["cache", "no_cache_components"])
+def test_phase2_validation_batch_of_sizes_equals_batch_one(tmp_path, setting):
+    """The sam_refiner bundle's validation takes uncollated batches of native-frame samples of different sizes (prompts
+    per image from its native coarse mask, one decoder pass; per image with component prompts): per sample the
+    outputs, the metrics and the report equal those of batch 1 through MONAI's collate and decollate."""
+    import csv
+
+    from ignite.engine import Events
+
+    from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
+    from ultrarefiner.engines.evaluation.engine_fields import output_items
+    from ultrarefiner.engines.evaluation.refiner_evaluation import RefinerReport
+    from ultrarefiner.engines.training.bundle_engines import bundle_evaluator
+    from ultrarefiner.networks.embedding_cache import EmbeddingCache
+
+    refiner = SAMRefiner(build_tiny_sam(img_size=256, encoder_depth=1, seed=0), preprocessing="sam",
+                         box_source="components" if setting == "no_cache_components" else "largest").eval()
+    items = []
+    for i, (h, w) in enumerate([*SIZES, (64, 100)]):
+        image, _ = _scene(h, w, i)
+        label = blob(h, w, cy=h // 2 - 5, cx=w // 3, r=min(h, w) // 4)
+        items.append({"image": str(save(tmp_path / f"img{i}.png", image)),
+                      "label": str(save(tmp_path / f"lab{i}.png", label)), "dataset": "BUSI", "class": "benign"})
+    cache = EmbeddingCache(refiner.sam.image_encoder) if setting == "cache" else None
+    dataset = SimulatedCoarseDataset(items, None, refiner.geometry, frame="native", flip_prob=0.0, seed=3,
+                                     with_image=cache is None, check_leakage=False)
+
+    def validate(name: str, overrides: dict) -> tuple:
+        report = RefinerReport(tmp_path / name, n_overlays=1, n_bootstrap=10)
+        evaluator = bundle_evaluator("sam_refiner", {
+            "device": "$torch.device('cpu')", "amp": False, "num_workers": 0, "network": refiner, "cache": cache,
+            "validate#dataset": dataset, "validate#handlers": [report], **overrides})
+        outputs, batches = [], []
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (
+            outputs.extend(output_items(e.state.output)), batches.append(len(output_items(e.state.output)))))
+        evaluator.run()
+        with open(tmp_path / name / "metrics.csv") as f:
+            return outputs, batches, dict(evaluator.state.metrics), list(csv.DictReader(f))
+
+    one = validate("one", {"val_batch_size": 1, "validate#evaluator#decollate": True,
+                           "validate#dataloader#collate_fn": "$monai.data.utils.list_data_collate"})
+    batched = validate("batched", {"val_batch_size": 3})
+    assert one[1] == [1] * len(items) and batched[1] == [3, 2]
+    for a, b in zip(one[0], batched[0], strict=True):
+        assert a["image_key"] == b["image_key"]
+        for k in ("label", "pred", "coarse", "input_dice", "iou_predictions", "image"):
+            got, ref = torch.as_tensor(b[k]).float(), torch.as_tensor(a[k]).float()
+            assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4), k
+        assert b["image"].shape == b["label"].shape  # the native image, for the overlays (NativeImaged)
+    assert one[2].keys() == batched[2].keys()
+    assert all(batched[2][k] == pytest.approx(v, abs=1e-4) for k, v in one[2].items())
+    for r1, r3 in zip(one[3], batched[3], strict=True):
+        assert (r1["image"], r1["height"], r1["width"]) == (r3["image"], r3["height"], r3["width"])
+        assert float(r3["refined_dice"]) == pytest.approx(float(r1["refined_dice"]), abs=1e-3)
+        assert float(r3["input_dice"]) == pytest.approx(float(r1["input_dice"]), abs=1e-6)

@@ -239,9 +239,13 @@ class SAMRefiner(nn.Module):
 
         Runs without autograd when the encoder is frozen and has no LoRA adapters.
         """
-        x = self.preprocess_image(image, resized).to(self.sam.pixel_mean.device)
+        return self.encode_preprocessed(self.preprocess_image(image, resized))
+
+    def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) ``preprocess_image`` output -> (B,256,S/16,S/16) image embeddings (``encode_image``'s encoder
+        half: images of different sizes are preprocessed one by one, then encoded together)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable()):
-            return self.sam.image_encoder(x)
+            return self.sam.image_encoder(x.to(self.sam.pixel_mean.device))
 
     @staticmethod
     def _mask_to_image_frame(xy: torch.Tensor, mask_size: Sequence[int],
@@ -422,13 +426,55 @@ class SAMRefiner(nn.Module):
             raise ValueError("precomputed image_embeddings with a trainable image encoder (LoRA/unfrozen) in "
                              "training mode: the encoder would get no gradient")
         out = self.decode_low_res(image_embeddings, coarse.float(), sizes)
+        out["masks"] = self._masks_at_sizes(out["low_res_masks"], sizes)
+        return out
+
+    def forward_items(self, image_embeddings: torch.Tensor, coarse: Sequence[torch.Tensor],
+                      original_sizes: Sequence[Sequence[int]]) -> dict[str, object]:
+        """``forward_sizes`` for coarse masks of different resolutions (e.g. each at its image's native size): the
+        prompts of each image from its own mask, then one prompt-encoder and decoder pass for the batch (one per
+        image with ``box_source="components"``) and the final resize per image size. Each image's result equals
+        ``forward`` on it alone.
+
+        Arguments:
+          image_embeddings (torch.Tensor): (B,256,E,E) ``encode_image`` output.
+          coarse: B soft coarse masks (1,h_i,w_i) in [0,1], each covering its whole image.
+          original_sizes: one (H, W) per image.
+
+        Returns:
+          dict: "low_res_logits", "iou_predictions", "selection_weights", "low_res_masks" as ``forward``'s (B, ...);
+          "masks": a list of B (1,H_i,W_i) selected logits at the images' sizes. No "prompts", no
+          "candidate_logits".
+        """
+        sizes = [(int(h), int(w)) for h, w in original_sizes]
+        if not (len(sizes) == len(coarse) == image_embeddings.shape[0]):
+            raise ValueError(f"{len(sizes)} sizes for {len(coarse)} coarse masks and {image_embeddings.shape[0]} "
+                             f"embeddings")
+        if self.training and self.encoder_trainable():
+            raise ValueError("precomputed image_embeddings with a trainable image encoder (LoRA/unfrozen) in "
+                             "training mode: the encoder would get no gradient")
+        keys = ("low_res_logits", "iou_predictions", "selection_weights", "low_res_masks")
+        if self.prompt_generator.box_source == "components":  # per-image component slots: decoded image by image
+            parts = [self.decode_low_res(image_embeddings[i : i + 1], c[None].float(), size)
+                     for i, (c, size) in enumerate(zip(coarse, sizes, strict=True))]
+            out: dict[str, object] = {k: torch.cat([o[k] for o in parts]) for k in keys}
+        else:
+            each = [self.make_prompts(c[None].float(), size) for c, size in zip(coarse, sizes, strict=True)]
+            prompts = {k: None if each[0][k] is None else torch.cat([p[k] for p in each]) for k in each[0]}
+            low_res, iou = self.decode(image_embeddings, prompts, sizes)
+            weights = self.selection_weights(iou)
+            out = dict(zip(keys, (low_res, iou, weights, (weights[:, :, None, None] * low_res).sum(1, keepdim=True)),
+                           strict=True))
+        out["masks"] = self._masks_at_sizes(out["low_res_masks"], sizes)
+        return out
+
+    def _masks_at_sizes(self, low_res_masks: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """(B,1,L,L) selected low-res logits -> B (1,H_i,W_i) at the images' sizes, one resize per size."""
         masks: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
         for size, idx in index_groups(sizes).items():
-            for j, m in zip(idx, self.geometry.postprocess_masks(take_rows(out["low_res_masks"], idx), size),
-                            strict=True):
+            for j, m in zip(idx, self.geometry.postprocess_masks(take_rows(low_res_masks, idx), size), strict=True):
                 masks[j] = m
-        out["masks"] = masks
-        return out
+        return masks
 
     def decode_low_res(self, image_embeddings: torch.Tensor, coarse: torch.Tensor,
                        original_size: Sequence[int] | Sequence[Sequence[int]]) -> dict[str, object]:

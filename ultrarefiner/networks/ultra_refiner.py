@@ -24,7 +24,7 @@ from torch import nn
 from ultrarefiner.utils.amp import autocast, float32_region
 from ultrarefiner.utils.transfer import to_device
 
-from .embedding_cache import EmbeddingCache
+from .embedding_cache import EmbeddingCache, content_key
 from .sam_geometry import SamGeometry
 from .sam_refiner import SAMRefiner
 
@@ -59,10 +59,13 @@ class SamImageEncoding(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B,1|3,H,W) 0-255 image -> (B,C,S/16,S/16) embeddings, on the encoder's device."""
+        return self.encode(self.geometry.preprocess_image(image, self.resized))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) preprocessed encoder input (``SamGeometry.preprocess_image``) -> (B,C,S/16,S/16) embeddings."""
         device = next(self.encoder.parameters()).device
-        x = to_device(self.geometry.preprocess_image(image, self.resized), device)
         with autocast(device, self.amp_dtype is not None, self.amp_dtype or torch.bfloat16):
-            return self.encoder(x)
+            return self.encoder(to_device(x, device))
 
 
 class UltraRefiner(nn.Module):
@@ -174,6 +177,41 @@ class UltraRefiner(nn.Module):
         cache.encoder.amp_dtype = torch.get_autocast_dtype(device.type) if amp else None
         with float32_region(device):
             return cache(sam_image, None if image_keys is None else list(image_keys)).to(device)
+
+    def encode_images(self, sam_images: Sequence[torch.Tensor], image_keys: Sequence[str] | None = None
+                      ) -> torch.Tensor:
+        """
+        ``encode_image`` for native images of different sizes (a validation or inference batch): each image is
+        resized on its own, then one encoder pass runs for the batch (for its cache misses only when caching).
+
+        Arguments:
+          sam_images: B (1|3,H_i,W_i) native images on the 0-255 scale.
+          image_keys: cache key per image, as in ``encode_image`` (the same keys share entries with it).
+
+        Returns:
+          torch.Tensor: (B,256,S/16,S/16) embeddings on the encoder's device.
+        """
+        images = list(sam_images)
+        if not images:
+            raise ValueError("encode_images needs at least one image")
+        if image_keys is not None and len(image_keys) != len(images):
+            raise ValueError(f"{len(image_keys)} cache keys for {len(images)} images")
+        if len({tuple(im.shape) for im in images}) == 1:
+            return self.encode_image(torch.stack(images), None, image_keys)
+        geometry = self.refiner.geometry
+
+        def inputs(idx: Sequence[int]) -> torch.Tensor:  # (M,3,S,S): every frame is padded to the encoder's square
+            return torch.cat([geometry.preprocess_image(images[i][None]) for i in idx])
+
+        if not self.cache_embeddings:
+            return self.refiner.encode_preprocessed(inputs(range(len(images))))
+        device = next(self.refiner.sam.image_encoder.parameters()).device
+        cache = self.embedding_cache(False)
+        keys = list(image_keys) if image_keys is not None else [content_key(im) for im in images]
+        amp = torch.is_autocast_enabled(device.type)
+        cache.encoder.amp_dtype = torch.get_autocast_dtype(device.type) if amp else None
+        with float32_region(device):
+            return cache.embed(keys, lambda idx: cache.encoder.encode(inputs(idx)), device, dtype=None)
 
     def _check_inputs(self, image: torch.Tensor, sam_image: torch.Tensor | None,
                       image_embeddings: torch.Tensor | None, original_size: Sequence[int] | None) -> None:

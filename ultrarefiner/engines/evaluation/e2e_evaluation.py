@@ -1,6 +1,6 @@
 """Phase-3 validation and evaluation: coarse and refined masks side by side, per dataset, with a paired comparison.
 
-- The evaluator's step is ``engines.training.e2e_training.E2EEvalStep`` (batch size 1, native frame): output
+- The evaluator's step is ``engines.training.e2e_training.E2EEvalStep`` (native frame; per-item outputs): output
   ``pred`` (final refined probability), ``coarse``, ``refined`` (and ``iterative``/``gated`` when enabled),
   ``label`` (native), ``image`` (native, [0,1]) and ``pred_iou``.
 - ``E2EReport``: an evaluator handler (a ``SegmentationReport`` with one column set per prediction key) writing,
@@ -61,7 +61,8 @@ def _fmt(x: float, signed: bool = False) -> str:
 
 class E2EReport(SegmentationReport):
     """Per-image coarse vs refined metrics at native resolution, per dataset, with paired comparisons (module
-    docstring). Attach to an evaluator using ``e2e_training.E2EEvalStep`` with batch size 1.
+    docstring). Attach to an evaluator using ``e2e_training.E2EEvalStep`` (decollated batch-1 outputs, or the
+    per-item outputs of its uncollated batches).
 
     Arguments:
         output_dir: where ``metrics.csv``, ``summary.json``, ``comparison.csv`` and ``overlays/`` go.

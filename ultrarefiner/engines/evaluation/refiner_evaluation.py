@@ -1,9 +1,10 @@
 """Phase-2 evaluation: does the refiner improve the coarse masks it is given, and for which input quality?
 
-:class:`RefinerReport` is an Ignite handler for a refiner evaluator (``RefinerEvalStep``, native frame, batch
-size 1). For every sample it scores the coarse mask (input) and the refined mask against the ground truth at the
-image's native resolution (``folder_evaluation.score_pair``: Dice, IoU, precision, recall, accuracy, HD95 in
-pixels, NSD at 2 px) and writes, when the run completes::
+:class:`RefinerReport` is an Ignite handler for a refiner evaluator (``RefinerEvalStep``, native frame; decollated
+batch-1 outputs or the per-sample outputs of an uncollated batch). For every sample it scores the coarse mask
+(input) and the refined mask against the ground truth at the image's native resolution
+(``folder_evaluation.score_pair``: Dice, IoU, precision, recall, accuracy, HD95 in pixels, NSD at 2 px) and writes,
+when the run completes::
 
     <output_dir>/metrics.csv     one row per sample: image, sample, dataset, kind, bucket, height, width,
                                  input_<metric>, refined_<metric>, delta_dice

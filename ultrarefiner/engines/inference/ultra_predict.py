@@ -1,7 +1,8 @@
 """UltraRefiner inference: coarse and refined masks, optional iterative refinement and quality gate, outputs on disk.
 
 ``refine`` is the one prediction routine of phase 3 (validation, ``evaluate.json``, ``inference.json`` and
-``python -m ultrarefiner predict``):
+``python -m ultrarefiner predict``; ``refine_images`` and ``UltraPredictor`` run it on batches of images of different
+sizes, with the same result per image):
 
 1. TransUNet's coarse probability (224) prompts the refiner on the native image -> refined mask, and SAM's predicted
    IoU of the chosen candidate (``pred_iou``).
@@ -68,6 +69,8 @@ __all__ = [
     "refine",
     "refine_coarse",
     "refine_coarse_sizes",
+    "refine_images",
+    "refine_sizes",
     "run_inference",
     "selected_iou",
     "transunet_transform",
@@ -99,6 +102,7 @@ def refine(
     iterations: int = 0,
     quality_gate: bool = False,
     gate_threshold: float = 0.5,
+    image_keys: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     Coarse and refined lesion probabilities at the SAM image's frame (module docstring).
@@ -111,6 +115,7 @@ def refine(
       iterations (int): extra passes with the refined mask as the prompt (0: off).
       quality_gate (bool): keep the coarse mask where the predicted IoU is below ``gate_threshold``.
       gate_threshold (float): see ``quality_gate``.
+      image_keys: the SAM images' embedding-cache keys (``UltraRefiner.encode_image``); None: content digests.
 
     Returns:
       dict of float32 tensors: "coarse" (B,1,H,W) TransUNet probability resized to (H, W); "refined" (B,1,H,W)
@@ -126,9 +131,42 @@ def refine(
     if original_size is None:
         original_size = tuple(int(s) for s in sam_image.shape[-2:])
     size = (int(original_size[0]), int(original_size[1]))
-    embeddings = net.encode_image(sam_image, size)
+    embeddings = net.encode_image(sam_image, size, image_keys)
     out = net(image, image_embeddings=embeddings.float(), original_size=size)
     return _refine_after(net, out, embeddings, size, iterations, quality_gate, gate_threshold)
+
+
+@torch.no_grad()
+def refine_images(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    sam_images: Sequence[torch.Tensor],
+    original_sizes: Sequence[Sequence[int]],
+    iterations: int = 0,
+    quality_gate: bool = False,
+    gate_threshold: float = 0.5,
+    image_keys: Sequence[str] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """
+    ``refine`` for a batch of native images of different sizes: one encoder pass (``UltraRefiner.encode_images``;
+    its cache misses when caching), one TransUNet pass, and one prompt and decoder pass (``refine_sizes``; one per
+    image size with iterations).
+
+    Arguments:
+      model (UltraRefiner): in eval mode (or DDP-wrapped).
+      image (torch.Tensor): (B,1,S,S) TransUNet input in [0,1].
+      sam_images: B (1|3,H_i,W_i) native 0-255 images.
+      original_sizes: B (H_i, W_i), the SAM images' sizes.
+      iterations, quality_gate, gate_threshold, image_keys: see ``refine``.
+
+    Returns:
+      per image, its values of ``refine`` on that image alone: maps (1,H_i,W_i), scalars ().
+    """
+    net = _unwrap(model)
+    net.eval()
+    embeddings = net.encode_images(sam_images, image_keys)
+    coarse_probs = net.coarse_probability(net.transunet(image))
+    return refine_sizes(net, coarse_probs, embeddings, original_sizes, iterations, quality_gate, gate_threshold)
 
 
 @torch.no_grad()
@@ -182,6 +220,31 @@ def refine_coarse_sizes(
                 r.update(final=torch.where(keep_coarse, coarse[j], refined), gate=keep_coarse.float())
                 r["gated"] = r["final"]
             results[i] = r
+    return results
+
+
+@torch.no_grad()
+def refine_sizes(
+    model: torch.nn.Module,
+    coarse_probs: torch.Tensor,
+    image_embeddings: torch.Tensor,
+    original_sizes: Sequence[Sequence[int]],
+    iterations: int = 0,
+    quality_gate: bool = False,
+    gate_threshold: float = 0.5,
+) -> list[dict[str, torch.Tensor]]:
+    """``refine_coarse`` for a batch of images of any sizes, per image: without iterations one prompt and decoder pass
+    for the whole batch (``refine_coarse_sizes``); with them one pass per image size (each iteration prompts with
+    the refined mask at its image's size). Per image, its values of ``refine_coarse``: maps (1,H,W), scalars ()."""
+    if not iterations:
+        return refine_coarse_sizes(model, coarse_probs, image_embeddings, original_sizes, quality_gate,
+                                   gate_threshold)
+    results: list[dict[str, torch.Tensor]] = [{} for _ in original_sizes]
+    for size, idx in index_groups(tuple(int(s) for s in hw) for hw in original_sizes).items():
+        out = refine_coarse(model, take_rows(coarse_probs, idx), take_rows(image_embeddings, idx), size, iterations,
+                            quality_gate, gate_threshold)
+        for j, i in enumerate(idx):
+            results[i] = {k: v[j] for k, v in out.items()}
     return results
 
 
@@ -423,19 +486,8 @@ class UltraPredictor:
         with autocast(dev, self.amp):
             embeddings = self.encoder(encoder_batch(self.refiner, passes, dev))
             coarse_probs = net.coarse_probability(net.transunet(small))
-        per_pass: list[dict[str, torch.Tensor]] = [{} for _ in passes]
-        if not self.iterations:  # one prompt and decoder pass for every size in the batch
-            with autocast(dev, self.amp):
-                per_pass = refine_coarse_sizes(self.network, coarse_probs, embeddings,
-                                               [s["pixels"].shape for s, _ in passes], self.quality_gate,
-                                               self.gate_threshold)
-        else:  # the iterations prompt with the refined mask at its image's size: one pass per size
-            for size, idx in index_groups(tuple(s["pixels"].shape) for s, _ in passes).items():
-                with autocast(dev, self.amp):
-                    out = refine_coarse(self.network, coarse_probs[idx], embeddings[idx], size, self.iterations,
-                                        self.quality_gate, self.gate_threshold)
-                for j, i in enumerate(idx):
-                    per_pass[i] = {k: v[j] for k, v in out.items()}
+            per_pass = refine_sizes(self.network, coarse_probs, embeddings, [s["pixels"].shape for s, _ in passes],
+                                    self.iterations, self.quality_gate, self.gate_threshold)
         b = len(samples)
         maps, scalars = [], []
         for i in range(b):

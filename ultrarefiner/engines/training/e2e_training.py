@@ -7,7 +7,8 @@
   ``(image, target, (), {"sam_image" | "image_embeddings", "original_size"})``.
 - ``E2ETrainStep``: phase 3's hook of the shared ``TrainStep`` (``engines.training.step``): the network's forward
   and ``UltraRefinerLoss``; the step clips per param group and skips a step on non-finite gradients.
-- ``E2EEvalStep``: phase 3's hook of ``EvalStep``: ``ultra_predict.refine`` on a native-frame batch.
+- ``E2EEvalStep``: phase 3's hook of ``EvalStep``: ``ultra_predict.refine`` on a native-frame batch; on an
+  uncollated batch of images of different sizes (the bundle's validation), one encoder, TransUNet and decoder pass.
 
 End-to-end training without clipping and with a high SAM learning rate degraded TransUNet in a published
 implementation: clipping is on by default and the SAM group gets a 10x lower learning rate.
@@ -16,7 +17,7 @@ implementation: clipping is on by default and the SAM group gets a 10x lower lea
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from ultrarefiner.engines.evaluation.e2e_evaluation import PRED_KEYS
-from ultrarefiner.engines.inference.ultra_predict import refine
+from ultrarefiner.engines.inference.ultra_predict import refine, refine_images
 from ultrarefiner.engines.training.step import EvalStep, TrainStep, fused_adam_supported
 from ultrarefiner.utils.flags import as_flag
 
@@ -104,6 +105,11 @@ def _shared_size(value: object) -> tuple[int, int]:
     return int(sizes[0][0]), int(sizes[0][1])
 
 
+def _is_item_list(batch: object) -> bool:
+    """An uncollated batch: a list of per-sample dicts (``monai.data.utils.no_collation``)."""
+    return isinstance(batch, (list, tuple)) and bool(batch) and all(isinstance(b, Mapping) for b in batch)
+
+
 def check_unit_range(image: torch.Tensor) -> None:
     """Refuse a TransUNet input above 1 (a 0-255 image). Reads the values: call it on host data (the collated batch
     before it moves to the device); on a device tensor it would be a host sync."""
@@ -145,9 +151,10 @@ class E2EPrepareBatch(PrepareBatch):
             and the training flips write them), handed to the network as ``image_keys`` for its embedding cache.
             A batch without them is keyed by the image content (a digest per image, hashed on the host).
 
-        Note: the refiner decodes at one original size per batch. With mixed native sizes, train with batch size 1
+        Note: a collated batch decodes at one original size. With mixed native sizes, train with batch size 1
         or give the SAM images (and labels) in one common frame, e.g. the 1024x1024 ``sam_square`` geometry of
-        MedSAM (``original_size_key`` None: the prompts then map the whole 224 mask onto the whole square).
+        MedSAM (``original_size_key`` None: the prompts then map the whole 224 mask onto the whole square). For
+        evaluation, an uncollated batch (a list of item dicts) takes native images of any sizes (``__call__``).
         """
         if sam_image_key is None and embeddings_key is None:
             raise ValueError("give sam_image_key or embeddings_key")
@@ -176,9 +183,9 @@ class E2EPrepareBatch(PrepareBatch):
         def to(x: torch.Tensor) -> torch.Tensor:
             return x.as_subclass(torch.Tensor).to(device=device, non_blocking=non_blocking, **kwargs)
 
-        missing = [k for k in (self.image_key, self.label_key, self.coarse_label_key,
-                               self.embeddings_key or self.sam_image_key, self.original_size_key)
-                   if k is not None and k not in batchdata]
+        if _is_item_list(batchdata):
+            return self._prepare_items(batchdata, to)
+        missing = self._missing(batchdata)
         if missing:
             raise KeyError(f"batch lacks key(s) {missing}; it has {sorted(batchdata)}")
         net_kwargs: dict[str, Any] = {"original_size": None}
@@ -201,6 +208,47 @@ class E2EPrepareBatch(PrepareBatch):
         if self.coarse_label_key is not None:
             target = {"target": target, "coarse_target": to(batchdata[self.coarse_label_key])}
         return to(image), target, (), net_kwargs
+
+    def _missing(self, item: Mapping[str, Any]) -> list[str]:
+        return [k for k in (self.image_key, self.label_key, self.coarse_label_key,
+                            self.embeddings_key or self.sam_image_key, self.original_size_key)
+                if k is not None and k not in item]
+
+    def _sam_image(self, item: Mapping[str, Any]) -> torch.Tensor:
+        sam_image = item[self.sam_image_key].as_subclass(torch.Tensor)
+        return sam_image.float() * self.sam_image_scale if self.sam_image_scale != 1.0 else sam_image
+
+    def _prepare_items(self, items: Sequence[Mapping[str, Any]], to: Any
+                       ) -> tuple[torch.Tensor, list[torch.Tensor], tuple, dict[str, Any]]:
+        """An uncollated batch (``monai.data.utils.no_collation``: images of different native sizes, for
+        ``E2EEvalStep``) -> (image (B,1,S,S) on the device, [label (1,H_i,W_i)] on the device, (),
+        {"sam_images": [(1|3,H_i,W_i)] on the host, "original_sizes": [(H_i, W_i)], "image_keys": [str] or None})."""
+        if self.embeddings_key is not None or self.coarse_label_key is not None:
+            raise ValueError("an uncollated batch takes native SAM images and one label (evaluation): collate it "
+                             "to use embeddings_key or coarse_label_key")
+        for i, item in enumerate(items):
+            missing = self._missing(item)
+            if missing:
+                raise KeyError(f"batch item {i} lacks key(s) {missing}; it has {sorted(item)}")
+        image = torch.stack([item[self.image_key].as_subclass(torch.Tensor) for item in items])
+        check_unit_range(image)
+        sam_images = [self._sam_image(item) for item in items]
+        if self.original_size_key is not None:
+            sizes = [tuple(int(v) for v in torch.as_tensor(item[self.original_size_key]).reshape(2).tolist())
+                     for item in items]
+        else:
+            sizes = [tuple(int(v) for v in im.shape[-2:]) for im in sam_images]
+        for i, (im, size) in enumerate(zip(sam_images, sizes, strict=True)):
+            if tuple(im.shape[-2:]) != size:
+                raise ValueError(f"batch item {i}: an uncollated batch takes native SAM images, got {tuple(im.shape)} "
+                                 f"for original_size {size}")
+        ids = [item.get(self.sam_image_id_key) for item in items] if self.sam_image_id_key else []
+        scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
+        keys = [f"{i}{scale}" for i in ids] if ids and all(i is not None for i in ids) else None
+        if self.sam_image_to_device:
+            sam_images = [to(im) for im in sam_images]
+        labels = [to(item[self.label_key]) for item in items]
+        return to(image), labels, (), {"sam_images": sam_images, "original_sizes": sizes, "image_keys": keys}
 
 
 class E2ETrainStep(TrainStep):
@@ -254,7 +302,10 @@ class E2EEvalStep(EvalStep):
     ) -> None:
         """
         Phase 3's hook of :class:`EvalStep`: the ``iteration_update`` of a ``SupervisedEvaluator`` over
-        ``UltraRefiner`` (batch size 1, native frame; train.json's ``validate#prepare_batch``).
+        ``UltraRefiner`` in the native frame (train.json's ``validate#prepare_batch``). Takes a collated batch of
+        one image size (batch 1, then MONAI decollates the output), or an uncollated list of items of any sizes
+        (``monai.data.utils.no_collation``, the evaluator's ``decollate`` off: the bundle's validation), for which
+        it returns the per-item outputs itself.
 
         Output: ``pred`` (final refined probability), ``coarse``, ``refined`` (and ``iterative``/``gated`` when
         enabled, ``gate``, ``best_pass``), ``label`` (native), ``image`` (native, [0,1]) and ``pred_iou``.
@@ -269,10 +320,20 @@ class E2EEvalStep(EvalStep):
         self.quality_gate = as_flag(quality_gate, "quality_gate")
         self.image_key = image_key
 
-    def forward(self, engine: Engine, batch: Any) -> dict[str, Any]:
+    def forward(self, engine: Engine, batch: Any) -> dict[str, Any] | list[dict[str, Any]]:
         inputs, label, _, kwargs = batch
+        if "sam_images" in kwargs:  # uncollated: per image, what a batch-1 evaluator would have decollated
+            per_image = refine_images(engine.network, inputs, kwargs["sam_images"], kwargs["original_sizes"],
+                                      self.iterations, self.quality_gate, self.gate_threshold,
+                                      kwargs.get("image_keys"))
+            outputs = []
+            for i, (item, y, out) in enumerate(zip(engine.state.batch, label, per_image, strict=True)):
+                output = {Keys.IMAGE: item.get(self.image_key, inputs[i]), Keys.LABEL: y, Keys.PRED: out["final"],
+                          "pred_iou": out["pred_iou"]}
+                outputs.append({**output, **{k: out[k] for k in (*PRED_KEYS, "gate", "best_pass") if k in out}})
+            return outputs
         out = refine(engine.network, inputs, kwargs.get("sam_image"), kwargs.get("original_size"),
-                     self.iterations, self.quality_gate, self.gate_threshold)
+                     self.iterations, self.quality_gate, self.gate_threshold, kwargs.get("image_keys"))
         image = engine.state.batch.get(self.image_key, inputs)  # the raw batch: ignite's state.batch
         output = {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: out["final"], "pred_iou": out["pred_iou"]}
         output.update({k: out[k] for k in (*PRED_KEYS, "gate", "best_pass") if k in out})

@@ -93,9 +93,18 @@ def fill_encoder_padding(image: torch.Tensor, input_size: torch.Tensor | None, g
     return torch.where(inside, x.expand(-1, 3, -1, -1), mean)
 
 
-def _is_resized(image: torch.Tensor, original_size: Sequence[int]) -> bool:
-    """The refiner's rule: an image whose size differs from ``original_size`` is already in the encoder frame."""
+def _is_resized(image: torch.Tensor, original_size: Sequence[int] | Sequence[Sequence[int]]) -> bool:
+    """The refiner's rule: an image whose size differs from ``original_size`` is already in the encoder frame. With
+    one size per image (an uncollated batch, whose images are stacked, so in the encoder frame), unless every image
+    is native: an image of the encoder frame's own size resizes to itself."""
+    if _per_image(original_size):
+        return any(_is_resized(image, s) for s in original_size)
     return tuple(image.shape[-2:]) != tuple(int(v) for v in original_size)
+
+
+def _per_image(original_size: Any) -> bool:
+    """One (H, W) per image (a list of pairs, ``RefinerPrepareBatch``'s uncollated form), not one for the batch."""
+    return isinstance(original_size, list) and bool(original_size) and isinstance(original_size[0], (tuple, list))
 
 
 def encoder_inputs(refiner: SAMRefiner, image: torch.Tensor, input_size: torch.Tensor | None,
@@ -164,11 +173,17 @@ def refine_batch(refiner: SAMRefiner, batch: dict, cache: EmbeddingCache | None 
     """
     inner = getattr(refiner, "module", refiner)
     osize = batch["original_size"]
+    if cache is None and "image" not in batch:
+        raise ValueError("the batch has no image (dataset with_image=False): pass an embedding cache")
+    if _per_image(osize):  # uncollated (evaluation): native coarse masks of different sizes, one decoder pass
+        if cache is not None:
+            emb = encode_batch(inner, batch, cache, image_loader)
+        else:
+            emb = inner.encode_preprocessed(encoder_inputs(inner, batch["image"], batch.get("input_size"), osize))
+        return inner.forward_items(emb, batch["coarse"], osize)
     if cache is not None:
         emb = encode_batch(inner, batch, cache, image_loader)
         return refiner(image_embeddings=emb, coarse=batch["coarse"], original_size=osize)
-    if "image" not in batch:
-        raise ValueError("the batch has no image (dataset with_image=False): pass an embedding cache")
     x = fill_encoder_padding(batch["image"], batch.get("input_size"), inner.geometry)
     return refiner(image=x, coarse=batch["coarse"], original_size=osize)
 
@@ -179,19 +194,22 @@ class RefinerPrepareBatch:
 
     Returns keys: ``coarse`` (B,1,h,w), ``label`` (B,1,hl,wl), ``input_dice`` (B,) float32 on device; ``image``
     (B,1,H',W') on device and ``input_size`` (B,2) when present; ``original_size`` (H, W) tuple shared by the batch;
-    ``image_key``, ``source`` (lists of str), ``flip`` (list of bool).
+    ``image_key``, ``source`` (lists of str), ``flip`` (list of bool). An uncollated batch (a list of sample dicts)
+    gives ``coarse`` and ``label`` as lists of (1,h_i,w_i) and ``original_size`` as a list of (H, W), one per sample.
     """
 
-    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
-                 **kwargs: Any) -> dict:
+    def __call__(self, batchdata: dict | list[dict], device: torch.device | str | None = None,
+                 non_blocking: bool = False, **kwargs: Any) -> dict:
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.as_subclass(torch.Tensor).to(device, non_blocking=non_blocking, **kwargs)  # MetaTensor -> Tensor
+
+        if isinstance(batchdata, (list, tuple)):
+            return self._prepare_items(batchdata, dev)
         # host-side bookkeeping in Python lists: the collated sizes and flips are never device values
         sizes = [tuple(s) for s in torch.as_tensor(batchdata["original_size"]).reshape(-1, 2).tolist()]
         if len(set(sizes)) > 1:
             raise ValueError(f"samples of different original sizes in one batch ({sizes}): use "
-                             "frame='encoder' or batch_size=1")
-
-        def dev(t: torch.Tensor) -> torch.Tensor:
-            return t.as_subclass(torch.Tensor).to(device, non_blocking=non_blocking, **kwargs)  # MetaTensor -> Tensor
+                             "frame='encoder', batch_size=1 or an uncollated batch (monai.data.utils.no_collation)")
 
         n = len(sizes)
         flips = batchdata.get("flip", [False] * n)
@@ -210,14 +228,52 @@ class RefinerPrepareBatch:
             out["input_size"] = torch.as_tensor(batchdata["input_size"]).reshape(-1, 2)
         return out
 
+    @staticmethod
+    def _prepare_items(items: Sequence[dict], dev: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """An uncollated batch (native frame, evaluation): the keys of a collated one, but ``coarse`` and ``label``
+        lists of (1,h_i,w_i) and ``original_size`` a list of one (H, W) per sample."""
+        if not items:
+            raise ValueError("an empty batch")
+        out = {
+            "coarse": [dev(it["coarse"]).float() for it in items],
+            "label": [dev(it["label"]).float() for it in items],
+            "input_dice": dev(torch.stack([torch.as_tensor(it["input_dice"]) for it in items])).float().reshape(-1),
+            "original_size": [tuple(int(v) for v in torch.as_tensor(it["original_size"]).reshape(2).tolist())
+                              for it in items],
+            "image_key": [str(it.get("image_key", "")) for it in items],
+            "source": [str(it.get("source", "")) for it in items],
+            "flip": [bool(it.get("flip", False)) for it in items],
+        }
+        if all("image" in it for it in items):
+            # encoder-frame contents (long side S, or S x S) zero-padded to one shape, as the encoder-frame datasets
+            # pad them; ``input_size`` keeps each content's size (``fill_encoder_padding``)
+            images = [torch.as_tensor(it["image"]).as_subclass(torch.Tensor) for it in items]
+            h, w = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+            out["image"] = dev(torch.stack([F.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im in images]))
+        if all("input_size" in it for it in items):
+            out["input_size"] = torch.stack([torch.as_tensor(it["input_size"]) for it in items]).reshape(-1, 2)
+        return out
+
 
 def _at(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, tuple(size), mode="bilinear",
                                                                       align_corners=False)
 
 
-def _outputs(batch: dict, out: dict[str, Any]) -> dict[str, Any]:
-    """MONAI-style output dict: pred = sigmoid(selected logits) at the label's resolution, (B,1,hl,wl)."""
+def _outputs(batch: dict, out: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+    """MONAI-style output dict: pred = sigmoid(selected logits) at the label's resolution, (B,1,hl,wl); for an
+    uncollated batch the list of per-sample dicts a batch-1 evaluator would have decollated ((1,hl,wl) maps)."""
+    if isinstance(batch["label"], list):
+        items = []
+        for i, (label, coarse, masks) in enumerate(zip(batch["label"], batch["coarse"], out["masks"], strict=True)):
+            size = label.shape[-2:]
+            item = {Keys.LABEL: label, Keys.PRED: torch.sigmoid(_at(masks[None].detach().float(), size))[0],
+                    "coarse": _at(coarse[None], size)[0], "input_dice": batch["input_dice"][i],
+                    "iou_predictions": out["iou_predictions"][i].detach().float(), "image_key": batch["image_key"][i]}
+            if "image" in batch:
+                item[Keys.IMAGE] = batch["image"][i]
+            items.append(item)
+        return items
     label = batch["label"]
     size = label.shape[-2:]
     res = {
@@ -298,7 +354,8 @@ class RefinerEvalStep(EvalStep):
         """
         Phase 2's hook of :class:`EvalStep` over a ``SAMRefiner`` (eval mode: the argmax candidate). Output keys as
         :class:`RefinerTrainStep` without the loss: ``pred`` is the refined probability at the label's resolution
-        (native with ``frame="native"``).
+        (native with ``frame="native"``). An uncollated batch (``monai.data.utils.no_collation``: native samples of
+        different sizes, the bundle's validation) gives the list of per-sample outputs, as decollation would.
 
         Arguments:
           cache: embedding cache of the frozen encoder (None: encode every batch).
