@@ -276,6 +276,30 @@ def test_predict_decodes_a_batch_of_any_sizes_in_one_pass_and_equals_refine():
         assert g["gated"] == bool(ref["gate"][0] > 0)
 
 
+def test_predict_iterations_decode_a_batch_of_any_sizes_once_per_pass():
+    """``predict --iterations 2``: each pass prompts with every image's refined mask at its own size, one decoder
+    pass for the batch's four sizes (3 in all, not 3 per size); each image equals ``refine`` on it alone."""
+    from test_predict import NETWORK_KWARGS
+
+    from ultrarefiner.engines.inference.ultra_predict import UltraPredictor, refine
+    from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+
+    torch.manual_seed(0)
+    model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=False).eval()
+    predictor = UltraPredictor(model, "cpu", iterations=2, quality_gate=True, gate_threshold=0.6, optimize="none")
+    images = [_scene(h, w, i)[0] for i, (h, w) in enumerate(DISTINCT)]
+    got = []
+    _, calls = _count(lambda: got.extend(predictor.predict_batch([predictor.dataset.sample(im) for im in images])))
+    assert calls == 3
+    for image, g in zip(images, got, strict=True):
+        native = torch.from_numpy(image)[None, None]
+        small = torch.as_tensor(predictor.transform(native[0].float()), dtype=torch.float32)[None].clamp(0, 1)
+        ref = refine(model, small, native, iterations=2, quality_gate=True, gate_threshold=0.6)
+        assert np.allclose(g["refined"], ref["final"][0, 0].numpy(), atol=1e-4)
+        assert g["best_pass"] == int(ref["best_pass"][0]) and g["gated"] == bool(ref["gate"][0] > 0)
+        assert g["final_iou"] == pytest.approx(float(ref["final_iou"][0]), abs=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["sam", "medsam", "litemedsam"])
 def test_forward_sizes_equals_forward_per_image(mode):
     """``SAMRefiner.forward_sizes``: per-image prompts, mask prompt and output size in one batch, in every

@@ -68,7 +68,6 @@ __all__ = [
     "overlay_coarse_refined",
     "refine",
     "refine_coarse",
-    "refine_coarse_sizes",
     "refine_images",
     "refine_sizes",
     "run_inference",
@@ -149,8 +148,8 @@ def refine_images(
 ) -> list[dict[str, torch.Tensor]]:
     """
     ``refine`` for a batch of native images of different sizes: one encoder pass (``UltraRefiner.encode_images``;
-    its cache misses when caching), one TransUNet pass, and one prompt and decoder pass (``refine_sizes``; one per
-    image size with iterations).
+    its cache misses when caching), one TransUNet pass, and one prompt and decoder pass (``refine_sizes``; one more
+    per iteration).
 
     Arguments:
       model (UltraRefiner): in eval mode (or DDP-wrapped).
@@ -180,7 +179,7 @@ def refine_coarse(
     gate_threshold: float = 0.5,
 ) -> dict[str, torch.Tensor]:
     """``refine`` from TransUNet's foreground probability (``UltraRefiner.coarse_probability``, (B,1,S,S)) and the
-    SAM image embeddings of images of one size (``refine_coarse_sizes`` takes several sizes, without iterations).
+    SAM image embeddings of images of one size (``refine_sizes`` takes several sizes).
     Same outputs as ``refine``."""
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
@@ -189,38 +188,6 @@ def refine_coarse(
     out = net.refiner(coarse=coarse_probs, image_embeddings=image_embeddings.float(), original_size=size)
     return _refine_after(net, {"coarse_probs": coarse_probs, **out}, image_embeddings, size, iterations,
                          quality_gate, gate_threshold)
-
-
-@torch.no_grad()
-def refine_coarse_sizes(
-    model: torch.nn.Module,
-    coarse_probs: torch.Tensor,
-    image_embeddings: torch.Tensor,
-    original_sizes: Sequence[Sequence[int]],
-    quality_gate: bool = False,
-    gate_threshold: float = 0.5,
-) -> list[dict[str, torch.Tensor]]:
-    """``refine_coarse`` without iterations for a batch of images of different sizes: one prompt and decoder pass
-    for the whole batch (``SAMRefiner.forward_sizes``), then the resizes per image size. Per image, the values of
-    ``refine_coarse`` on that image alone: "coarse", "refined", "final" (1,H,W), "pred_iou" and "final_iou" (),
-    with the gate "gated" (1,H,W) and "gate" ()."""
-    net = _unwrap(model)
-    sizes = [(int(h), int(w)) for h, w in original_sizes]
-    out = net.refiner.forward_sizes(image_embeddings.float(), coarse_probs, sizes)
-    iou = selected_iou(out)
-    results: list[dict[str, torch.Tensor]] = [{} for _ in sizes]
-    for size, idx in index_groups(sizes).items():
-        coarse = F.interpolate(take_rows(coarse_probs, idx).float(), size, mode="bilinear",
-                               align_corners=False).clamp(0, 1)
-        for j, i in enumerate(idx):
-            refined = torch.sigmoid(out["masks"][i].float())
-            r = {"coarse": coarse[j], "refined": refined, "pred_iou": iou[i], "final_iou": iou[i], "final": refined}
-            if quality_gate:
-                keep_coarse = iou[i] < gate_threshold
-                r.update(final=torch.where(keep_coarse, coarse[j], refined), gate=keep_coarse.float())
-                r["gated"] = r["final"]
-            results[i] = r
-    return results
 
 
 @torch.no_grad()
@@ -233,18 +200,51 @@ def refine_sizes(
     quality_gate: bool = False,
     gate_threshold: float = 0.5,
 ) -> list[dict[str, torch.Tensor]]:
-    """``refine_coarse`` for a batch of images of any sizes, per image: without iterations one prompt and decoder pass
-    for the whole batch (``refine_coarse_sizes``); with them one pass per image size (each iteration prompts with
-    the refined mask at its image's size). Per image, its values of ``refine_coarse``: maps (1,H,W), scalars ()."""
-    if not iterations:
-        return refine_coarse_sizes(model, coarse_probs, image_embeddings, original_sizes, quality_gate,
-                                   gate_threshold)
-    results: list[dict[str, torch.Tensor]] = [{} for _ in original_sizes]
-    for size, idx in index_groups(tuple(int(s) for s in hw) for hw in original_sizes).items():
-        out = refine_coarse(model, take_rows(coarse_probs, idx), take_rows(image_embeddings, idx), size, iterations,
-                            quality_gate, gate_threshold)
+    """``refine_coarse`` for a batch of images of any sizes: one prompt and decoder pass for the whole batch
+    (``SAMRefiner.forward_sizes``), then, per iteration, one more with each image's refined mask at its own size as
+    the prompt (``SAMRefiner.forward_items``); only the resizes run per image size.
+
+    Returns:
+      per image, the values of ``refine_coarse`` on that image alone: "coarse", "refined", "final" (1,H,W),
+      "pred_iou" and "final_iou" (); with iterations "iterative" (1,H,W), "iterative_iou" and "best_pass" ();
+      with the gate "gated" (1,H,W) and "gate" ().
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    net = _unwrap(model)
+    sizes = [(int(h), int(w)) for h, w in original_sizes]
+    embeddings = image_embeddings.float()
+    out = net.refiner.forward_sizes(embeddings, coarse_probs, sizes)
+    iou = best_iou = selected_iou(out)
+    logits = best_logits = [m.float() for m in out["masks"]]
+    coarse: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
+    for size, idx in index_groups(sizes).items():
+        framed = F.interpolate(take_rows(coarse_probs, idx).float(), size, mode="bilinear", align_corners=False)
         for j, i in enumerate(idx):
-            results[i] = {k: v[j] for k, v in out.items()}
+            coarse[i] = framed[j].clamp(0, 1)
+    best_pass = torch.zeros_like(iou)
+    prompts = [torch.sigmoid(m) for m in logits]
+    for k in range(1, iterations + 1):  # each pass keeps, per image, the refinement SAM scores highest so far
+        step = net.refiner.forward_items(embeddings, prompts, sizes)
+        step_iou = selected_iou(step)
+        step_logits = [m.float() for m in step["masks"]]
+        better = step_iou > best_iou
+        best_logits = [torch.where(better[i], s, b) for i, (s, b) in enumerate(zip(step_logits, best_logits,
+                                                                                   strict=True))]
+        best_iou = torch.where(better, step_iou, best_iou)
+        best_pass = torch.where(better, torch.full_like(best_pass, k), best_pass)
+        prompts = [torch.sigmoid(m) for m in step_logits]
+    results = []
+    for i in range(len(sizes)):
+        final = torch.sigmoid(best_logits[i])
+        r = {"coarse": coarse[i], "refined": torch.sigmoid(logits[i]), "pred_iou": iou[i]}
+        if iterations:
+            r.update(iterative=final, iterative_iou=best_iou[i], best_pass=best_pass[i])
+        if quality_gate:
+            keep_coarse = best_iou[i] < gate_threshold
+            final = torch.where(keep_coarse, coarse[i], final)
+            r.update(gated=final, gate=keep_coarse.float())
+        results.append({**r, "final": final, "final_iou": best_iou[i]})
     return results
 
 
@@ -421,8 +421,8 @@ class UltraPredictor:
         ``SupervisedEvaluator`` of ``inference.json`` (``iteration_update``), whose writer transforms save them.
 
         Images of any sizes share a batch: TransUNet sees them at its input size and SAM's image encoder in its
-        own frame (data workers resize them); the refiner's prompts and decoder run once for the batch (per image
-        size with iterations), and outputs are resized back per image size. Results equal batch 1 up to float
+        own frame (data workers resize them); the refiner's prompts and decoder run once for the batch (and once
+        more per iteration), and outputs are resized back per image size. Results equal batch 1 up to float
         rounding.
 
         Arguments:
@@ -472,8 +472,8 @@ class UltraPredictor:
     @torch.no_grad()  # not inference_mode: jit_freeze traces the encoder on its first call
     def predict_batch(self, samples: Sequence[dict]) -> list[dict[str, Any]]:
         """Predictions of ``InputImages`` samples (images of any sizes): one TransUNet and one encoder pass for the
-        batch (and its flips with TTA), then the refiner's prompts and decoder (once, or per image size with
-        iterations); results as ``predict_array``."""
+        batch (and its flips with TTA), then the refiner's prompts and decoder (once, and once more per iteration:
+        ``refine_sizes``); results as ``predict_array``."""
         from ultrarefiner.engines.inference.fast_inference import flip_tta_mean
         from ultrarefiner.engines.inference.refine_folder import encoder_batch
 
