@@ -324,10 +324,11 @@ def test_forward_sizes_equals_forward_per_image(mode):
 
 
 @pytest.mark.parametrize("iterations", [0, 1])
-def test_phase3_validation_batch_of_sizes_equals_batch_one(tmp_path, iterations):
+def test_phase3_validation_batch_of_sizes_equals_batch_one(tmp_path, monkeypatch, iterations):
     """The ultrarefiner bundle's validation takes uncollated batches of native images of different sizes (one
-    encoder, TransUNet and decoder pass per batch): per image the outputs, the metrics and the report equal those of
-    batch 1 through MONAI's collate and decollate; the embeddings are cached under the same keys."""
+    encoder, TransUNet and decoder pass per batch, the encoder frames resized by the data workers): per image the
+    outputs, the metrics and the report equal those of batch 1 through MONAI's collate and decollate; the embeddings
+    are cached under the image files' keys."""
     import csv
 
     from ignite.engine import Events
@@ -336,6 +337,7 @@ def test_phase3_validation_batch_of_sizes_equals_batch_one(tmp_path, iterations)
     from ultrarefiner.engines.evaluation.engine_fields import output_items
     from ultrarefiner.engines.training.bundle_engines import bundle_evaluator
     from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
+    from ultrarefiner.networks.sam_geometry import SamGeometry
 
     torch.manual_seed(0)
     model = build_ultrarefiner(NETWORK_KWARGS, cache_embeddings=True).eval()
@@ -362,9 +364,18 @@ def test_phase3_validation_batch_of_sizes_equals_batch_one(tmp_path, iterations)
                            "validate#dataloader#collate_fn": "$monai.data.utils.list_data_collate"})
     stats = model.cache_stats()
     assert stats == {"hits": 0, "misses": len(items)}
+    model.refresh_cache()  # the batched run encodes again, from the frames the data workers resized
+    native_resizes = []
+    preprocess = SamGeometry.preprocess_image
+    monkeypatch.setattr(SamGeometry, "preprocess_image", lambda self, image, resized=False: (
+        native_resizes.append(not resized), preprocess(self, image, resized))[1])
     batched = validate("batched", {"val_batch_size": 3})
+    monkeypatch.undo()
+    assert native_resizes == [False] * len(items)  # the main process only normalised and padded
     assert one[1] == [1] * len(items) and batched[1] == [3, 2]
-    assert model.cache_stats() == {"hits": len(items), "misses": len(items)}  # the same keys: the image files'
+    assert model.cache_stats() == {"hits": 0, "misses": 2 * len(items)}
+    validate("again", {"val_batch_size": 3})
+    assert model.cache_stats() == {"hits": len(items), "misses": 2 * len(items)}  # keyed by the image files
     for a, b in zip(one[0], batched[0], strict=True):
         keys = {"image", "label", "pred", "coarse", "refined", "gated", "gate", "pred_iou"}
         keys |= {"iterative", "best_pass"} if iterations else set()

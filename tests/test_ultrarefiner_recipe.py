@@ -50,9 +50,10 @@ def _same(a: dict, b: dict) -> None:
 
 
 def e2e_transforms(train: bool, img_size: int, sam_frame: str, preprocessing: str, encoder_size: int,
-                   native_keys: tuple[str, ...] = ("image", "label")):
+                   native_keys: tuple[str, ...] = ("image", "label"), frame_key: str | None = None):
     """The code factory the config chains replaced (``e2e_setup.e2e_transforms`` before the recipe moved into
-    train.json, with ``data.pipeline``'s load and resize steps inlined): the reference they must equal."""
+    train.json, with ``data.pipeline``'s load and resize steps inlined): the reference they must equal. Since bundle
+    0.1.7 validation's ``SamFramed`` also writes the encoder frame (``frame_key``)."""
     from monai.transforms import (
         AsDiscreted,
         Compose,
@@ -80,7 +81,7 @@ def e2e_transforms(train: bool, img_size: int, sam_frame: str, preprocessing: st
                    EnsureChannelFirstd(keys="sam_image"), CopyItemsd(keys="label", names="sam_label")]
     if native_keys:
         chain.append(CopyItemsd(keys=list(native_keys), names=[f"{k}_native" for k in native_keys]))
-    chain += [SamFramed(sam_frame, preprocessing, encoder_size),
+    chain += [SamFramed(sam_frame, preprocessing, encoder_size, frame_key=frame_key),
               Resized(keys=["image", "label"], spatial_size=(img_size, img_size), mode=["bilinear", "nearest"],
                       anti_aliasing=[True, False])]
     if train:
@@ -105,7 +106,7 @@ def test_config_chains_equal_the_factory(tmp_path, split, sam_frame):
     train = split == "train"
     reference = e2e_transforms(train=train, img_size=32, sam_frame=sam_frame if train else "native",
                                preprocessing=geometry.mode, encoder_size=geometry.img_size,
-                               **({"native_keys": ()} if train else {}))
+                               **({"native_keys": ()} if train else {"frame_key": "sam_frame"}))
     for seed in (0, 1, 2):
         chain.set_random_state(seed)
         reference.set_random_state(seed)

@@ -178,8 +178,8 @@ class UltraRefiner(nn.Module):
         with float32_region(device):
             return cache(sam_image, None if image_keys is None else list(image_keys)).to(device)
 
-    def encode_images(self, sam_images: Sequence[torch.Tensor], image_keys: Sequence[str] | None = None
-                      ) -> torch.Tensor:
+    def encode_images(self, sam_images: Sequence[torch.Tensor], image_keys: Sequence[str] | None = None,
+                      frames: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """
         ``encode_image`` for native images of different sizes (a validation or inference batch): each image is
         resized on its own, then one encoder pass runs for the batch (for its cache misses only when caching).
@@ -187,6 +187,8 @@ class UltraRefiner(nn.Module):
         Arguments:
           sam_images: B (1|3,H_i,W_i) native images on the 0-255 scale.
           image_keys: cache key per image, as in ``encode_image`` (the same keys share entries with it).
+          frames: the same images already resized into the encoder frame (``SamGeometry.resize_uint8``, e.g. by
+            data workers: ``SamFramed``'s ``frame_key``), (1|3,h'_i,w'_i); None: resized here.
 
         Returns:
           torch.Tensor: (B,256,S/16,S/16) embeddings on the encoder's device.
@@ -196,11 +198,15 @@ class UltraRefiner(nn.Module):
             raise ValueError("encode_images needs at least one image")
         if image_keys is not None and len(image_keys) != len(images):
             raise ValueError(f"{len(image_keys)} cache keys for {len(images)} images")
-        if len({tuple(im.shape) for im in images}) == 1:
+        if frames is not None and len(frames) != len(images):
+            raise ValueError(f"{len(frames)} encoder frames for {len(images)} images")
+        if frames is None and len({tuple(im.shape) for im in images}) == 1:
             return self.encode_image(torch.stack(images), None, image_keys)
         geometry = self.refiner.geometry
 
         def inputs(idx: Sequence[int]) -> torch.Tensor:  # (M,3,S,S): every frame is padded to the encoder's square
+            if frames is not None:
+                return torch.cat([geometry.preprocess_image(frames[i][None], resized=True) for i in idx])
             return torch.cat([geometry.preprocess_image(images[i][None]) for i in idx])
 
         if not self.cache_embeddings:

@@ -145,6 +145,7 @@ def refine_images(
     quality_gate: bool = False,
     gate_threshold: float = 0.5,
     image_keys: Sequence[str] | None = None,
+    frames: Sequence[torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """
     ``refine`` for a batch of native images of different sizes: one encoder pass (``UltraRefiner.encode_images``;
@@ -157,13 +158,14 @@ def refine_images(
       sam_images: B (1|3,H_i,W_i) native 0-255 images.
       original_sizes: B (H_i, W_i), the SAM images' sizes.
       iterations, quality_gate, gate_threshold, image_keys: see ``refine``.
+      frames: the SAM images already in the encoder frame (``UltraRefiner.encode_images``); None: resized here.
 
     Returns:
       per image, its values of ``refine`` on that image alone: maps (1,H_i,W_i), scalars ().
     """
     net = _unwrap(model)
     net.eval()
-    embeddings = net.encode_images(sam_images, image_keys)
+    embeddings = net.encode_images(sam_images, image_keys, frames)
     coarse_probs = net.coarse_probability(net.transunet(image))
     return refine_sizes(net, coarse_probs, embeddings, original_sizes, iterations, quality_gate, gate_threshold)
 

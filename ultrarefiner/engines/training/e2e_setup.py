@@ -17,7 +17,8 @@ one sample holds the TransUNet input ``image`` (1,S,S) in [0,1] with its ``label
   a square target), the label area-resized to the L x L low-res frame (L = S'/4 = 256) where the loss is taken, and
   ``sam_original_size`` = (L, L). With MedSAM preprocessing this is exactly what the encoder sees at inference
   (MedSAM squashes every image to 1024x1024); with SAM preprocessing inference keeps the aspect ratio instead.
-* ``sam_frame="native"`` (evaluation; training only with batch size 1): native image and label.
+* ``sam_frame="native"`` (evaluation; training only with batch size 1): native image and label; with ``frame_key``
+  also the image in the encoder frame, resized by the data workers (validation's uncollated batches encode it).
 
 Augmentation: left-right flips of all four (no vertical flips: the skin line is at the top), so each image has two
 SAM inputs whose embeddings the cache keeps; intensity jitter on the TransUNet input only. Rotations and zooms would
@@ -88,6 +89,8 @@ class SamFramed(MapTransform):
         label_key: str = "sam_label",
         size_key: str = "sam_original_size",
         id_key: str = "sam_image_id",
+        frame_key: str | None = None,
+        image_resize: str = "exact",
     ) -> None:
         """
         SAM image and label into the training frame (module docstring).
@@ -102,16 +105,21 @@ class SamFramed(MapTransform):
           size_key: written: the ``original_size`` the refiner decodes at, (L, L) or (H, W).
           id_key: written when the image was loaded from a file: ``<file digest>-<frame>``, the embedding-cache key
             of the framed image (``FlipWithIdd`` appends the flip).
+          frame_key: with ``frame="native"``, also write the native image resized into the encoder frame here,
+            uint8 (1,h',w'), by the refiner's exact reference resize (``refine_folder.encoder_frame``), so that data
+            workers do it, not the main process (MedSAM's 1024 resize costs about 90 ms per BUSI image). Not
+            written with ``image_resize="torch"`` (the refiner resizes on its device). None: not written.
+          image_resize: the refiner's ``image_resize`` (``exact`` or ``torch``).
         """
         keys: KeysCollection = [image_key, label_key]
         super().__init__(keys)
         if frame not in SAM_FRAMES:
             raise ValueError(f"sam_frame must be one of {SAM_FRAMES}, got {frame!r}")
         self.frame = frame
-        self.geometry = SamGeometry(preprocessing, encoder_size)
+        self.geometry = SamGeometry(preprocessing, encoder_size, image_resize=image_resize)
         self.label_size = int(label_size or self.geometry.low_res_size)
         self.image_key, self.label_key, self.size_key = image_key, label_key, size_key
-        self.id_key = id_key
+        self.id_key, self.frame_key = id_key, frame_key
 
     def _identity(self, image: Any) -> str | None:
         source = getattr(image, "meta", {}).get("filename_or_obj")
@@ -141,6 +149,12 @@ class SamFramed(MapTransform):
         if self.frame == "native":
             d[self.image_key] = torch.from_numpy(image)[None]
             d[self.size_key] = torch.tensor(image.shape, dtype=torch.long)
+            if self.frame_key is not None:
+                from ultrarefiner.engines.inference.refine_folder import encoder_frame
+
+                frame = encoder_frame(self.geometry, image)
+                if frame is not None:
+                    d[self.frame_key] = torch.from_numpy(frame)[None]
             return d
         d[self.image_key] = torch.from_numpy(np.ascontiguousarray(self._square_image(image)))[None]
         n = self.label_size

@@ -130,6 +130,7 @@ class E2EPrepareBatch(PrepareBatch):
         sam_image_scale: float = 1.0,
         sam_image_to_device: bool = False,
         sam_image_id_key: str | None = "sam_image_id",
+        sam_frame_key: str | None = "sam_frame",
     ) -> None:
         """
         Batch dict -> ``(image, target, (), network kwargs)`` for ``UltraRefiner``.
@@ -150,6 +151,8 @@ class E2EPrepareBatch(PrepareBatch):
           sam_image_id_key: per-sample identities of the SAM images (file digest, frame, flip: ``e2e_setup.SamFramed``
             and the training flips write them), handed to the network as ``image_keys`` for its embedding cache.
             A batch without them is keyed by the image content (a digest per image, hashed on the host).
+          sam_frame_key: uncollated batches only: the native SAM images already resized into the encoder frame by
+            the data workers (``e2e_setup.SamFramed``'s ``frame_key``), used when every item has one.
 
         Note: a collated batch decodes at one original size. With mixed native sizes, train with batch size 1
         or give the SAM images (and labels) in one common frame, e.g. the 1024x1024 ``sam_square`` geometry of
@@ -166,6 +169,7 @@ class E2EPrepareBatch(PrepareBatch):
         self.sam_image_scale = sam_image_scale
         self.sam_image_to_device = sam_image_to_device
         self.sam_image_id_key = sam_image_id_key
+        self.sam_frame_key = sam_frame_key
 
     def __call__(
         self,
@@ -222,7 +226,8 @@ class E2EPrepareBatch(PrepareBatch):
                        ) -> tuple[torch.Tensor, list[torch.Tensor], tuple, dict[str, Any]]:
         """An uncollated batch (``monai.data.utils.no_collation``: images of different native sizes, for
         ``E2EEvalStep``) -> (image (B,1,S,S) on the device, [label (1,H_i,W_i)] on the device, (),
-        {"sam_images": [(1|3,H_i,W_i)] on the host, "original_sizes": [(H_i, W_i)], "image_keys": [str] or None})."""
+        {"sam_images": [(1|3,H_i,W_i)] on the host, "original_sizes": [(H_i, W_i)], "image_keys": [str] or None,
+        "frames": the workers' encoder frames [(1,h'_i,w'_i)] or None})."""
         if self.embeddings_key is not None or self.coarse_label_key is not None:
             raise ValueError("an uncollated batch takes native SAM images and one label (evaluation): collate it "
                              "to use embeddings_key or coarse_label_key")
@@ -245,10 +250,14 @@ class E2EPrepareBatch(PrepareBatch):
         ids = [item.get(self.sam_image_id_key) for item in items] if self.sam_image_id_key else []
         scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
         keys = [f"{i}{scale}" for i in ids] if ids and all(i is not None for i in ids) else None
+        frames = None
+        if self.sam_frame_key and self.sam_image_scale == 1.0 and all(self.sam_frame_key in it for it in items):
+            frames = [item[self.sam_frame_key].as_subclass(torch.Tensor) for item in items]
         if self.sam_image_to_device:
             sam_images = [to(im) for im in sam_images]
         labels = [to(item[self.label_key]) for item in items]
-        return to(image), labels, (), {"sam_images": sam_images, "original_sizes": sizes, "image_keys": keys}
+        return to(image), labels, (), {"sam_images": sam_images, "original_sizes": sizes, "image_keys": keys,
+                                       "frames": frames}
 
 
 class E2ETrainStep(TrainStep):
@@ -325,7 +334,7 @@ class E2EEvalStep(EvalStep):
         if "sam_images" in kwargs:  # uncollated: per image, what a batch-1 evaluator would have decollated
             per_image = refine_images(engine.network, inputs, kwargs["sam_images"], kwargs["original_sizes"],
                                       self.iterations, self.quality_gate, self.gate_threshold,
-                                      kwargs.get("image_keys"))
+                                      kwargs.get("image_keys"), kwargs.get("frames"))
             outputs = []
             for i, (item, y, out) in enumerate(zip(engine.state.batch, label, per_image, strict=True)):
                 output = {Keys.IMAGE: item.get(self.image_key, inputs[i]), Keys.LABEL: y, Keys.PRED: out["final"],
