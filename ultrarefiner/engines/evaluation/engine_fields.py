@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_scalar", "field", "image_stem", "output_items"]
+__all__ = ["as_scalar", "field", "image_stem", "is_item_list", "output_items"]
+
+
+def is_item_list(batch: Any) -> bool:
+    """A decollated or uncollated batch: a non-empty list (or tuple) of per-sample dicts (MONAI's decollation,
+    ``monai.data.utils.no_collation``)."""
+    return isinstance(batch, (list, tuple)) and bool(batch) and all(isinstance(b, Mapping) for b in batch)
 
 
 def output_items(output: Any) -> list[Any]:

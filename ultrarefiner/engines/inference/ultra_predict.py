@@ -217,16 +217,25 @@ def refine_sizes(
     sizes = [(int(h), int(w)) for h, w in original_sizes]
     embeddings = image_embeddings.float()
     out = net.refiner.forward_sizes(embeddings, coarse_probs, sizes)
-    iou = best_iou = selected_iou(out)
-    logits = best_logits = [m.float() for m in out["masks"]]
     coarse: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
     for size, idx in index_groups(sizes).items():
         framed = F.interpolate(take_rows(coarse_probs, idx).float(), size, mode="bilinear", align_corners=False)
         for j, i in enumerate(idx):
             coarse[i] = framed[j].clamp(0, 1)
+    return _refine_passes(net, embeddings, coarse, [m.float() for m in out["masks"]], selected_iou(out), sizes,
+                          iterations, quality_gate, gate_threshold)
+
+
+def _refine_passes(net: torch.nn.Module, embeddings: torch.Tensor, coarse: list[torch.Tensor],
+                   logits: list[torch.Tensor], iou: torch.Tensor, sizes: list[tuple[int, int]], iterations: int,
+                   quality_gate: bool, gate_threshold: float) -> list[dict[str, torch.Tensor]]:
+    """Per image, the outputs of ``refine`` from its first pass (``coarse`` (1,H,W) at its size, selected
+    ``logits`` (1,H,W), ``iou`` (B,)): the iterations, one decoder pass for the batch each
+    (``SAMRefiner.forward_items``), keeping the refinement SAM scores highest so far, then the gate."""
+    best_iou, best_logits = iou, logits
     best_pass = torch.zeros_like(iou)
     prompts = [torch.sigmoid(m) for m in logits]
-    for k in range(1, iterations + 1):  # each pass keeps, per image, the refinement SAM scores highest so far
+    for k in range(1, iterations + 1):
         step = net.refiner.forward_items(embeddings, prompts, sizes)
         step_iou = selected_iou(step)
         step_logits = [m.float() for m in step["masks"]]
@@ -252,32 +261,12 @@ def refine_sizes(
 
 def _refine_after(net: torch.nn.Module, out: dict, embeddings: torch.Tensor, size: tuple[int, int], iterations: int,
                   quality_gate: bool, gate_threshold: float) -> dict[str, torch.Tensor]:
-    """The outputs of ``refine`` from the first pass ``out``: coarse at the native size, iterations, gate."""
+    """The outputs of ``refine`` from the first pass ``out`` over images of one size, batched: ``_refine_passes``
+    per image, stacked ((B,1,H,W) maps, (B,) scalars)."""
     coarse = F.interpolate(out["coarse_probs"].float(), size, mode="bilinear", align_corners=False).clamp(0, 1)
-    logits = out["masks"].float()
-    iou = selected_iou(out)
-    result = {"coarse": coarse, "refined": torch.sigmoid(logits), "pred_iou": iou}
-    best_logits, best_iou = logits, iou
-    if iterations:
-        best_pass = torch.zeros_like(iou)
-        prompt = torch.sigmoid(logits)
-        for k in range(1, iterations + 1):
-            step = net.refiner(coarse=prompt, image_embeddings=embeddings.float(), original_size=size)
-            step_iou = selected_iou(step)
-            step_logits = step["masks"].float()
-            better = step_iou > best_iou
-            best_logits = torch.where(better[:, None, None, None], step_logits, best_logits)
-            best_iou = torch.where(better, step_iou, best_iou)
-            best_pass = torch.where(better, torch.full_like(best_pass, k), best_pass)
-            prompt = torch.sigmoid(step_logits)
-        result.update(iterative=torch.sigmoid(best_logits), iterative_iou=best_iou, best_pass=best_pass)
-    final = torch.sigmoid(best_logits)
-    if quality_gate:
-        keep_coarse = best_iou < gate_threshold
-        final = torch.where(keep_coarse[:, None, None, None], coarse, final)
-        result.update(gated=final, gate=keep_coarse.float())
-    result.update(final=final, final_iou=best_iou)
-    return result
+    per_image = _refine_passes(net, embeddings.float(), list(coarse), list(out["masks"].float()), selected_iou(out),
+                               [size] * coarse.shape[0], iterations, quality_gate, gate_threshold)
+    return {k: torch.stack([r[k] for r in per_image]) for k in per_image[0]}
 
 
 # ------------------------------------------------------------------------------------------------ pictures

@@ -27,6 +27,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from ultrarefiner.engines.evaluation.e2e_evaluation import PRED_KEYS
+from ultrarefiner.engines.evaluation.engine_fields import is_item_list
 from ultrarefiner.engines.inference.ultra_predict import refine, refine_images
 from ultrarefiner.engines.training.step import EvalStep, TrainStep, fused_adam_supported
 from ultrarefiner.utils.flags import as_flag
@@ -103,11 +104,6 @@ def _shared_size(value: object) -> tuple[int, int]:
                          "use batch size 1, or feed the SAM images in one common frame (e.g. the 'sam_square' "
                          "geometry)")
     return int(sizes[0][0]), int(sizes[0][1])
-
-
-def _is_item_list(batch: object) -> bool:
-    """An uncollated batch: a list of per-sample dicts (``monai.data.utils.no_collation``)."""
-    return isinstance(batch, (list, tuple)) and bool(batch) and all(isinstance(b, Mapping) for b in batch)
 
 
 def check_unit_range(image: torch.Tensor) -> None:
@@ -187,7 +183,7 @@ class E2EPrepareBatch(PrepareBatch):
         def to(x: torch.Tensor) -> torch.Tensor:
             return x.as_subclass(torch.Tensor).to(device=device, non_blocking=non_blocking, **kwargs)
 
-        if _is_item_list(batchdata):
+        if is_item_list(batchdata):
             return self._prepare_items(batchdata, to)
         missing = self._missing(batchdata)
         if missing:
@@ -198,14 +194,11 @@ class E2EPrepareBatch(PrepareBatch):
         if self.embeddings_key is not None:
             net_kwargs["image_embeddings"] = to(batchdata[self.embeddings_key])
         else:
-            sam_image = batchdata[self.sam_image_key].as_subclass(torch.Tensor)
-            if self.sam_image_scale != 1.0:
-                sam_image = sam_image.float() * self.sam_image_scale
+            sam_image = self._sam_image(batchdata)
             net_kwargs["sam_image"] = to(sam_image) if self.sam_image_to_device else sam_image
             ids = batchdata.get(self.sam_image_id_key) if self.sam_image_id_key else None
             if ids is not None:
-                scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
-                net_kwargs["image_keys"] = [f"{i}{scale}" for i in ids]
+                net_kwargs["image_keys"] = self._cache_keys(ids)
         image = batchdata[self.image_key].as_subclass(torch.Tensor)
         check_unit_range(image)  # every batch, on the host: the network reads its input back on its first call only
         target: torch.Tensor | dict[str, torch.Tensor] = to(batchdata[self.label_key])
@@ -221,6 +214,11 @@ class E2EPrepareBatch(PrepareBatch):
     def _sam_image(self, item: Mapping[str, Any]) -> torch.Tensor:
         sam_image = item[self.sam_image_key].as_subclass(torch.Tensor)
         return sam_image.float() * self.sam_image_scale if self.sam_image_scale != 1.0 else sam_image
+
+    def _cache_keys(self, ids: Sequence[str]) -> list[str]:
+        """The SAM images' identities as cache keys: a rescaled image is another input, with its own key."""
+        scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
+        return [f"{i}{scale}" for i in ids]
 
     def _prepare_items(self, items: Sequence[Mapping[str, Any]], to: Any
                        ) -> tuple[torch.Tensor, list[torch.Tensor], tuple, dict[str, Any]]:
@@ -248,8 +246,7 @@ class E2EPrepareBatch(PrepareBatch):
                 raise ValueError(f"batch item {i}: an uncollated batch takes native SAM images, got {tuple(im.shape)} "
                                  f"for original_size {size}")
         ids = [item.get(self.sam_image_id_key) for item in items] if self.sam_image_id_key else []
-        scale = "" if self.sam_image_scale == 1.0 else f"-x{self.sam_image_scale:g}"
-        keys = [f"{i}{scale}" for i in ids] if ids and all(i is not None for i in ids) else None
+        keys = self._cache_keys(ids) if ids and all(i is not None for i in ids) else None
         frames = None
         if self.sam_frame_key and self.sam_image_scale == 1.0 and all(self.sam_frame_key in it for it in items):
             frames = [item[self.sam_frame_key].as_subclass(torch.Tensor) for item in items]
@@ -335,15 +332,15 @@ class E2EEvalStep(EvalStep):
             per_image = refine_images(engine.network, inputs, kwargs["sam_images"], kwargs["original_sizes"],
                                       self.iterations, self.quality_gate, self.gate_threshold,
                                       kwargs.get("image_keys"), kwargs.get("frames"))
-            outputs = []
-            for i, (item, y, out) in enumerate(zip(engine.state.batch, label, per_image, strict=True)):
-                output = {Keys.IMAGE: item.get(self.image_key, inputs[i]), Keys.LABEL: y, Keys.PRED: out["final"],
-                          "pred_iou": out["pred_iou"]}
-                outputs.append({**output, **{k: out[k] for k in (*PRED_KEYS, "gate", "best_pass") if k in out}})
-            return outputs
+            return [_eval_output(item.get(self.image_key, inputs[i]), y, out)
+                    for i, (item, y, out) in enumerate(zip(engine.state.batch, label, per_image, strict=True))]
         out = refine(engine.network, inputs, kwargs.get("sam_image"), kwargs.get("original_size"),
                      self.iterations, self.quality_gate, self.gate_threshold, kwargs.get("image_keys"))
-        image = engine.state.batch.get(self.image_key, inputs)  # the raw batch: ignite's state.batch
-        output = {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: out["final"], "pred_iou": out["pred_iou"]}
-        output.update({k: out[k] for k in (*PRED_KEYS, "gate", "best_pass") if k in out})
-        return output
+        # the raw batch (ignite's state.batch) holds the native image
+        return _eval_output(engine.state.batch.get(self.image_key, inputs), label, out)
+
+
+def _eval_output(image: Any, label: Any, out: Mapping[str, Any]) -> dict[str, Any]:
+    """``E2EEvalStep``'s output from ``refine``'s (one batch, or one image of ``refine_images``)."""
+    output = {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: out["final"], "pred_iou": out["pred_iou"]}
+    return {**output, **{k: out[k] for k in (*PRED_KEYS, "gate", "best_pass") if k in out}}

@@ -175,14 +175,12 @@ def refine_batch(refiner: SAMRefiner, batch: dict, cache: EmbeddingCache | None 
     osize = batch["original_size"]
     if cache is None and "image" not in batch:
         raise ValueError("the batch has no image (dataset with_image=False): pass an embedding cache")
+    emb = encode_batch(inner, batch, cache, image_loader) if cache is not None else None
     if _per_image(osize):  # uncollated (evaluation): native coarse masks of different sizes, one decoder pass
-        if cache is not None:
-            emb = encode_batch(inner, batch, cache, image_loader)
-        else:
+        if emb is None:
             emb = inner.encode_preprocessed(encoder_inputs(inner, batch["image"], batch.get("input_size"), osize))
         return inner.forward_items(emb, batch["coarse"], osize)
-    if cache is not None:
-        emb = encode_batch(inner, batch, cache, image_loader)
+    if emb is not None:
         return refiner(image_embeddings=emb, coarse=batch["coarse"], original_size=osize)
     x = fill_encoder_padding(batch["image"], batch.get("input_size"), inner.geometry)
     return refiner(image=x, coarse=batch["coarse"], original_size=osize)

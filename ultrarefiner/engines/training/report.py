@@ -39,7 +39,7 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
-from ultrarefiner.engines.evaluation.engine_fields import field, output_items
+from ultrarefiner.engines.evaluation.engine_fields import field, is_item_list, output_items
 
 VAL_COLUMNS = {
     "Dice": "val_mean_dice",
@@ -74,7 +74,7 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
 def batch_length(batch: Any) -> int | None:
     """Samples in an engine's batch: a collated dict or sequence (the first dimension of its first tensor), a
     decollated list of dicts (its length); None when it cannot be told. Reads shapes only, never values."""
-    if isinstance(batch, Sequence) and batch and all(isinstance(b, Mapping) for b in batch):
+    if is_item_list(batch):
         return len(batch)
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else [batch]
     for value in values:
