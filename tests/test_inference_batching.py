@@ -79,6 +79,24 @@ def test_encoder_speed_options_keep_the_masks(lite_medsam, optimize):
     assert ((fast[0] > 0.5) != (plain[0] > 0.5)).float().mean() <= pixels
 
 
+def test_compiled_encoder_keeps_the_masks_and_is_a_snapshot():
+    """``optimize="compile"``: torch.compile with inductor's freezing on a CPU, float32 (the same masks as eager).
+    Freezing folds some weights in as constants, so it compiles a copy: like jit_freeze, a whole snapshot of the
+    weights it was built from, never a mix of folded old weights and live new ones."""
+    refiner = _tiny_refiner()
+    image, coarse = _scene(*SIZES[0], seed=3)
+    samples = [_sample(refiner, image, coarse)]
+    plain, iou = engine.BatchRefiner(refiner, torch.device("cpu"), optimize="none").probabilities(samples)
+    compiled = engine.BatchRefiner(refiner, torch.device("cpu"), optimize="compile")
+    fast, fast_iou = compiled.probabilities(samples)
+    assert torch.allclose(fast_iou, iou, atol=1e-4) and (fast[0] - plain[0]).abs().max() <= 1e-4
+    with torch.no_grad():  # freezing on: the compiled encoder keeps the weights it was compiled with
+        for p in refiner.sam.image_encoder.parameters():
+            p.mul_(0.5)
+    again, _ = compiled.probabilities(samples)
+    assert torch.equal(again[0], fast[0])
+
+
 def _tiny_refiner() -> SAMRefiner:
     # MedSAM-style geometry with its exact (CPU) resize: the data workers do it
     return SAMRefiner(build_tiny_sam(img_size=64), checkpoint=None, preprocessing="medsam").eval()

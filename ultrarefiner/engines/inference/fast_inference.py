@@ -7,14 +7,21 @@ probabilities of the original and the flipped pass. ``hflip`` / ``flip_tta_mean`
 
 Image-encoder speed options (``optimize``): ``channels_last`` (the convolutions run in oneDNN's native NHWC layout),
 ``jit_freeze`` (TorchScript trace + ``torch.jit.freeze`` + ``optimize_for_inference``: batch norms folded into the
-convolutions, oneDNN-fused ops; CPU only; one trace per batch shape, a few seconds), ``compile`` (``torch.compile``:
-2-6 minutes of compilation on 2 CPU cores), all float32 (the same numbers up to ~1e-6 relative); ``bf16`` (CPUs with
-native bfloat16, avx512_bf16 or AMX: the encoder under bfloat16 autocast, embeddings within ~5%; on BUSI's test split
-the same Dice as float32 for ``refine`` and ``predict``, see ``resolve_optimize``). ``auto``: ``channels_last`` on
-CUDA (with bf16 autocast), ``bf16`` on a CPU with native bfloat16, else ``jit_freeze``. LiteMedSAM
-encoder, one thread of a shared 2-core CPU, CPU seconds per image at batch 1 (``benchmarks/bench_inference.py``):
-none 2.14, channels_last 1.93, jit_freeze 1.71, compile 1.39, bf16 0.97; batch 8 costs ~40% more per image on the
-CPU (hence batch 1 there by default).
+convolutions, oneDNN-fused ops; CPU only; one trace per batch shape, a few seconds), ``compile`` (``torch.compile``
+of a copy, with inductor's freezing on a CPU; about 35 s of compilation of LiteMedSAM's encoder on 2 CPU cores, per
+batch shape), all float32 (the same numbers up to ~1e-6 relative); ``bf16`` (CPUs with native bfloat16, avx512_bf16
+or AMX: the encoder under bfloat16 autocast, embeddings within ~5%; on BUSI's test split the same Dice as float32 for
+``refine`` and ``predict``, see ``resolve_optimize``). ``auto``: ``channels_last`` on CUDA (with bf16 autocast),
+``bf16`` on a CPU with native bfloat16, else ``jit_freeze`` (``compile`` repays its compilation only past a few
+hundred images). ``benchmarks/bench_inference.py``, batch 1, LiteMedSAM:
+- one thread of a shared 2-core CPU with avx512_bf16, CPU seconds per image: none 2.14, channels_last 1.93,
+  jit_freeze 1.71, compile (without freezing) 1.39, bf16 0.97;
+- 2 AVX2-only cores (AMD EPYC, no native bfloat16), ``refine`` files to files on 32 BUSI test images, images/s:
+  none 0.71, channels_last 0.84, jit_freeze 0.82, compile 0.87 (encoder alone 0.77 / 0.86 / 0.95 / 0.99). The
+  encoder is 75 GFLOP per image (its TinyViT stages run at 256, 128 and 64 px: LiteMedSAM's patch embedding keeps
+  the 256 px input), 68% of it in GEMMs that already run near the cores' float32 peak: about 0.9 images/s is the
+  float32 ceiling of such a CPU.
+Batch 8 costs ~40% more per image on the CPU (hence batch 1 there by default).
 """
 
 from __future__ import annotations
@@ -167,7 +174,11 @@ def fast_encoder(encoder: nn.Module, device: torch.device, optimize: str | None 
     if mode == "none":
         return encoder
     if mode == "compile":
-        return torch.compile(encoder, dynamic=False)
+        # inductor's freezing (CPU): the weights become constants, so batch norms fold and the GEMMs take prepacked
+        # oneDNN weights (without it compile is slower than jit_freeze). Folded constants would go stale while the
+        # others follow the module: compile a copy, a whole snapshot like jit_freeze's.
+        cpu = device.type == "cpu"
+        return torch.compile(copy.deepcopy(encoder) if cpu else encoder, dynamic=False, options={"freezing": cpu})
     cl = torch.channels_last
     if mode == "channels_last":
         encoder.to(memory_format=cl)
