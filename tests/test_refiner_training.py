@@ -6,6 +6,7 @@ with the test's refiner, cache and dataset swapped in."""
 from __future__ import annotations
 
 import copy
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -21,9 +22,11 @@ from ultrarefiner.data.refiner_data import (
     SimulatedCoarseDataset,
     load_encoder_image,
 )
+from ultrarefiner.engines.inference.fast_inference import FrozenEncoder
 from ultrarefiner.engines.training.bundle_engines import bundle_config, bundle_evaluator
 from ultrarefiner.engines.training.refiner_training import (
     RefinerPrepareBatch,
+    _cache_keys,
     encoder_inputs,
     precompute_embeddings,
     refine_batch,
@@ -112,11 +115,33 @@ def test_each_image_flip_encoded_once_across_epochs(toy):
     fresh = make_refiner("sam")
     calls = count_encoder_images(fresh)
     cache = EmbeddingCache(fresh.sam.image_encoder)
-    assert precompute_embeddings(fresh, cache, ds, batch_size=3) == 8 and sum(calls) == 8
+    assert precompute_embeddings(fresh, cache, ds, batch_size=3, optimize="none") == 8 and calls == [3, 3, 2]
     lean = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, fresh.geometry, samples_per_image=2, seed=5,
                                                 with_image=False)
     run_trainer(fresh, lean, cache, epochs=2, batch_size=4)
     assert sum(calls) == 8 and cache.misses == 8
+
+
+def test_precompute_on_a_cpu_runs_a_frozen_copy_one_image_at_a_time(toy):
+    """The CPU default: batch 1 through a TorchScript-frozen copy of the encoder (the module itself never runs),
+    giving the embeddings the eager encoder gives, under the same keys."""
+    refiner = make_refiner("sam")
+    ds = SimulatedCoarseDataset.from_datalist(toy["datalist"], 0, refiner.geometry, samples_per_image=2, seed=5)
+    fast, plain = EmbeddingCache(refiner.sam.image_encoder), EmbeddingCache(refiner.sam.image_encoder)
+    calls = count_encoder_images(refiner)
+    traced: list[tuple[int, ...]] = []
+    real_freeze = FrozenEncoder._freeze
+    with patch.object(FrozenEncoder, "_freeze", lambda self, x: traced.append(tuple(x.shape)) or real_freeze(self, x)):
+        assert precompute_embeddings(refiner, fast, ds) == 8
+    # one trace at batch 1 (the copy keeps the module's hooks: its only call is the trace's), then the frozen graph
+    assert len(calls) == len(traced) == 1 and traced[0][0] == 1
+    assert precompute_embeddings(refiner, plain, ds, batch_size=8, optimize="none") == 8 and calls[-1:] == [8]
+    keys = [k for k, _, _ in ds.encoder_sources()]
+    assert set(fast._memory) == set(plain._memory) == set(_cache_keys(refiner, keys))
+    for k in plain._memory:
+        assert torch.allclose(fast._memory[k].float(), plain._memory[k].float(), atol=2e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="optimize"):
+        precompute_embeddings(refiner, EmbeddingCache(refiner.sam.image_encoder), ds, optimize="bf16")
 
 
 def test_disk_cache_survives_a_restart(toy, tmp_path):

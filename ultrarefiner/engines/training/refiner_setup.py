@@ -68,10 +68,11 @@ def embedding_cache(network: nn.Module, enabled: bool = True, cache_dir: str | o
 
 
 def fill_embedding_cache(network: nn.Module, cache: EmbeddingCache | None, datasets: Sequence[Dataset],
-                         batch_size: int = 8, num_workers: int = 0, amp: bool = False) -> int:
+                         batch_size: int | None = None, num_workers: int = 0, amp: bool = False) -> int:
     """Encode every (image, flip) the datasets can use into ``cache``, loading and resizing the images in
     ``num_workers`` processes (the exact 1024 resize takes about 0.5 s per image on one CPU core, far more than a
-    decoder step); entries already cached are skipped. No-op without a cache. Returns the number encoded."""
+    decoder step); entries already cached are skipped (``precompute_embeddings``: batch 1 and a frozen encoder copy
+    on a CPU, ``batch_size`` None: 8 on CUDA). No-op without a cache. Returns the number encoded."""
     if cache is None:
         return 0
     refiner = _unwrap(network)
@@ -90,10 +91,10 @@ class PrecomputeEmbeddings:
     Arguments:
       cache: the embedding cache (None: the handler does nothing).
       datasets: the training and validation datasets.
-      batch_size, num_workers, amp: of the encoding pass.
+      batch_size (None: 1 on a CPU, 8 on CUDA), num_workers, amp: of the encoding pass.
     """
 
-    def __init__(self, cache: EmbeddingCache | None, datasets: Sequence[Dataset], batch_size: int = 8,
+    def __init__(self, cache: EmbeddingCache | None, datasets: Sequence[Dataset], batch_size: int | None = None,
                  num_workers: int = 0, amp: bool = False) -> None:
         self.cache, self.datasets = cache, list(datasets)
         self.batch_size, self.num_workers, self.amp = batch_size, num_workers, amp
