@@ -10,7 +10,8 @@ import torch
 from test_inference_batching import SIZES, _sample, _scene, _tiny_refiner
 
 from ultrarefiner.engines.inference import refine_folder as engine
-from ultrarefiner.engines.inference.fast_inference import FlipTTAInferer, check_tta, flip_tta_mean, hflip, tta_inferer
+from ultrarefiner.engines.inference.fast_inference import check_tta, flip_tta_mean, hflip
+from ultrarefiner.engines.inference.flip_inferer import FlipTTAInferer, tta_inferer
 
 
 def _symmetric_conv(channels_out: int) -> torch.nn.Conv2d:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
+from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
 
 __all__ = ["LOWER_IS_BETTER", "bootstrap_ci", "compare_columns", "compare_pairs", "pair_name", "paired_comparison",
            "summarise"]

@@ -20,8 +20,6 @@ paired; the others are listed in the report's ``skipped`` with the file and the 
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +33,7 @@ from ultrarefiner.engines.evaluation.comparison import compare_pairs, summarise
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.inference.refine_folder import files_by_stem
 from ultrarefiner.errors import BadInputError, BadOptionError
-from ultrarefiner.utils.io import atomic_write, write_json
+from ultrarefiner.utils.io import write_csv, write_json
 
 __all__ = ["binary_mask", "evaluate_folders", "format_comparison", "score_folders", "score_pair", "write_csv",
            "write_comparison_csv"]
@@ -67,19 +65,6 @@ def score_pair(pred: Any, label: Any, metrics: Sequence[str] = METRIC_NAMES, pre
 
 
 # ------------------------------------------------------------------------------------------------ files
-def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-              extrasaction: str = "raise") -> Path:
-    """Atomically write ``rows`` as CSV; columns: the given ones, else every key in order of first appearance
-    (a row lacking one leaves it empty). ``extrasaction``: ``csv.DictWriter``'s, for keys outside ``columns``."""
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", extrasaction=extrasaction)
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
-
-
 def write_comparison_csv(path: str | os.PathLike,
                          comparisons: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> Path:
     """Atomically write ``comparisons`` {group (dataset or "all"): {pair name: {metric: paired_comparison}}} as one

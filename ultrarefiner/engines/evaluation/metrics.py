@@ -34,11 +34,12 @@ from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance
 from monai.networks.utils import one_hot
 from monai.utils import MetricReduction
 
+from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
+
 # MONAI's surface metrics pass get_mask_edges an argument that MONAI itself deprecated: one filter for the process
 # (warnings.catch_warnings around each call is not thread-safe, and refine computes metrics on writer threads)
 warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*", category=FutureWarning)
 
-METRIC_NAMES = ("dice", "iou", "precision", "recall", "accuracy", "hd95", "nsd")
 NSD_TOLERANCE = 2.0  # pixels
 # Ignite names of the validation metrics; "val_mean_dice" is the key metric of the bundles.
 HANDLER_NAMES = {

@@ -1,8 +1,8 @@
 """Overlay pictures (grayscale image, ground-truth contour green, prediction contour red) and a TensorBoard handler.
 
 MONAI's ``TensorBoardImageHandler`` writes image, label and prediction as separate single-channel pictures; an
-overlay needs composition, so ``overlay_contours`` builds the RGB picture and ``TensorBoardOverlayHandler`` writes
-a few of them per validation run.
+overlay needs composition, so ``overlay_contours`` (``contours``) builds the RGB picture and
+``TensorBoardOverlayHandler`` writes a few of them per validation run.
 """
 
 from __future__ import annotations
@@ -14,42 +14,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ultrarefiner.engines.evaluation.contours import overlay_contours
 from ultrarefiner.engines.evaluation.engine_fields import field, output_items
-
-GREEN = (0, 255, 0)
-RED = (255, 0, 0)
-YELLOW = (255, 255, 0)
-
-
-def contour(mask: np.ndarray) -> np.ndarray:
-    """Inner boundary of a bool (H, W) mask: foreground pixels with a 4-neighbour outside the mask or the image."""
-    mask = np.asarray(mask, dtype=bool)
-    padded = np.pad(mask, 1, constant_values=False)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
-
-
-def _gray_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:  # (C, H, W) -> first channel
-        image = image[0]
-    lo, hi = float(image.min(initial=0.0)), float(image.max(initial=0.0))
-    if image.size and (lo < 0.0 or hi > 1.0):  # not in [0, 1]: stretch (e.g. uint8 range or normalised input)
-        image = (image - lo) / max(hi - lo, 1e-8)
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def overlay_contours(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None) -> np.ndarray:
-    """RGB uint8 (H, W, 3): ``image`` (H, W) in [0, 1] (other ranges are stretched) in gray, contour of the bool
-    ``label`` in green and of ``pred`` in red; pixels on both contours are yellow."""
-    gray = _gray_uint8(image)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    gt = contour(label) if label is not None else np.zeros(gray.shape, bool)
-    pr = contour(pred) if pred is not None else np.zeros(gray.shape, bool)
-    rgb[gt] = GREEN
-    rgb[pr] = RED
-    rgb[gt & pr] = YELLOW
-    return rgb
 
 
 def _mask(x: Any) -> np.ndarray:

@@ -3,7 +3,8 @@
 Horizontal-flip test-time augmentation (``tta="flip"``): the image (and, for the refiner, the coarse mask it is
 prompted with) is flipped left-right, predicted, and the prediction flipped back; the output is the mean of the
 probabilities of the original and the flipped pass. ``hflip`` / ``flip_tta_mean`` are the whole rule;
-``FlipTTAInferer`` applies it inside a MONAI evaluator (the bundles).
+``flip_inferer.FlipTTAInferer`` applies it inside a MONAI evaluator (the bundles; a module of its own, so that
+``refine`` and ``predict`` start without importing MONAI's inferers, which import its handlers and MLflow).
 
 Image-encoder speed options (``optimize``): ``channels_last`` (the convolutions run in oneDNN's native NHWC layout),
 ``jit_freeze`` (TorchScript trace + ``torch.jit.freeze`` + ``optimize_for_inference``: batch norms folded into the
@@ -30,16 +31,15 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from monai.inferers import Inferer
 from torch import nn
 
 from ultrarefiner.utils.amp import autocast
 
-__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FlipTTAInferer", "FrozenEncoder", "check_tta", "default_batch_size",
-           "fast_encoder", "flip_tta_mean", "hflip", "native_bf16_cpu", "resolve_optimize", "same_size_batches",
-           "tta_inferer"]
+__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FrozenEncoder", "check_tta", "default_batch_size", "fast_encoder",
+           "flip_tta_mean", "hflip", "native_bf16_cpu", "resolve_optimize", "same_size_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,33 +63,6 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
 def flip_tta_mean(original: torch.Tensor, flipped_pass: torch.Tensor) -> torch.Tensor:
     """Mean of the original pass's probabilities and the flipped pass's, flipped back to the original frame."""
     return 0.5 * (original + hflip(flipped_pass))
-
-
-class FlipTTAInferer(Inferer):
-    def __init__(self, activation: str = "sigmoid", eps: float = 1e-6) -> None:
-        """
-        MONAI inferer: ``network`` on the batch and on its left-right flip in one forward pass, then the mean of the
-        two passes' probabilities, returned on the logit scale the bundle's postprocessing expects, so that its
-        ``Activationsd`` gives back that mean probability.
-
-        Arguments:
-          activation (str): ``sigmoid`` (one-channel logits: returns ``logit(mean p)``) or ``softmax`` (class
-            logits: returns ``log(mean p)``, whose softmax is ``mean p``).
-          eps (float): probabilities are clamped to [eps, 1 - eps] before the logit/log (finite outputs).
-        """
-        if activation not in ("sigmoid", "softmax"):
-            raise ValueError(f"activation must be sigmoid or softmax, got {activation!r}")
-        self.activation, self.eps = activation, float(eps)
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=1)
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
-        b = inputs.shape[0]
-        out = network(torch.cat([inputs, hflip(inputs)]), *args, **kwargs)  # both passes in one batch
-        p = flip_tta_mean(self.probabilities(out[:b]), self.probabilities(out[b:])).clamp(self.eps, 1 - self.eps)
-        return torch.logit(p) if self.activation == "sigmoid" else torch.log(p)
 
 
 # ------------------------------------------------------------------------------------------------ encoder speed
@@ -195,13 +168,6 @@ def fast_encoder(encoder: nn.Module, device: torch.device, optimize: str | None 
 
 
 # ------------------------------------------------------------------------------------------------ bundles
-def tta_inferer(tta: str | None, activation: str = "sigmoid") -> Inferer:
-    """The bundles' inferer: ``SimpleInferer`` (``tta`` none) or ``FlipTTAInferer`` (``tta`` flip)."""
-    from monai.inferers import SimpleInferer
-
-    return FlipTTAInferer(activation) if check_tta(tta) == "flip" else SimpleInferer()
-
-
 def same_size_batches(datalist: Sequence[dict], batch_size: int, key: str = "image") -> list[list[int]]:
     """Index batches of ``datalist`` items whose ``key`` images have one size (read from the headers), for a
     ``DataLoader(batch_sampler=...)`` of a network that takes one native size per batch (the sam_refiner bundle).
@@ -221,3 +187,12 @@ def same_size_batches(datalist: Sequence[dict], batch_size: int, key: str = "ima
             alone.append([i])
     return [idx[k : k + batch_size] for _, idx in sorted(groups.items())
             for k in range(0, len(idx), batch_size)] + alone
+
+
+def __getattr__(name: str) -> Any:
+    """``FlipTTAInferer`` and ``tta_inferer`` moved to ``flip_inferer``; bundle configs name them here."""
+    if name in ("FlipTTAInferer", "tta_inferer"):
+        from ultrarefiner.engines.inference import flip_inferer
+
+        return getattr(flip_inferer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

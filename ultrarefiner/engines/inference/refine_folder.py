@@ -41,12 +41,13 @@ import torch
 
 import ultrarefiner
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask
+from ultrarefiner.engines.evaluation.contours import overlay_coarse_refined
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
 from ultrarefiner.utils.grouping import index_groups
-from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_png
+from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, atomic_write, write_csv, write_png
 from ultrarefiner.utils.transfer import to_device, to_host
 
 __all__ = ["DEFAULT_REFINER", "BatchRefiner", "encoder_batch", "encoder_frame", "encoder_input", "files_by_stem",
@@ -443,7 +444,7 @@ def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict
 
 # ------------------------------------------------------------------------------------------------ report
 def _columns(rows: Sequence[dict]) -> list[str]:
-    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
+    from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
 
     cols = ["stem", "image", "mask", "label", "height", "width", "pred_iou", "coarse_area", "refined_area"]
     cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")]
@@ -452,7 +453,7 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any]:
     from ultrarefiner.engines.evaluation.comparison import compare_columns, summarise
-    from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
+    from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
 
     labelled = [r for r in rows if "refined_dice" in r]
     cols = ["pred_iou", "coarse_area", "refined_area"]
@@ -661,7 +662,6 @@ def _refine_batch(runner: BatchRefiner | None, samples: list[dict], skipped: lis
 
 def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, name: str) -> dict:
     """Write the mask (and NIfTI) and the overlay of one sample; its progress record."""
-    from ultrarefiner.engines.inference.ultra_predict import overlay_coarse_refined
 
     stem = sample["stem"]
     coarse = sample["coarse"] > 255 * THRESHOLD
@@ -697,8 +697,6 @@ def _finite(obj: Any) -> Any:
 def _write_report(out: Path, records: dict[str, dict], skipped: list[dict], n_new: int,
                   settings: dict[str, Any]) -> dict[str, Any]:
     """report.csv, report.json and skipped.csv from the progress records whose mask is on disk."""
-    from ultrarefiner.engines.evaluation.folder_evaluation import write_csv  # a top-level import would be circular
-
     rows = [{k: v for k, v in r.items() if k != "refiner"} for stem, r in sorted(records.items())
             if (out / "masks" / f"{stem}.png").is_file()]
     skipped = sorted(skipped, key=lambda s: (s["stem"], s["file"]))

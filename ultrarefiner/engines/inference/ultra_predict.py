@@ -43,9 +43,11 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-# the writers lived here until 0.1.3 of the bundle: configs that name them here keep working
 from ultrarefiner.data.image_writers import AtomicNibabelWriter, AtomicPILWriter
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
+
+# the writers lived here until 0.1.3 of the bundle: configs that name them here keep working
+from ultrarefiner.engines.evaluation.contours import COARSE_COLOUR, REFINED_COLOUR, overlay_coarse_refined
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.amp import autocast
 from ultrarefiner.utils.background_writes import BackgroundWrites
@@ -77,9 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GT_COLOUR = (0, 255, 0)
-COARSE_COLOUR = (0, 128, 255)
-REFINED_COLOUR = (255, 0, 0)
 
 
 # ------------------------------------------------------------------------------------------------ core
@@ -270,20 +269,6 @@ def _refine_after(net: torch.nn.Module, out: dict, embeddings: torch.Tensor, siz
 
 
 # ------------------------------------------------------------------------------------------------ pictures
-def overlay_coarse_refined(image: np.ndarray, coarse: np.ndarray | None, refined: np.ndarray | None,
-                           label: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8 (H, W, 3): ``image`` (H, W) gray ([0, 1] or stretched), contours of the bool masks: ground truth
-    green, coarse blue, refined red (drawn in that order, so the refined contour is on top)."""
-    from ultrarefiner.engines.evaluation.overlays import _gray_uint8, contour
-
-    gray = _gray_uint8(image)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    for mask, colour in ((label, GT_COLOUR), (coarse, COARSE_COLOUR), (refined, REFINED_COLOUR)):
-        if mask is not None:
-            rgb[contour(np.asarray(mask, bool))] = colour
-    return rgb
-
-
 # ------------------------------------------------------------------------------------------------ inputs
 def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """One image file, a folder (its image files, sorted, not recursive) or a list of files."""
