@@ -301,3 +301,40 @@ def test_cache_refused_with_trainable_encoder():
     UltraRefinerLoss()(model.train()(small, native), label)["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.refiner.sam.image_encoder
                .named_parameters() if "lora" in n)
+
+
+def _batch_norms(refiner: SAMRefiner) -> list[torch.nn.Module]:
+    return [m for m in refiner.sam.image_encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_frozen_litemedsam_encoder_stays_in_eval_mode_while_training():
+    """The trainers call ``network.train()`` every iteration. LiteMedSAM's TinyViT (the default refiner) has batch
+    norms: in train mode they normalised by the batch's statistics (embeddings 110% away from the eval ones) and
+    overwrote their running statistics at each cache miss. A frozen encoder now stays in eval mode: a cache miss
+    under ``train()`` gives the eval embeddings and leaves every buffer as it was."""
+    net = _build()
+    net.refiner = SAMRefiner()  # LiteMedSAM, packaged weights, frozen encoder
+    net._caches.clear()
+    bns = _batch_norms(net.refiner)
+    assert len(bns) == 27
+    buffers = {k: v.clone() for k, v in net.refiner.sam.image_encoder.state_dict().items()}
+    _, native, _ = _images()
+    with torch.no_grad():
+        reference = net.eval().refiner.encode_image(native)
+        net.train()
+        assert net.refiner.training and net.refiner.sam.mask_decoder.training
+        assert not any(m.training for m in net.refiner.sam.image_encoder.modules())
+        miss = net.encode_image(native, image_keys=["a", "b"])
+    assert torch.allclose(miss.float(), reference, atol=2e-3, rtol=1e-3)
+    after = net.refiner.sam.image_encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in buffers.items())
+
+
+def test_lora_encoder_trains_its_adapters_with_its_frozen_batch_norms_in_eval_mode():
+    refiner = SAMRefiner(use_lora=True).train()
+    assert refiner.encoder_trainable() and refiner.sam.image_encoder.training
+    assert not any(m.training for m in _batch_norms(refiner))
+    lora = [m for n, m in refiner.sam.image_encoder.named_modules() if "lora" in type(m).__name__.lower()]
+    assert lora and all(m.training for m in lora)
+    assert not refiner.eval().sam.image_encoder.training  # eval() still reaches everything
+

@@ -230,6 +230,25 @@ class SAMRefiner(nn.Module):
         ``SamGeometry.preprocess_image`` (``resized``: already in the encoder frame)."""
         return self.geometry.preprocess_image(image, resized)
 
+    def train(self, mode: bool = True) -> SAMRefiner:
+        """``nn.Module.train``, except that the image encoder's frozen parts stay in eval mode: all of it when it
+        does not train (no LoRA, frozen), else its batch norms whose own parameters are frozen. In train mode a
+        batch norm normalises by the batch's statistics and overwrites its running ones, also without autograd:
+        LiteMedSAM's TinyViT has 27, so its "frozen" encoder gave training embeddings 110% (relative norm) away from
+        its eval ones and drifted its running statistics at every cache miss (phase 3), or every step without a
+        cache, before the ultrarefiner bundle 0.1.8 and the sam_refiner bundle 0.1.7. MedSAM's vit_b has none."""
+        super().train(mode)
+        if mode:
+            encoder = self.sam.image_encoder
+            if not self.encoder_trainable():
+                encoder.eval()
+            else:
+                for m in encoder.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                            p.requires_grad for p in m.parameters(recurse=False)):
+                        m.eval()
+        return self
+
     def encoder_trainable(self) -> bool:
         encoder = self.sam.image_encoder
         return has_lora(encoder) or any(p.requires_grad for p in encoder.parameters())

@@ -112,7 +112,8 @@ class FrozenEncoder:
     snapshot of the weights it was built from, so build a new one after loading other weights."""
 
     def __init__(self, encoder: nn.Module) -> None:
-        self.encoder = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+        # eval: a trace records the mode's ops (a batch norm in train mode would normalise by batch statistics)
+        self.encoder = copy.deepcopy(encoder).eval().to(memory_format=torch.channels_last)
         self.frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def _freeze(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
