@@ -195,7 +195,7 @@ class RefinerReport(ReportHandler):
         if not self._keep or self.n_overlays <= 0:
             return
         from ultrarefiner.data.imaging import read_image
-        from ultrarefiner.engines.evaluation.overlays import overlay_contours
+        from ultrarefiner.engines.evaluation.contours import overlay_contours
 
         dice = {f"{r['image']}_{r['sample']}": r["refined_dice"] for r in self.rows}
         worst, best = extremes(sorted(self._keep, key=lambda t: dice[t[0]]), self.n_overlays)

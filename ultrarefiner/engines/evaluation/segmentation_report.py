@@ -87,7 +87,7 @@ class SegmentationReport(ReportHandler):
     def _write_overlays(self) -> None:
         if not self._keep or self.n_overlays <= 0:
             return
-        from ultrarefiner.engines.evaluation.overlays import overlay_contours
+        from ultrarefiner.engines.evaluation.contours import overlay_contours
 
         key = self.pred_keys[-1]
         dice = {r["image"]: r[self.column(key, "dice")] for r in self.rows}

@@ -4,7 +4,7 @@ Horizontal-flip test-time augmentation (``tta="flip"``): the image (and, for the
 prompted with) is flipped left-right, predicted, and the prediction flipped back; the output is the mean of the
 probabilities of the original and the flipped pass. ``hflip`` / ``flip_tta_mean`` are the whole rule;
 ``flip_inferer.FlipTTAInferer`` applies it inside a MONAI evaluator (the bundles; a module of its own, so that
-``refine`` and ``predict`` start without importing MONAI's inferers, which import its handlers and MLflow).
+``refine`` starts without importing MONAI's inferers, which import its handlers and MLflow).
 
 Image-encoder speed options (``optimize``): ``channels_last`` (the convolutions run in oneDNN's native NHWC layout),
 ``jit_freeze`` (TorchScript trace + ``torch.jit.freeze`` + ``optimize_for_inference``: batch norms folded into the

@@ -1,6 +1,6 @@
 """The bundles' test-time-augmentation inferer: MONAI's ``Inferer`` interface over ``fast_inference``'s flip rule
-(``hflip``, ``flip_tta_mean``). Apart from ``fast_inference`` because it imports MONAI's inferers, which ``refine`` and
-``predict`` do not need."""
+(``hflip``, ``flip_tta_mean``). Apart from ``fast_inference`` because it imports MONAI's inferers, which ``refine`` does
+not need."""
 
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ import torch
 
 import ultrarefiner
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask
+from ultrarefiner.engines.evaluation.comparison import compare_columns, summarise
 from ultrarefiner.engines.evaluation.contours import overlay_coarse_refined
+from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
 from ultrarefiner.hub import create_model
 from ultrarefiner.utils.amp import autocast
@@ -444,17 +446,12 @@ def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict
 
 # ------------------------------------------------------------------------------------------------ report
 def _columns(rows: Sequence[dict]) -> list[str]:
-    from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
-
     cols = ["stem", "image", "mask", "label", "height", "width", "pred_iou", "coarse_area", "refined_area"]
     cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")]
     return [c for c in cols if any(c in r for r in rows)]
 
 
 def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any]:
-    from ultrarefiner.engines.evaluation.comparison import compare_columns, summarise
-    from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
-
     labelled = [r for r in rows if "refined_dice" in r]
     cols = ["pred_iou", "coarse_area", "refined_area"]
     cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")] if labelled else []
@@ -662,7 +659,6 @@ def _refine_batch(runner: BatchRefiner | None, samples: list[dict], skipped: lis
 
 def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool, name: str) -> dict:
     """Write the mask (and NIfTI) and the overlay of one sample; its progress record."""
-
     stem = sample["stem"]
     coarse = sample["coarse"] > 255 * THRESHOLD
     label = sample.get("truth")

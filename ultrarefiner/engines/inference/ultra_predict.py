@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+# the writers lived here until 0.1.3 of the bundle: configs that name them here keep working
 from ultrarefiner.data.image_writers import AtomicNibabelWriter, AtomicPILWriter
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
-
-# the writers lived here until 0.1.3 of the bundle: configs that name them here keep working
 from ultrarefiner.engines.evaluation.contours import COARSE_COLOUR, REFINED_COLOUR, overlay_coarse_refined
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.amp import autocast

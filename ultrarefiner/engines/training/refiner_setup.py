@@ -75,11 +75,10 @@ def fill_embedding_cache(network: nn.Module, cache: EmbeddingCache | None, datas
     on a CPU, ``batch_size`` None: 8 on CUDA). No-op without a cache. Returns the number encoded."""
     if cache is None:
         return 0
-    refiner = _unwrap(network)
-    n = 0
-    for d in datasets:
-        if d is not None:
-            n += precompute_embeddings(refiner, cache, d, batch_size=batch_size, num_workers=num_workers, amp=amp)
+    # one pass over all the datasets' inputs: one frozen encoder copy (a trace) and one progress bar
+    sources = [t for d in datasets if d is not None for t in d.encoder_sources()]
+    n = precompute_embeddings(_unwrap(network), cache, sources, batch_size=batch_size, num_workers=num_workers,
+                              amp=amp)
     logger.info(f"embedding cache: {n} encoder inputs encoded")
     return n
 
