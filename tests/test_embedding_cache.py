@@ -64,12 +64,26 @@ def test_dataset_keys_and_content_keys_share_one_cache(tmp_path, monkeypatch):
     out = cache.embed(["a", "b", "a"], lambda idx: asked.append(idx) or enc(x[[0, 1, 0]][idx]), "cpu")
     assert asked == [[0, 1]] and (cache.hits, cache.misses) == (1, 2) and out.dtype == torch.float32
     assert torch.allclose(out, enc(x[[0, 1, 0]]), atol=1e-2) and "a" in cache and "c" not in cache
-    assert (tmp_path / cache.fingerprint / "a.pt").is_file()  # the disk layout keyed by the weights' fingerprint
+    # the disk layout: keyed by the weights' fingerprint and the entries' format
+    assert (tmp_path / f"{cache.fingerprint}-v{ec.DISK_FORMAT}" / "a.pt").is_file()
     again = cache.embed(["b"], lambda idx: pytest.fail("a cached key was recomputed"), "cpu", dtype=torch.float16)
     assert again.dtype == torch.float16 and torch.equal(again[0], out[1].half())
     monkeypatch.undo()
     by_content = cache(x)  # forward: keyed by content, computed once, then a hit
     assert cache.misses == 4 and torch.equal(cache(x), by_content) and cache.hits == 4
+
+
+def test_entries_of_the_train_mode_era_are_not_read(tmp_path):
+    """Before the frozen encoder was kept in eval mode (0.1.8), phase 3 wrote train-mode embeddings into
+    ``<cache_dir>/<fingerprint>/``. Same weights, same fingerprint: such an entry must be recomputed, not returned."""
+    enc = encoder()
+    cache = EmbeddingCache(enc, cache_dir=tmp_path)
+    x = torch.rand(1, 3, 32, 32)
+    old = tmp_path / cache.fingerprint
+    old.mkdir()
+    torch.save(torch.full((8, 8, 8), 7.0).half(), old / "a.pt")  # what the old layout held, wrong values
+    out = cache.embed(["a"], lambda idx: enc(x[idx]), "cpu")
+    assert cache.misses == 1 and torch.allclose(out, enc(x), atol=1e-2)
 
 
 def test_entries_bound_for_cuda_are_pinned_once(monkeypatch):

@@ -8,8 +8,9 @@ computed once and reused across epochs and across all augmented masks of that im
 Entries are keyed by the caller's keys (the image's file identity, frame and flip, from the dataset: no image is
 hashed, nothing is read back from the device, so training steps stay free of host syncs) or, without them, by the
 image content (a BLAKE2 digest of the exact input tensor and its size; a flipped image is another entry). Every
-entry is namespaced by a fingerprint of the encoder weights (memory and ``<cache_dir>/<fingerprint>/<key>.pt``):
-loading other weights, or training the encoder, changes the fingerprint and nothing stale is ever returned.
+entry is namespaced by a fingerprint of the encoder weights (memory and ``<cache_dir>/<fingerprint>-v<N>/<key>.pt``):
+loading other weights, or training the encoder, changes the fingerprint and nothing stale is ever returned. ``N``
+(:data:`DISK_FORMAT`) changes when the way entries are computed changes for the same weights.
 Embeddings are stored in float16 by default.
 """
 
@@ -28,7 +29,12 @@ from torch import nn
 from ultrarefiner.utils.io import atomic_write
 from ultrarefiner.utils.transfer import pins_for
 
-__all__ = ["EmbeddingCache", "content_key", "content_keys", "weights_fingerprint"]
+__all__ = ["DISK_FORMAT", "EmbeddingCache", "content_key", "content_keys", "weights_fingerprint"]
+
+# 2: entries are encoded in eval mode. Before ultrarefiner 0.1.8 (version 1, folders named by the fingerprint
+# alone) phase 3 cached embeddings of an encoder that training had put in train mode (LiteMedSAM's batch norms
+# on batch statistics); those folders are never read again.
+DISK_FORMAT = 2
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,8 @@ class EmbeddingCache(nn.Module):
 
     Arguments:
         encoder: the frozen encoder, (B, 3, H, W) -> (B, C, h, w); refused if any parameter requires grad.
-        cache_dir: folder for a persistent cache (``<cache_dir>/<fingerprint>/<key>.pt``); None: memory only.
+        cache_dir: folder for a persistent cache (``<cache_dir>/<fingerprint>-v<DISK_FORMAT>/<key>.pt``); None:
+            memory only.
         max_items: bound of the in-memory cache (least recently used entries are dropped); None: unbounded
             (~2 MB per vit_b entry in float16).
         dtype: storage dtype of cached embeddings.
@@ -110,7 +117,7 @@ class EmbeddingCache(nn.Module):
         return path is not None and path.is_file()
 
     def _disk_path(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / self.fingerprint / f"{key}.pt"
+        return None if self.cache_dir is None else self.cache_dir / f"{self.fingerprint}-v{DISK_FORMAT}" / f"{key}.pt"
 
     def _get(self, key: str) -> torch.Tensor | None:
         if key in self._memory:

@@ -90,7 +90,8 @@ class UltraRefiner(nn.Module):
             when the image encoder is frozen (no LoRA, not unfrozen); True with a trainable encoder is an error
             (cached embeddings would cut its gradient). Entries accumulate per distinct image: for inference over
             many new images pass False (or bound ``cache_max_items``).
-          cache_dir (str or None): persistent cache folder (``<cache_dir>/<fingerprint>/<key>.pt``); None: memory only.
+          cache_dir (str or None): persistent cache folder (``<cache_dir>/<fingerprint>-v<N>/<key>.pt``); None:
+            memory only.
           cache_max_items (int or None): bound of the in-memory cache (LRU); None: unbounded (2 MB per vit_b entry).
           cache_dtype (torch.dtype): storage dtype of cached embeddings (float16; float32 reproduces the uncached
             output exactly).
