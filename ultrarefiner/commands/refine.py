@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ultrarefiner.commands.args import check_range
+from ultrarefiner.utils.cores import usable_cores
 from ultrarefiner.utils.flags import as_flag
 
 
@@ -19,7 +20,7 @@ def refine(
     nifti: bool = False,
     device: str = "auto",
     amp: bool = True,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     writers: int | None = None,
     tta: str = "none",
     optimize: str = "auto",
@@ -53,7 +54,8 @@ def refine(
         nifti: also write NIfTI (.nii.gz, 0/1) masks.
         device: cpu, cuda, cuda:1 or auto (CUDA when available).
         amp: bfloat16 autocast on CUDA.
-        num_workers: data workers reading and checking the files.
+        num_workers: data workers reading and checking the files; default 4, at most the cores this process may
+            use (more workers than cores only compete with the refiner, and PyTorch warns about them).
         writers: threads writing the masks and overlays (and computing the metrics) while the next batch is
             refined; default one per core, up to 8; 0 writes in the main thread.
         tta: test-time augmentation: none (default) or flip (mean probability of the image and of its left-right
@@ -77,6 +79,8 @@ def refine(
 
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    if num_workers is None:
+        num_workers = min(4, usable_cores())
     check_range(num_workers, "num_workers", 0, 64, integer=True)
     if writers is not None:
         check_range(writers, "writers", 0, 64, integer=True)

@@ -8,19 +8,19 @@ the report that lists the files is written only after ``wait(0)``.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+from ultrarefiner.utils.cores import usable_cores
 
 __all__ = ["BackgroundWrites", "default_writers"]
 
 
 def default_writers() -> int:
     """Writer threads: one per core the process may use, at most 8 (past that the main thread is the limit)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
 
 
 class BackgroundWrites:
