@@ -353,3 +353,10 @@ def test_verify_metadata_net_in_out_and_export(trained, tmp_path):
     with torch.no_grad():
         traced, ref = torch.jit.load(str(ts))(x), eager(x)
     assert traced.shape == (1, 2, 48, 64) and torch.allclose(traced, ref, atol=1e-4)
+    # the self-describing file as it is (no --key_in_ckpt): network_def unwraps it, strictly (never random weights)
+    bare = tmp_path / "model_bare.ts"
+    ckpt_export(net_id="network_def", filepath=str(bare), ckpt_file=str(data / "models" / "model.pt"),
+                meta_file=str(meta), config_file=config, use_trace=True, bundle_root=str(BUNDLE),
+                image_resize="torch", **NET)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(bare))(x), ref, atol=1e-4)

@@ -13,6 +13,7 @@ from ultrarefiner.engines.training.e2e_training import E2EPrepareBatch, E2ETrain
 from ultrarefiner.engines.training.step import clip_gradients
 from ultrarefiner.losses import UltraRefinerLoss
 from ultrarefiner.networks import SAMRefiner, TransUNet, UltraRefiner, build_tiny_sam
+from ultrarefiner.networks.ultra_refiner import UltraRefinerExport
 
 S, H, W = 64, 96, 128  # TransUNet input side, native SAM image size
 
@@ -338,3 +339,19 @@ def test_lora_encoder_trains_its_adapters_with_its_frozen_batch_norms_in_eval_mo
     assert lora and all(m.training for m in lora)
     assert not refiner.eval().sam.image_encoder.training  # eval() still reaches everything
 
+
+
+def test_export_interface_loads_the_bundles_self_describing_checkpoint():
+    """``models/model.pt`` as phase-3 training exports it (``{"model": ..., "kind", "identity", ...}``) loads into
+    ``UltraRefinerExport`` (the bundle's network_def) as it is, strictly: what ``ckpt_export`` without
+    ``--key_in_ckpt`` and the Zoo's checks do. Another phase's file is refused by name."""
+    src, dst = UltraRefinerExport.from_model(_build(seed=0)), UltraRefinerExport.from_model(_build(seed=1))
+    weights = src.state_dict()
+    assert any(not torch.equal(v, weights[k]) for k, v in dst.state_dict().items())
+    dst.load_state_dict({"kind": "ultrarefiner", "model": weights, "identity": {"phase": "ultrarefiner"}, "epoch": 2})
+    assert all(torch.equal(v, weights[k]) for k, v in dst.state_dict().items())
+    partial = {k: v for k, v in weights.items() if not k.startswith("refiner.")}
+    with pytest.raises(RuntimeError, match="Missing key"):  # still strict inside the wrapper
+        dst.load_state_dict({"kind": "ultrarefiner", "model": partial})
+    with pytest.raises(ValueError, match="phase-2 SAM refiner checkpoint"):
+        dst.load_state_dict({"kind": "sam_refiner", "model": weights})

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -322,6 +323,25 @@ class UltraRefinerExport(nn.Module):
     def from_model(cls, model: UltraRefiner) -> UltraRefinerExport:
         """The export interface sharing ``model``'s sub-networks (and weights)."""
         return cls(model.transunet, model.refiner)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; given the bundle's self-describing ``models/model.pt`` (``{"model": ...,
+        "kind", "identity", ...}``, what phase-3 training exports), its ``"model"`` weights, once the file is known
+        to be a phase-3 one. MONAI's ``ckpt_export`` and the Zoo's checks then load the file as it is, without
+        ``--key_in_ckpt model`` (ignite's loader hands the whole dict here; a strict load of it would fail on the
+        keys "model", "identity", ...).
+
+        Raises:
+          ValueError: the file holds another phase's weights (names it and the bundle that writes the right one).
+        """
+        from ultrarefiner.engines.checkpoints.checkpoint import PHASES, checkpoint_phase
+
+        if isinstance(state_dict, Mapping) and isinstance(state_dict.get("model"), Mapping):
+            phase = checkpoint_phase(dict(state_dict))
+            if phase is not None and phase != 3:
+                raise ValueError(f"this is a {PHASES[phase]}; the end-to-end network needs a {PHASES[3]}")
+            state_dict = state_dict["model"]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
