@@ -114,3 +114,35 @@ def test_iterations_keep_the_best_pass_and_gate_rule(checkpoint):
 def test_output_names_are_unique():
     paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/b.png")]
     assert _output_names(paths) == ["a_png", "a_jpg", "b"]
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 1), (2, 2), (16, 2)])
+def test_default_workers_follow_the_usable_cores(checkpoint, tmp_path, monkeypatch, cores, workers):
+    """Without --num_workers, predict and predict-transunet start 2 data workers, but never more than the cores they
+    may use (on one core a second worker only competes with the network)."""
+    import ultrarefiner.commands.predict as predict_command
+    import ultrarefiner.commands.predict_transunet as oof_command
+    from ultrarefiner.engines.inference import transunet_predict, ultra_predict
+
+    seen: dict[str, int] = {}
+
+    def fake_run(bundle, options):
+        seen["predict"] = options["num_workers"]
+        return {"n_images": 1, "n_skipped": 0, "skipped": []}
+
+    def fake_oof(*args):
+        seen["predict-transunet"] = args[-1]
+        path = tmp_path / "oof" / "datalist.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        return path
+
+    for command in (predict_command, oof_command):
+        monkeypatch.setattr(command, "usable_cores", lambda: cores)
+    monkeypatch.setattr(ultra_predict, "run_inference", fake_run)
+    monkeypatch.setattr(transunet_predict, "predict_out_of_fold", fake_oof)
+    save(tmp_path / "in" / "a.png", _scene())
+    main(["predict", "--input", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"), "--checkpoint",
+          str(checkpoint), "--device", "cpu"])
+    main(["predict-transunet", "--data_root", str(tmp_path), "--dataset", "BUSI", "--device", "cpu"])
+    assert seen == {"predict": workers, "predict-transunet": workers}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ultrarefiner.commands.args import check_range
+from ultrarefiner.utils.cores import usable_cores
 
 
 def predict(
@@ -20,7 +21,7 @@ def predict(
     device: str = "auto",
     amp: bool = True,
     batch_size: int | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     writers: int | None = None,
     tta: str = "none",
     optimize: str = "auto",
@@ -52,7 +53,8 @@ def predict(
         amp: bfloat16 autocast on CUDA.
         batch_size: images per forward pass (any sizes: TransUNet and SAM's encoder see them resized to their
             inputs; outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU.
-        num_workers: data workers reading and resizing the images.
+        num_workers: data workers reading and resizing the images; default 2, at most the cores this process
+            may use (more workers than cores only compete with the network).
         writers: threads writing the masks and overlays while the next batch is predicted (the bundle's
             `writers`); default one per core, up to 8; 0 writes in the main thread.
         tta: test-time augmentation: none (default) or flip (mean of the coarse and refined probabilities of the
@@ -74,6 +76,8 @@ def predict(
     check_range(threshold, "threshold", 0.0, 1.0)
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    if num_workers is None:
+        num_workers = min(2, usable_cores())
     check_range(num_workers, "num_workers", 0, 64, integer=True)
     if writers is not None:
         check_range(writers, "writers", 0, 64, integer=True)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ultrarefiner.commands.args import check_range
+from ultrarefiner.utils.cores import usable_cores
 from ultrarefiner.utils.flags import as_flag
 
 
@@ -18,7 +19,7 @@ def predict_transunet(
     device: str = "auto",
     batch_size: int = 8,
     amp: bool = True,
-    num_workers: int = 2,
+    num_workers: int | None = None,
 ) -> None:
     """Out-of-fold TransUNet predictions for phase 2 option B (the refiner trained on real coarse masks).
 
@@ -39,7 +40,8 @@ def predict_transunet(
         device: cpu, cuda, cuda:1 or auto.
         batch_size: images per forward pass (any sizes: resized to the network input, predictions resized back).
         amp: bfloat16 autocast (CUDA only).
-        num_workers: data workers reading and resizing the images.
+        num_workers: data workers reading and resizing the images; default 2, at most the cores this process
+            may use (more workers than cores only compete with the network).
     """
     import torch
 
@@ -47,6 +49,8 @@ def predict_transunet(
 
     check_range(n_splits, "n_splits", 2, 20, integer=True)
     check_range(batch_size, "batch_size", 1, 1024, integer=True)
+    if num_workers is None:
+        num_workers = min(2, usable_cores())
     check_range(num_workers, "num_workers", 0, 64, integer=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     path = predict_out_of_fold(
