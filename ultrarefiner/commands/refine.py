@@ -63,11 +63,11 @@ def refine(
             one setting is not resumed with the other.
         optimize: image-encoder speed option: auto (default: channels_last on CUDA with bf16 autocast; on a CPU
             bf16 where it has native bfloat16 (avx512_bf16/AMX), else jit_freeze), none, channels_last, jit_freeze
-            (TorchScript freeze, oneDNN fusion; CPU) or compile (torch.compile with inductor's freezing: about
-            35 s of compilation first, then x1.07 over jit_freeze on 2 AVX2 cores; for folders of hundreds of
-            images), all float32 (the same masks up to rounding); or bf16 (CPU encoder in bfloat16: 1.7x faster
-            on 2 cores, on BUSI's test split the same Dice as float32, masks differ in a few pixels). Pass
-            jit_freeze for float32 results on every CPU.
+            (TorchScript freeze, oneDNN fusion, LiteMedSAM's stem on row slabs that stay in cache; CPU only; 1.02
+            images/s on 2 AVX2 cores) or compile (torch.compile with inductor's freezing, 13-35 s of compilation
+            first, then 0.91 images/s on those cores), all float32 (the same masks up to rounding); or bf16 (CPU
+            encoder in bfloat16, 1.7x faster on 2 cores with native bfloat16, on BUSI's test split the same Dice as
+            float32, masks differ in a few pixels). Pass jit_freeze for float32 results on every CPU.
         box_source: largest (default: the box and mask prompt of the coarse mask's largest connected component) or
             components (one prompt set per component above 0.1% of the image, at most 4, merged: for images with
             several lesions; on BUSI it helps multi-lesion images and costs 0.01 Dice over the whole test split,

@@ -8,20 +8,21 @@ probabilities of the original and the flipped pass. ``hflip`` / ``flip_tta_mean`
 
 Image-encoder speed options (``optimize``): ``channels_last`` (the convolutions run in oneDNN's native NHWC layout),
 ``jit_freeze`` (TorchScript trace + ``torch.jit.freeze`` + ``optimize_for_inference``: batch norms folded into the
-convolutions, oneDNN-fused ops; CPU only; one trace per batch shape, a few seconds), ``compile`` (``torch.compile``
-of a copy, with inductor's freezing on a CPU; about 35 s of compilation of LiteMedSAM's encoder on 2 CPU cores, per
-batch shape), all float32 (the same numbers up to ~1e-6 relative); ``bf16`` (CPUs with native bfloat16, avx512_bf16
-or AMX: the encoder under bfloat16 autocast, embeddings within ~5%; on BUSI's test split the same Dice as float32 for
-``refine`` and ``predict``, see ``resolve_optimize``). ``auto``: ``channels_last`` on CUDA (with bf16 autocast),
-``bf16`` on a CPU with native bfloat16, else ``jit_freeze`` (``compile`` repays its compilation only past a few
-hundred images). ``benchmarks/bench_inference.py``, batch 1, LiteMedSAM:
+convolutions, oneDNN-fused ops; a TinyViT's convolutional stem on row slabs, ``stem_tiling``; CPU only; one trace per
+batch shape, a few seconds), ``compile`` (``torch.compile`` of a copy, with inductor's freezing on a CPU; 13-35 s of
+compilation of LiteMedSAM's encoder on 2 CPU cores, per batch shape), all float32 (the same numbers up to ~1e-6
+relative); ``bf16`` (CPUs with native bfloat16, avx512_bf16 or AMX: the encoder under bfloat16 autocast, embeddings
+within ~5%; on BUSI's test split the same Dice as float32 for ``refine`` and ``predict``, see ``resolve_optimize``).
+``auto``: ``channels_last`` on CUDA (with bf16 autocast), ``bf16`` on a CPU with native bfloat16, else ``jit_freeze``
+(``compile``, which does not tile the stem, is slower than ``jit_freeze`` on 2 AVX2 cores).
+``benchmarks/bench_inference.py``, batch 1, LiteMedSAM:
 - one thread of a shared 2-core CPU with avx512_bf16, CPU seconds per image: none 2.14, channels_last 1.93,
   jit_freeze 1.71, compile (without freezing) 1.39, bf16 0.97;
-- 2 AVX2-only cores (AMD EPYC, no native bfloat16), ``refine`` files to files on 32 BUSI test images, images/s:
-  none 0.71, channels_last 0.84, jit_freeze 0.82, compile 0.87 (encoder alone 0.77 / 0.86 / 0.95 / 0.99). The
-  encoder is 75 GFLOP per image (its TinyViT stages run at 256, 128 and 64 px: LiteMedSAM's patch embedding keeps
-  the 256 px input), 68% of it in GEMMs that already run near the cores' float32 peak: about 0.9 images/s is the
-  float32 ceiling of such a CPU.
+- 2 AVX2-only cores (AMD EPYC, no native bfloat16), ``refine`` files to files on 32 BUSI test images, steady state,
+  one process per option, images/s: none 0.68, channels_last 0.77, compile 0.91, jit_freeze 1.02 (encoder alone
+  0.72 / 0.80 / 1.01 / 1.17). The encoder is 75 GFLOP per image (its TinyViT stages run at 256, 128 and 64 px:
+  LiteMedSAM's patch embedding keeps the 256 px input); the row-tiled stem took jit_freeze's encoder from 0.99 to
+  0.87 s per image (sam_refiner bundle README, "CPU speed").
 Batch 8 costs ~40% more per image on the CPU (hence batch 1 there by default).
 """
 
@@ -108,12 +109,17 @@ class FrozenEncoder:
     """TorchScript-frozen copies of an encoder, one per input shape (a trace is specialised to its shapes; a folder
     has at most two batch shapes: the full batch and the last one).
 
+    A TinyViT encoder (LiteMedSAM's) runs its convolutional stem on row slabs of ``tile_rows`` output rows that stay
+    in the caches (``stem_tiling``; 0: whole images). The first call of each shape checks the tiled encoder against
+    the untiled one and, should they differ beyond float32 rounding, freezes the untiled one instead.
+
     Owned by whoever runs the encoder (``BatchRefiner``, ``UltraPredictor``), like their embedding caches: it is a
     snapshot of the weights it was built from, so build a new one after loading other weights."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, tile_rows: int = 32) -> None:
         # eval: a trace records the mode's ops (a batch norm in train mode would normalise by batch statistics)
         self.encoder = copy.deepcopy(encoder).eval().to(memory_format=torch.channels_last)
+        self.tile_rows = tile_rows
         self.frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def _freeze(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -121,12 +127,38 @@ class FrozenEncoder:
             with warnings.catch_warnings():  # trace-specialisation and deprecation notices: expected here
                 warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", category=FutureWarning)
-                traced = torch.jit.trace(self.encoder, x, check_trace=False)
-                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+                tiled = self._freeze_tiled(x)
+                return tiled if tiled is not None else _jit_freeze(self.encoder, x)
         except Exception as e:  # TorchScript cannot take every encoder (or a future torch): eager channels_last
             logger.warning("jit_freeze failed for the image encoder (%s: %s); running it eagerly (channels_last)",
                            type(e).__name__, e)
             return self.encoder
+
+    def _freeze_tiled(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The frozen row-tiled TinyViT for ``x``'s shape; None: not a TinyViT, a single slab, or (checked here,
+        once) other embeddings than the untiled encoder's."""
+        from ultrarefiner.engines.inference.stem_tiling import (
+            TiledStemEncoder,
+            TinyViTStem,
+            is_tiny_vit,
+            row_slabs,
+            stem_halo,
+        )
+
+        if self.tile_rows < 1 or not is_tiny_vit(self.encoder) or x.shape[-2] % 2:
+            return None
+        if len(row_slabs(x.shape[-2], stem_halo(TinyViTStem(self.encoder)), self.tile_rows)) < 2:
+            return None
+        tiled = TiledStemEncoder.build(self.encoder, x, _jit_freeze, self.tile_rows)
+        # float32 rounding relative to the embeddings' scale (observed ~1e-6 of it for LiteMedSAM); the eager
+        # encoder once per shape: 1.3 s of LiteMedSAM on 2 cores
+        reference = self.encoder(x)
+        diff, scale = (tiled(x) - reference).abs().max().item(), reference.abs().max().item()
+        if diff <= 1e-4 * max(scale, 1.0):
+            return tiled
+        logger.warning("the row-tiled image encoder differs from the untiled one (max |diff| %.3g of %.3g); "
+                       "running it untiled", diff, scale)
+        return None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -135,6 +167,12 @@ class FrozenEncoder:
             if key not in self.frozen:
                 self.frozen[key] = self._freeze(x)
             return self.frozen[key](x)
+
+
+def _jit_freeze(module: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """TorchScript trace of ``module`` (eval mode) on ``example``, frozen and optimised for inference (oneDNN)."""
+    traced = torch.jit.trace(module, example, check_trace=False)
+    return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
 def fast_encoder(encoder: nn.Module, device: torch.device, optimize: str | None = "auto") -> Callable:
