@@ -106,3 +106,17 @@ def test_only_tiny_vit_encoders_are_tiled(encoder, image):
     assert FrozenEncoder(vit)._freeze_tiled(x) is None
     assert FrozenEncoder(encoder, tile_rows=0)._freeze_tiled(image) is None
     assert FrozenEncoder(encoder, tile_rows=128)._freeze_tiled(image) is None  # one slab: nothing to gain
+
+
+def test_a_tiling_that_fails_falls_back_to_the_untiled_trace(encoder, image, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such layer")
+
+    monkeypatch.setattr(tiling.TiledStemEncoder, "build", broken)
+    frozen = FrozenEncoder(encoder)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        out = frozen(image)
+    assert "row tiling failed" in caplog.text and "running it eagerly" not in caplog.text
+    assert isinstance(frozen.frozen[tuple(image.shape)], torch.jit.ScriptModule)  # the untiled trace, not eager
+    with torch.no_grad():
+        assert _close(out, encoder(image))

@@ -127,7 +127,12 @@ class FrozenEncoder:
             with warnings.catch_warnings():  # trace-specialisation and deprecation notices: expected here
                 warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", category=FutureWarning)
-                tiled = self._freeze_tiled(x)
+                try:
+                    tiled = self._freeze_tiled(x)
+                except Exception as e:  # e.g. a TinyViT variant the split does not fit; the untiled trace may work
+                    logger.warning("row tiling failed for the image encoder (%s: %s); freezing it untiled",
+                                   type(e).__name__, e)
+                    tiled = None
                 return tiled if tiled is not None else _jit_freeze(self.encoder, x)
         except Exception as e:  # TorchScript cannot take every encoder (or a future torch): eager channels_last
             logger.warning("jit_freeze failed for the image encoder (%s: %s); running it eagerly (channels_last)",
