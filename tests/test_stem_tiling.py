@@ -19,6 +19,7 @@ from ultrarefiner.engines.inference.stem_tiling import (
     is_tiny_vit,
     row_slabs,
     stem_halo,
+    stem_slabs,
 )
 from ultrarefiner.networks.lite_medsam import build_lite_medsam
 from ultrarefiner.networks.sam_weights import build_tiny_sam
@@ -66,11 +67,11 @@ def test_tiled_stem_gives_the_whole_image_stem_and_needs_its_halo(encoder, image
     eager = lambda module, example: module  # noqa: E731 - the modules themselves, unfrozen
     with torch.no_grad():
         whole = TinyViTStem(encoder)(image)
-        tiled = TiledStemEncoder.build(encoder, image, eager, rows=32)
+        tiled = TiledStemEncoder.build(encoder, image, eager, stem_slabs(encoder, 256, 32))
         assert len(tiled.slabs) == 4 and _close(tiled.tokens(image), whole)
         assert _close(tiled(image), encoder(image))
         monkeypatch.setattr(tiling, "stem_halo", lambda stem, stride=2: 0)  # no halo: the slab edges are wrong
-        bare = TiledStemEncoder.build(encoder, image, eager, rows=32)
+        bare = TiledStemEncoder.build(encoder, image, eager, stem_slabs(encoder, 256, 32))
         assert not _close(bare.tokens(image), whole)
 
 

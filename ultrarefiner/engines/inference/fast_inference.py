@@ -142,19 +142,14 @@ class FrozenEncoder:
     def _freeze_tiled(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The frozen row-tiled TinyViT for ``x``'s shape; None: not a TinyViT, a single slab, or (checked here,
         once) other embeddings than the untiled encoder's."""
-        from ultrarefiner.engines.inference.stem_tiling import (
-            TiledStemEncoder,
-            TinyViTStem,
-            is_tiny_vit,
-            row_slabs,
-            stem_halo,
-        )
+        from ultrarefiner.engines.inference.stem_tiling import TiledStemEncoder, is_tiny_vit, stem_slabs
 
         if self.tile_rows < 1 or not is_tiny_vit(self.encoder) or x.shape[-2] % 2:
             return None
-        if len(row_slabs(x.shape[-2], stem_halo(TinyViTStem(self.encoder)), self.tile_rows)) < 2:
+        slabs = stem_slabs(self.encoder, x.shape[-2], self.tile_rows)
+        if len(slabs) < 2:
             return None
-        tiled = TiledStemEncoder.build(self.encoder, x, _jit_freeze, self.tile_rows)
+        tiled = TiledStemEncoder.build(self.encoder, x, _jit_freeze, slabs)
         # float32 rounding relative to the embeddings' scale (observed ~1e-6 of it for LiteMedSAM); the eager
         # encoder once per shape: 1.3 s of LiteMedSAM on 2 cores
         reference = self.encoder(x)

@@ -31,7 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["Slab", "TiledStemEncoder", "TinyViTStem", "TinyViTTail", "is_tiny_vit", "row_slabs", "stem_halo"]
+__all__ = ["Slab", "TiledStemEncoder", "TinyViTStem", "TinyViTTail", "is_tiny_vit", "row_slabs", "stem_halo",
+           "stem_slabs"]
 
 Frozen = Callable[[torch.Tensor], torch.Tensor]
 
@@ -110,13 +111,18 @@ def row_slabs(height: int, halo: int, rows: int, stride: int = 2) -> list[Slab]:
     return slabs
 
 
+def stem_slabs(encoder: nn.Module, height: int, rows: int) -> list[Slab]:
+    """``row_slabs`` of an input of ``height`` rows for ``encoder``'s stem, with the halo its convolutions need."""
+    return row_slabs(height, stem_halo(TinyViTStem(encoder)), rows)
+
+
 class TiledStemEncoder:
     """A TinyViT encoder for one input shape: the stem frozen per slab height and run slab by slab, then the tail.
 
     Arguments:
       stems: slab height -> the frozen stem for it ((B, 3, h, W) -> (B, h/2, W/2, C)).
       tail: the frozen tail ((B, H/2, W/2, C) -> embeddings).
-      slabs: ``row_slabs`` of the input height.
+      slabs: ``stem_slabs`` of the input height.
     """
 
     def __init__(self, stems: dict[int, Frozen], tail: Frozen, slabs: list[Slab]) -> None:
@@ -135,10 +141,10 @@ class TiledStemEncoder:
 
     @classmethod
     def build(cls, encoder: nn.Module, x: torch.Tensor, freeze: Callable[[nn.Module, torch.Tensor], Frozen],
-              rows: int) -> TiledStemEncoder:
-        """Freezes ``encoder``'s stem for each slab height of ``x`` and its tail (``freeze(module, example)``)."""
+              slabs: list[Slab]) -> TiledStemEncoder:
+        """Freezes ``encoder``'s stem for each height of ``slabs`` (``stem_slabs`` of ``x``) and its tail
+        (``freeze(module, example)``)."""
         stem, tail = TinyViTStem(encoder).eval(), TinyViTTail(encoder).eval()
-        slabs = row_slabs(x.shape[-2], stem_halo(stem), rows)
         stems: dict[int, Frozen] = {}
         for s in slabs:
             if s.end - s.start not in stems:
