@@ -61,6 +61,35 @@ def test_every_command_has_help(command):
         assert desc and not desc.startswith("-") and not desc.isupper(), f"{head} of {command} has no description"
 
 
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """The Args section of a Google-style docstring: name -> its description, continuation lines joined."""
+    section = doc.split("\nArgs:\n", 1)[1]
+    args: dict[str, str] = {}
+    for line in section.splitlines():
+        if not line.startswith("    "):
+            break
+        head, _, text = line.strip().partition(": ")
+        if not line.startswith("     ") and head.isidentifier():
+            args[head] = text
+        else:
+            args[next(reversed(args))] += " " + line.strip()
+    return args
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_keeps_every_argument_description_whole(command):
+    """fire's docstring parser drops the text after a colon on a continuation line, and reads ``word (...):`` there
+    as a new argument: the help would cut the description short. Every description must come through whole."""
+    from fire import docstrings
+
+    doc = inspect.getdoc(_function(command))
+    parsed = {a.name: " ".join(a.description.split()) for a in docstrings.parse(doc).args}
+    written = _docstring_args(doc)
+    assert set(parsed) == set(written) == set(inspect.signature(_function(command)).parameters)
+    for name, text in written.items():
+        assert parsed[name] == " ".join(text.split()), f"--help of {command} cuts the description of {name}"
+
 def test_list_and_range_parsing():
     assert parse_list("BUSI,BUSBRA", "datasets") == ["BUSI", "BUSBRA"]
     assert parse_list(("BUSI", "BUSBRA"), "datasets", ["BUSI", "BUSBRA"]) == ["BUSI", "BUSBRA"]

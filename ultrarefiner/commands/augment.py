@@ -65,8 +65,8 @@ def augment(
         mild: Dice range of the mild bucket, low,high.
         heavy: Dice range of the heavy bucket, low,high.
         soft: store soft probability maps (sigmoid of the corrupted signed distance), as the online simulation
-            (option A without shards) and phase 3's TransUNet probabilities give the refiner; False: 0/1 masks
-            (smaller shards).
+            (option A without shards) and phase 3's TransUNet probabilities give the refiner; False stores 0/1
+            masks (smaller shards).
         preview: write preview.png with this many samples (ground truth green, coarse red, modes and Dice).
         overwrite: regenerate everything, even finished shards or a folder made with other settings.
     """

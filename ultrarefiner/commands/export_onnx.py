@@ -36,9 +36,10 @@ def export_onnx(
         kind: transunet or refiner.
         output_dir: where the .onnx files and onnx_export_<kind>.json go (created).
         checkpoint: transunet: best.pt/last.pt of the transunet bundle (network settings read from it) or a plain
-            state_dict (bundle models/model.pt, default settings); refiner: a phase-2 refiner checkpoint (sam_refiner
-            best.pt or models/model.pt); default: the shipped bundles/sam_refiner/models/model.pt. Either kind: an
-            ultrarefiner (phase-3) best.pt or models/model.pt, whose TransUNet or refiner is exported.
+            state_dict (bundle models/model.pt, default settings); for the refiner a phase-2 refiner checkpoint
+            (sam_refiner best.pt or models/model.pt), by default the shipped bundles/sam_refiner/models/model.pt. For
+            either kind also an ultrarefiner (phase-3) best.pt or models/model.pt, whose TransUNet or refiner is
+            exported.
         zero_shot: refiner: LiteMedSAM's packaged weights, no refiner checkpoint.
         model_type: refiner: vit_b (MedSAM/SAM base) with --sam_checkpoint, zero-shot; default: LiteMedSAM.
         sam_checkpoint: refiner: a SAM/MedSAM/LiteMedSAM weights file for --model_type (e.g. medsam_vit_b.pth).

@@ -43,7 +43,7 @@ def predict(
         checkpoint: UltraRefiner weights: models/model.pt of the bundle (default) or a best.pt/last.pt of training
             (<ckpt_root>/ultrarefiner/<dataset>/fold_<k>/best.pt).
         iterations: iterative refinement: feed the refined mask back as the prompt N more times and keep, per
-            image, the pass with the highest predicted IoU (0: off, the default).
+            image, the pass with the highest predicted IoU (default 0, off).
         quality_gate: keep the coarse mask for an image when the refiner's predicted IoU of its mask is below
             --gate_threshold (off by default; measure on your data with the bundle's evaluate.json first).
         gate_threshold: predicted-IoU threshold of the quality gate.
@@ -52,7 +52,7 @@ def predict(
         device: cpu, cuda, cuda:1 or auto.
         amp: bfloat16 autocast on CUDA.
         batch_size: images per forward pass (any sizes: TransUNet and SAM's encoder see them resized to their
-            inputs; outputs are resized back per image). Default: 8 on CUDA, 1 on the CPU.
+            inputs; outputs are resized back per image). Default 8 on CUDA, 1 on the CPU.
         num_workers: data workers reading and resizing the images; default 2, at most the cores this process
             may use (more workers than cores only compete with the network).
         writers: threads writing the masks and overlays while the next batch is predicted (the bundle's

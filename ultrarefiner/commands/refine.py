@@ -44,12 +44,12 @@ def refine(
         labels: optional folder of ground-truth masks (<stem>.png) for the metrics.
         checkpoint: phase-2 refiner checkpoint (sam_refiner best.pt or models/model.pt); default: the shipped
             bundles/sam_refiner/models/model.pt. Several files separated by commas (e.g. the five folds' refiners)
-            make an ensemble: the mean of their probabilities; refiners sharing LiteMedSAM's frozen encoder share
+            make an ensemble, the mean of their probabilities; refiners sharing LiteMedSAM's frozen encoder share
             its pass, so each extra one adds only a decoder pass (see bundles/sam_refiner/docs/README.md for what
             it gains on BUSI).
         zero_shot: use LiteMedSAM's packaged weights without a refiner checkpoint (not with --checkpoint).
         batch_size: images per encoder, prompt and decoder pass (any sizes: images and coarse masks are resized
-            into the encoder's frame, outputs back to each image's size). Default: 8 on CUDA, 1 on the CPU (where
+            into the encoder's frame, outputs back to each image's size). Default 8 on CUDA, 1 on the CPU (where
             batches of 8 measured slower per image than single images).
         nifti: also write NIfTI (.nii.gz, 0/1) masks.
         device: cpu, cuda, cuda:1 or auto (CUDA when available).
@@ -69,7 +69,7 @@ def refine(
             encoder in bfloat16, 1.7x faster on 2 cores with native bfloat16, on BUSI's test split the same Dice as
             float32, masks differ in a few pixels). Pass jit_freeze for float32 results on every CPU.
         box_source: largest (default: the box and mask prompt of the coarse mask's largest connected component) or
-            components (one prompt set per component above 0.1% of the image, at most 4, merged: for images with
+            components (one prompt set per component above 0.1% of the image, at most 4, merged; for images with
             several lesions; on BUSI it helps multi-lesion images and costs 0.01 Dice over the whole test split,
             see bundles/sam_refiner/docs/README.md).
     """
