@@ -67,11 +67,11 @@ def test_tiled_stem_gives_the_whole_image_stem_and_needs_its_halo(encoder, image
     eager = lambda module, example: module  # noqa: E731 - the modules themselves, unfrozen
     with torch.no_grad():
         whole = TinyViTStem(encoder)(image)
-        tiled = TiledStemEncoder.build(encoder, image, eager, stem_slabs(encoder, 256, 32))
-        assert len(tiled.slabs) == 4 and _close(tiled.tokens(image), whole)
+        tiled, tokens = TiledStemEncoder.build(encoder, image, eager, stem_slabs(encoder, 256, 32))
+        assert len(tiled.slabs) == 4 and _close(tiled.tokens(image), whole) and torch.equal(tokens, tiled.tokens(image))
         assert _close(tiled(image), encoder(image))
         monkeypatch.setattr(tiling, "stem_halo", lambda stem, stride=2: 0)  # no halo: the slab edges are wrong
-        bare = TiledStemEncoder.build(encoder, image, eager, stem_slabs(encoder, 256, 32))
+        bare, _ = TiledStemEncoder.build(encoder, image, eager, stem_slabs(encoder, 256, 32))
         assert not _close(bare.tokens(image), whole)
 
 
@@ -80,13 +80,17 @@ def test_tail_is_the_rest_of_the_encoder(encoder, image):
         assert _close(TinyViTTail(encoder)(TinyViTStem(encoder)(image)), encoder(image))
 
 
-def test_frozen_encoder_tiles_lite_medsam_and_keeps_its_embeddings(encoder, image):
+def test_frozen_encoder_tiles_lite_medsam_and_keeps_its_embeddings(encoder, image, monkeypatch):
     frozen = FrozenEncoder(encoder)
+    runs = []
+    monkeypatch.setattr(TiledStemEncoder, "__call__", lambda self, x: runs.append(x) or self.tail(self.tokens(x)))
     with torch.no_grad():
         out, reference = frozen(image), encoder(image)
+        assert not runs  # the first output comes from building and checking it, not from one more run
+        again = frozen(image)
     tiled = frozen.frozen[tuple(image.shape)]
     assert isinstance(tiled, TiledStemEncoder) and len(tiled.slabs) == 4 and sorted(tiled.stems) == [68, 72]
-    assert out.shape == (1, 256, 64, 64) and _close(out, reference)
+    assert out.shape == (1, 256, 64, 64) and _close(out, reference) and len(runs) == 1 and _close(again, out)
 
 
 def test_a_blocked_copy_that_differs_falls_back_to_the_plain_one(encoder, image, monkeypatch, caplog):

@@ -110,8 +110,8 @@ class FrozenEncoder:
     has at most two batch shapes: the full batch and the last one).
 
     A TinyViT encoder (LiteMedSAM's) runs its convolutional stem on row slabs of ``tile_rows`` output rows that stay
-    in the caches (``stem_tiling``; 0: whole images). The first call of each shape checks the tiled encoder against
-    the untiled one and, should they differ beyond float32 rounding, freezes the untiled one instead.
+    in the caches (``stem_tiling``; 0: whole images). The first call of each shape checks the tiled stem against the
+    untiled one and, should they differ beyond float32 rounding, freezes the untiled encoder instead.
 
     Owned by whoever runs the encoder (``BatchRefiner``, ``UltraPredictor``), like their embedding caches: it is a
     snapshot of the weights it was built from, so build a new one after loading other weights."""
@@ -122,7 +122,8 @@ class FrozenEncoder:
         self.tile_rows = tile_rows
         self.frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
 
-    def _freeze(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _freeze(self, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None]:
+        """The frozen encoder for ``x``'s shape, and its output for ``x`` when building it already gave that."""
         try:
             with warnings.catch_warnings():  # trace-specialisation and deprecation notices: expected here
                 warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
@@ -133,30 +134,31 @@ class FrozenEncoder:
                     logger.warning("row tiling failed for the image encoder (%s: %s); freezing it untiled",
                                    type(e).__name__, e)
                     tiled = None
-                return tiled if tiled is not None else _jit_freeze(self.encoder, x)
+                return tiled if tiled is not None else (_jit_freeze(self.encoder, x), None)
         except Exception as e:  # TorchScript cannot take every encoder (or a future torch): eager channels_last
             logger.warning("jit_freeze failed for the image encoder (%s: %s); running it eagerly (channels_last)",
                            type(e).__name__, e)
-            return self.encoder
+            return self.encoder, None
 
-    def _freeze_tiled(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The frozen row-tiled TinyViT for ``x``'s shape; None: not a TinyViT, a single slab, or (checked here,
-        once) other embeddings than the untiled encoder's."""
-        from ultrarefiner.engines.inference.stem_tiling import TiledStemEncoder, is_tiny_vit, stem_slabs
+    def _freeze_tiled(self, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor] | None:
+        """The frozen row-tiled TinyViT for ``x``'s shape and its embeddings of ``x``; None: not a TinyViT, a single
+        slab, or (checked here, once) another stem output than the untiled stem's."""
+        from ultrarefiner.engines.inference.stem_tiling import TiledStemEncoder, TinyViTStem, is_tiny_vit, stem_slabs
 
         if self.tile_rows < 1 or not is_tiny_vit(self.encoder) or x.shape[-2] % 2:
             return None
         slabs = stem_slabs(self.encoder, x.shape[-2], self.tile_rows)
         if len(slabs) < 2:
             return None
-        tiled = TiledStemEncoder.build(self.encoder, x, _jit_freeze, slabs)
-        # float32 rounding relative to the embeddings' scale (observed ~1e-6 of it for LiteMedSAM); the eager
-        # encoder once per shape: 1.3 s of LiteMedSAM on 2 cores
-        reference = self.encoder(x)
-        diff, scale = (tiled(x) - reference).abs().max().item(), reference.abs().max().item()
+        tiled, tokens = TiledStemEncoder.build(self.encoder, x, _jit_freeze, slabs)
+        # Only the stem is tiled; the tail is the same module on the same tokens either way. The eager stem once per
+        # shape (0.3 s of LiteMedSAM on 2 cores; the whole eager encoder took 1.3 s); float32 rounding relative to
+        # the tokens' scale.
+        reference = TinyViTStem(self.encoder)(x)
+        diff, scale = (tokens - reference).abs().max().item(), reference.abs().max().item()
         if diff <= 1e-4 * max(scale, 1.0):
-            return tiled
-        logger.warning("the row-tiled image encoder differs from the untiled one (max |diff| %.3g of %.3g); "
+            return tiled, tiled.tail(tokens)  # the first output, not computed twice
+        logger.warning("the row-tiled image encoder differs from the untiled one (stem max |diff| %.3g of %.3g); "
                        "running it untiled", diff, scale)
         return None
 
@@ -165,7 +167,9 @@ class FrozenEncoder:
         key = tuple(x.shape)
         with torch.no_grad():
             if key not in self.frozen:
-                self.frozen[key] = self._freeze(x)
+                self.frozen[key], out = self._freeze(x)
+                if out is not None:
+                    return out
             return self.frozen[key](x)
 
 

@@ -15,8 +15,8 @@ image's rows; those are kept and concatenated, and the attention stages and the 
 
     stem(x[:, :, s.start:s.end])[:, s.keep:s.keep + s.rows] == stem(x)[:, s.start // 2 + s.keep:...]
 
-``fast_inference.FrozenEncoder`` applies it to a TinyViT and checks it once per input shape against the untiled
-encoder (float32 rounding, ~1e-6 of the embeddings' scale). 2 AVX2 cores (AMD EPYC), LiteMedSAM at batch 1,
+``fast_inference.FrozenEncoder`` applies it to a TinyViT and checks the tiled stem once per input shape against the
+untiled one (float32 rounding). 2 AVX2 cores (AMD EPYC), LiteMedSAM at batch 1,
 TorchScript-frozen: stem 289 -> 153 ms with slabs of 32 output rows (16: 180, 64: 295), the encoder 0.99 -> 0.87 s
 per image. Chunking the attention stages' MLPs by tokens and their attention by windows (also exact) took the
 encoder alone to 0.81 s, but left ``refine`` over BUSI's 129 test images no faster (132-144 s against 132-134 s, more
@@ -141,9 +141,10 @@ class TiledStemEncoder:
 
     @classmethod
     def build(cls, encoder: nn.Module, x: torch.Tensor, freeze: Callable[[nn.Module, torch.Tensor], Frozen],
-              slabs: list[Slab]) -> TiledStemEncoder:
+              slabs: list[Slab]) -> tuple[TiledStemEncoder, torch.Tensor]:
         """Freezes ``encoder``'s stem for each height of ``slabs`` (``stem_slabs`` of ``x``) and its tail
-        (``freeze(module, example)``)."""
+        (``freeze(module, example)``); also returns the tokens of ``x`` the tail was frozen on (``tokens(x)``),
+        so that a caller checking them against the untiled stem need not run the stem again."""
         stem, tail = TinyViTStem(encoder).eval(), TinyViTTail(encoder).eval()
         stems: dict[int, Frozen] = {}
         for s in slabs:
@@ -151,5 +152,6 @@ class TiledStemEncoder:
                 example = x[:, :, s.start:s.end].contiguous(memory_format=torch.channels_last)
                 stems[s.end - s.start] = freeze(stem, example)
         tiled = cls(stems, tail, slabs)
-        tiled.tail = freeze(tail, tiled.tokens(x))
-        return tiled
+        tokens = tiled.tokens(x)
+        tiled.tail = freeze(tail, tokens)
+        return tiled, tokens
