@@ -99,16 +99,17 @@ def cli_run(folders, tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
 
 
 def test_refine_without_labels_starts_without_monai(folders, tmp_path):
-    """Without labels ``refine`` needs neither MONAI nor MLflow (importing them took about 4 of the 13 s of a
-    one-image run on 2 CPU cores): the whole run, report and overlays included, leaves them unimported and prints no
-    third-party warning."""
+    """Without labels ``refine`` needs neither MONAI, MLflow nor Ignite (importing MONAI and MLflow took about 4 of
+    the 13 s of a one-image run on 2 CPU cores, Ignite 0.6 s): the whole run, report and overlays included, leaves
+    them unimported and prints no third-party warning."""
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(folders["images"] / "good0.png", images / "good0.png")
     out = tmp_path / "out"
     code = (f"import sys; from ultrarefiner.engines.inference.refine_folder import refine_folder; "
             f"refine_folder({str(images)!r}, {str(folders['masks'])!r}, {str(out)!r}, zero_shot=True, "
-            f"device='cpu', num_workers=0); print(sorted(m for m in ('monai', 'mlflow') if m in sys.modules))")
+            f"device='cpu', num_workers=0); "
+            f"print(sorted(m for m in ('monai', 'mlflow', 'ignite') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
