@@ -155,6 +155,28 @@ def test_interactive_predictor_prompts(tmp_path):
         predictor.predict(image, label=label[:-1])
 
 
+
+def test_interactive_predictor_encodes_through_the_frozen_encoder():
+    """On a CPU the interactive refiner encodes through the TorchScript-frozen LiteMedSAM encoder, traced by
+    ``warm_up`` on the one input shape every image has (256x256), with the eager encoder's embeddings and masks."""
+    from ultrarefiner.engines.inference.fast_inference import FrozenEncoder
+    from ultrarefiner.networks.lite_medsam import packaged_lite_medsam_path
+    from ultrarefiner.zoo.serving import InteractivePredictor, read_mask
+
+    (image, label_file), *_ = busi_files()
+    ys, xs = np.nonzero(read_mask(label_file))
+    box = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    fast = InteractivePredictor(None, packaged_lite_medsam_path(), device="cpu", optimize="jit_freeze")
+    fast.warm_up()
+    frozen = fast._encode
+    assert isinstance(frozen, FrozenEncoder) and len(frozen.frozen) == 1
+    eager = InteractivePredictor(None, packaged_lite_medsam_path(), device="cpu", optimize="none")
+    (mask, info), (expected, expected_info) = fast.predict(image, box=box), eager.predict(image, box=box)
+    assert fast._encode is frozen and len(frozen.frozen) == 1  # no second trace for a real image
+    emb, ref = next(iter(fast._embeddings.values())), next(iter(eager._embeddings.values()))
+    assert (emb - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (mask != expected).mean() < 1e-3 and abs(info["iou_prediction"] - expected_info["iou_prediction"]) < 1e-3
+
 def test_interactive_predictor_serves_a_plain_sam_weights_file(tmp_path):
     from ultrarefiner.networks import build_tiny_sam
     from ultrarefiner.zoo.serving import InteractivePredictor

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
@@ -152,15 +151,11 @@ class SamRefinerInteractive(_PredictorTask):
         self.predictor = predictor
 
     def warm_up(self) -> float:
-        """Builds the refiner and runs it once on a synthetic image, so that the first request pays only its own
-        image encoding (the first pass through the encoder is seconds slower on a CPU); returns the seconds taken."""
-        from ultrarefiner.networks.interactive import refine_interactive
-
+        """Builds the refiner, freezes its image encoder and runs both once on a synthetic image
+        (``InteractivePredictor.warm_up``), so that the first request pays only its own image encoding (the first
+        pass, and the trace of the frozen encoder, are seconds on a CPU); returns the seconds taken."""
         start = time.time()
-        refiner = self.predictor.refiner()
-        with torch.inference_mode():
-            image = torch.linspace(0.0, 255.0, 128 * 128, device=self.predictor.device).view(1, 1, 128, 128)
-            refine_interactive(refiner, image=image, box=[16.0, 16.0, 96.0, 96.0])
+        self.predictor.warm_up()
         return time.time() - start
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict]:

@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,7 @@ class InteractivePredictor:
         preprocessing: str | None = None,
         device: str | torch.device | None = None,
         cache_size: int = 4,
+        optimize: str | None = "auto",
     ) -> None:
         """
         The SAM refiner answering clicks, an ROI box and/or a label (``networks.interactive``).
@@ -197,6 +198,9 @@ class InteractivePredictor:
             ``medsam`` for vit_b), ``medsam`` or ``sam`` (Meta's weights).
           device: default CUDA when available.
           cache_size: image embeddings kept (successive clicks on one image skip the image encoder).
+          optimize: the image encoder's speed option (``fast_inference.fast_encoder``; ``auto``: on a CPU without
+            native bfloat16 TorchScript-frozen, LiteMedSAM's stem on row slabs, the same embeddings up to float32
+            rounding; "none": the encoder as it is). ``warm_up`` freezes it before the first request.
         """
         self.bundle_dir = Path(bundle_dir).resolve() if bundle_dir else None
         default = self.bundle_dir / "models" / "model.pt" if self.bundle_dir else None
@@ -208,7 +212,9 @@ class InteractivePredictor:
         self.preprocessing = preprocessing
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache_size = cache_size
+        self.optimize = optimize
         self._refiner = None
+        self._encode: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._loaded_mtime: int | None = None
         self._embeddings: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.encoder_calls = 0  # image encodings run (cache misses), reported by predict()
@@ -231,10 +237,31 @@ class InteractivePredictor:
         """The refiner, rebuilt when the checkpoint file changed since it was loaded."""
         mtime = self.checkpoint.stat().st_mtime_ns if self.checkpoint.is_file() else None
         if self._refiner is None or mtime != self._loaded_mtime:
+            from ultrarefiner.engines.inference.fast_inference import fast_encoder
+
             self._refiner = self._build()
+            # a frozen copy of these weights: rebuilt with the refiner, as the cached embeddings are dropped
+            self._encode = fast_encoder(self._refiner.sam.image_encoder, self.device, self.optimize)
             self._loaded_mtime = mtime
             self._embeddings.clear()
         return self._refiner
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 1|3, H, W) 0-255 image on the device -> its embeddings, through the fast encoder (not cached)."""
+        refiner = self.refiner()
+        return self._encode(refiner.preprocess_image(image.float()))
+
+    def warm_up(self) -> None:
+        """Builds the refiner and encodes and refines a synthetic image once, so that the first request pays only
+        its own encoding (the frozen encoder is traced on its first input shape, the one every image has)."""
+        from ultrarefiner.networks.interactive import refine_interactive
+
+        with self._lock, torch.inference_mode():
+            refiner = self.refiner()
+            image = torch.linspace(0.0, 255.0, 128 * 128, device=self.device).view(1, 1, 128, 128)
+            embeddings = self.encode(image)
+            refine_interactive(refiner, image_embeddings=embeddings, original_size=(128, 128),
+                               box=[16.0, 16.0, 96.0, 96.0])
 
     def predict(
         self,
@@ -281,7 +308,7 @@ class InteractivePredictor:
                 self.encoder_calls += 1
                 x = to_device(torch.from_numpy(np.array(pixels)), self.device)
                 x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-                embeddings = refiner.encode_image(x.float())
+                embeddings = self.encode(x)
                 self._embeddings[key] = embeddings
                 while len(self._embeddings) > self.cache_size:
                     self._embeddings.popitem(last=False)
