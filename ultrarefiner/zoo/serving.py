@@ -246,9 +246,10 @@ class InteractivePredictor:
             self._embeddings.clear()
         return self._refiner
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """(1, 1|3, H, W) 0-255 image on the device -> its embeddings, through the fast encoder (not cached)."""
-        refiner = self.refiner()
+    def _embed(self, refiner: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """(1, 1|3, H, W) 0-255 image on the device -> its embeddings through the fast encoder of ``refiner``, the
+        one ``refiner()`` just returned (not looked up again: one stat of the checkpoint per request, and the
+        embeddings always from the weights that decode them)."""
         return self._encode(refiner.preprocess_image(image.float()))
 
     def warm_up(self) -> None:
@@ -259,7 +260,7 @@ class InteractivePredictor:
         with self._lock, torch.inference_mode():
             refiner = self.refiner()
             image = torch.linspace(0.0, 255.0, 128 * 128, device=self.device).view(1, 1, 128, 128)
-            embeddings = self.encode(image)
+            embeddings = self._embed(refiner, image)
             refine_interactive(refiner, image_embeddings=embeddings, original_size=(128, 128),
                                box=[16.0, 16.0, 96.0, 96.0])
 
@@ -308,7 +309,7 @@ class InteractivePredictor:
                 self.encoder_calls += 1
                 x = to_device(torch.from_numpy(np.array(pixels)), self.device)
                 x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-                embeddings = self.encode(x)
+                embeddings = self._embed(refiner, x)
                 self._embeddings[key] = embeddings
                 while len(self._embeddings) > self.cache_size:
                     self._embeddings.popitem(last=False)
