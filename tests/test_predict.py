@@ -120,8 +120,7 @@ def test_output_names_are_unique():
 def test_default_workers_follow_the_usable_cores(checkpoint, tmp_path, monkeypatch, cores, workers):
     """Without --num_workers, predict and predict-transunet start 2 data workers, but never more than the cores they
     may use (on one core a second worker only competes with the network)."""
-    import ultrarefiner.commands.predict as predict_command
-    import ultrarefiner.commands.predict_transunet as oof_command
+    import ultrarefiner.commands.args as command_args
     from ultrarefiner.engines.inference import transunet_predict, ultra_predict
 
     seen: dict[str, int] = {}
@@ -137,8 +136,7 @@ def test_default_workers_follow_the_usable_cores(checkpoint, tmp_path, monkeypat
         path.write_text("{}")
         return path
 
-    for command in (predict_command, oof_command):
-        monkeypatch.setattr(command, "usable_cores", lambda: cores)
+    monkeypatch.setattr(command_args, "usable_cores", lambda: cores)  # the one default both commands share
     monkeypatch.setattr(ultra_predict, "run_inference", fake_run)
     monkeypatch.setattr(transunet_predict, "predict_out_of_fold", fake_oof)
     save(tmp_path / "in" / "a.png", _scene())

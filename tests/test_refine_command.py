@@ -278,7 +278,7 @@ def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
 def test_default_workers_follow_the_usable_cores(folders, tmp_path, monkeypatch, cores, workers):
     """Without --num_workers, refine starts 4 data workers but never more than the cores it may use: on a 2-core
     laptop 4 workers only compete with the refiner (and PyTorch warns about them at every run)."""
-    import ultrarefiner.commands.refine as command
+    import ultrarefiner.commands.args as args
 
     seen = {}
 
@@ -286,7 +286,7 @@ def test_default_workers_follow_the_usable_cores(folders, tmp_path, monkeypatch,
         seen.update(kwargs)
         return {"images": [{}], "skipped": [], "summary": {}, "settings": {}}
 
-    monkeypatch.setattr(command, "usable_cores", lambda: cores)
+    monkeypatch.setattr(args, "usable_cores", lambda: cores)
     monkeypatch.setattr(engine, "refine_folder", fake)
     monkeypatch.setattr(engine, "format_summary", lambda report: "")
     main(["refine", "--images", str(folders["images"]), "--masks", str(folders["masks"]),

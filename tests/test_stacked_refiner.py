@@ -77,5 +77,5 @@ def test_plain_encoder_without_optimize_in_training_and_for_a_bad_option(refiner
     training = StackedInputRefiner(refiner, optimize="jit_freeze").train()
     assert training._fast_encoder(torch.device("cpu")) is None
     refiner.eval()
-    with pytest.raises(ValueError, match="optimize must be None or one of"):
+    with pytest.raises(ValueError, match=r"optimize \(or None\) must be one of auto, none"):
         StackedInputRefiner(refiner, optimize="fastest")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ultrarefiner.utils.cores import usable_cores
+
 
 def parse_list(value: str | Iterable[str] | None, name: str, allowed: Sequence[str] | None = None) -> list[str]:
     """``"BUSI,BUSBRA"``, ``("BUSI", "BUSBRA")`` or ``["BUSI", "BUSBRA"]`` -> a list, checked against ``allowed``."""
@@ -29,3 +31,10 @@ def check_range(value, name: str, low: float, high: float, integer: bool = False
     if not low <= value <= high:
         raise ValueError(f"--{name} must be in [{low}, {high}], got {value}")
     return int(value) if integer else value
+
+
+def data_workers(num_workers: int | None, default: int) -> int:
+    """``--num_workers`` checked (0-64), or, when None, ``default`` bounded by the cores this process may use."""
+    if num_workers is None:
+        return min(default, usable_cores())
+    return check_range(num_workers, "num_workers", 0, 64, integer=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultrarefiner.commands.args import check_range
-from ultrarefiner.utils.cores import usable_cores
+from ultrarefiner.commands.args import check_range, data_workers
 
 
 def predict(
@@ -76,9 +75,7 @@ def predict(
     check_range(threshold, "threshold", 0.0, 1.0)
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)
-    if num_workers is None:
-        num_workers = min(2, usable_cores())
-    check_range(num_workers, "num_workers", 0, 64, integer=True)
+    num_workers = data_workers(num_workers, default=2)
     if writers is not None:
         check_range(writers, "writers", 0, 64, integer=True)
     check_tta(tta)  # option errors before the model is loaded

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ultrarefiner.commands.args import check_range
-from ultrarefiner.utils.cores import usable_cores
+from ultrarefiner.commands.args import check_range, data_workers
 from ultrarefiner.utils.flags import as_flag
 
 
@@ -49,9 +48,7 @@ def predict_transunet(
 
     check_range(n_splits, "n_splits", 2, 20, integer=True)
     check_range(batch_size, "batch_size", 1, 1024, integer=True)
-    if num_workers is None:
-        num_workers = min(2, usable_cores())
-    check_range(num_workers, "num_workers", 0, 64, integer=True)
+    num_workers = data_workers(num_workers, default=2)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     path = predict_out_of_fold(
         data_root, dataset, checkpoint_root, output_dir, int(n_splits), dev, int(batch_size), as_flag(amp, "amp"),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultrarefiner.commands.args import check_range
-from ultrarefiner.utils.cores import usable_cores
+from ultrarefiner.commands.args import check_range, data_workers
 from ultrarefiner.utils.flags import as_flag
 
 
@@ -79,9 +78,7 @@ def refine(
 
     if batch_size is not None:
         check_range(batch_size, "batch_size", 1, 1024, integer=True)
-    if num_workers is None:
-        num_workers = min(4, usable_cores())
-    check_range(num_workers, "num_workers", 0, 64, integer=True)
+    num_workers = data_workers(num_workers, default=4)
     if writers is not None:
         check_range(writers, "writers", 0, 64, integer=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

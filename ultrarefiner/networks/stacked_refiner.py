@@ -60,11 +60,10 @@ class StackedInputRefiner(nn.Module):
         super().__init__()
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
-        if optimize is not None:
-            from ultrarefiner.engines.inference.fast_inference import OPTIMIZE_MODES
+        if optimize is not None:  # None is "off" here (training, export), not resolve_optimize's "auto"
+            from ultrarefiner.engines.inference.fast_inference import check_optimize
 
-            if str(optimize).strip().lower() not in OPTIMIZE_MODES:
-                raise ValueError(f"optimize must be None or one of {', '.join(OPTIMIZE_MODES)}, got {optimize!r}")
+            check_optimize(optimize, name="optimize (or None)")
         self.optimize = optimize
         self._fast = _EncoderSnapshots()
         for name, child in refiner.named_children():  # registered without a prefix: keys stay "sam.*"

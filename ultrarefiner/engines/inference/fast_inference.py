@@ -39,8 +39,8 @@ from torch import nn
 
 from ultrarefiner.utils.amp import autocast
 
-__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FrozenEncoder", "check_tta", "default_batch_size", "fast_encoder",
-           "flip_tta_mean", "hflip", "native_bf16_cpu", "resolve_optimize", "same_size_batches"]
+__all__ = ["OPTIMIZE_MODES", "TTA_MODES", "FrozenEncoder", "check_optimize", "check_tta", "default_batch_size",
+           "fast_encoder", "flip_tta_mean", "hflip", "native_bf16_cpu", "resolve_optimize", "same_size_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ def check_tta(tta: str | None) -> str:
     if value not in TTA_MODES:
         raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     return value
+
+
+def check_optimize(optimize: str, name: str = "--optimize") -> str:
+    """An encoder speed option, stripped and lower-cased; not one of ``OPTIMIZE_MODES``: ValueError naming ``name``."""
+    mode = str(optimize).strip().lower()
+    if mode not in OPTIMIZE_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(OPTIMIZE_MODES)}, got {optimize!r}")
+    return mode
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +96,7 @@ def resolve_optimize(optimize: str | None, device: torch.device) -> str:
     masks) Dice +0.0000 [95% CI -0.0006, +0.0006] against float32; ``predict`` (phase-3 model, 129 images) see the
     ultrarefiner bundle README. ``jit_freeze`` gives float32 results on any CPU.
     """
-    mode = "auto" if optimize in (None, "") else str(optimize).strip().lower()
-    if mode not in OPTIMIZE_MODES:
-        raise ValueError(f"--optimize must be one of {', '.join(OPTIMIZE_MODES)}, got {optimize!r}")
+    mode = "auto" if optimize in (None, "") else check_optimize(optimize)
     if mode == "auto":
         if device.type == "cuda":
             return "channels_last"
