@@ -249,6 +249,8 @@ def test_inference(trained, tmp_path):
     data, _ = trained
     images = data / "processed" / "BUSI" / "images"
     shutil.copytree(data / "processed" / "BUSI" / "masks", tmp_path / "coarse")
+    first = sorted((tmp_path / "coarse").glob("*.png"))[0]  # the output checked below: given as a 0/1 label map
+    Image.fromarray(np.asarray(Image.open(first)) // 255).save(first)
     res = bundle_cmd("run", BUNDLE, ["inference.json"], {
         "input_dir": str(images), "coarse_dir": str(tmp_path / "coarse"), "output_dir": str(tmp_path / "pred"),
         "ckpt_path": str(data / "models" / "model.pt"), "sam_def": TINY_SAM, "sam_checkpoint": ""})
@@ -260,10 +262,33 @@ def test_inference(trained, tmp_path):
     refiner = tiny_refiner().eval()
     load_refiner_checkpoint(refiner, data / "models" / "model.pt")
     image = torch.from_numpy(read_image(images / name).astype(np.float32))[None, None]
-    coarse = torch.from_numpy(read_image(tmp_path / "coarse" / name).astype(np.float32) / 255)[None, None]
+    assert name == first.name
+    coarse = torch.from_numpy(read_image(data / "processed" / "BUSI" / "masks" / name).astype(np.float32) / 255)
+    coarse = coarse[None, None]
     with torch.no_grad():
         ref = refiner(image=image, coarse=coarse)["masks"][0, 0] > 0
     assert got.shape == tuple(image.shape[-2:]) and np.array_equal(got, ref.numpy())
+
+
+def test_inference_preprocessing_reads_label_maps_and_refuses_other_sizes(data, tmp_path):
+    """inference.json's preprocessing: a 0/1 coarse mask is its 0/255 twin (read as 0-255 intensities it was a
+    blank probability map, at most 1/255); a coarse mask of another size is refused, naming both files."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / BUNDLE / "configs" / "inference.json"))
+    preprocessing = parser.get_parsed_content("preprocessing")
+    images = data / "processed" / "BUSI"
+    image, mask = sorted((images / "images").glob("*.png"))[0], sorted((images / "masks").glob("*.png"))[0]
+    levels = np.asarray(Image.open(mask))
+    assert levels.max() == 255
+    Image.fromarray(levels // 255).save(tmp_path / "levels01.png")
+    Image.fromarray(levels[:-8]).save(tmp_path / "short.png")
+    twin = preprocessing({"image": str(image), "coarse": str(mask)})["image"]
+    got = preprocessing({"image": str(image), "coarse": str(tmp_path / "levels01.png")})["image"]
+    assert float(twin[1].max()) == 1.0 and torch.equal(got, twin)
+    with pytest.raises(RuntimeError) as error:  # MONAI's "applying transform", from the transform's own error
+        preprocessing({"image": str(image), "coarse": str(tmp_path / "short.png")})
+    cause = error.value.__cause__
+    assert isinstance(cause, BadInputError) and "short.png" in str(cause) and image.name in str(cause)
 
 
 def test_multi_gpu_config_with_gloo(data):

@@ -100,6 +100,26 @@ def test_cli_names_default_and_bad_inputs(folders, tmp_path, capsys):
         evaluate_folders(labels, {"a": empty})
 
 
+def test_0_1_labels_score_as_0_255_and_blank_labels_are_counted(folders, tmp_path, capsys):
+    """Labels written as 0/1 label maps (nnU-Net, MONAI's SaveImage) score as their 0/255 twins (read by luminance
+    they were blank: every Dice 0); a label that stays blank (here a class-index map, lesion = 2) is counted and
+    named on the console."""
+    labels, coarse, _ = folders
+    levels01 = tmp_path / "labels01"
+    levels01.mkdir()
+    for f in labels.glob("*.png"):
+        Image.fromarray(np.asarray(Image.open(f)) // 255).save(levels01 / f.name)
+    want = evaluate_folders(labels, {"coarse": coarse}, n_bootstrap=50)
+    got = evaluate_folders(levels01, {"coarse": coarse}, n_bootstrap=50)
+    assert want["n"] == 3 and want["means"]["coarse"]["dice"] > 0.4
+    assert got["columns"] == want["columns"] and got["n_blank_labels"] == want["n_blank_labels"] == 0
+    Image.fromarray(np.asarray(Image.open(labels / "img0.png")) // 255 * 2).save(levels01 / "img0.png")
+    main(["evaluate", "--labels", str(levels01), "--predictions", str(coarse), "--output_dir", str(tmp_path / "e")])
+    assert "1 label(s) have no lesion pixel" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "e" / "metrics.csv", encoding="utf-8")))
+    assert {r["image"]: r["label_area"] for r in rows}["img0"] == "0"
+
+
 def test_two_files_of_one_stem_are_reported_not_guessed(folders):
     labels, coarse, refined = folders
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(coarse / "img1.bmp")  # img1.png's twin: which one to score?

@@ -148,6 +148,7 @@ def test_cli_masks_overlays_and_report(cli_run):
     saved = json.loads((out / "report.json").read_text())
     summary = saved["summary"]
     assert summary["n_images"] == 2 and summary["n_labelled"] == 2 and summary["n_skipped"] == 5
+    assert summary["n_blank_labels"] == 0 and "no lesion pixel" not in res.stdout
     dice = summary["refined_vs_coarse"]["dice"]
     assert {"mean_a", "mean_b", "mean_diff", "ci95", "improved", "worsened", "unchanged"} <= set(dice)
     assert len(dice["ci95"]) == 2 and dice["n"] == 2
@@ -242,6 +243,33 @@ class _StubRefiner(torch.nn.Module):
                           for i, s in enumerate(original_sizes)],
                 "iou_predictions": iou,
                 "selection_weights": torch.nn.functional.one_hot(torch.full((b,), 2), 3).float()}
+
+
+def test_0_1_label_maps_are_refined_and_scored_as_0_255_masks(tmp_path, monkeypatch):
+    """Coarse masks and labels written as 0/1 label maps (nnU-Net, MONAI's SaveImage) are the masks they are: the
+    same refined mask and the same scores as their 0/255 twins. Read by luminance, the coarse mask was skipped as
+    blank and the label was empty, every Dice 0 without a word. Labels that stay blank are counted and named."""
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _StubRefiner())
+    image, label, coarse = _scene(0, 40, 48)
+    for stem, scale in (("levels255", 1), ("levels01", 255), ("classes02", 255)):
+        save(tmp_path / "img" / f"{stem}.png", image)
+        save(tmp_path / "msk" / f"{stem}.png", coarse // scale)
+        save(tmp_path / "lab" / f"{stem}.png", label // scale * (2 if stem == "classes02" else 1))
+    out = tmp_path / "out"
+    report = engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, labels=tmp_path / "lab", zero_shot=True,
+                                  batch_size=1, device="cpu", num_workers=0, writers=0, optimize="none")
+    assert report["summary"]["n_skipped"] == 0
+    rows = {r["stem"]: r for r in report["images"]}
+    assert rows["levels255"]["refined_dice"] > 0.3  # the stub's refined mask is the coarse one: Dice 0.48
+    for key in ("label_area", "coarse_area", "refined_area", "coarse_dice", "refined_dice", "refined_hd95"):
+        assert rows["levels01"][key] == rows["levels255"][key], key
+    masks = [np.asarray(Image.open(out / "masks" / f"{stem}.png")) for stem in ("levels01", "levels255")]
+    assert np.array_equal(*masks)
+    # a class-index map (lesion = 2) is no 0/1 map: its blank label is counted and named, not scored in silence
+    assert rows["levels255"]["label_area"] > 0 and rows["classes02"]["label_area"] == 0
+    assert report["summary"]["n_blank_labels"] == 1
+    assert "1 label(s) have no lesion pixel" in engine.format_summary(report)
+    assert "label_area" in _csv(out / "report.csv")[0]
 
 
 def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):

@@ -15,10 +15,11 @@ def evaluate(
 ) -> None:
     """Score folders of predicted masks against a folder of labels, and compare each folder with the first.
 
-    Masks are matched by file stem (PNG, JPEG, BMP, TIFF; lesion = luminance > 127). Metrics per image at native
-    resolution: Dice, IoU, precision, recall, accuracy, HD95 (pixels) and NSD (2 px). Each folder after the first is
-    compared with the first image by image: mean difference with its 95% paired bootstrap CI, images improved and
-    worsened. Only images that every folder has are scored; the others are listed in the summary's "skipped".
+    Masks are matched by file stem (PNG, JPEG, BMP, TIFF; lesion = luminance > 127, or 1 in a 0/1 label map).
+    Metrics per image at native resolution: Dice, IoU, precision, recall, accuracy, HD95 (pixels) and NSD (2 px).
+    Each folder after the first is compared with the first image by image: mean difference with its 95% paired
+    bootstrap CI, images improved and worsened. Only images that every folder has are scored; the others are listed
+    in the summary's "skipped".
     Writes <output_dir>/metrics.csv (one row per image), <output_dir>/summary.json and <output_dir>/comparison.csv
     (one row per comparison and metric), as the bundles' evaluation reports do.
 

@@ -47,6 +47,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_gray_uint8(_open(path))
 
 
+def label_map_levels(gray: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 mask levels with a 0/1 label map (the values nnU-Net and MONAI's ``SaveImage`` write for a
+    binary label) scaled to 0/255; any other mask (0/255, probability * 255, blank) as it is.
+
+    Read as luminance, a 0/1 map would be blank at any threshold: its lesion would vanish without a word."""
+    return gray * np.uint8(255) if gray.max() == 1 else gray
+
+
+def read_soft_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask or soft prediction as (H, W) uint8 on the 0-255 scale: 0/255 masks and probability * 255 maps as
+    they are, 0/1 label maps as 0/255 (``label_map_levels``)."""
+    return label_map_levels(read_image(path))
+
+
 def _alpha(img: Image.Image) -> np.ndarray | None:
     """The alpha channel (H, W) uint8 of an image with transparency (RGBA, LA, PA, P with a transparent colour)."""
     if not img.has_transparency_data:
@@ -61,7 +75,8 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
         path: the mask file.
         colour_coded: masks whose class is a colour (BUS_UCLM: green benign, red malignant, black
             background): any non-black pixel is lesion. Otherwise lesion = luminance > 127, which is right
-            for 1-bit, 8-bit, 16-bit, RGB and RGBA with a constant alpha.
+            for 1-bit, 8-bit, 16-bit, RGB and RGBA with a constant alpha; an 8-bit 0/1 label map is lesion
+            where it is 1 (``label_map_levels``).
 
     A varying alpha channel carries the mask too: where the colour is the same everywhere (e.g. white, with
     the background transparent) the mask is the opaque region; otherwise it is what shows over black (bright
@@ -72,7 +87,7 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
     if colour_coded:
         drawn = np.asarray(img.convert("RGB")).max(axis=-1) > 0
     else:
-        drawn = to_gray_uint8(img) > 127
+        drawn = label_map_levels(to_gray_uint8(img)) > 127
     alpha = _alpha(img)
     if alpha is None or alpha.min() == alpha.max():  # a constant alpha carries nothing
         return drawn

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 
 from ultrarefiner.data.augmented import AugmentedShards
 from ultrarefiner.data.datalist import load_split
-from ultrarefiner.data.imaging import read_image, read_mask
+from ultrarefiner.data.imaging import read_image, read_mask, read_soft_mask
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.networks.sam_geometry import SamGeometry
 from ultrarefiner.transforms.failure_simulation import FailurePolicy, SimulateSegmentationFailured
@@ -190,7 +190,8 @@ def load_encoder_image(path: str | os.PathLike, flip: bool, geometry: SamGeometr
 
 
 def read_probability(path: str | os.PathLike, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """A stored soft prediction as (H, W) float32 in [0, 1]: 8-bit PNG (p * 255) or float ``.npy``.
+    """A stored soft prediction as (H, W) float32 in [0, 1]: 8-bit PNG (p * 255; a 0/1 label map as 0/1) or float
+    ``.npy``.
 
     Raises:
       BadInputError: missing/unreadable file, wrong dimensions, values outside [0, 1] or (``expected_shape``) a
@@ -211,7 +212,7 @@ def read_probability(path: str | os.PathLike, expected_shape: tuple[int, int] | 
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise BadInputError(path, "coarse prediction values must be probabilities in [0, 1]")
     else:
-        arr = read_image(path).astype(np.float32) / 255.0  # BadInputError names the file
+        arr = read_soft_mask(path).astype(np.float32) / 255.0  # BadInputError names the file
     if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
         raise BadInputError(path, f"coarse prediction size {tuple(arr.shape)} differs from the image size "
                                   f"{tuple(expected_shape)}")

@@ -51,6 +51,23 @@ class CheckSameSized(MapTransform):
         return d
 
 
+class LabelMapLevelsd(MapTransform):
+    """Scale masks under ``keys`` that are 0/1 label maps to 0/255, before a 0-255 intensity scaling; others (0/255,
+    probability * 255, blank) pass as they are.
+
+    The rule of ``ultrarefiner.data.imaging.label_map_levels``, which ``refine`` and the metrics read masks by: a
+    coarse mask written as 0/1 (nnU-Net, MONAI's ``SaveImage`` of a binary label) would otherwise reach the refiner as
+    a blank probability map (at most 1/255).
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].max() == 1:
+                d[key] = d[key] * 255
+        return d
+
+
 def _source(value: object, key: Hashable) -> str:
     """The file a loaded array came from (MONAI metadata), else the dictionary key."""
     meta = getattr(value, "meta", None) or {}

@@ -13,7 +13,8 @@ columns), ``comparison.summarise`` / ``comparison.compare_pairs`` (summaries, pa
 ``write_csv`` / ``write_comparison_csv`` (report files, written atomically).
 
 Files are matched by stem (``<stem>.png`` in the labels folder and in each predictions folder; any of
-``IMAGE_SUFFIXES``), read with ``read_mask`` (lesion = luminance > 127: 0/255 masks and probability*255 maps at 0.5).
+``IMAGE_SUFFIXES``), read with ``read_mask`` (lesion = luminance > 127: 0/255 masks and probability*255 maps at 0.5;
+1 in a 0/1 label map).
 Only images that every folder has, readable and of the label's size, are scored, so that the comparison stays
 paired; the others are listed in the report's ``skipped`` with the file and the problem, never silently dropped.
 """
@@ -100,8 +101,8 @@ def _read(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
                   metrics: Sequence[str] = METRIC_NAMES) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Rows {image, height, width, <name>_<metric>...} of the images every predictions folder has, and the files
-    skipped [{file, problem}] (module docstring)."""
+    """Rows {image, height, width, label_area, <name>_<metric>...} of the images every predictions folder has, and
+    the files skipped [{file, problem}] (module docstring)."""
     skipped: list[dict[str, str]] = []
     label_files = _masks_by_stem(Path(labels), "labels", skipped)
     folders = {name: Path(p) for name, p in predictions.items()}
@@ -119,7 +120,8 @@ def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.
         except BadInputError as e:
             skipped.append({"file": e.path, "problem": e.reason})
             continue
-        row: dict[str, Any] = {"image": stem, "height": label.shape[0], "width": label.shape[1]}
+        row: dict[str, Any] = {"image": stem, "height": label.shape[0], "width": label.shape[1],
+                               "label_area": int(label.sum())}
         for name, pred in preds.items():
             row.update(score_pair(pred, label, metrics, prefix=f"{name}_"))
         rows.append(row)
@@ -143,16 +145,16 @@ def evaluate_folders(
     Arguments:
       labels: folder of ground-truth masks ``<stem>.png``.
       predictions: name -> folder of predicted masks, in order; the first is the reference of the comparisons.
-      output_dir: where ``metrics.csv`` (one row per image: image, height, width, ``<name>_<metric>`` columns),
-        ``summary.json`` (the returned report) and ``comparison.csv`` (one row per comparison and metric) go,
+      output_dir: where ``metrics.csv`` (one row per image: image, height, width, label_area, ``<name>_<metric>``
+        columns), ``summary.json`` (the returned report) and ``comparison.csv`` (one row per comparison and metric) go,
         written atomically; None: nothing written.
       metrics: metric names (``METRIC_NAMES``).
       n_bootstrap, tolerance, seed: paired comparison settings (``comparison.paired_comparison``).
 
     Returns:
-      dict with "n" (images scored), "means" {name: {metric: mean}}, "columns" {<name>_<metric>: mean, sd, median,
-      n}, "comparisons" {"<name>_vs_<first>": {metric: paired_comparison}}, "skipped" [{"file", "problem"}],
-      "folders" {name: path}, "labels", "metrics".
+      dict with "n" (images scored), "n_blank_labels" (of those, labels without a lesion pixel), "means" {name:
+      {metric: mean}}, "columns" {<name>_<metric>: mean, sd, median, n}, "comparisons" {"<name>_vs_<first>":
+      {metric: paired_comparison}}, "skipped" [{"file", "problem"}], "folders" {name: path}, "labels", "metrics".
     """
     if not predictions:
         raise BadOptionError("predictions: give at least one folder of masks")
@@ -163,7 +165,8 @@ def evaluate_folders(
     names = list(predictions)
     columns = summarise(rows, [f"{n}_{m}" for n in names for m in metrics])
     report = {
-        "n": len(rows), "labels": str(Path(labels)), "folders": {n: str(Path(p)) for n, p in predictions.items()},
+        "n": len(rows), "n_blank_labels": sum(r["label_area"] == 0 for r in rows), "labels": str(Path(labels)),
+        "folders": {n: str(Path(p)) for n, p in predictions.items()},
         "metrics": list(metrics), "means": {n: {m: columns[f"{n}_{m}"]["mean"] for m in metrics} for n in names},
         "columns": columns,
         "comparisons": compare_pairs(rows, [(names[0], n) for n in names[1:]], metrics, tolerance, n_bootstrap, seed),
@@ -171,7 +174,7 @@ def evaluate_folders(
     }
     if output_dir is not None:
         out = Path(output_dir)
-        write_csv(out / "metrics.csv", rows, ["image", "height", "width", *columns])
+        write_csv(out / "metrics.csv", rows, ["image", "height", "width", "label_area", *columns])
         write_json(out / "summary.json", report)
         write_comparison_csv(out / "comparison.csv", {"all": report["comparisons"]})
     return report
@@ -182,8 +185,11 @@ def format_comparison(report: dict[str, Any]) -> str:
     the improved/worsened counts."""
     names = list(report["folders"])
     metrics = report["metrics"]
-    lines = [f"{report['n']} images scored, {len(report['skipped'])} files skipped",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [f"{report['n']} images scored, {len(report['skipped'])} files skipped"]
+    if report.get("n_blank_labels"):  # a folder of blank labels is more often a format than a truth
+        lines.append(f"{report['n_blank_labels']} label(s) have no lesion pixel (lesion = luminance > 127, or 1 in a "
+                     f"0/1 label map): label_area 0 in metrics.csv")
+    lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{report['means'][n][m]:.4f}" for n in names) + " |" for m in metrics]
     for title, per_metric in report["comparisons"].items():
         lines += ["", f"{title}: difference [95% CI], improved / worsened", "| metric | difference | improved | "

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import ultrarefiner
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask, read_soft_mask
 from ultrarefiner.engines.evaluation.comparison import compare_columns, summarise
 from ultrarefiner.engines.evaluation.contours import overlay_coarse_refined
 from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
@@ -230,12 +230,11 @@ class _SampleDataset(torch.utils.data.Dataset):
         image = read_image(item["image"])
         if min(image.shape) < 2:
             return bad(item["image"], f"image too small {image.shape}")
-        coarse = read_image(item["mask"])  # uint8 0..255: binary 0/255 or probability * 255
+        coarse = read_soft_mask(item["mask"])  # uint8 0..255: binary 0/255 (or 0/1) or probability * 255
         if coarse.shape != image.shape:
             return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}")
         if int(coarse.max()) <= 255 * THRESHOLD:
-            hint = " (values 0/1: write masks as 0/255)" if int(coarse.max()) == 1 else ""
-            return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine{hint}")
+            return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
             label = read_mask(item["label"])
@@ -446,7 +445,8 @@ def _metrics(coarse: np.ndarray, refined: np.ndarray, label: np.ndarray) -> dict
 
 # ------------------------------------------------------------------------------------------------ report
 def _columns(rows: Sequence[dict]) -> list[str]:
-    cols = ["stem", "image", "mask", "label", "height", "width", "pred_iou", "coarse_area", "refined_area"]
+    cols = ["stem", "image", "mask", "label", "height", "width", "pred_iou", "coarse_area", "refined_area",
+            "label_area"]
     cols += [f"{k}_{m}" for m in METRIC_NAMES for k in ("coarse", "refined")]
     return [c for c in cols if any(c in r for r in rows)]
 
@@ -458,6 +458,8 @@ def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any
     out: dict[str, Any] = {"n_images": len(rows), "n_refined_now": n_new, "n_resumed": len(rows) - n_new,
                            "n_skipped": len(skipped), "n_labelled": len(labelled), "metrics": summarise(rows, cols)}
     if labelled:
+        # a folder of blank labels is more often a format than a truth (a 0/2 class map, inverted levels)
+        out["n_blank_labels"] = sum(r.get("label_area") == 0 for r in labelled)
         out["refined_vs_coarse"] = compare_columns(labelled, "coarse", "refined", METRIC_NAMES)
     return out
 
@@ -481,12 +483,16 @@ def format_summary(report: dict[str, Any]) -> str:
     comp = s.get("refined_vs_coarse")
     if comp:
         lines.append(f"with labels: {s['n_labelled']} image(s)")
-        lines.append(f"{'metric':<10s}{'coarse':^18s}{'refined':^18s}  refined-coarse [95% CI]"
+        if s.get("n_blank_labels"):
+            lines.append(f"{s['n_blank_labels']} label(s) have no lesion pixel (lesion = luminance > 127, or 1 in a "
+                         f"0/1 label map): label_area 0 in report.csv")
+        # columns wide enough for HD95 in pixels (hundreds, sd too) next to the [0, 1] metrics
+        lines.append(f"{'metric':<10s}{'coarse':^20s} {'refined':^20s}  refined-coarse [95% CI]"
                      f"          improved/worsened/unchanged")
         for name, c in comp.items():
             a, b = m[f"coarse_{name}"], m[f"refined_{name}"]
-            lines.append(f"{name:<10s}{_fmt(a['mean']):>8s} ± {_fmt(a['sd']):<7s}{_fmt(b['mean']):>8s} ± "
-                         f"{_fmt(b['sd']):<7s}  {_fmt(c['mean_diff'], True)} [{_fmt(c['ci95'][0], True)}, "
+            lines.append(f"{name:<10s}{_fmt(a['mean']):>9s} ± {_fmt(a['sd']):<8s} {_fmt(b['mean']):>9s} ± "
+                         f"{_fmt(b['sd']):<8s}  {_fmt(c['mean_diff'], True)} [{_fmt(c['ci95'][0], True)}, "
                          f"{_fmt(c['ci95'][1], True)}]   {c['improved']}/{c['worsened']}/{c['unchanged']}")
     return "\n".join(lines)
 
@@ -674,7 +680,7 @@ def _save(sample: dict, refined: np.ndarray, iou: float, out: Path, nifti: bool,
     record.update(height=int(h), width=int(w), pred_iou=round(float(iou), 6), coarse_area=int(coarse.sum()),
                   refined_area=int(refined.sum()))
     if label is not None:
-        record.update(_metrics(coarse, refined, label))
+        record.update(label_area=int(label.sum()), **_metrics(coarse, refined, label))
     record["refiner"] = name
     return record
 

@@ -83,13 +83,11 @@ def _save_prob(path: Path, prob: np.ndarray) -> None:
 
 def write_overlays(folder: Path, entries: list[dict], probs: list[np.ndarray], n: int = 8) -> None:
     """Overlay PNGs (ground truth green, prediction > 0.5 red) of the first ``n`` entries, for a quick look."""
-    from PIL import Image
-
     from ultrarefiner.engines.evaluation.overlays import overlay_contours
 
     for e, p in list(zip(entries, probs, strict=True))[:n]:
-        image = np.asarray(Image.open(e["image"]).convert("L"), np.float32) / 255.0
-        label = np.asarray(Image.open(e["label"]).convert("L")) > 127
+        image = read_image(e["image"]).astype(np.float32) / 255.0
+        label = read_mask(e["label"])
         write_png(folder / f"{Path(e['image']).stem}.png", overlay_contours(image, label, p > 0.5), PICTURE_PNG_LEVEL)
 
 
