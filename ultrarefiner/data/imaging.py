@@ -48,11 +48,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def label_map_levels(gray: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 mask levels with a 0/1 label map (the values nnU-Net and MONAI's ``SaveImage`` write for a
-    binary label) scaled to 0/255; any other mask (0/255, probability * 255, blank) as it is.
+    """Mask levels on the 0-255 scale (uint8 array, or the tensor a MONAI reader loads) with a 0/1 label map (the
+    values nnU-Net and MONAI's ``SaveImage`` write for a binary label) scaled to 0/255; any other mask (0/255,
+    probability * 255, blank) as it is. Same type and dtype as ``gray``.
 
     Read as luminance, a 0/1 map would be blank at any threshold: its lesion would vanish without a word."""
-    return gray * np.uint8(255) if gray.max() == 1 else gray
+    return gray * 255 if gray.max() == 1 else gray
 
 
 def read_soft_mask(path: str | os.PathLike) -> np.ndarray:

@@ -16,8 +16,8 @@ import numpy as np
 
 from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
 
-__all__ = ["LOWER_IS_BETTER", "bootstrap_ci", "compare_columns", "compare_pairs", "pair_name", "paired_comparison",
-           "summarise"]
+__all__ = ["LOWER_IS_BETTER", "blank_labels_note", "bootstrap_ci", "compare_columns", "compare_pairs", "pair_name",
+           "paired_comparison", "summarise"]
 
 LOWER_IS_BETTER = frozenset({"hd95"})
 
@@ -34,6 +34,15 @@ def summarise(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict
             "n": int(len(v)),
         }
     return out
+
+
+def blank_labels_note(n_blank: int, table: str) -> list[str]:
+    """The console line naming labels without a lesion pixel (none when ``n_blank`` is 0): a folder of blank labels
+    is more often a format than a truth (a 0/2 class map, inverted levels). ``table``: the CSV with ``label_area``."""
+    if not n_blank:
+        return []
+    return [f"{n_blank} label(s) have no lesion pixel (lesion = luminance > 127, or 1 in a 0/1 label map): "
+            f"label_area 0 in {table}"]
 
 
 def bootstrap_ci(diff: Sequence[float], n_bootstrap: int = 2000, level: float = 0.95,

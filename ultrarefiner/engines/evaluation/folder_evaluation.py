@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_mask
-from ultrarefiner.engines.evaluation.comparison import compare_pairs, summarise
+from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_pairs, summarise
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.inference.refine_folder import files_by_stem
 from ultrarefiner.errors import BadInputError, BadOptionError
@@ -185,11 +185,9 @@ def format_comparison(report: dict[str, Any]) -> str:
     the improved/worsened counts."""
     names = list(report["folders"])
     metrics = report["metrics"]
-    lines = [f"{report['n']} images scored, {len(report['skipped'])} files skipped"]
-    if report.get("n_blank_labels"):  # a folder of blank labels is more often a format than a truth
-        lines.append(f"{report['n_blank_labels']} label(s) have no lesion pixel (lesion = luminance > 127, or 1 in a "
-                     f"0/1 label map): label_area 0 in metrics.csv")
-    lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [f"{report['n']} images scored, {len(report['skipped'])} files skipped",
+             *blank_labels_note(report.get("n_blank_labels", 0), "metrics.csv"),
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{report['means'][n][m]:.4f}" for n in names) + " |" for m in metrics]
     for title, per_metric in report["comparisons"].items():
         lines += ["", f"{title}: difference [95% CI], improved / worsened", "| metric | difference | improved | "

@@ -41,7 +41,7 @@ import torch
 
 import ultrarefiner
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask, read_soft_mask
-from ultrarefiner.engines.evaluation.comparison import compare_columns, summarise
+from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_columns, summarise
 from ultrarefiner.engines.evaluation.contours import overlay_coarse_refined
 from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
 from ultrarefiner.errors import BadInputError, BadOptionError, UltraRefinerError
@@ -458,7 +458,6 @@ def _summary(rows: list[dict], skipped: list[dict], n_new: int) -> dict[str, Any
     out: dict[str, Any] = {"n_images": len(rows), "n_refined_now": n_new, "n_resumed": len(rows) - n_new,
                            "n_skipped": len(skipped), "n_labelled": len(labelled), "metrics": summarise(rows, cols)}
     if labelled:
-        # a folder of blank labels is more often a format than a truth (a 0/2 class map, inverted levels)
         out["n_blank_labels"] = sum(r.get("label_area") == 0 for r in labelled)
         out["refined_vs_coarse"] = compare_columns(labelled, "coarse", "refined", METRIC_NAMES)
     return out
@@ -483,9 +482,7 @@ def format_summary(report: dict[str, Any]) -> str:
     comp = s.get("refined_vs_coarse")
     if comp:
         lines.append(f"with labels: {s['n_labelled']} image(s)")
-        if s.get("n_blank_labels"):
-            lines.append(f"{s['n_blank_labels']} label(s) have no lesion pixel (lesion = luminance > 127, or 1 in a "
-                         f"0/1 label map): label_area 0 in report.csv")
+        lines += blank_labels_note(s.get("n_blank_labels", 0), "report.csv")
         # columns wide enough for HD95 in pixels (hundreds, sd too) next to the [0, 1] metrics
         lines.append(f"{'metric':<10s}{'coarse':^20s} {'refined':^20s}  refined-coarse [95% CI]"
                      f"          improved/worsened/unchanged")
