@@ -448,6 +448,16 @@ def rf_mask_size(w, tmp, capsys, monkeypatch):
     return _refine(tmp, capsys, images, masks, "--zero_shot")
 
 
+def rf_logit_mask(w, tmp, capsys, monkeypatch):
+    images, masks = _refine_folders(tmp)
+    save(images / "b.png", scan(2))
+    logits = np.where(blob() > 0, 4.0, -6.0).astype(np.float32)  # a segmenter's raw output, not probabilities
+    Image.fromarray(logits, mode="F").save(masks / "b.tif")
+    code, out = _refine(tmp, capsys, images, masks, "--zero_shot")
+    assert "b.tif" in (tmp / "out" / "skipped.csv").read_text()
+    return code, out
+
+
 def rf_ckpt(which: str) -> Callable:
     def case(w, tmp, capsys, monkeypatch):
         images, masks = _refine_folders(tmp)
@@ -658,6 +668,7 @@ CASES: list[dict] = [
     # refine
     dict(id="refine-corrupt-png", command=F, exit=0, message="1 sample(s) skipped", run=rf_corrupt),
     dict(id="refine-mask-size", command=F, exit=0, message="differs from the image size", run=rf_mask_size),
+    dict(id="refine-logit-mask", command=F, exit=0, message="1 sample(s) skipped", run=rf_logit_mask),
     dict(id="refine-phase3-checkpoint", command=F, exit=2,
          message="is a phase-3 UltraRefiner checkpoint (bundles/ultrarefiner); a sam_refiner model needs a phase-2",
          run=rf_ckpt("phase3")),

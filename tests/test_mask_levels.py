@@ -1,16 +1,23 @@
-"""Masks written as 0/1 label maps (nnU-Net's and MONAI's ``SaveImage`` convention for a binary label) are read as
-the masks they are, wherever UltraRefiner reads a mask: labels, coarse masks and the datasets ``preprocess`` reads.
-Read by luminance (> 127) they were blank: a label without its lesion scores every prediction 0 without a word."""
+"""Masks are read by what their stored values are, wherever UltraRefiner reads a mask: labels, coarse masks and the
+datasets ``preprocess`` reads (``mask_levels``).
+
+- 0/1 label maps (nnU-Net's and MONAI's ``SaveImage`` convention for a binary label): read by luminance (> 127)
+  they were blank, and a label without its lesion scores every prediction 0 without a word.
+- Float probabilities and 16-bit levels (MONAI's ``SaveImage`` scales probabilities by 65535): rescaled by their
+  maximum as images are, a soft mask whose highest probability is 0.4 became a lesion."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import blob, save, scan
-from ultrarefiner.data.imaging import label_map_levels, read_mask, read_soft_mask
+from ultrarefiner.data.imaging import mask_levels, read_mask, read_soft_mask
 from ultrarefiner.data.preprocess import preprocess
 from ultrarefiner.data.refiner_data import read_probability
+from ultrarefiner.engines.inference.refine_folder import read_samples
+from ultrarefiner.errors import BadInputError
 
 
 @pytest.mark.parametrize("mode", [None, "RGB", "P"])
@@ -31,7 +38,7 @@ def test_other_levels_keep_their_meaning(tmp_path):
     assert np.array_equal(read_soft_mask(tmp_path / "soft.png"), soft)
     blank = np.zeros((8, 8), np.uint8)
     assert not read_mask(save(tmp_path / "blank.png", blank)).any()
-    assert np.array_equal(label_map_levels(blank), blank)
+    assert np.array_equal(mask_levels(blank), blank)
 
 
 def test_preprocess_keeps_a_dataset_of_0_1_masks(tmp_path):
@@ -44,3 +51,61 @@ def test_preprocess_keeps_a_dataset_of_0_1_masks(tmp_path):
     assert report["datasets"]["LEVELS01"]["samples"] == 5  # none excluded as blank
     written = read_mask(tmp_path / "out" / "LEVELS01" / "masks" / "case_0.png")
     assert np.array_equal(written, blob() > 0)
+
+
+def soft(peak: float) -> np.ndarray:
+    """(40, 48) float32 probabilities: 0.05 background, 0.3 over the blob, ``peak`` at its core."""
+    p = np.where(blob() > 0, 0.3, 0.05).astype(np.float32)
+    p[16:24, 20:28] = peak
+    return p
+
+
+def write(path, p: np.ndarray, storage: str):
+    """Store probabilities ``p`` as a float TIFF or a 16-bit PNG (p * 65535, MONAI's ``SaveImage`` scale)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(p, mode="F") if storage == "float" else Image.fromarray(np.round(p * 65535).astype(np.uint16))
+    img.save(path)
+    assert Image.open(path).mode == ("F" if storage == "float" else "I;16")
+    return path
+
+
+@pytest.mark.parametrize("storage", ["float", "uint16"])
+def test_soft_masks_keep_their_probabilities(tmp_path, storage):
+    suffix = ".tif" if storage == "float" else ".png"
+    unsure = write(tmp_path / "masks" / f"unsure{suffix}", soft(0.45), storage)  # no pixel reaches 0.5: no lesion
+    assert int(read_soft_mask(unsure).max()) == round(0.45 * 255)
+    assert not read_mask(unsure).any()
+    sure = write(tmp_path / "masks" / f"sure{suffix}", soft(0.9), storage)
+    core = soft(0.9) > 0.5
+    assert np.array_equal(read_mask(sure), core)  # the 0.3 halo stays out: threshold 0.5, not 0.9 / 2
+    assert np.abs(read_soft_mask(sure).astype(int) - np.round(soft(0.9) * 255)).max() <= 1
+    # refine skips the unsure mask as blank, and refines the sure one
+    save(tmp_path / "images" / "unsure.png", scan(1))
+    save(tmp_path / "images" / "sure.png", scan(2))
+    good, skipped = read_samples(tmp_path / "images", tmp_path / "masks")
+    assert [s["stem"] for s in good] == ["sure"] and np.array_equal(good[0]["coarse"] > 127, core)
+    assert [s["stem"] for s in skipped] == ["unsure"] and "blank coarse mask" in skipped[0]["reason"]
+
+
+def test_16_bit_masks_by_their_levels(tmp_path):
+    mask = blob() > 0
+    for top in (1, 255, 4095, 65535):  # a label map, 8-bit levels, a 12-bit binary mask, full 16-bit
+        path = save(tmp_path / f"levels{top}.png", mask.astype(np.uint16) * top)
+        assert Image.open(path).mode == "I;16"
+        assert np.array_equal(read_mask(path), mask), top
+        assert set(np.unique(read_soft_mask(path))) == {0, 255}, top
+    three = mask.astype(np.uint16) * 65535
+    three[0, 0] = 1000  # more than two levels: 16-bit probabilities, 1000 / 65535 is background
+    assert np.array_equal(read_mask(save(tmp_path / "three.png", three)), mask)
+
+
+@pytest.mark.parametrize("values, problem", [(np.nan, "NaN or infinite"), (-3.5, "negative values"),
+                                             (1000.5, "values up to 1000.5")])
+def test_float_masks_with_values_that_are_no_levels_are_refused(tmp_path, values, problem):
+    p = soft(0.9)
+    p[0, 0] = values
+    path = write(tmp_path / "bad.tif", p, "float")
+    for reader in (read_mask, read_soft_mask):
+        with pytest.raises(BadInputError, match=problem) as error:
+            reader(path)
+        assert error.value.path == str(path)

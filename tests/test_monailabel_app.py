@@ -451,7 +451,7 @@ def test_bad_requests_get_4xx_naming_the_problem(server):
     assert "truncated.png" in detail and "truncated" in detail.split(":", 1)[1]
     for model in ("sam_refiner", "lite_medsam"):
         detail = _detail(*server.infer(model, "garbage", roi), 422, server)
-        assert "garbage.png" in detail and "not a readable" in detail
+        assert "garbage.png" in detail and "unreadable image" in detail
     detail = _detail(*server.infer("sam_refiner", image, {}, files={"label": server.tmp / "studies" / "garbage.png"}),
                      422, server)
     assert detail.startswith("label:")

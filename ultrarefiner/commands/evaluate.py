@@ -15,7 +15,8 @@ def evaluate(
 ) -> None:
     """Score folders of predicted masks against a folder of labels, and compare each folder with the first.
 
-    Masks are matched by file stem (PNG, JPEG, BMP, TIFF; lesion = luminance > 127, or 1 in a 0/1 label map).
+    Masks are matched by file stem (PNG, JPEG, BMP, TIFF; lesion = above half the mask's scale, > 127 in 8 bits, 1 in
+    a 0/1 label map, p > 0.5 in a float TIFF, > 32767 in 16 bits).
     Metrics per image at native resolution: Dice, IoU, precision, recall, accuracy, HD95 (pixels) and NSD (2 px).
     Each folder after the first is compared with the first image by image: mean difference with its 95% paired
     bootstrap CI, images improved and worsened. Only images that every folder has are scored; the others are listed

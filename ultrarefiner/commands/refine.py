@@ -27,12 +27,12 @@ def refine(
 ) -> None:
     """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
 
-    Images (PNG, JPEG, BMP, TIFF; read as 8-bit grayscale) and coarse masks (PNG: binary 0/255 or 0/1, or
-    probability*255) are matched by file stem. Writes <output_dir>/masks/<stem>.png (refined, 0/255, the image's
-    native size; with --nifti also <stem>.nii.gz), <output_dir>/overlays/<stem>.png (label green, coarse blue,
-    refined red), report.csv and report.json (predicted IoU and mask areas per image; with --labels Dice, IoU,
-    HD95... of coarse and refined masks and their paired comparison with a bootstrap 95% CI), progress.jsonl and
-    skipped.csv.
+    Images (PNG, JPEG, BMP, TIFF; read as 8-bit grayscale) and coarse masks (binary 0/255 or 0/1, probability*255,
+    16-bit probability*65535 as MONAI's SaveImage writes, or float probabilities in a TIFF) are matched by file
+    stem. Writes <output_dir>/masks/<stem>.png (refined, 0/255, the image's native size; with --nifti also
+    <stem>.nii.gz), <output_dir>/overlays/<stem>.png (label green, coarse blue, refined red), report.csv and
+    report.json (predicted IoU and mask areas per image; with --labels Dice, IoU, HD95... of coarse and refined
+    masks and their paired comparison with a bootstrap 95% CI), progress.jsonl and skipped.csv.
     Re-running the same command resumes: finished images are not refined again. Bad samples (unreadable files, a
     missing, blank or differently sized mask) are listed in skipped.csv; the command fails only when no image could
     be refined.

@@ -17,7 +17,9 @@ from ultrarefiner.errors import BadInputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The decoded PIL image; BadInputError naming the file when it is missing, unreadable, truncated or a
+    decompression bomb."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -30,12 +32,29 @@ def _open(path: str | os.PathLike) -> Image.Image:
     return img
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16/32-bit integer and float pixels
+
+
+def _source(img: Image.Image) -> str:
+    """The file a PIL image was opened from (for error messages)."""
+    return str(getattr(img, "filename", "") or "image")
+
+
 def to_gray_uint8(img: Image.Image) -> np.ndarray:
-    """(H, W) uint8: luminance for colour images; 16-bit and float images rescaled by their maximum."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """(H, W) uint8: luminance for colour images; 16-bit and float images rescaled by their maximum (from their
+    minimum when it is negative: float images of z-scores or Hounsfield-like values, which would wrap around in 8
+    bits).
+
+    Raises:
+      BadInputError: a float image with NaN or infinite values; names the file.
+    """
+    if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
-        top = arr.max()
-        return np.zeros(arr.shape, np.uint8) if top <= 0 else np.round(arr / top * 255).astype(np.uint8)
+        if not np.isfinite(arr).all():
+            raise BadInputError(_source(img), "image holds NaN or infinite values")
+        low = min(arr.min(initial=0), 0.0)  # black stays black unless values go below 0
+        span = arr.max(initial=0) - low
+        return np.zeros(arr.shape, np.uint8) if span <= 0 else np.round((arr - low) / span * 255).astype(np.uint8)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     # "L" conversion uses ITU-R 601 luminance and drops alpha (alpha may be 255 everywhere in masks)
@@ -44,22 +63,67 @@ def to_gray_uint8(img: Image.Image) -> np.ndarray:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as (H, W) uint8 grayscale."""
-    return to_gray_uint8(_open(path))
+    return to_gray_uint8(open_image(path))
 
 
-def label_map_levels(gray: np.ndarray) -> np.ndarray:
-    """Mask levels on the 0-255 scale (uint8 array, or the tensor a MONAI reader loads) with a 0/1 label map (the
-    values nnU-Net and MONAI's ``SaveImage`` write for a binary label) scaled to 0/255; any other mask (0/255,
-    probability * 255, blank) as it is. Same type and dtype as ``gray``.
+def mask_levels(values: np.ndarray, path: str | os.PathLike = "mask") -> np.ndarray:
+    """(H, W) uint8 mask levels on the 0-255 scale (lesion > 127; a soft mask keeps p * 255) from a mask's stored
+    values, by what their range says they are:
 
-    Read as luminance, a 0/1 map would be blank at any threshold: its lesion would vanish without a word."""
-    return gray * 255 if gray.max() == 1 else gray
+    - at most 1: a 0/1 label map (nnU-Net, MONAI's ``SaveImage`` of a binary label) or float probabilities: x 255;
+    - at most 255: 8-bit levels (0/255, probability * 255), also when stored in 16 bits or as floats;
+    - 256-65535, integers: 16-bit levels (MONAI's ``SaveImage`` scales probabilities by 65535), or a binary mask
+      when only 0 and one other value occur (e.g. 0/4095).
+
+    Rescaling by the maximum, as images are, would turn a soft mask whose highest probability is 0.4 into a lesion.
+
+    Raises:
+      BadInputError: NaN or infinite values, negative values (logits?) or floats above 255; names ``path``.
+    """
+    if values.dtype == np.uint8:
+        return values * np.uint8(255) if values.max(initial=0) == 1 else values
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise BadInputError(path, "mask holds NaN or infinite values")
+    low, top = v.min(initial=0), v.max(initial=0)
+    if low < 0:
+        raise BadInputError(path, f"mask holds negative values (down to {low:g}; logits?): save probabilities in "
+                                  f"[0, 1] or levels 0-255")
+    if top <= 1:
+        scaled = v * 255
+    elif top <= 255:
+        scaled = v
+    elif top <= 65535 and np.array_equal(v, np.round(v)):
+        two_levels = not np.any((v != 0) & (v != top))
+        scaled = (v > 0) * 255.0 if two_levels else v * (255 / 65535)
+    else:
+        raise BadInputError(path, f"mask values up to {top:g}: expected probabilities in [0, 1], levels 0-255 or "
+                                  f"16-bit levels 0-65535")
+    return np.round(scaled).astype(np.uint8)
+
+
+def _stored_values(img: Image.Image) -> np.ndarray:
+    """(H, W) the pixel values as stored for 16-bit, 32-bit and float images; luminance (uint8) for the others."""
+    return np.asarray(img) if img.mode in WIDE_MODES else to_gray_uint8(img)
 
 
 def read_soft_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask or soft prediction as (H, W) uint8 on the 0-255 scale: 0/255 masks and probability * 255 maps as
-    they are, 0/1 label maps as 0/255 (``label_map_levels``)."""
-    return label_map_levels(read_image(path))
+    """A mask or soft prediction as (H, W) uint8 on the 0-255 scale (``mask_levels``): 0/255 masks and probability
+    * 255 maps as they are, 0/1 label maps as 0/255, float probabilities and 16-bit levels scaled to 0-255."""
+    return mask_levels(_stored_values(open_image(path)), path)
+
+
+def gray_image(img: Image.Image) -> Image.Image:
+    """``read_image``'s rule as a converter for MONAI's ``PILReader(converter=...)``: 8-bit grayscale ("L"), so a
+    bundle config reads images as ``refine`` does (colour as luminance, 16-bit and float rescaled by their maximum,
+    not clipped to white)."""
+    return Image.fromarray(to_gray_uint8(img))
+
+
+def soft_mask_image(img: Image.Image) -> Image.Image:
+    """``read_soft_mask``'s rule (``mask_levels``) as a converter for MONAI's ``PILReader(converter=...)``: 8-bit
+    mask levels ("L"), so a bundle config reads coarse masks as ``refine`` does."""
+    return Image.fromarray(mask_levels(_stored_values(img), _source(img)))
 
 
 def _alpha(img: Image.Image) -> np.ndarray | None:
@@ -76,19 +140,20 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
         path: the mask file.
         colour_coded: masks whose class is a colour (BUS_UCLM: green benign, red malignant, black
             background): any non-black pixel is lesion. Otherwise lesion = luminance > 127, which is right
-            for 1-bit, 8-bit, 16-bit, RGB and RGBA with a constant alpha; an 8-bit 0/1 label map is lesion
-            where it is 1 (``label_map_levels``).
+            for 1-bit, 8-bit, RGB and RGBA with a constant alpha, of the levels ``mask_levels`` reads: a 0/1
+            label map is lesion where it is 1, a float map where p > 0.5, a 16-bit one above 32767 (or wherever
+            it is non-zero when it has two levels).
 
     A varying alpha channel carries the mask too: where the colour is the same everywhere (e.g. white, with
     the background transparent) the mask is the opaque region; otherwise it is what shows over black (bright
     and opaque). A mask whose opaque region is dark and whose bright region is transparent is refused
     (BadInputError): which of the two is the lesion cannot be told.
     """
-    img = _open(path)
+    img = open_image(path)
     if colour_coded:
         drawn = np.asarray(img.convert("RGB")).max(axis=-1) > 0
     else:
-        drawn = label_map_levels(to_gray_uint8(img)) > 127
+        drawn = mask_levels(_stored_values(img), path) > 127
     alpha = _alpha(img)
     if alpha is None or alpha.min() == alpha.max():  # a constant alpha carries nothing
         return drawn

@@ -7,8 +7,6 @@ from collections.abc import Hashable, Mapping
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ultrarefiner.data.imaging import label_map_levels
-
 
 class RecordSized(MapTransform):
     """Store the spatial size (H, W) of ``keys[0]`` under ``name`` before any resizing.
@@ -50,22 +48,6 @@ class CheckSameSized(MapTransform):
             if other != size:
                 raise BadInputError(_source(d[key], key), f"{key} size {other[1]}x{other[0]} (WxH) differs from the "
                                                           f"size {size[1]}x{size[0]} of {_source(ref, self.reference)}")
-        return d
-
-
-class LabelMapLevelsd(MapTransform):
-    """Scale masks under ``keys`` that are 0/1 label maps to 0/255, before a 0-255 intensity scaling; others (0/255,
-    probability * 255, blank) pass as they are.
-
-    ``ultrarefiner.data.imaging.label_map_levels``, the rule ``refine`` and the metrics read masks by: a coarse mask
-    written as 0/1 (nnU-Net, MONAI's ``SaveImage`` of a binary label) would otherwise reach the refiner as a blank
-    probability map (at most 1/255).
-    """
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = label_map_levels(d[key])
         return d
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ultrarefiner.data.imaging import WIDE_MODES, open_image, to_gray_uint8
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
 from ultrarefiner.utils.transfer import to_device
@@ -53,12 +54,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
-    """(H, W) grayscale or (H, W, 3) RGB uint8 array of a 2D image file."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L" if img.mode in ("L", "I;16", "I", "F", "1") else "RGB"))
-    except OSError as e:
-        raise BadInputError(path, f"not a readable 2D image ({e})") from e
+    """(H, W) grayscale or (H, W, 3) RGB uint8 array of a 2D image file; 16-bit and float images rescaled by their
+    maximum as ``refine`` reads them (``to_gray_uint8``; PIL's "L" conversion clips them to white)."""
+    img = open_image(path)  # BadInputError naming the file
+    return to_gray_uint8(img) if img.mode in ("L", "1", *WIDE_MODES) else np.asarray(img.convert("RGB"))
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

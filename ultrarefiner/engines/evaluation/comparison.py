@@ -41,8 +41,8 @@ def blank_labels_note(n_blank: int, table: str) -> list[str]:
     is more often a format than a truth (a 0/2 class map, inverted levels). ``table``: the CSV with ``label_area``."""
     if not n_blank:
         return []
-    return [f"{n_blank} label(s) have no lesion pixel (lesion = luminance > 127, or 1 in a 0/1 label map): "
-            f"label_area 0 in {table}"]
+    return [f"{n_blank} label(s) have no lesion pixel (lesion = above half the mask's scale: > 127 in 8 bits, 1 in "
+            f"a 0/1 label map, p > 0.5): label_area 0 in {table}"]
 
 
 def bootstrap_ci(diff: Sequence[float], n_bootstrap: int = 2000, level: float = 0.95,

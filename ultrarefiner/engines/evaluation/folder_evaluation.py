@@ -13,8 +13,8 @@ columns), ``comparison.summarise`` / ``comparison.compare_pairs`` (summaries, pa
 ``write_csv`` / ``write_comparison_csv`` (report files, written atomically).
 
 Files are matched by stem (``<stem>.png`` in the labels folder and in each predictions folder; any of
-``IMAGE_SUFFIXES``), read with ``read_mask`` (lesion = luminance > 127: 0/255 masks and probability*255 maps at 0.5;
-1 in a 0/1 label map).
+``IMAGE_SUFFIXES``), read with ``read_mask`` (lesion = above half the mask's scale, ``mask_levels``: 0/255 masks and
+probability*255 maps at 0.5; 1 in a 0/1 label map; float probabilities at 0.5; 16-bit levels above 32767).
 Only images that every folder has, readable and of the label's size, are scored, so that the comparison stays
 paired; the others are listed in the report's ``skipped`` with the file and the problem, never silently dropped.
 """

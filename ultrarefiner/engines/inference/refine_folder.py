@@ -230,7 +230,7 @@ class _SampleDataset(torch.utils.data.Dataset):
         image = read_image(item["image"])
         if min(image.shape) < 2:
             return bad(item["image"], f"image too small {image.shape}")
-        coarse = read_soft_mask(item["mask"])  # uint8 0..255: binary 0/255 (or 0/1) or probability * 255
+        coarse = read_soft_mask(item["mask"])  # uint8 0..255 (mask_levels): binary 0/255, or probability * 255
         if coarse.shape != image.shape:
             return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}")
         if int(coarse.max()) <= 255 * THRESHOLD:

@@ -1,0 +1,88 @@
+"""The bundles' inference configs and the MONAI Label serving helpers read images and coarse masks by the package's
+rules (``read_image``, ``read_soft_mask``), as ``refine`` does, whatever the file's storage.
+
+Before, MONAI's ``PILReader`` handed the configs the stored values: a colour PNG became 3 channels (TransUNet and the
+refiner refused it with a shape error), a 16-bit image was clipped to white by the 0-255 scaling (a silent garbage
+input), a 16-bit soft coarse mask (p * 65535) became a lesion wherever p > 1/255. PIL's "L" conversion in the serving
+helper clipped 16-bit images to white too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from bundle_utils import REPO
+from conftest import blob, save, scan
+from ultrarefiner.data.imaging import read_image, read_soft_mask
+from ultrarefiner.errors import BadInputError
+from ultrarefiner.zoo.serving import load_image_uint8
+
+
+def preprocessing(bundle: str):
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    return parser.get_parsed_content("preprocessing")
+
+
+@pytest.fixture
+def images(tmp_path):
+    """The same grey scan stored as 8-bit grey, RGB, a palette image and 16-bit grey (x 257)."""
+    gray = scan(7, 48, 64)
+    return gray, {
+        "gray": save(tmp_path / "gray.png", gray),
+        "rgb": save(tmp_path / "rgb.png", gray, "RGB"),
+        "palette": save(tmp_path / "palette.png", gray, "P"),
+        "16-bit": save(tmp_path / "16bit.png", gray.astype(np.uint16) * 257),
+    }
+
+
+def test_images_read_alike_in_every_storage(images):
+    gray, files = images
+    assert Image.open(files["16-bit"]).mode == "I;16"
+    for name, path in files.items():
+        assert np.array_equal(read_image(path), gray), name
+        served = load_image_uint8(path)  # colour stays RGB for the interactive refiner: its channels are the grey
+        assert np.array_equal(served if served.ndim == 2 else served[..., 0], gray), name  # was all 255 for 16 bits
+    transunet, refiner = preprocessing("transunet"), preprocessing("sam_refiner")
+    coarse = save(files["gray"].parent / "coarse.png", blob(48, 64))
+    reference = transunet({"image": str(files["gray"])})["image"]
+    stacked = refiner({"image": str(files["gray"]), "coarse": str(coarse)})["image"]
+    assert tuple(reference.shape) == (1, 224, 224) and tuple(stacked.shape) == (2, 48, 64)
+    assert np.array_equal(stacked[0].numpy() * 255, gray.astype(np.float32))
+    for name, path in files.items():
+        assert torch.equal(transunet({"image": str(path)})["image"], reference), name
+        assert torch.equal(refiner({"image": str(path), "coarse": str(coarse)})["image"], stacked), name
+
+
+@pytest.mark.parametrize("storage", ["8-bit", "0/1", "16-bit soft", "16-bit unsure"])
+def test_sam_refiner_coarse_masks_read_as_refine_reads_them(images, storage):
+    gray, files = images
+    tmp = files["gray"].parent
+    p = np.where(blob(48, 64) > 0, 0.9, 0.1).astype(np.float32)
+    p[0:4, 0:4] = 0.45
+    if storage == "8-bit":
+        coarse = save(tmp / "coarse.png", np.round(p * 255).astype(np.uint8))
+    elif storage == "0/1":
+        coarse = save(tmp / "coarse.png", (p > 0.5).astype(np.uint8))
+    else:  # MONAI's SaveImage scale for 16-bit: p * 65535
+        p = p * (0.5 if storage == "16-bit unsure" else 1)  # no pixel reaches 0.5
+        coarse = save(tmp / "coarse.png", np.round(p * 65535).astype(np.uint16))
+    got = preprocessing("sam_refiner")({"image": str(files["gray"]), "coarse": str(coarse)})["image"][1].numpy()
+    assert np.array_equal(got * 255, read_soft_mask(coarse).astype(np.float32))
+    assert np.array_equal(got > 0.5, p > 0.5)  # was every pixel above 1/255 for 16 bits
+
+
+def test_float_images_with_negative_values_are_rescaled_from_their_minimum(tmp_path):
+    z = (scan(3).astype(np.float32) - 128) / 40  # z-scores: about -3.2 to 3.2
+    path = tmp_path / "z.tif"
+    Image.fromarray(z, mode="F").save(path)
+    expected = np.round((z - z.min()) / (z.max() - z.min()) * 255).astype(np.uint8)
+    assert np.array_equal(read_image(path), expected)  # negative values wrapped around in 8 bits
+    z[0, 0] = np.nan
+    Image.fromarray(z, mode="F").save(path)
+    with pytest.raises(BadInputError, match="NaN or infinite") as error:
+        read_image(path)
+    assert error.value.path == str(path)
