@@ -458,6 +458,12 @@ def rf_logit_mask(w, tmp, capsys, monkeypatch):
     return code, out
 
 
+def rf_postfix(w, tmp, capsys, monkeypatch):
+    images, masks = _refine_folders(tmp)
+    (masks / "a.png").rename(masks / "a_seg.png")  # MONAI's SaveImage naming
+    return _refine(tmp, capsys, images, masks, "--zero_shot")
+
+
 def rf_ckpt(which: str) -> Callable:
     def case(w, tmp, capsys, monkeypatch):
         images, masks = _refine_folders(tmp)
@@ -669,6 +675,7 @@ CASES: list[dict] = [
     dict(id="refine-corrupt-png", command=F, exit=0, message="1 sample(s) skipped", run=rf_corrupt),
     dict(id="refine-mask-size", command=F, exit=0, message="differs from the image size", run=rf_mask_size),
     dict(id="refine-logit-mask", command=F, exit=0, message="1 sample(s) skipped", run=rf_logit_mask),
+    dict(id="refine-mask-postfix", command=F, exit=2, message="set --mask_postfix _seg", run=rf_postfix),
     dict(id="refine-phase3-checkpoint", command=F, exit=2,
          message="is a phase-3 UltraRefiner checkpoint (bundles/ultrarefiner); a sam_refiner model needs a phase-2",
          run=rf_ckpt("phase3")),

@@ -88,6 +88,7 @@ def test_cli_names_default_and_bad_inputs(folders, tmp_path, capsys):
           "--output_dir", str(tmp_path / "e")])
     out = capsys.readouterr().out
     assert "run_vs_coarse" in out and "| dice |" in out and "hd95" not in out  # <run>/masks is named after <run>
+    assert "2 images scored, 4 files skipped" in out and f"{refined / 'img3.png'}: missing (its label exists)" in out
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["metrics"] == ["dice", "nsd"] and list(summary["folders"]) == ["coarse", "run"]
     with pytest.raises(BadInputError, match="labels folder not found"):
@@ -118,6 +119,39 @@ def test_0_1_labels_score_as_0_255_and_blank_labels_are_counted(folders, tmp_pat
     assert "1 label(s) have no lesion pixel" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "e" / "metrics.csv", encoding="utf-8")))
     assert {r["image"]: r["label_area"] for r in rows}["img0"] == "0"
+
+
+def test_postfixes_match_monai_and_busi_names(folders, tmp_path, capsys):
+    """Labels named <stem>_mask.png (BUSI) and predictions <stem>_seg.png (MONAI's SaveImage) are matched with
+    --label_postfix and --postfixes (one per folder, none for no postfix); without them the skipped files say which
+    option to set."""
+    labels, coarse, refined = folders
+    renamed = {labels: tmp_path / "labels_mask", coarse: tmp_path / "coarse_seg"}
+    for folder, target in renamed.items():
+        target.mkdir()
+        for f in folder.iterdir():
+            f.rename(target / f"{f.stem}{'_mask' if folder is labels else '_seg'}.png")
+    reference = evaluate_folders(tmp_path / "labels_mask", {"coarse": tmp_path / "coarse_seg", "refined": refined},
+                                 n_bootstrap=50, label_postfix="_mask", postfixes={"coarse": "_seg"})
+    assert reference["n"] == 2 and reference["postfixes"] == {"coarse": "_seg", "refined": ""}
+    main(["evaluate", "--labels", str(tmp_path / "labels_mask"), "--predictions",
+          f"{tmp_path / 'coarse_seg'},{refined}", "--label_postfix", "_mask", "--postfixes", "_seg,none",
+          "--names", "coarse,refined", "--output_dir", str(tmp_path / "eval"), "--n_bootstrap", "50"])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["n"] == 2 and summary["means"] == reference["means"]
+    blind = evaluate_folders(tmp_path / "labels_mask", {"coarse": tmp_path / "coarse_seg"}, n_bootstrap=50)
+    assert blind["n"] == 0
+    problems = " ".join(p["problem"] for p in blind["skipped"])
+    assert "set --label_postfix _mask and --postfixes _seg" in problems
+    with pytest.raises(SystemExit) as error:  # no table of NaN: the error says why nothing was scored
+        main(["evaluate", "--labels", str(tmp_path / "labels_mask"), "--predictions", str(tmp_path / "coarse_seg")])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "no image scored" in err and "set --label_postfix _mask and --postfixes _seg" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--labels", str(tmp_path / "labels_mask"), "--predictions", f"{coarse},{refined}",
+              "--postfixes", "_a,_b,_c"])
+    assert "3 postfixes for 2 predictions folders" in capsys.readouterr().err
 
 
 def test_two_files_of_one_stem_are_reported_not_guessed(folders):

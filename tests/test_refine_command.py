@@ -272,6 +272,33 @@ def test_0_1_label_maps_are_refined_and_scored_as_0_255_masks(tmp_path, monkeypa
     assert "label_area" in _csv(out / "report.csv")[0]
 
 
+def test_masks_and_labels_named_with_a_postfix(tmp_path, monkeypatch, capsys):
+    """MONAI's SaveImage and the Zoo's bundles write <stem>_seg.png, BUSI names its labels <stem>_mask.png: matched
+    with --mask_postfix / --label_postfix. Without them every image is skipped, and the reason names the option."""
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _StubRefiner())
+    for i in range(2):
+        image, label, coarse = _scene(i, 40, 48)
+        save(tmp_path / "img" / f"case {i}.png", image)
+        save(tmp_path / "msk" / f"case {i}_seg.png", coarse)
+        save(tmp_path / "lab" / f"case {i}_mask.png", label)
+    run = ["refine", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--labels",
+           str(tmp_path / "lab"), "--zero_shot", "--num_workers", "0", "--writers", "0", "--optimize", "none"]
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "none")], capsys)
+    assert "no coarse mask named case 0.* in" in err and "set --mask_postfix _seg" in err
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "half"), "--mask_postfix", "_seg"], capsys)
+    assert "no label named case 0.* in" in err and "set --label_postfix _mask" in err
+    main([*run, "--output_dir", str(tmp_path / "out"), "--mask_postfix", "_seg", "--label_postfix", "_mask"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["stem"] for r in report["images"]] == ["case 0", "case 1"] and not report["skipped"]
+    assert all(r["refined_dice"] > 0.3 for r in report["images"])  # scored against the _mask labels
+    assert report["settings"]["mask_postfix"] == "_seg" and report["settings"]["label_postfix"] == "_mask"
+    assert sorted(f.name for f in (tmp_path / "out" / "masks").iterdir()) == ["case 0.png", "case 1.png"]
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "bad"), "--mask_postfix", "_seg.png"], capsys)
+    assert "--mask_postfix goes before the extension" in err and "'_seg'" in err
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "bad"), "--label_postfix", "masks/x"], capsys)
+    assert "--label_postfix is part of a file name, not a path" in err
+
+
 def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
     """Fast engine path: the encoder and the decoder batch images of any size (size order), a failing image is
     skipped alone, the selected candidate's IoU is reported."""

@@ -23,6 +23,19 @@ def parse_list(value: str | Iterable[str] | None, name: str, allowed: Sequence[s
     return items
 
 
+def check_postfix(value: object, name: str) -> str:
+    """A file-name postfix (``_seg``): the text between an image's stem and the extension of its mask's name."""
+    from ultrarefiner.data.imaging import IMAGE_SUFFIXES
+
+    postfix = "" if value is None else str(value)
+    if "/" in postfix or "\\" in postfix:
+        raise ValueError(f"--{name} is part of a file name, not a path: got {postfix!r}")
+    if postfix.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"--{name} goes before the extension, which any image suffix may be: got {postfix!r}, "
+                         f"use {postfix.rsplit('.', 1)[0]!r}")
+    return postfix
+
+
 def check_range(value, name: str, low: float, high: float, integer: bool = False):
     """Return ``value`` if ``low <= value <= high`` (and an integer when asked), else raise a clear ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):

@@ -12,6 +12,8 @@ def evaluate(
     names: str | list | tuple | None = None,
     metrics: str | list | tuple | None = None,
     n_bootstrap: int = 2000,
+    label_postfix: str = "",
+    postfixes: str | list | tuple | None = None,
 ) -> None:
     """Score folders of predicted masks against a folder of labels, and compare each folder with the first.
 
@@ -35,11 +37,15 @@ def evaluate(
         names: a name per folder, comma-separated (default: the folder names).
         metrics: comma-separated subset of dice,iou,precision,recall,accuracy,hd95,nsd (default: all).
         n_bootstrap: bootstrap resamples of the paired CI.
+        label_postfix: labels are named <stem><label_postfix>.* (e.g. _mask for BUSI; default none).
+        postfixes: the masks of each predictions folder are named <stem><postfix>.* (e.g. _seg for the outputs
+            of MONAI's SaveImage and of the Model Zoo's bundles), one postfix for every folder or one per folder
+            separated by commas, none for no postfix (_seg,none for the first folder only; default none).
     """
-    from ultrarefiner.commands.args import parse_list
+    from ultrarefiner.commands.args import check_postfix, parse_list
     from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, format_comparison
     from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
-    from ultrarefiner.errors import BadOptionError
+    from ultrarefiner.errors import BadOptionError, UltraRefinerError
 
     folders = parse_list(predictions, "predictions")
     labels_of = parse_list(names, "names") if names is not None else _default_names(folders)
@@ -49,10 +55,31 @@ def evaluate(
         raise BadOptionError(f"names: give each folder its own name, got {labels_of}")
     report = evaluate_folders(labels, dict(zip(labels_of, folders, strict=True)), output_dir,
                               parse_list(metrics, "metrics") if metrics is not None else METRIC_NAMES,
-                              int(n_bootstrap))
+                              int(n_bootstrap), label_postfix=check_postfix(label_postfix, "label_postfix"),
+                              postfixes=dict(zip(labels_of, _postfixes(postfixes, len(folders)), strict=True)))
+    if not report["n"]:  # a table of NaN would hide why
+        problems = "; ".join(f"{s['file']}: {s['problem']}" for s in report["skipped"][:3])
+        raise UltraRefinerError(f"no image scored: {len(report['skipped'])} files skipped, e.g. {problems}")
     print(format_comparison(report))
     if output_dir is not None:
         print(f"per-image metrics: {Path(output_dir).resolve() / 'metrics.csv'}")
+
+
+def _postfixes(value: str | list | tuple | None, n: int) -> list[str]:
+    """``--postfixes``: one for all ``n`` folders, or one per folder ("none", "" or None: no postfix)."""
+    from ultrarefiner.commands.args import check_postfix
+    from ultrarefiner.errors import BadOptionError
+
+    if value is None:
+        return [""] * n
+    items = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    items = ["" if v.lower() == "none" else v for v in items]
+    if len(items) == 1:
+        items *= n
+    if len(items) != n:
+        raise BadOptionError(f"postfixes: {len(items)} postfixes for {n} predictions folders (one for all, or one "
+                             f"per folder, comma-separated)")
+    return [check_postfix(v, "postfixes") for v in items]
 
 
 def _default_names(folders: list[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultrarefiner.commands.args import check_range, data_workers
+from ultrarefiner.commands.args import check_postfix, check_range, data_workers
 from ultrarefiner.utils.flags import as_flag
 
 
@@ -24,6 +24,8 @@ def refine(
     tta: str = "none",
     optimize: str = "auto",
     box_source: str = "largest",
+    mask_postfix: str = "",
+    label_postfix: str = "",
 ) -> None:
     """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
 
@@ -72,6 +74,9 @@ def refine(
             components (one prompt set per component above 0.1% of the image, at most 4, merged; for images with
             several lesions; on BUSI it helps multi-lesion images and costs 0.01 Dice over the whole test split,
             see bundles/sam_refiner/docs/README.md).
+        mask_postfix: coarse masks are named <image stem><mask_postfix>.* (e.g. _seg for the outputs of MONAI's
+            SaveImage and of the Model Zoo's bundles; default none).
+        label_postfix: labels are named <image stem><label_postfix>.* (e.g. _mask for BUSI; default none).
     """
     import logging
 
@@ -99,6 +104,8 @@ def refine(
         tta=tta,
         optimize=optimize,
         box_source=box_source,
+        mask_postfix=check_postfix(mask_postfix, "mask_postfix"),
+        label_postfix=check_postfix(label_postfix, "label_postfix"),
     )
     out = Path(output_dir).resolve()
     print(format_summary(report))

@@ -12,9 +12,10 @@ computes from the same masks written to folders: ``score_pair`` (one prediction 
 columns), ``comparison.summarise`` / ``comparison.compare_pairs`` (summaries, paired comparisons) and
 ``write_csv`` / ``write_comparison_csv`` (report files, written atomically).
 
-Files are matched by stem (``<stem>.png`` in the labels folder and in each predictions folder; any of
-``IMAGE_SUFFIXES``), read with ``read_mask`` (lesion = above half the mask's scale, ``mask_levels``: 0/255 masks and
-probability*255 maps at 0.5; 1 in a 0/1 label map; float probabilities at 0.5; 16-bit levels above 32767).
+Files are matched by stem (``<stem>.png`` in the labels folder and in each predictions folder, or
+``<stem><postfix>.png`` with a postfix such as MONAI's ``_seg``; any of ``IMAGE_SUFFIXES``), read with ``read_mask``
+(lesion = above half the mask's scale, ``mask_levels``: 0/255 masks and probability*255 maps at 0.5; 1 in a 0/1
+label map; float probabilities at 0.5; 16-bit levels above 32767).
 Only images that every folder has, readable and of the label's size, are scored, so that the comparison stays
 paired; the others are listed in the report's ``skipped`` with the file and the problem, never silently dropped.
 """
@@ -22,6 +23,8 @@ paired; the others are listed in the report's ``skipped`` with the file and the 
 from __future__ import annotations
 
 import os
+import shlex
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,13 +82,15 @@ def write_comparison_csv(path: str | os.PathLike,
 
 
 # ------------------------------------------------------------------------------------------------ folders
-def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]]) -> dict[str, Path]:
-    """One mask per stem (``refine_folder.files_by_stem``); stems with several files are ambiguous: skipped."""
+def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]], postfix: str = "") -> dict[str, Path]:
+    """One mask per stem (``refine_folder.files_by_stem``, ``<stem><postfix>.*``); stems with several files are
+    ambiguous: skipped."""
     if folder.exists() and not folder.is_dir():
         raise BadInputError(folder, f"{role} must be a folder")
-    found = files_by_stem(folder, role)
+    found = files_by_stem(folder, role, postfix)
     if not found:
-        raise BadInputError(folder, f"{role} folder has no mask files ({', '.join(IMAGE_SUFFIXES)})")
+        named = f" named <stem>{postfix}.*" if postfix else ""
+        raise BadInputError(folder, f"{role} folder has no mask files{named} ({', '.join(IMAGE_SUFFIXES)})")
     for stem, files in found.items():
         if len(files) > 1:
             skipped.extend({"file": str(f), "problem": f"several files share the stem {stem!r}"} for f in files)
@@ -99,20 +104,48 @@ def _read(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _tail(stems: set[str]) -> str:
+    """The commonest ``_<word>`` ending among (up to 200 of) ``stems``: ``_mask``, ``_seg``; "" if none."""
+    tails = Counter("_" + s.rsplit("_", 1)[1] for s in sorted(stems)[:200] if "_" in s)
+    return tails.most_common(1)[0][0] if tails else ""
+
+
+def _postfix_hint(labels: set[str], predicted: set[str]) -> str:
+    """``"; set --label_postfix _mask and --postfixes _seg"`` when stripping the names' commonest ``_<word>``
+    endings would pair labels with predictions that are not paired now; "" otherwise."""
+    if labels <= predicted and predicted <= labels:
+        return ""
+
+    def strip(stems: set[str], postfix: str) -> set[str]:
+        return {s[: len(s) - len(postfix)] for s in stems if s.endswith(postfix)} if postfix else stems
+
+    label_tail, pred_tail = _tail(labels - predicted), _tail(predicted - labels)
+    for lp, pp in ((label_tail, ""), ("", pred_tail), (label_tail, pred_tail)):
+        if (lp or pp) and strip(labels, lp) & strip(predicted, pp):
+            options = [f"--{o} {shlex.quote(v)}" for o, v in (("label_postfix", lp), ("postfixes", pp)) if v]
+            return "; set " + " and ".join(options)
+    return ""
+
+
 def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
-                  metrics: Sequence[str] = METRIC_NAMES) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+                  metrics: Sequence[str] = METRIC_NAMES, label_postfix: str = "",
+                  postfixes: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Rows {image, height, width, label_area, <name>_<metric>...} of the images every predictions folder has, and
-    the files skipped [{file, problem}] (module docstring)."""
+    the files skipped [{file, problem}] (module docstring). Labels are named ``<stem><label_postfix>.*``, the masks
+    of predictions folder ``name`` ``<stem><postfixes[name]>.*``."""
+    postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
     skipped: list[dict[str, str]] = []
-    label_files = _masks_by_stem(Path(labels), "labels", skipped)
+    label_files = _masks_by_stem(Path(labels), "labels", skipped, label_postfix)
     folders = {name: Path(p) for name, p in predictions.items()}
-    pred_files = {name: _masks_by_stem(folder, f"predictions '{name}'", skipped) for name, folder in folders.items()}
+    pred_files = {name: _masks_by_stem(folder, f"predictions '{name}'", skipped, postfixes[name])
+                  for name, folder in folders.items()}
+    hints = {name: _postfix_hint(set(label_files), set(files)) for name, files in pred_files.items()}
     rows: list[dict[str, Any]] = []
     for stem, label_path in label_files.items():
         missing = [name for name, files in pred_files.items() if stem not in files]
         if missing:
-            skipped.extend({"file": str(folders[n] / f"{stem}.png"), "problem": "missing (its label exists)"}
-                           for n in missing)
+            skipped.extend({"file": str(folders[n] / f"{stem}{postfixes[n]}.png"),
+                            "problem": f"missing (its label exists){hints[n]}"} for n in missing)
             continue
         try:
             label = read_mask(label_path)
@@ -125,9 +158,9 @@ def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.
         for name, pred in preds.items():
             row.update(score_pair(pred, label, metrics, prefix=f"{name}_"))
         rows.append(row)
-    for files in pred_files.values():  # predictions without a label: reported, not scored
-        skipped.extend({"file": str(p), "problem": "no label of this name"} for s, p in files.items()
-                       if s not in label_files)
+    for name, files in pred_files.items():  # predictions without a label: reported, not scored
+        skipped.extend({"file": str(p), "problem": f"no label of this name{hints[name]}"}
+                       for s, p in files.items() if s not in label_files)
     return rows, skipped
 
 
@@ -139,6 +172,8 @@ def evaluate_folders(
     n_bootstrap: int = 2000,
     tolerance: float = 1e-4,
     seed: int = 0,
+    label_postfix: str = "",
+    postfixes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Per-image metrics of each predictions folder against ``labels``, and each folder compared with the first.
 
@@ -150,6 +185,8 @@ def evaluate_folders(
         written atomically; None: nothing written.
       metrics: metric names (``METRIC_NAMES``).
       n_bootstrap, tolerance, seed: paired comparison settings (``comparison.paired_comparison``).
+      label_postfix, postfixes: labels are named ``<stem><label_postfix>.*``, the masks of predictions folder
+        ``name`` ``<stem><postfixes[name]>.*`` (``_seg`` for MONAI's ``SaveImage``, ``_mask`` for BUSI).
 
     Returns:
       dict with "n" (images scored), "n_blank_labels" (of those, labels without a lesion pixel), "means" {name:
@@ -161,12 +198,13 @@ def evaluate_folders(
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
-    rows, skipped = score_folders(labels, predictions, metrics)
+    rows, skipped = score_folders(labels, predictions, metrics, label_postfix, postfixes)
     names = list(predictions)
     columns = summarise(rows, [f"{n}_{m}" for n in names for m in metrics])
     report = {
         "n": len(rows), "n_blank_labels": sum(r["label_area"] == 0 for r in rows), "labels": str(Path(labels)),
         "folders": {n: str(Path(p)) for n, p in predictions.items()},
+        "label_postfix": label_postfix, "postfixes": {n: (postfixes or {}).get(n, "") for n in predictions},
         "metrics": list(metrics), "means": {n: {m: columns[f"{n}_{m}"]["mean"] for m in metrics} for n in names},
         "columns": columns,
         "comparisons": compare_pairs(rows, [(names[0], n) for n in names[1:]], metrics, tolerance, n_bootstrap, seed),
@@ -185,7 +223,10 @@ def format_comparison(report: dict[str, Any]) -> str:
     the improved/worsened counts."""
     names = list(report["folders"])
     metrics = report["metrics"]
-    lines = [f"{report['n']} images scored, {len(report['skipped'])} files skipped",
+    skipped = report["skipped"]
+    lines = [f"{report['n']} images scored, {len(skipped)} files skipped",
+             *(f"  {s['file']}: {s['problem']}" for s in skipped[:10]),
+             *([f"  ... and {len(skipped) - 10} more (summary.json)"] if len(skipped) > 10 else []),
              *blank_labels_note(report.get("n_blank_labels", 0), "metrics.csv"),
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{report['means'][n][m]:.4f}" for n in names) + " |" for m in metrics]

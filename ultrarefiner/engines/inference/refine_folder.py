@@ -32,6 +32,8 @@ import json
 import logging
 import math
 import os
+import shlex
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -153,45 +155,70 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
-def files_by_stem(folder: Path, what: str) -> dict[str, list[Path]]:
-    """Image/mask files of ``folder`` by stem (a list: ``a.png`` and ``a.jpg`` share one); the folder must exist."""
+def files_by_stem(folder: Path, what: str, postfix: str = "") -> dict[str, list[Path]]:
+    """Image/mask files of ``folder`` by stem (a list: ``a.png`` and ``a.jpg`` share one); the folder must exist.
+
+    ``postfix``: only files named ``<stem><postfix>.*`` count, under ``<stem>`` (MONAI's ``SaveImage`` writes
+    ``<stem>_seg.png``, BUSI names its masks ``<stem>_mask.png``)."""
     if not folder.is_dir():
         raise BadInputError(folder, f"{what} folder not found")
     out: dict[str, list[Path]] = {}
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
-            out.setdefault(f.stem, []).append(f)
+            if f.stem.endswith(postfix) and len(f.stem) > len(postfix):
+                out.setdefault(f.stem[: len(f.stem) - len(postfix)], []).append(f)
     return out
 
 
-def _match(images: Path, masks: Path, labels: Path | None) -> tuple[list[dict], list[dict]]:
-    """Items {stem, image, mask[, label]} and skipped samples {stem, file, reason}."""
+def postfix_hint(stems: Sequence[str], names: Sequence[str], option: str) -> str:
+    """``"; ... set --<option> <p>"`` when files that match no stem are named ``<stem><p>``, ``p`` starting with a
+    separator (the commonest among up to 200 of them, e.g. MONAI's ``_seg``: ``case10`` is no ``case1`` with a
+    postfix), else ``""``."""
+    known, found = set(stems), Counter()
+    for name in list(names)[:200]:
+        prefix = next((k for k in range(len(name) - 1, 0, -1) if name[:k] in known and not name[k].isalnum()), None)
+        if prefix is not None:
+            found[name[prefix:]] += 1
+    if not found:
+        return ""
+    postfix = found.most_common(1)[0][0]
+    return f"; files named <stem>{postfix}.* are there: set --{option} {shlex.quote(postfix)}"
+
+
+def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "",
+           label_postfix: str = "") -> tuple[list[dict], list[dict]]:
+    """Items {stem, image, mask[, label]} and skipped samples {stem, file, reason}; masks and labels are named
+    ``<image stem><postfix>.*``."""
     image_files = _list_images(images)
-    mask_files = files_by_stem(masks, "masks")
-    label_files = files_by_stem(labels, "labels") if labels is not None else None
     stems = [f.stem for f in image_files]
+    roles = [("mask", masks, mask_postfix, "coarse mask", "mask_postfix")]
+    if labels is not None:
+        roles.append(("label", labels, label_postfix, "label", "label_postfix"))
+    found, hints = {}, {}
+    for key, folder, postfix, what, option in roles:
+        found[key] = files_by_stem(folder, f"{what}s", postfix)
+        orphans = sorted(set(found[key]) - set(stems))
+        unmatched = set(stems) - set(found[key])
+        hints[key] = postfix_hint(stems, [o + postfix for o in orphans], option) if unmatched else ""
+        if orphans:
+            logger.warning(f"{len(orphans)} {what}(s) without an image in {images} (ignored), e.g. "
+                           f"{', '.join(o + postfix for o in orphans[:3])}{hints[key]}")
     items, skipped = [], []
     for f in image_files:
         if stems.count(f.stem) > 1:  # a.png and a.jpg would write the same outputs
             skipped.append(dict(stem=f.stem, file=str(f), reason="several image files share this stem"))
             continue
         item = {"stem": f.stem, "image": str(f)}
-        for key, found, what in (("mask", mask_files, "coarse mask"), ("label", label_files, "label")):
-            if found is None:
-                continue
-            candidates = found.get(f.stem, [])
+        for key, folder, postfix, what, _ in roles:
+            candidates = found[key].get(f.stem, [])
             if len(candidates) != 1:
-                reason = (f"no {what} named {f.stem}.* in {masks if key == 'mask' else labels}" if not candidates
+                reason = (f"no {what} named {f.stem}{postfix}.* in {folder}{hints[key]}" if not candidates
                           else f"several {what} files for this stem: {', '.join(c.name for c in candidates)}")
                 skipped.append(dict(stem=f.stem, file=str(f), reason=reason))
                 break
             item[key] = str(candidates[0])
         else:
             items.append(item)
-    orphans = sorted(set(mask_files) - set(stems))
-    if orphans:
-        logger.warning(f"{len(orphans)} coarse mask(s) without an image in {images} (ignored), e.g. "
-                       f"{', '.join(orphans[:3])}")
     return items, skipped
 
 
@@ -245,11 +272,13 @@ class _SampleDataset(torch.utils.data.Dataset):
 
 
 def read_samples(images: str | os.PathLike, masks: str | os.PathLike, labels: str | os.PathLike | None = None,
-                 limit: int | None = None) -> tuple[list[dict], list[dict]]:
+                 limit: int | None = None, mask_postfix: str = "",
+                 label_postfix: str = "") -> tuple[list[dict], list[dict]]:
     """The samples ``refine`` would refine, read in this process by its own rules (``_match``, ``_SampleDataset``):
     the good ones (``pixels``, ``coarse``, ``truth`` with labels), and the skipped ones with their reasons.
     ``limit``: only the first ``limit`` matched samples are read (benchmarks, studies)."""
-    items, skipped = _match(Path(images), Path(masks), Path(labels) if labels is not None else None)
+    items, skipped = _match(Path(images), Path(masks), Path(labels) if labels is not None else None, mask_postfix,
+                            label_postfix)
     dataset = _SampleDataset(items[:limit])
     loaded = [dataset[i] for i in range(len(dataset))]
     return [s for s in loaded if "reason" not in s], skipped + [s for s in loaded if "reason" in s]
@@ -523,11 +552,13 @@ def refine_folder(
     tta: str = "none",
     optimize: str | None = "auto",
     box_source: str = "largest",
+    mask_postfix: str = "",
+    label_postfix: str = "",
 ) -> dict[str, Any]:
     """Refine every image's coarse mask and write the outputs of the module docstring; returns the report.
 
     Arguments:
-      images, masks: folders of images and coarse masks (PNG 0/255, or probabilities * 255), matched by stem.
+      images, masks: folders of images and coarse masks (``imaging.read_soft_mask``), matched by stem.
       output_dir: where the outputs go (created; a second run resumes).
       labels: optional folder of ground-truth masks (matched by stem): metrics and the paired comparison.
       checkpoint: phase-2 refiner checkpoint; None: the shipped refiner (``DEFAULT_REFINER``) unless ``zero_shot``.
@@ -547,6 +578,8 @@ def refine_folder(
         mask, merged (``SAMRefiner``); for images with several lesions.
       optimize: the image encoder's speed option (``fast_inference.fast_encoder``: auto, none, channels_last,
         jit_freeze, compile).
+      mask_postfix, label_postfix: coarse masks and labels are named ``<image stem><postfix>.*`` (``_seg`` for
+        MONAI's ``SaveImage``).
 
     Raises:
       UltraRefinerError / BadInputError: bad options or folders, or no image has a result at all.
@@ -568,7 +601,7 @@ def refine_folder(
     name = _refiner_name(ckpts) + (" with flip TTA" if tta == "flip" else "")
     name += " with one prompt set per lesion" if box_source == "components" else ""
     images, masks, out = Path(images), Path(masks), Path(output_dir)
-    items, skipped = _match(images, masks, Path(labels) if labels is not None else None)
+    items, skipped = _match(images, masks, Path(labels) if labels is not None else None, mask_postfix, label_postfix)
     out.mkdir(parents=True, exist_ok=True)
     progress = out / PROGRESS
     records = _read_progress(progress)
@@ -632,7 +665,8 @@ def refine_folder(
     report = _write_report(out, records, skipped, n_new, dict(
         images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
         threshold=THRESHOLD, batch_size=batch_size, device=str(dev), amp=bool(amp and dev.type == "cuda"),
-        nifti=bool(nifti), tta=tta, optimize=optimize, box_source=box_source))
+        nifti=bool(nifti), tta=tta, optimize=optimize, box_source=box_source, mask_postfix=mask_postfix,
+        label_postfix=label_postfix))
     if skipped:
         logger.warning(f"{len(skipped)} sample(s) skipped, listed in {out / SKIPPED_CSV}")
     if not report["images"]:
