@@ -145,8 +145,11 @@ def test_data_sources(data, tmp_path):
     assert all("fold_0/" in it["coarse"] for it in test_real.items)  # fold 0's TransUNet predicted them
     val = config_datasets(data, real_ratio=0.5, predictions_dir=str(preds)).get_parsed_content("validate#dataset")
     assert isinstance(val, PredictionCoarseDataset) and val.split == "val"  # val_coarse follows the training mix
-    with pytest.raises(BadInputError, match="coarse mask of"):
+    with pytest.raises(BadInputError, match="coarse masks folder not found"):
         inference_datalist(data / "processed" / "BUSI" / "images", tmp_path / "nowhere")
+    (tmp_path / "few").mkdir()
+    with pytest.raises(BadInputError, match="coarse mask of .* not found"):
+        inference_datalist(data / "processed" / "BUSI" / "images", tmp_path / "few")
 
 
 def test_train_writes_checkpoints_and_report(trained):

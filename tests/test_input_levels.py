@@ -8,6 +8,8 @@ helper clipped 16-bit images to white too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,28 @@ def test_float_images_with_negative_values_are_rescaled_from_their_minimum(tmp_p
     with pytest.raises(BadInputError, match="NaN or infinite") as error:
         read_image(path)
     assert error.value.path == str(path)
+
+
+def test_inference_datalists_take_every_image_suffix(tmp_path):
+    """The bundles' inference reads JPEG, BMP and TIFF images too (it globbed *.png: a JPEG folder was 'no image'),
+    pairs each with its coarse mask of any suffix, and refuses two images of one stem (one <stem>_seg.png)."""
+    from ultrarefiner.data.datalist import image_datalist
+    from ultrarefiner.engines.training.refiner_setup import inference_datalist
+
+    images, coarse = tmp_path / "images", tmp_path / "coarse"
+    for stem, suffix in (("a", ".png"), ("b", ".jpg"), ("c", ".BMP"), ("d", ".tif")):
+        save(images / f"{stem}{suffix}", scan(len(stem)))
+        save(coarse / f"{stem}_seg{'.png' if stem != 'd' else '.tiff'}", blob())
+    (images / "notes.txt").write_text("not an image")
+    assert [Path(e["image"]).name for e in image_datalist(images)] == ["a.png", "b.jpg", "c.BMP", "d.tif"]
+    pairs = inference_datalist(images, coarse, "_seg")
+    assert [(Path(e["image"]).stem, Path(e["coarse"]).name) for e in pairs] == [
+        ("a", "a_seg.png"), ("b", "b_seg.png"), ("c", "c_seg.png"), ("d", "d_seg.tiff")]
+    stacked = preprocessing("sam_refiner")(pairs[1])["image"]  # the JPEG and its mask, read by refine's rules
+    assert np.array_equal(stacked[0].numpy() * 255, read_image(pairs[1]["image"]).astype(np.float32))
+    save(coarse / "a_seg.jpg", blob())
+    with pytest.raises(BadInputError, match="coarse mask of a.png ambiguous: a_seg.jpg, a_seg.png"):
+        inference_datalist(images, coarse, "_seg")
+    save(images / "a.jpg", scan(9))
+    with pytest.raises(BadInputError, match="images a.jpg, a.png share a stem"):
+        image_datalist(images)

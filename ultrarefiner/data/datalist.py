@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,25 +47,36 @@ def datalist_path(data_root: str | os.PathLike, dataset_name: str) -> Path:
     return path
 
 
-def folder_images(input_dir: str | os.PathLike, pattern: str = "*.png") -> list[Path]:
-    """The files of ``input_dir`` matching ``pattern``, sorted (hidden files left out).
+def folder_images(input_dir: str | os.PathLike, pattern: str | None = None) -> list[Path]:
+    """The image files of ``input_dir`` (any of ``IMAGE_SUFFIXES``, as ``refine`` reads; or those matching
+    ``pattern``), sorted, hidden files left out.
 
     Raises:
-        BadInputError: the folder does not exist, is not a folder, or holds no matching file (an inference that
-            silently writes nothing looks like success).
+        BadInputError: the folder does not exist, is not a folder, holds no matching file (an inference that
+            silently writes nothing looks like success), or holds two images of one stem (``a.png``, ``a.jpg``: their
+            outputs ``<stem>_seg.png`` would overwrite each other).
     """
+    from ultrarefiner.data.imaging import IMAGE_SUFFIXES
+
     folder = Path(input_dir)
     if not folder.exists():
         raise BadInputError(folder, "input folder not found")
     if not folder.is_dir():
         raise BadInputError(folder, "input_dir must be a folder")
-    files = sorted(f for f in folder.glob(pattern) if f.is_file() and not f.name.startswith("."))
+    candidates = folder.glob(pattern) if pattern else (f for f in folder.iterdir()
+                                                       if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in candidates if f.is_file() and not f.name.startswith("."))
     if not files:
-        raise BadInputError(folder, f"no {pattern} image in this folder")
+        raise BadInputError(folder, f"no {pattern or 'image file (' + ', '.join(IMAGE_SUFFIXES) + ')'} in this folder")
+    stems = Counter(f.stem for f in files)
+    shared = sorted(f.name for f in files if stems[f.stem] > 1)
+    if shared:
+        raise BadInputError(folder, f"images {', '.join(shared)} share a stem: their outputs would overwrite each "
+                                    f"other; keep one of each")
     return files
 
 
-def image_datalist(input_dir: str | os.PathLike, pattern: str = "*.png") -> list[dict[str, str]]:
+def image_datalist(input_dir: str | os.PathLike, pattern: str | None = None) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` of :func:`folder_images`, for the bundles' ``inference.json``."""
     return [{"image": str(f)} for f in folder_images(input_dir, pattern)]
 

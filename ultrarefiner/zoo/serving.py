@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultrarefiner.data.imaging import WIDE_MODES, open_image, to_gray_uint8
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, WIDE_MODES, open_image, read_image, to_gray_uint8
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
 from ultrarefiner.utils.transfer import to_device
@@ -129,11 +129,10 @@ class BundlePredictor:
         with self._lock, tempfile.TemporaryDirectory(prefix="ultrarefiner_serve_") as tmp:
             input_dir, output_dir = Path(tmp) / "input", Path(tmp) / "output"
             input_dir.mkdir()
-            staged = input_dir / f"{image.stem}.png"
-            if image.suffix.lower() == ".png":
-                staged.symlink_to(image.resolve())
-            else:  # the inference configs glob *.png
-                Image.open(image).save(staged)
+            if image.suffix.lower() in IMAGE_SUFFIXES:  # what the inference configs read
+                (input_dir / image.name).symlink_to(image.resolve())
+            else:
+                Image.open(image).save(input_dir / f"{image.stem}.png")
             self._run(input_dir, output_dir)
             result = {}
             for name, pattern in self.outputs.items():
@@ -358,7 +357,7 @@ def write_training_datalist(
                     for d in items), key=lambda d: d["image"])
     if len(items) < 2:
         raise ValueError(f"training needs at least 2 labelled images, the datastore has {len(items)}")
-    gray = [np.asarray(Image.open(d["image"]).convert("L")) for d in items]
+    gray = [read_image(d["image"]) for d in items]  # refine's rule: 16-bit rescaled, not clipped to white
     hashes = np.stack([dhash_bits(g) for g in gray])
     roots = group_samples(len(items), [(i, j) for i, j, _ in near_duplicate_pairs(hashes)])
     groups = [f"{name}/g{r:04d}" for r in roots]

@@ -113,7 +113,7 @@ def _tail(stems: set[str]) -> str:
 def _postfix_hint(labels: set[str], predicted: set[str]) -> str:
     """``"; set --label_postfix _mask and --postfixes _seg"`` when stripping the names' commonest ``_<word>``
     endings would pair labels with predictions that are not paired now; "" otherwise."""
-    if labels <= predicted and predicted <= labels:
+    if labels == predicted:
         return ""
 
     def strip(stems: set[str], postfix: str) -> set[str]:

@@ -149,17 +149,24 @@ def export_refiner(ckpt_dir: str | os.PathLike, model_path: str | os.PathLike, n
 
 def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLike,
                        coarse_postfix: str = "") -> list[dict[str, str]]:
-    """Every ``*.png`` of ``input_dir`` (sorted) paired with its coarse mask ``<coarse_dir>/<stem><postfix>.png``
-    (``predict-transunet`` writes ``<stem>.png``, the transunet bundle's inference ``<stem>_seg.png``).
+    """Every image of ``input_dir`` (``folder_images``: PNG, JPEG, BMP, TIFF; sorted) paired with its coarse mask
+    ``<coarse_dir>/<stem><postfix>.*`` (``predict-transunet`` writes ``<stem>.png``, the transunet bundle's inference
+    ``<stem>_seg.png``).
 
     Raises:
-      BadInputError: no image in ``input_dir``, or an image without its coarse mask (the message names the file).
+      BadInputError: no image in ``input_dir``, or an image without its coarse mask or with several (the message
+        names the file).
     """
-    images = folder_images(input_dir, "*.png")
+    from ultrarefiner.engines.inference.refine_folder import files_by_stem
+
+    images = folder_images(input_dir)
+    coarse = files_by_stem(Path(coarse_dir), "coarse masks", str(coarse_postfix or ""))
     items = []
     for image in images:
-        coarse = Path(coarse_dir) / f"{image.stem}{coarse_postfix}.png"
-        if not coarse.is_file():
-            raise BadInputError(coarse, f"coarse mask of {image.name} not found (set coarse_dir / coarse_postfix)")
-        items.append({"image": str(image), "coarse": str(coarse)})
+        found = coarse.get(image.stem, [])
+        if len(found) != 1:
+            problem = "not found" if not found else f"ambiguous: {', '.join(f.name for f in found)}"
+            raise BadInputError(Path(coarse_dir) / f"{image.stem}{coarse_postfix or ''}.png",
+                                f"coarse mask of {image.name} {problem} (set coarse_dir / coarse_postfix)")
+        items.append({"image": str(image), "coarse": str(found[0])})
     return items
