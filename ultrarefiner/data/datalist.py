@@ -56,16 +56,15 @@ def folder_images(input_dir: str | os.PathLike, pattern: str | None = None) -> l
             silently writes nothing looks like success), or holds two images of one stem (``a.png``, ``a.jpg``: their
             outputs ``<stem>_seg.png`` would overwrite each other).
     """
-    from ultrarefiner.data.imaging import IMAGE_SUFFIXES
+    from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_files
 
     folder = Path(input_dir)
     if not folder.exists():
         raise BadInputError(folder, "input folder not found")
     if not folder.is_dir():
         raise BadInputError(folder, "input_dir must be a folder")
-    candidates = folder.glob(pattern) if pattern else (f for f in folder.iterdir()
-                                                       if f.suffix.lower() in IMAGE_SUFFIXES)
-    files = sorted(f for f in candidates if f.is_file() and not f.name.startswith("."))
+    files = (sorted(f for f in folder.glob(pattern) if f.is_file() and not f.name.startswith(".")) if pattern
+             else image_files(folder))
     if not files:
         raise BadInputError(folder, f"no {pattern or 'image file (' + ', '.join(IMAGE_SUFFIXES) + ')'} in this folder")
     stems = Counter(f.stem for f in files)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -15,6 +16,12 @@ from PIL import Image
 from ultrarefiner.errors import BadInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` with one of ``IMAGE_SUFFIXES`` (any case), hidden ones left out, sorted."""
+    return sorted(f for f in folder.iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -198,13 +198,14 @@ def evaluate_folders(
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
+    postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
     rows, skipped = score_folders(labels, predictions, metrics, label_postfix, postfixes)
     names = list(predictions)
     columns = summarise(rows, [f"{n}_{m}" for n in names for m in metrics])
     report = {
         "n": len(rows), "n_blank_labels": sum(r["label_area"] == 0 for r in rows), "labels": str(Path(labels)),
         "folders": {n: str(Path(p)) for n, p in predictions.items()},
-        "label_postfix": label_postfix, "postfixes": {n: (postfixes or {}).get(n, "") for n in predictions},
+        "label_postfix": label_postfix, "postfixes": postfixes,
         "metrics": list(metrics), "means": {n: {m: columns[f"{n}_{m}"]["mean"] for m in metrics} for n in names},
         "columns": columns,
         "comparisons": compare_pairs(rows, [(names[0], n) for n in names[1:]], metrics, tolerance, n_bootstrap, seed),

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import ultrarefiner
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_size, read_image, read_mask, read_soft_mask
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_files, image_size, read_image, read_mask, read_soft_mask
 from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_columns, summarise
 from ultrarefiner.engines.evaluation.contours import overlay_coarse_refined
 from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
@@ -148,8 +148,7 @@ def _list_images(folder: Path) -> list[Path]:
         raise BadInputError(folder, "images folder not found")
     if not folder.is_dir():
         raise BadInputError(folder, "images must be a folder")
-    files = sorted(f for f in folder.iterdir()
-                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the images folder")
     return files
@@ -163,10 +162,9 @@ def files_by_stem(folder: Path, what: str, postfix: str = "") -> dict[str, list[
     if not folder.is_dir():
         raise BadInputError(folder, f"{what} folder not found")
     out: dict[str, list[Path]] = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
-            if f.stem.endswith(postfix) and len(f.stem) > len(postfix):
-                out.setdefault(f.stem[: len(f.stem) - len(postfix)], []).append(f)
+    for f in image_files(folder):
+        if f.stem.endswith(postfix) and len(f.stem) > len(postfix):
+            out.setdefault(f.stem[: len(f.stem) - len(postfix)], []).append(f)
     return out
 
 
