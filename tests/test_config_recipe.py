@@ -23,7 +23,6 @@ from monai.transforms import (
     CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     RandAdjustContrastd,
     RandFlipd,
     RandRotated,
@@ -36,7 +35,7 @@ from monai.transforms import (
 )
 
 from conftest import BUSI_ENV
-from ultrarefiner.transforms.io import CheckSameSized, RecordSized
+from ultrarefiner.transforms.io import CheckSameSized, LoadImageMaskd, RecordSized
 
 REPO = Path(__file__).resolve().parents[1]
 TU = REPO / "bundles" / "transunet" / "configs"
@@ -46,11 +45,12 @@ IMG_SIZE = 64
 
 def reference_chain(train: bool, keys=("image", "label"), native_keys=(), img_size: int = IMG_SIZE) -> Compose:
     """The chain ``get_transforms("transunet", train, keys, img_size, native_keys=...)`` built before the recipe moved
-    into the configs (kept verbatim, so the configs are held to the published recipe)."""
+    into the configs (kept verbatim, so the configs are held to the published recipe), but for its first step: since
+    bundle 0.1.6 ``LoadImageMaskd`` reads files by the package's rules where ``LoadImaged`` gave raw stored values."""
     keys = list(keys)
     label_keys = [k for k in keys if k != "image"]
     chain = [
-        LoadImaged(keys=keys, reader="PILReader", reverse_indexing=False, image_only=True),
+        LoadImageMaskd(keys=keys[0], mask_keys=label_keys),
         EnsureChannelFirstd(keys=keys),
         RecordSized(keys=keys[0]),
         ScaleIntensityd(keys="image"),

@@ -113,3 +113,48 @@ def test_inference_datalists_take_every_image_suffix(tmp_path):
     save(images / "a.jpg", scan(9))
     with pytest.raises(BadInputError, match="images a.jpg, a.png share a stem"):
         image_datalist(images)
+
+
+TRAINING_CHAINS = [
+    ("transunet", ["train.json"], "train#preprocessing"),
+    ("transunet", ["train.json"], "validate#preprocessing"),
+    ("transunet", ["train.json", "evaluate.json"], "validate#preprocessing"),
+    ("ultrarefiner", ["train.json"], "train#preprocessing"),
+    ("ultrarefiner", ["train.json"], "validate#preprocessing"),
+]
+
+
+@pytest.mark.parametrize("bundle, configs, key", TRAINING_CHAINS)
+def test_training_reads_images_and_labels_by_the_package_rules(images, bundle, configs, key):
+    """The training and evaluation chains read a MONAI Label datastore's raw files as ``preprocess`` reads them.
+
+    ``write_training_datalist`` points the bundles at the datastore's own files. MONAI's raw ``PILReader`` gave a
+    colour image 3 channels (TransUNet's 1-channel input refused it), a 16-bit image values up to 65535 (the SAM
+    image of phase 3, 0-255, went white) and an RGBA label drawn in its alpha channel one white plane (all lesion).
+    """
+    from monai.transforms import Randomizable
+
+    gray, files = images
+    tmp = files["gray"].parent
+    lesion = blob(48, 64) > 0
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 255, lesion * 255  # a white drawing on a transparent background
+    labels = {"0/255": save(tmp / "lab.png", lesion.astype(np.uint8) * 255),
+              "0/1": save(tmp / "lab01.png", lesion.astype(np.uint8)),
+              "alpha": save(tmp / "rgba.png", rgba),
+              "16-bit": save(tmp / "lab16.png", lesion.astype(np.uint16) * 65535)}
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / bundle / "configs" / c) for c in configs])
+    parser.update({"img_size": 32, "sam_model_type": "tiny", "sam_checkpoint": "", "network_def#transunet#vit_depth": 1,
+                   "device": "$torch.device('cpu')"} if bundle == "ultrarefiner" else {"img_size": 32})
+    chain = parser.get_parsed_content(key)
+    end = chain.get_index_of_first(lambda t: isinstance(t, Randomizable))  # the cached, deterministic part
+    reference = chain({"image": str(files["gray"]), "label": str(labels["0/255"])}, end=end)
+    assert tuple(reference["image"].shape) == (1, 32, 32) and reference["label"].sum() > 0
+    for name, image in files.items():
+        for storage, label in labels.items():
+            out = chain({"image": str(image), "label": str(label)}, end=end)
+            assert sorted(out) == sorted(reference)
+            for k, v in out.items():
+                if isinstance(v, torch.Tensor):
+                    assert v.shape == reference[k].shape and torch.equal(v, reference[k]), (name, storage, k)

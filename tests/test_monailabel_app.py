@@ -504,7 +504,15 @@ def test_infer_ultrarefiner(server):
 
 
 def test_train_transunet_then_serve_new_weights(server):
-    for image, mask in server.files:
+    """Training reads the datastore's own files by the package's rules: the first label is saved as annotation tools
+    draw it, white on a transparent background (the raw ``PILReader`` gave it 4 channels, and training failed)."""
+    for n, (image, mask) in enumerate(server.files):
+        if n == 0:
+            drawn = np.asarray(Image.open(mask).convert("L")) > 127
+            rgba = np.full(drawn.shape + (4,), 255, np.uint8)
+            rgba[..., 3] = drawn * 255
+            mask = server.tmp / f"{image.stem}_drawn.png"
+            Image.fromarray(rgba).save(mask)
         status, body, _ = server.request("PUT", "/datastore/label", {"image": image.stem, "tag": "final"},
                                          files={"label": mask})
         assert status == 200, body

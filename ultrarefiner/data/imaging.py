@@ -141,22 +141,28 @@ def _alpha(img: Image.Image) -> np.ndarray | None:
 
 
 def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray:
-    """Read a mask as (H, W) bool.
+    """Read a mask as (H, W) bool (``mask_of``'s rule)."""
+    return mask_of(open_image(path), colour_coded, path)
+
+
+def mask_of(img: Image.Image, colour_coded: bool = False, path: str | os.PathLike | None = None) -> np.ndarray:
+    """A decoded mask image as (H, W) bool.
 
     Args:
-        path: the mask file.
+        img: the mask, as PIL decodes it.
         colour_coded: masks whose class is a colour (BUS_UCLM: green benign, red malignant, black
             background): any non-black pixel is lesion. Otherwise lesion = luminance > 127, which is right
             for 1-bit, 8-bit, RGB and RGBA with a constant alpha, of the levels ``mask_levels`` reads: a 0/1
             label map is lesion where it is 1, a float map where p > 0.5, a 16-bit one above 32767 (or wherever
             it is non-zero when it has two levels).
+        path: the file, for error messages (default: the image's own file name).
 
     A varying alpha channel carries the mask too: where the colour is the same everywhere (e.g. white, with
     the background transparent) the mask is the opaque region; otherwise it is what shows over black (bright
     and opaque). A mask whose opaque region is dark and whose bright region is transparent is refused
     (BadInputError): which of the two is the lesion cannot be told.
     """
-    img = open_image(path)
+    path = _source(img) if path is None else path
     if colour_coded:
         drawn = np.asarray(img.convert("RGB")).max(axis=-1) > 0
     else:
@@ -173,6 +179,13 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
         raise BadInputError(path, "RGBA mask with a dark opaque region and a bright transparent one: cannot tell "
                                   "which is the lesion; save the mask as 8-bit grayscale 0/255")
     return mask
+
+
+def label_image(img: Image.Image) -> Image.Image:
+    """``read_mask``'s rule as a converter for MONAI's ``PILReader(converter=...)``: a 0/255 "L" image, so a bundle
+    trains on a label as ``preprocess`` reads it (a 0/1 label map, an RGBA drawing whose alpha carries the mask, a
+    16-bit or float label), not on its raw channels."""
+    return Image.fromarray(mask_of(img).astype(np.uint8) * np.uint8(255))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.transforms import AsDiscreted, EnsureChannelFirstd, LoadImaged, Resized, ScaleIntensityd
+from monai.transforms import AsDiscreted, EnsureChannelFirstd, Resized, ScaleIntensityd
 
-from ultrarefiner.transforms.io import CheckSameSized, RecordSized
+from ultrarefiner.transforms.io import CheckSameSized, LoadImageMaskd, RecordSized
 
 
 def load_transforms(keys: Sequence[str] = ("image", "label")) -> list:
-    """PNG -> (1, H, W) float MetaTensor; image min-max scaled to [0, 1], label binarised to {0, 1}.
+    """Image file -> (1, H, W) float MetaTensor; image min-max scaled to [0, 1], label binarised to {0, 1}.
 
     ``keys``: the image key first, then mask keys (checked to have the image's size before anything resizes them).
     """
     keys = list(keys)
     label_keys = [k for k in keys if k != "image"]
     out = [
-        # reverse_indexing=False keeps numpy's (H, W) order instead of MONAI's default (W, H) for 2D PIL images
-        LoadImaged(keys=keys, reader="PILReader", reverse_indexing=False, image_only=True),
+        LoadImageMaskd(keys=keys[0], mask_keys=label_keys),
         EnsureChannelFirstd(keys=keys),
         RecordSized(keys=keys[0]),
         ScaleIntensityd(keys="image"),

@@ -1,11 +1,39 @@
-"""Small dictionary transforms for bookkeeping that MONAI has no ready equivalent for."""
+"""Small dictionary transforms for loading and bookkeeping that MONAI has no ready equivalent for."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import PILReader
+from monai.transforms import LoadImaged, MapTransform
+
+
+class LoadImageMaskd(MapTransform):
+    """Load 2D images (``keys``) and masks (``mask_keys``) with MONAI's ``LoadImaged`` and ``PILReader``, by the
+    package's reading rules, as (H, W) arrays in numpy order.
+
+    - images by ``imaging.gray_image``: colour and palette as luminance, 16-bit and float rescaled by their maximum;
+    - masks by ``imaging.label_image``: 0/255, with 0/1 label maps, alpha-drawn RGBA, 16-bit and float masks read as
+      ``preprocess`` and ``evaluate`` read them.
+
+    A raw ``PILReader`` gives a colour PNG 3 channels and a 16-bit one values up to 65535. One transform rather than
+    two ``LoadImaged`` keeps the index of every later transform, which the bundles' READMEs give for overrides.
+    """
+
+    def __init__(self, keys: KeysCollection, mask_keys: KeysCollection = (), allow_missing_keys: bool = False):
+        from ultrarefiner.data.imaging import gray_image, label_image
+
+        super().__init__(keys, allow_missing_keys)
+        self.mask_keys = [mask_keys] if isinstance(mask_keys, str) else list(mask_keys)
+        self.load_images = LoadImaged(self.keys, reader=PILReader(converter=gray_image, reverse_indexing=False),
+                                      image_only=True, allow_missing_keys=allow_missing_keys)
+        self.load_masks = LoadImaged(self.mask_keys, reader=PILReader(converter=label_image, reverse_indexing=False),
+                                     image_only=True, allow_missing_keys=allow_missing_keys) if self.mask_keys else None
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = self.load_images(data)
+        return d if self.load_masks is None else self.load_masks(d)
 
 
 class RecordSized(MapTransform):
