@@ -31,8 +31,9 @@ def evaluate(
             --predictions ./coarse,./refined/masks,./refined_tta/masks --names coarse,refined,tta --output_dir ./eval
 
     Args:
-        labels: folder of ground-truth masks.
-        predictions: folders of predicted masks, comma-separated; the first is the reference.
+        labels: folder of ground-truth masks (picture files or 2D NIfTI).
+        predictions: folders of predicted masks (picture files or 2D NIfTI, as MONAI's SaveImage writes them),
+            comma-separated; the first is the reference.
         output_dir: where metrics.csv, summary.json and comparison.csv go (default: print only).
         names: a name per folder, comma-separated (default: the folder names).
         metrics: comma-separated subset of dice,iou,precision,recall,accuracy,hd95,nsd (default: all).

@@ -30,7 +30,8 @@ def refine(
     """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
 
     Images (PNG, JPEG, BMP, TIFF; read as 8-bit grayscale) and coarse masks (binary 0/255 or 0/1, probability*255,
-    16-bit probability*65535 as MONAI's SaveImage writes, or float probabilities in a TIFF) are matched by file
+    16-bit probability*65535 as MONAI's SaveImage writes, float probabilities in a TIFF, or 2D NIfTI .nii/.nii.gz
+    read x first as SaveImage writes it, also in its folder per image <stem>/<stem>_seg.nii.gz) are matched by file
     stem. Writes <output_dir>/masks/<stem>.png (refined, 0/255, the image's native size; with --nifti also
     <stem>.nii.gz), <output_dir>/overlays/<stem>.png (label green, coarse blue, refined red), report.csv and
     report.json (predicted IoU and mask areas per image; with --labels Dice, IoU, HD95... of coarse and refined
@@ -41,9 +42,9 @@ def refine(
 
     Args:
         images: folder of images.
-        masks: folder of coarse masks, <stem>.png for each image <stem>.*.
+        masks: folder of coarse masks, <stem>.png (or any picture or NIfTI suffix) for each image <stem>.*.
         output_dir: where the outputs go (created).
-        labels: optional folder of ground-truth masks (<stem>.png) for the metrics.
+        labels: optional folder of ground-truth masks (<stem>.png, or .nii.gz) for the metrics.
         checkpoint: phase-2 refiner checkpoint (sam_refiner best.pt or models/model.pt); default: the shipped
             bundles/sam_refiner/models/model.pt. Several files separated by commas (e.g. the five folds' refiners)
             make an ensemble, the mean of their probabilities; refiners sharing LiteMedSAM's frozen encoder share

@@ -1,4 +1,5 @@
-"""Reading raw ultrasound images and masks in whatever PNG/JPEG/BMP flavour the datasets ship.
+"""Reading raw ultrasound images and masks in whatever PNG/JPEG/BMP/TIFF flavour the datasets ship, and masks
+saved as 2D NIfTI (MONAI's ``SaveImage`` default).
 
 Images become 8-bit grayscale (H, W); masks become boolean (H, W). Every failure raises
 :class:`BadInputError` naming the file, so batch jobs can report and skip it.
@@ -16,12 +17,24 @@ from PIL import Image
 from ultrarefiner.errors import BadInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MASK_SUFFIXES = IMAGE_SUFFIXES + NIFTI_SUFFIXES  # masks may also be NIfTI; images are 2D picture files
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The files of ``folder`` with one of ``IMAGE_SUFFIXES`` (any case), hidden ones left out, sorted."""
+def file_stem(path: str | os.PathLike) -> str:
+    """The name without its suffix, both parts of ``.nii.gz`` included (``Path.stem`` keeps ``a.nii``)."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files of ``folder`` ending in one of ``suffixes`` (any case), hidden ones left out, sorted."""
     return sorted(f for f in folder.iterdir()
-                  if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+                  if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(suffixes))
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -114,10 +127,47 @@ def _stored_values(img: Image.Image) -> np.ndarray:
     return np.asarray(img) if img.mode in WIDE_MODES else to_gray_uint8(img)
 
 
+def nifti_values(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) the stored values of a 2D NIfTI mask (one slice: trailing axes of size 1 are dropped).
+
+    The voxel array is read x first, as MONAI's ``SaveImage`` (of images loaded by ``LoadImage``), ITK and this
+    package's ``--nifti`` outputs write a 2D picture: axis 0 runs along the columns. The affine is not applied:
+    a PNG has no orientation to align it with, and an LPS/RAS flag would flip the mask against its image.
+
+    Raises:
+      BadInputError: missing or unreadable file, or not one 2D slice; names the file.
+    """
+    import nibabel as nib
+
+    if not Path(path).is_file():
+        raise BadInputError(path, "file not found")
+    try:
+        values = np.asanyarray(nib.load(str(path)).dataobj)  # scl_slope/inter applied; decoding happens here
+    except Exception as e:  # nibabel raises ImageFileError, gzip's BadGzipFile, EOFError, ...
+        raise BadInputError(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from e
+    while values.ndim > 2 and values.shape[-1] == 1:
+        values = values[..., 0]
+    if values.ndim != 2:
+        raise BadInputError(path, f"NIfTI of shape {tuple(values.shape)}: a mask must be one 2D slice")
+    return np.ascontiguousarray(values.T)
+
+
+def transposed_hint(path: str | os.PathLike, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """``" (...)"`` when a NIfTI mask's size is the expected one transposed: it was saved row first."""
+    if is_nifti(path) and tuple(shape) == tuple(expected)[::-1] and shape[0] != shape[1]:
+        return " (the NIfTI array is read x first, as MONAI's SaveImage and ITK write it; this one was saved row first)"
+    return ""
+
+
+def _mask_values(path: str | os.PathLike) -> np.ndarray:
+    return nifti_values(path) if is_nifti(path) else _stored_values(open_image(path))
+
+
 def read_soft_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask or soft prediction as (H, W) uint8 on the 0-255 scale (``mask_levels``): 0/255 masks and probability
-    * 255 maps as they are, 0/1 label maps as 0/255, float probabilities and 16-bit levels scaled to 0-255."""
-    return mask_levels(_stored_values(open_image(path)), path)
+    * 255 maps as they are, 0/1 label maps as 0/255, float probabilities and 16-bit levels scaled to 0-255. Picture
+    files and 2D NIfTI (``nifti_values``)."""
+    return mask_levels(_mask_values(path), path)
 
 
 def gray_image(img: Image.Image) -> Image.Image:
@@ -141,7 +191,10 @@ def _alpha(img: Image.Image) -> np.ndarray | None:
 
 
 def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray:
-    """Read a mask as (H, W) bool (``mask_of``'s rule)."""
+    """Read a mask as (H, W) bool: a picture by ``mask_of``'s rule, a 2D NIfTI (``nifti_values``) where its
+    ``mask_levels`` exceed 127 (a 0/1 label map where it is 1, probabilities above 0.5)."""
+    if is_nifti(path):
+        return mask_levels(nifti_values(path), path) > 127
     return mask_of(open_image(path), colour_coded, path)
 
 

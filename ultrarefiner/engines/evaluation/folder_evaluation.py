@@ -13,9 +13,9 @@ columns), ``comparison.summarise`` / ``comparison.compare_pairs`` (summaries, pa
 ``write_csv`` / ``write_comparison_csv`` (report files, written atomically).
 
 Files are matched by stem (``<stem>.png`` in the labels folder and in each predictions folder, or
-``<stem><postfix>.png`` with a postfix such as MONAI's ``_seg``; any of ``IMAGE_SUFFIXES``), read with ``read_mask``
-(lesion = above half the mask's scale, ``mask_levels``: 0/255 masks and probability*255 maps at 0.5; 1 in a 0/1
-label map; float probabilities at 0.5; 16-bit levels above 32767).
+``<stem><postfix>.png`` with a postfix such as MONAI's ``_seg``; any of ``MASK_SUFFIXES``: picture files or 2D
+NIfTI), read with ``read_mask`` (lesion = above half the mask's scale, ``mask_levels``: 0/255 masks and
+probability*255 maps at 0.5; 1 in a 0/1 label map; float probabilities at 0.5; 16-bit levels above 32767).
 Only images that every folder has, readable and of the label's size, are scored, so that the comparison stays
 paired; the others are listed in the report's ``skipped`` with the file and the problem, never silently dropped.
 """
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_mask
+from ultrarefiner.data.imaging import MASK_SUFFIXES, read_mask, transposed_hint
 from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_pairs, summarise
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.inference.refine_folder import files_by_stem
@@ -90,7 +90,7 @@ def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]], postf
     found = files_by_stem(folder, role, postfix)
     if not found:
         named = f" named <stem>{postfix}.*" if postfix else ""
-        raise BadInputError(folder, f"{role} folder has no mask files{named} ({', '.join(IMAGE_SUFFIXES)})")
+        raise BadInputError(folder, f"{role} folder has no mask files{named} ({', '.join(MASK_SUFFIXES)})")
     for stem, files in found.items():
         if len(files) > 1:
             skipped.extend({"file": str(f), "problem": f"several files share the stem {stem!r}"} for f in files)
@@ -100,7 +100,8 @@ def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]], postf
 def _read(path: Path, shape: tuple[int, int]) -> np.ndarray:
     mask = read_mask(path)
     if mask.shape != shape:
-        raise BadInputError(path, f"mask is {mask.shape[0]}x{mask.shape[1]} (HxW), its label {shape[0]}x{shape[1]}")
+        raise BadInputError(path, f"mask is {mask.shape[0]}x{mask.shape[1]} (HxW), its label {shape[0]}x{shape[1]}"
+                                  f"{transposed_hint(path, mask.shape, shape)}")
     return mask
 
 

@@ -42,7 +42,17 @@ import numpy as np
 import torch
 
 import ultrarefiner
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_files, image_size, read_image, read_mask, read_soft_mask
+from ultrarefiner.data.imaging import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIXES,
+    file_stem,
+    image_files,
+    image_size,
+    read_image,
+    read_mask,
+    read_soft_mask,
+    transposed_hint,
+)
 from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_columns, summarise
 from ultrarefiner.engines.evaluation.contours import overlay_coarse_refined
 from ultrarefiner.engines.evaluation.metric_names import METRIC_NAMES
@@ -154,17 +164,25 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
-def files_by_stem(folder: Path, what: str, postfix: str = "") -> dict[str, list[Path]]:
-    """Image/mask files of ``folder`` by stem (a list: ``a.png`` and ``a.jpg`` share one); the folder must exist.
+def files_by_stem(folder: Path, what: str, postfix: str = "",
+                  suffixes: tuple[str, ...] = MASK_SUFFIXES) -> dict[str, list[Path]]:
+    """Mask files of ``folder`` (picture files and 2D NIfTI) by stem (a list: ``a.png`` and ``a.nii.gz`` share
+    one); the folder must exist.
 
     ``postfix``: only files named ``<stem><postfix>.*`` count, under ``<stem>`` (MONAI's ``SaveImage`` writes
-    ``<stem>_seg.png``, BUSI names its masks ``<stem>_mask.png``)."""
+    ``<stem>_seg.png``, BUSI names its masks ``<stem>_mask.png``). ``<folder>/<stem>/<stem><postfix>.*`` counts too:
+    ``SaveImage`` writes a folder per image unless ``separate_folder=False``."""
     if not folder.is_dir():
         raise BadInputError(folder, f"{what} folder not found")
     out: dict[str, list[Path]] = {}
-    for f in image_files(folder):
-        if f.stem.endswith(postfix) and len(f.stem) > len(postfix):
-            out.setdefault(f.stem[: len(f.stem) - len(postfix)], []).append(f)
+    for f in image_files(folder, suffixes):
+        stem = file_stem(f)
+        if stem.endswith(postfix) and len(stem) > len(postfix):
+            out.setdefault(stem[: len(stem) - len(postfix)], []).append(f)
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for f in image_files(sub, suffixes):
+            if file_stem(f) == sub.name + postfix:
+                out.setdefault(sub.name, []).append(f)
     return out
 
 
@@ -257,14 +275,16 @@ class _SampleDataset(torch.utils.data.Dataset):
             return bad(item["image"], f"image too small {image.shape}")
         coarse = read_soft_mask(item["mask"])  # uint8 0..255 (mask_levels): binary 0/255, or probability * 255
         if coarse.shape != image.shape:
-            return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}")
+            return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}"
+                                     f"{transposed_hint(item['mask'], coarse.shape, image.shape)}")
         if int(coarse.max()) <= 255 * THRESHOLD:
             return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
             label = read_mask(item["label"])
             if label.shape != image.shape:
-                return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}")
+                return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}"
+                                          f"{transposed_hint(item['label'], label.shape, image.shape)}")
             out["truth"] = label
         return out
 

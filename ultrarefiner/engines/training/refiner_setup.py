@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ultrarefiner.data.datalist import folder_images
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, NIFTI_SUFFIXES
 from ultrarefiner.engines.checkpoints.checkpoint import _is_main_process, save_checkpoint
 from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.engines.training.refiner_training import precompute_embeddings
@@ -160,13 +161,17 @@ def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLi
     from ultrarefiner.engines.inference.refine_folder import files_by_stem
 
     images = folder_images(input_dir)
-    coarse = files_by_stem(Path(coarse_dir), "coarse masks", str(coarse_postfix or ""))
+    postfix = str(coarse_postfix or "")
+    coarse = files_by_stem(Path(coarse_dir), "coarse masks", postfix, IMAGE_SUFFIXES)  # PILReader reads them
     items = []
     for image in images:
         found = coarse.get(image.stem, [])
         if len(found) != 1:
             problem = "not found" if not found else f"ambiguous: {', '.join(f.name for f in found)}"
-            raise BadInputError(Path(coarse_dir) / f"{image.stem}{coarse_postfix or ''}.png",
-                                f"coarse mask of {image.name} {problem} (set coarse_dir / coarse_postfix)")
+            nifti = files_by_stem(Path(coarse_dir), "coarse masks", postfix, NIFTI_SUFFIXES).get(image.stem)
+            advice = ("a NIfTI one is there: this bundle reads picture files; `python -m ultrarefiner refine` reads "
+                      "NIfTI" if nifti and not found else "set coarse_dir / coarse_postfix")
+            raise BadInputError(Path(coarse_dir) / f"{image.stem}{postfix}.png",
+                                f"coarse mask of {image.name} {problem} ({advice})")
         items.append({"image": str(image), "coarse": str(found[0])})
     return items
