@@ -334,12 +334,12 @@ class UltraRefinerExport(nn.Module):
         Raises:
           ValueError: the file holds another phase's weights (names it and the bundle that writes the right one).
         """
-        from ultrarefiner.engines.checkpoints.checkpoint import PHASES, checkpoint_phase
+        from ultrarefiner.engines.checkpoints.checkpoint import phase_problem
 
         if isinstance(state_dict, Mapping) and isinstance(state_dict.get("model"), Mapping):
-            phase = checkpoint_phase(dict(state_dict))
-            if phase is not None and phase != 3:
-                raise ValueError(f"this is a {PHASES[phase]}; the end-to-end network needs a {PHASES[3]}")
+            problem = phase_problem(dict(state_dict), 3, "the end-to-end network")
+            if problem is not None:
+                raise ValueError(f"this {problem}")
             state_dict = state_dict["model"]
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

@@ -187,16 +187,20 @@ def checkpoint_phase(obj: Any) -> int | None:
     return None
 
 
-def require_phase(path: str | os.PathLike, obj: Any, phase: int, user: str) -> None:
-    """Refuse a checkpoint written by another training phase, naming the file, its phase and what ``user`` needs.
+def phase_problem(obj: Any, phase: int, user: str) -> str | None:
+    """``"is a <its phase>; <user> needs a <phase>"`` when checkpoint ``obj`` was written by another training phase;
+    None when it fits, or when its phase cannot be told (the strict weight loading that follows reports that)."""
+    found = checkpoint_phase(obj)
+    return None if found is None or found == phase else f"is a {PHASES[found]}; {user} needs a {PHASES[phase]}"
 
-    A checkpoint whose phase cannot be told passes: the strict weight loading that follows reports it.
-    """
+
+def require_phase(path: str | os.PathLike, obj: Any, phase: int, user: str) -> None:
+    """Refuse a checkpoint written by another training phase (``phase_problem``), naming the file."""
     from ultrarefiner.errors import BadInputError
 
-    found = checkpoint_phase(obj)
-    if found is not None and found != phase:
-        raise BadInputError(path, f"is a {PHASES[found]}; {user} needs a {PHASES[phase]}")
+    problem = phase_problem(obj, phase, user)
+    if problem is not None:
+        raise BadInputError(path, problem)
 
 
 def _is_main_process() -> bool:
