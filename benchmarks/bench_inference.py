@@ -162,7 +162,8 @@ def predict_settings(model: torch.nn.Module, images: Path, out: Path, device: to
                 run_inference(bundle, {"network": model, "device": device, "input_dir": str(images),
                                        "output_dir": str(out), "amp": amp, "batch_size": b, "num_workers": workers,
                                        "tta": tta, "optimize": mode})
-                model.refiner.sam.image_encoder.to(memory_format=torch.contiguous_format)
+                for net in (model.refiner.sam.image_encoder, model.transunet):  # channels_last converts in place
+                    net.to(memory_format=torch.contiguous_format)
                 return n
 
             out_settings[f"predict  {mode:<13s} batch {b}"] = run

@@ -167,6 +167,14 @@ def test_predict_batch_three_equals_batch_one_and_refine(tmp_path):
     assert np.allclose(got["refined"], ref["final"][0, 0].numpy(), atol=1e-4)
     assert np.allclose(got["coarse"], ref["coarse"][0, 0].numpy(), atol=1e-5)
     assert got["pred_iou"] == pytest.approx(float(ref["pred_iou"][0]), abs=1e-5)
+    # jit_freeze (float32): the encoder runs as a frozen trace, TransUNet as it is (no frozen copy: no gain measured)
+    from ultrarefiner.engines.inference.fast_inference import FrozenEncoder
+
+    frozen = UltraPredictor(model, "cpu", iterations=1, quality_gate=True, optimize="jit_freeze")
+    assert frozen.coarse_net is model.transunet and isinstance(frozen.encoder, FrozenEncoder)
+    fast = frozen.predict_array(image)
+    assert np.allclose(fast["coarse"], got["coarse"], atol=1e-5) and np.allclose(fast["refined"], got["refined"],
+                                                                                atol=1e-4)
 
 
 def test_transunet_probabilities_batch_three_equals_batch_one(tmp_path):
@@ -182,6 +190,32 @@ def test_transunet_probabilities_batch_three_equals_batch_one(tmp_path):
     three = predict_probabilities(model, items, 32, "cpu", batch_size=3, amp=False, num_workers=2)
     for a, b, (h, w) in zip(one, three, SIZES, strict=True):
         assert a.shape == b.shape == (h, w) and np.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimize", ["channels_last", "bf16"])
+def test_transunet_speed_options_keep_the_probabilities(tmp_path, optimize):
+    """``predict-transunet`` and ``predict`` run TransUNet through ``fast_segmenter``: channels_last gives the eager
+    numbers up to rounding; bf16 (CPUs with native bfloat16; ``auto`` there) close ones, under autocast."""
+    from ultrarefiner.engines.inference.fast_inference import fast_segmenter
+    from ultrarefiner.engines.inference.transunet_predict import predict_probabilities
+    from ultrarefiner.networks import TransUNet
+
+    if optimize == "bf16" and not native_bf16_cpu():
+        pytest.skip("no native bfloat16 on this CPU")
+    torch.manual_seed(2)
+    model = TransUNet(img_size=32, num_classes=2, in_channels=1, variant="R50-ViT-B_16", vit_depth=1).eval()
+    items = [{"image": str(save(tmp_path / f"t{i}.png", _scene(h, w, i)[0]))} for i, (h, w) in enumerate(SIZES)]
+    plain = predict_probabilities(model, items, 32, "cpu", batch_size=2, amp=False, optimize="none")
+    fast = predict_probabilities(model, items, 32, "cpu", batch_size=2, amp=False, optimize=optimize)
+    model.to(memory_format=torch.contiguous_format)  # converted in place: back
+    tol = 1e-5 if optimize != "bf16" else 0.05
+    for a, b in zip(plain, fast, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= tol
+    if optimize == "bf16":  # the convolutions and matrix products run in bfloat16; float32 logits come out
+        with torch.no_grad(), _MatmulDtypes() as seen:
+            out = fast_segmenter(model, torch.device("cpu"), "bf16")(torch.rand(1, 1, 32, 32))
+        model.to(memory_format=torch.contiguous_format)
+        assert out.dtype == torch.float32 and seen.dtypes == {torch.bfloat16}
 
 
 def test_same_size_batches(tmp_path):
@@ -211,6 +245,21 @@ def test_sam_refiner_bundle_loader_batches_one_size(tmp_path):
                    "num_workers": 0})
     shapes = [tuple(batch["image"].shape) for batch in parser.get_parsed_content("dataloader")]
     assert sorted(shapes) == [(1, 2, 70, 90), (1, 2, 80, 120), (2, 2, 96, 128)]
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """The input dtypes of the convolutions and matrix products dispatched."""
+
+    OPS = ("convolution", "mm", "addmm", "bmm", "linear", "mkldnn")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(k in func.__name__ for k in self.OPS) and args and isinstance(args[0], torch.Tensor):
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
 
 class _OpCount(TorchDispatchMode):

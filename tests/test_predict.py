@@ -129,8 +129,9 @@ def test_default_workers_follow_the_usable_cores(checkpoint, tmp_path, monkeypat
         seen["predict"] = options["num_workers"]
         return {"n_images": 1, "n_skipped": 0, "skipped": []}
 
-    def fake_oof(*args):
-        seen["predict-transunet"] = args[-1]
+    def fake_oof(*args, num_workers, optimize):
+        seen["predict-transunet"] = num_workers
+        assert optimize == "auto"  # the option reaches the models (TransUNet's speed option)
         path = tmp_path / "oof" / "datalist.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")

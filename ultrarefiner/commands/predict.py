@@ -60,7 +60,7 @@ def predict(
             image and of its left-right flip, flipped back; twice the compute).
         optimize: SAM image-encoder speed option: auto (channels_last on CUDA; bf16 on a CPU with native
             bfloat16, else jit_freeze), none, channels_last, jit_freeze (float32 on every CPU), compile or bf16 (see
-            `refine --help`).
+            `refine --help`). bf16 and channels_last apply to TransUNet too; the other options leave it float32.
     """
     import logging
 

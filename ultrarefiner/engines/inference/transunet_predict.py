@@ -42,24 +42,27 @@ def predict_probabilities(
     amp: bool = True,
     num_workers: int = 0,
     desc: str = "predict",
+    optimize: str | None = "auto",
 ) -> list[np.ndarray]:
     """Foreground probability (H, W) float32 in [0, 1] at each item's native size, in ``items`` order.
 
     Every image is resized to the network input in the data workers, so a batch mixes native sizes; each
     probability is resized back to its own image. On CUDA: bfloat16 autocast (``amp``) and channels_last inputs
-    (the ResNet stem's convolutions)."""
+    (the ResNet stem's convolutions). ``optimize``: the network's speed option (``fast_inference.fast_segmenter``;
+    ``auto``: channels_last on CUDA, on a CPU bf16 where it has native bfloat16, else float32 eager)."""
+    from ultrarefiner.engines.inference.fast_inference import fast_segmenter
+
     # the deterministic part of the transunet bundle's inference preprocessing
     transform = Compose([*load_transforms(["image"]), *resize_transforms(["image"], img_size)])
     device = torch.device(device)
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model.to(memory_format=fmt)
+    forward = fast_segmenter(model.eval(), device, optimize)
     out: list[np.ndarray] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None):
-        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=fmt)
+        x = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(x)
+            logits = forward(x)
         prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
         heights, widths = batch["original_size"]
         natives = [F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
@@ -119,12 +122,14 @@ def predict_out_of_fold(
     batch_size: int = 8,
     amp: bool = True,
     num_workers: int = 2,
+    optimize: str | None = "auto",
 ) -> Path:
     """Write ``<output_dir>/<dataset>/fold_<k>/coarse/*.png`` and ``<output_dir>/<dataset>/datalist.json``.
 
     ``fold_<k>`` holds model k's predictions of its held-out fold and of the test split, and ``overlays/`` of
     a few held-out images; ``ensemble`` holds the mean of the fold models on the test split. Returns the
-    datalist path. ``batch_size`` images per forward pass, read and resized by ``num_workers`` data workers.
+    datalist path. ``batch_size`` images per forward pass, read and resized by ``num_workers`` data workers;
+    ``optimize``: the network's speed option (``predict_probabilities``).
 
     Images or masks that cannot be read (or differ in size) are left out of the new datalist and listed, with the
     reason, in ``skipped.json`` (and the datalist's ``skipped``). The folder is built next to its destination and
@@ -162,7 +167,7 @@ def predict_out_of_fold(
             held_out = [e for e in training if e["fold"] == k]
             probs = predict_probabilities(
                 model, [absolute(e) for e in held_out + testing], img_size, device, batch_size, amp, num_workers,
-                desc=f"fold {k}",
+                desc=f"fold {k}", optimize=optimize,
             )
             write_overlays(stage / f"fold_{k}" / "overlays", [absolute(e) for e in held_out], probs[: len(held_out)])
             for e, p in zip(held_out, probs[: len(held_out)], strict=True):

@@ -411,13 +411,15 @@ class UltraPredictor:
           tta (str): ``none`` or ``flip``: mean of the pipeline's probabilities (coarse and refined) on the image
             and on its left-right flip (flipped back); with iterations or the gate each pass applies them, and the
             image counts as gated when either pass kept its coarse mask.
-          optimize (str): SAM image encoder speed option (``fast_inference.fast_encoder``).
+          optimize (str): speed option of SAM's image encoder (``fast_inference.fast_encoder``) and of TransUNet
+            (``fast_inference.fast_segmenter``: bf16 and channels_last only).
         """
         from ultrarefiner.commands.args import check_range
         from ultrarefiner.engines.inference.fast_inference import (
             check_tta,
             default_batch_size,
             fast_encoder,
+            fast_segmenter,
             resolve_optimize,
         )
 
@@ -434,6 +436,7 @@ class UltraPredictor:
         self.optimize = resolve_optimize(optimize, self.device)
         self.refiner = _unwrap(network).refiner
         self.encoder = fast_encoder(self.refiner.sam.image_encoder, self.device, self.optimize)
+        self.coarse_net = fast_segmenter(_unwrap(network).transunet, self.device, self.optimize)
         self.dataset = InputImages([], self.transform, self.refiner.geometry, self.tta)
 
     def settings(self) -> dict[str, Any]:
@@ -460,7 +463,7 @@ class UltraPredictor:
         small = to_device(torch.stack([s["small_flipped" if f else "small"] for s, f in passes]), dev)
         with autocast(dev, self.amp):
             embeddings = self.encoder(encoder_batch(self.refiner, passes, dev))
-            coarse_probs = net.coarse_probability(net.transunet(small))
+            coarse_probs = net.coarse_probability(self.coarse_net(small))
             per_pass = refine_sizes(self.network, coarse_probs, embeddings, [s["pixels"].shape for s, _ in passes],
                                     self.iterations, self.quality_gate, self.gate_threshold)
         b = len(samples)
