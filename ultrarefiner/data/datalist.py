@@ -47,9 +47,9 @@ def datalist_path(data_root: str | os.PathLike, dataset_name: str) -> Path:
     return path
 
 
-def folder_images(input_dir: str | os.PathLike, pattern: str | None = None) -> list[Path]:
-    """The image files of ``input_dir`` (any of ``IMAGE_SUFFIXES``, as ``refine`` reads; or those matching
-    ``pattern``), sorted, hidden files left out.
+def folder_images(input_dir: str | os.PathLike) -> list[Path]:
+    """The image files of ``input_dir`` (any of ``IMAGE_SUFFIXES``, as ``refine`` reads), sorted, hidden files left
+    out.
 
     Raises:
         BadInputError: the folder does not exist, is not a folder, holds no matching file (an inference that
@@ -63,10 +63,9 @@ def folder_images(input_dir: str | os.PathLike, pattern: str | None = None) -> l
         raise BadInputError(folder, "input folder not found")
     if not folder.is_dir():
         raise BadInputError(folder, "input_dir must be a folder")
-    files = (sorted(f for f in folder.glob(pattern) if f.is_file() and not f.name.startswith(".")) if pattern
-             else image_files(folder))
+    files = image_files(folder)
     if not files:
-        raise BadInputError(folder, f"no {pattern or 'image file (' + ', '.join(IMAGE_SUFFIXES) + ')'} in this folder")
+        raise BadInputError(folder, f"no image file ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     stems = Counter(f.stem for f in files)
     shared = sorted(f.name for f in files if stems[f.stem] > 1)
     if shared:
@@ -75,9 +74,9 @@ def folder_images(input_dir: str | os.PathLike, pattern: str | None = None) -> l
     return files
 
 
-def image_datalist(input_dir: str | os.PathLike, pattern: str | None = None) -> list[dict[str, str]]:
+def image_datalist(input_dir: str | os.PathLike) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` of :func:`folder_images`, for the bundles' ``inference.json``."""
-    return [{"image": str(f)} for f in folder_images(input_dir, pattern)]
+    return [{"image": str(f)} for f in folder_images(input_dir)]
 
 
 def check_fold(fold: object, n_splits: int, datalist: str | os.PathLike) -> int | None:

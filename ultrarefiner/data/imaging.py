@@ -194,7 +194,7 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
     """Read a mask as (H, W) bool: a picture by ``mask_of``'s rule, a 2D NIfTI (``nifti_values``) where its
     ``mask_levels`` exceed 127 (a 0/1 label map where it is 1, probabilities above 0.5)."""
     if is_nifti(path):
-        return mask_levels(nifti_values(path), path) > 127
+        return read_soft_mask(path) > 127
     return mask_of(open_image(path), colour_coded, path)
 
 

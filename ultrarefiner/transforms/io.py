@@ -7,6 +7,7 @@ from collections.abc import Hashable, Mapping
 from monai.config import KeysCollection
 from monai.data import PILReader
 from monai.transforms import LoadImaged, MapTransform
+from monai.utils import ensure_tuple
 
 
 class LoadImageMaskd(MapTransform):
@@ -25,7 +26,7 @@ class LoadImageMaskd(MapTransform):
         from ultrarefiner.data.imaging import gray_image, label_image
 
         super().__init__(keys, allow_missing_keys)
-        self.mask_keys = [mask_keys] if isinstance(mask_keys, str) else list(mask_keys)
+        self.mask_keys = ensure_tuple(mask_keys)
         self.load_images = LoadImaged(self.keys, reader=PILReader(converter=gray_image, reverse_indexing=False),
                                       image_only=True, allow_missing_keys=allow_missing_keys)
         self.load_masks = LoadImaged(self.mask_keys, reader=PILReader(converter=label_image, reverse_indexing=False),
