@@ -218,6 +218,51 @@ def test_transunet_speed_options_keep_the_probabilities(tmp_path, optimize):
         assert out.dtype == torch.float32 and seen.dtypes == {torch.bfloat16}
 
 
+def _transunet_bundle(optimize: str | None = None, seed: int = 3):
+    """The transunet bundle's ``inference.json`` parsed at a tiny size: (parser, its network_def seeded by seed)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "transunet" / "configs" / "inference.json"))
+    parser.update({"img_size": 32, "vit_depth": 1, "device": "$torch.device('cpu')",
+                   **({} if optimize is None else {"optimize": optimize})})
+    torch.manual_seed(seed)
+    return parser, parser.get_parsed_content("network_def").eval()
+
+
+@pytest.mark.parametrize("optimize", ["channels_last", "bf16"])
+def test_transunet_bundle_inferer_runs_the_speed_option(optimize):
+    """The transunet bundle's ``inferer`` runs TransUNet as ``predict-transunet`` does (``fast_segmenter``) while its
+    checkpoint still loads into the plain ``network_def``: ``optimize`` auto by default, channels_last the eager
+    numbers up to rounding, bf16 (CPUs with native bfloat16) its products in bfloat16 with float32 logits out; a
+    later weight load reaches the forward it built; an unknown option fails when the config is parsed."""
+    from monai.inferers import SimpleInferer
+
+    from ultrarefiner.engines.inference.flip_inferer import FastSegmenterInferer
+
+    if optimize == "bf16" and not native_bf16_cpu():
+        pytest.skip("no native bfloat16 on this CPU")
+    parser, other = _transunet_bundle(seed=4)
+    assert parser["optimize"] == "auto" and isinstance(parser.get_parsed_content("inferer"), FastSegmenterInferer)
+    parser, net = _transunet_bundle(optimize)
+    inferer = parser.get_parsed_content("inferer")
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        plain = SimpleInferer()(x, net)
+        with _MatmulDtypes() as seen:
+            fast = inferer(x, net)
+        assert fast.dtype == torch.float32 and (fast - plain).abs().max() <= (1e-5 if optimize != "bf16" else 0.05)
+        assert seen.dtypes == ({torch.bfloat16} if optimize == "bf16" else {torch.float32})
+        assert net.decoder.conv_more[0].weight.is_contiguous(memory_format=torch.channels_last)
+        net.load_state_dict(other.state_dict())  # other weights, as CheckpointLoader loads them: used, same layout
+        assert (inferer(x, net) - SimpleInferer()(x, other)).abs().max() <= (1e-5 if optimize != "bf16" else 0.05)
+    assert inferer.forward_for(net, x.device) is inferer.forward_for(net, x.device)
+    parser.update({"optimize": "fast"})
+    with pytest.raises(Exception) as failed:  # MONAI's "Failed to evaluate ConfigExpression", from ours
+        parser.get_parsed_content("inferer", lazy=False)
+    assert "optimize must be one of" in str(failed.value.__cause__ or failed.value.__context__)
+
+
 def test_same_size_batches(tmp_path):
     items = []
     for i, (h, w) in enumerate([(20, 30), (10, 10), (20, 30), (20, 30), (10, 10)]):

@@ -1,6 +1,6 @@
-"""The bundles' test-time-augmentation inferer: MONAI's ``Inferer`` interface over ``fast_inference``'s flip rule
-(``hflip``, ``flip_tta_mean``). Apart from ``fast_inference`` because it imports MONAI's inferers, which ``refine`` does
-not need."""
+"""The bundles' inferers: MONAI's ``Inferer`` interface over ``fast_inference``'s flip rule (``hflip``,
+``flip_tta_mean``) and its TransUNet speed option (``fast_segmenter``). Apart from ``fast_inference`` because it
+imports MONAI's inferers, which ``refine`` does not need."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from collections.abc import Callable
 
 import torch
 from monai.inferers import Inferer
+from torch import nn
 
-from ultrarefiner.engines.inference.fast_inference import check_tta, flip_tta_mean, hflip
+from ultrarefiner.engines.inference.fast_inference import (
+    check_optimize,
+    check_tta,
+    fast_segmenter,
+    flip_tta_mean,
+    hflip,
+)
 
-__all__ = ["FlipTTAInferer", "tta_inferer"]
+__all__ = ["FastSegmenterInferer", "FlipTTAInferer", "tta_inferer"]
 
 
 class FlipTTAInferer(Inferer):
@@ -41,8 +48,41 @@ class FlipTTAInferer(Inferer):
         return torch.logit(p) if self.activation == "sigmoid" else torch.log(p)
 
 
-def tta_inferer(tta: str | None, activation: str = "sigmoid") -> Inferer:
-    """The bundles' inferer: ``SimpleInferer`` (``tta`` none) or ``FlipTTAInferer`` (``tta`` flip)."""
+class FastSegmenterInferer(Inferer):
+    def __init__(self, inferer: Inferer, optimize: str = "auto") -> None:
+        """
+        MONAI inferer: ``inferer`` with the network run through ``fast_segmenter(network, inputs.device, optimize)``
+        (bf16 autocast and channels_last on a CPU with native bfloat16, channels_last on CUDA; see
+        ``fast_inference.resolve_optimize``). Where the option leaves the network eager (``none``, ``jit_freeze``,
+        ``compile``), the network runs as given.
+
+        The speed option lives in the inferer, not the network, so that the checkpoint still loads into the plain
+        network (``CheckpointLoader``, MONAI Label's bundle tasks) and every caller of the config's ``inferer`` gets
+        it. The fast forward is built on the first call for a network and device and kept; it wraps the network
+        itself (its weights are converted to channels_last in place, same values), so weights loaded into that
+        network later are used.
+
+        Arguments:
+          inferer: the inner inferer, called as ``inferer(inputs, fast_forward, *args, **kwargs)``.
+          optimize: one of ``fast_inference.OPTIMIZE_MODES``; checked here, before any image is read.
+        """
+        self.inferer, self.optimize = inferer, check_optimize(optimize, "optimize")
+        self._fast: tuple[nn.Module, torch.device, Callable[..., torch.Tensor]] | None = None
+
+    def forward_for(self, network: nn.Module, device: torch.device) -> Callable[..., torch.Tensor]:
+        """The fast forward of ``network`` on ``device`` (built once per network and device)."""
+        if self._fast is None or self._fast[0] is not network or self._fast[1] != device:
+            self._fast = (network, device, fast_segmenter(network, device, self.optimize))
+        return self._fast[2]
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        return self.inferer(inputs, self.forward_for(network, inputs.device), *args, **kwargs)
+
+
+def tta_inferer(tta: str | None, activation: str = "sigmoid", optimize: str | None = None) -> Inferer:
+    """The bundles' inferer: ``SimpleInferer`` (``tta`` none) or ``FlipTTAInferer`` (``tta`` flip); with an
+    ``optimize`` option (TransUNet), inside a ``FastSegmenterInferer``."""
     from monai.inferers import SimpleInferer
 
-    return FlipTTAInferer(activation) if check_tta(tta) == "flip" else SimpleInferer()
+    inferer = FlipTTAInferer(activation) if check_tta(tta) == "flip" else SimpleInferer()
+    return inferer if optimize is None else FastSegmenterInferer(inferer, optimize)
