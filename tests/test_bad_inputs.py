@@ -713,7 +713,7 @@ CASES: list[dict] = [
     dict(id="bundle-transunet-inference-missing-folder", command=BI.format("transunet"), exit=1,
          message="input folder not found", run=bu_inference("transunet", "nope")),
     dict(id="bundle-transunet-inference-empty-folder", command=BI.format("transunet"), exit=1,
-         message="no image file (.png, .jpg", run=bu_inference("transunet", "empty")),
+         message="no image files (.png, .jpg", run=bu_inference("transunet", "empty")),
     dict(id="bundle-sam_refiner-inference-missing-folder", command=BI.format("sam_refiner"), exit=1,
          message="input folder not found", run=bu_inference("sam_refiner", "nope")),
     dict(id="bundle-ultrarefiner-inference-missing-folder", command=BI.format("ultrarefiner"), exit=1,

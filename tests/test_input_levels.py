@@ -8,6 +8,7 @@ helper clipped 16-bit images to white too."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,32 @@ def test_inference_datalists_take_every_image_suffix(tmp_path):
     save(images / "a.jpg", scan(9))
     with pytest.raises(BadInputError, match="images a.jpg, a.png share a stem"):
         image_datalist(images)
+
+
+def test_refine_predict_and_the_bundles_list_a_folder_alike(tmp_path):
+    """One listing (``imaging.folder_image_files``) for ``refine``, ``predict`` and the bundles' inference: image
+    suffixes in any case, sorted, not recursive, hidden files left out (predict read macOS's ``._a.png`` resource
+    forks as images), and one error naming the folder when it is missing or holds no image."""
+    from ultrarefiner.data.datalist import image_datalist
+    from ultrarefiner.engines.inference.refine_folder import _match
+    from ultrarefiner.engines.inference.ultra_predict import list_inputs
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for name in ("b.JPG", "a.png", "._a.png", ".hidden.png", "sub/c.png"):
+        save(images / name, scan(3))
+        save(masks / Path(name).with_suffix(".png"), blob())
+    (images / "notes.txt").write_text("not an image")
+    expected = ["a.png", "b.JPG"]
+    assert [Path(e["image"]).name for e in image_datalist(images)] == expected
+    assert [p.name for p in list_inputs(images)] == expected
+    items, skipped = _match(images, masks, None)
+    assert [Path(e["image"]).name for e in items] == expected and skipped == []
+    (tmp_path / "empty").mkdir()
+    for folder, problem in ((tmp_path / "empty", "no image files (.png"), (tmp_path / "nope", "not found")):
+        for lister in (image_datalist, list_inputs, lambda f: _match(f, masks, None)):
+            with pytest.raises(BadInputError, match=re.escape(problem)) as error:
+                lister(folder)
+            assert error.value.path == str(folder)
 
 
 TRAINING_CHAINS = [

@@ -48,24 +48,18 @@ def datalist_path(data_root: str | os.PathLike, dataset_name: str) -> Path:
 
 
 def folder_images(input_dir: str | os.PathLike) -> list[Path]:
-    """The image files of ``input_dir`` (any of ``IMAGE_SUFFIXES``, as ``refine`` reads), sorted, hidden files left
-    out.
+    """The image files of ``input_dir`` (``imaging.folder_image_files``: any of ``IMAGE_SUFFIXES``, as ``refine``
+    reads), sorted, hidden files left out.
 
     Raises:
-        BadInputError: the folder does not exist, is not a folder, holds no matching file (an inference that
-            silently writes nothing looks like success), or holds two images of one stem (``a.png``, ``a.jpg``: their
-            outputs ``<stem>_seg.png`` would overwrite each other).
+        BadInputError: the folder does not exist, is not a folder, holds no matching file, or holds two images of one
+            stem (``a.png``, ``a.jpg``: their outputs ``<stem>_seg.png`` would overwrite each other; a bundle run
+            has no report of skipped images, where ``refine`` skips and lists them).
     """
-    from ultrarefiner.data.imaging import IMAGE_SUFFIXES, image_files
+    from ultrarefiner.data.imaging import folder_image_files
 
     folder = Path(input_dir)
-    if not folder.exists():
-        raise BadInputError(folder, "input folder not found")
-    if not folder.is_dir():
-        raise BadInputError(folder, "input_dir must be a folder")
-    files = image_files(folder)
-    if not files:
-        raise BadInputError(folder, f"no image file ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    files = folder_image_files(folder, "input")
     stems = Counter(f.stem for f in files)
     shared = sorted(f.name for f in files if stems[f.stem] > 1)
     if shared:

@@ -37,6 +37,25 @@ def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> lis
                   if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(suffixes))
 
 
+def folder_image_files(folder: str | os.PathLike, what: str = "input") -> list[Path]:
+    """The image files of ``folder`` (``image_files``: any of ``IMAGE_SUFFIXES``, hidden ones left out, sorted, not
+    recursive): what ``refine``, ``predict`` and the bundles' inference read from a folder. A folder that yields
+    nothing is an error, not an empty run: an inference that silently writes nothing looks like success.
+
+    Raises:
+        BadInputError: naming ``folder`` (the ``what`` folder) when it does not exist, is a file or holds no image.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise BadInputError(folder, f"{what} folder not found")
+    if not folder.is_dir():
+        raise BadInputError(folder, f"{what} must be a folder")
+    files = image_files(folder)
+    if not files:
+        raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder")
+    return files
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """The decoded PIL image; BadInputError naming the file when it is missing, unreadable, truncated or a
     decompression bomb."""

@@ -43,9 +43,9 @@ import torch
 
 import ultrarefiner
 from ultrarefiner.data.imaging import (
-    IMAGE_SUFFIXES,
     MASK_SUFFIXES,
     file_stem,
+    folder_image_files,
     image_files,
     image_size,
     read_image,
@@ -153,17 +153,6 @@ def _refiner_name(checkpoints: Sequence[Path | None]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _list_images(folder: Path) -> list[Path]:
-    if not folder.exists():
-        raise BadInputError(folder, "images folder not found")
-    if not folder.is_dir():
-        raise BadInputError(folder, "images must be a folder")
-    files = image_files(folder)
-    if not files:
-        raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the images folder")
-    return files
-
-
 def files_by_stem(folder: Path, what: str, postfix: str = "",
                   suffixes: tuple[str, ...] = MASK_SUFFIXES) -> dict[str, list[Path]]:
     """Mask files of ``folder`` (picture files and 2D NIfTI) by stem (a list: ``a.png`` and ``a.nii.gz`` share
@@ -205,8 +194,8 @@ def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "
            label_postfix: str = "") -> tuple[list[dict], list[dict]]:
     """Items {stem, image, mask[, label]} and skipped samples {stem, file, reason}; masks and labels are named
     ``<image stem><postfix>.*``."""
-    image_files = _list_images(images)
-    stems = [f.stem for f in image_files]
+    files = folder_image_files(images, "images")
+    stems = [f.stem for f in files]
     roles = [("mask", masks, mask_postfix, "coarse mask", "mask_postfix")]
     if labels is not None:
         roles.append(("label", labels, label_postfix, "label", "label_postfix"))
@@ -220,7 +209,7 @@ def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "
             logger.warning(f"{len(orphans)} {what}(s) without an image in {images} (ignored), e.g. "
                            f"{', '.join(o + postfix for o in orphans[:3])}{hints[key]}")
     items, skipped = [], []
-    for f in image_files:
+    for f in files:
         if stems.count(f.stem) > 1:  # a.png and a.jpg would write the same outputs
             skipped.append(dict(stem=f.stem, file=str(f), reason="several image files share this stem"))
             continue

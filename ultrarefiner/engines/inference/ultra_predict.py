@@ -45,7 +45,7 @@ from monai.transforms import MapTransform
 
 # the writers lived here until 0.1.3 of the bundle: configs that name them here keep working
 from ultrarefiner.data.image_writers import AtomicNibabelWriter, AtomicPILWriter
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, read_image
+from ultrarefiner.data.imaging import folder_image_files, read_image
 from ultrarefiner.engines.evaluation.contours import COARSE_COLOUR, REFINED_COLOUR, overlay_coarse_refined
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.amp import autocast
@@ -270,14 +270,12 @@ def _refine_after(net: torch.nn.Module, out: dict, embeddings: torch.Tensor, siz
 # ------------------------------------------------------------------------------------------------ pictures
 # ------------------------------------------------------------------------------------------------ inputs
 def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """One image file, a folder (its image files, sorted, not recursive) or a list of files."""
+    """One image file, a folder (``imaging.folder_image_files``: its image files, hidden ones left out, sorted, not
+    recursive) or a list of files."""
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise BadInputError(p, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            return files
+            return folder_image_files(p, "input")
         if not p.exists():
             raise BadInputError(p, "input not found")
         return [p]
