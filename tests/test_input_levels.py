@@ -185,3 +185,35 @@ def test_training_reads_images_and_labels_by_the_package_rules(images, bundle, c
             for k, v in out.items():
                 if isinstance(v, torch.Tensor):
                     assert v.shape == reference[k].shape and torch.equal(v, reference[k]), (name, storage, k)
+
+
+@pytest.mark.parametrize("bundle, config, key, role", [
+    ("transunet", "train.json", "train#preprocessing", "label"),
+    ("transunet", "train.json", "train#preprocessing", "image"),
+    ("sam_refiner", "inference.json", "preprocessing", "coarse"),
+    ("sam_refiner", "inference.json", "preprocessing", "image"),
+])
+def test_files_the_rules_refuse_stop_the_chain_naming_them(tmp_path, bundle, config, key, role):
+    """A file the package's rules refuse is a ``BadInputError`` naming it. MONAI's ``LoadImaged`` tries the other
+    readers when the one given to its constructor fails: a mask of logits was read raw by ``PILReader`` (values
+    below 0, transposed), a garbage image ended in "cannot find a suitable reader"."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / config))
+    parser.update({"img_size": 32})
+    chain = parser.get_parsed_content(key)
+    item = {"image": str(save(tmp_path / "scan.png", scan(1, 20, 30))),
+            ("label" if bundle == "transunet" else "coarse"): str(save(tmp_path / "mask.png", blob(20, 30)))}
+    if role == "image":
+        bad, problem = tmp_path / "garbage.png", "unreadable image"
+        bad.write_bytes(b"not a png at all")
+    else:
+        logits = np.where(blob(20, 30) > 0, 4.0, -4.0).astype(np.float32)
+        bad, problem = tmp_path / "logits.tif", "negative values"
+        Image.fromarray(logits).save(bad)
+    item[role] = str(bad)
+    with pytest.raises(RuntimeError) as error:  # MONAI's Compose wraps it: "applying transform ..."
+        chain(item)
+    cause = error.value
+    while cause is not None and not isinstance(cause, BadInputError):
+        cause = cause.__cause__ or cause.__context__
+    assert cause is not None and cause.path == str(bad) and problem in cause.reason

@@ -1,5 +1,6 @@
 """Coarse masks, predictions and labels saved as 2D NIfTI, as MONAI's ``SaveImage`` writes them by default
-(``<out>/<stem>/<stem>_seg.nii.gz``), are read by ``refine`` and ``evaluate`` as their PNG twins.
+(``<out>/<stem>/<stem>_seg.nii.gz``), are read by ``refine``, ``evaluate`` and the sam_refiner bundle's inference as
+their PNG twins.
 
 Before, both listed picture files only: a folder of MONAI NIfTI predictions was "no mask files", and a ``.nii.gz``
 file's stem kept its ``.nii``."""
@@ -11,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.transforms import EnsureChannelFirst, LoadImage, SaveImage
 
 from conftest import save, scan
@@ -94,15 +96,25 @@ def test_evaluate_scores_nifti_predictions_against_png_labels(tmp_path):
     assert report["means"]["monai"]["dice"] == pytest.approx(1.0)
 
 
-def test_sam_refiner_bundle_names_refine_for_nifti_coarse_masks(tmp_path):
-    """The bundle's inference reads coarse masks with ``PILReader``: a NIfTI one is refused, pointing at ``refine``."""
+def test_sam_refiner_bundle_reads_nifti_coarse_masks(tmp_path):
+    """The bundle's inference pairs each image with MONAI's default NIfTI output (``<stem>/<stem>_seg.nii.gz``) and
+    reads it as its PNG twin (``LoadSoftMaskd``); with both a NIfTI and a PNG of one stem the pair is ambiguous."""
+    from monai.bundle import ConfigParser
+
+    from bundle_utils import REPO
     from ultrarefiner.engines.training.refiner_setup import inference_datalist
 
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "sam_refiner" / "configs" / "inference.json"))
+    preprocessing = parser.get_parsed_content("preprocessing")
     save(tmp_path / "images" / "case0.png", scan(0, H, W))
-    monai_save(save(tmp_path / "png" / "case0.png", lesion(0).astype(np.uint8) * 255), tmp_path / "coarse")
-    with pytest.raises(BadInputError, match="a NIfTI one is there: this bundle reads picture files; `python -m "
-                                            "ultrarefiner refine` reads NIfTI"):
+    png = save(tmp_path / "png" / "case0_seg.png", np.where(lesion(0), 204, 51).astype(np.uint8))  # soft, p x 255
+    nii = monai_save(save(tmp_path / "png" / "case0.png", np.asarray(read_soft_mask(png))), tmp_path / "coarse")
+    (item,) = inference_datalist(tmp_path / "images", tmp_path / "coarse", "_seg")
+    assert item["coarse"] == str(nii)
+    stacked = preprocessing(item)["image"]
+    expected = preprocessing({"image": item["image"], "coarse": str(png)})["image"]
+    assert stacked.shape == (2, H, W) and torch.equal(stacked, expected)
+    save(tmp_path / "coarse" / "case0" / "case0_seg.png", lesion(0).astype(np.uint8) * 255)  # SaveImage's PNG too
+    with pytest.raises(BadInputError, match="ambiguous: case0_seg.nii.gz, case0_seg.png"):
         inference_datalist(tmp_path / "images", tmp_path / "coarse", "_seg")
-    save(tmp_path / "coarse" / "case0" / "case0_seg.png", lesion(0).astype(np.uint8) * 255)  # SaveImage's PNG layout
-    assert [Path(e["coarse"]).name for e in inference_datalist(tmp_path / "images", tmp_path / "coarse", "_seg")] == \
-        ["case0_seg.png"]

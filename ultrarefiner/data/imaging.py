@@ -189,19 +189,6 @@ def read_soft_mask(path: str | os.PathLike) -> np.ndarray:
     return mask_levels(_mask_values(path), path)
 
 
-def gray_image(img: Image.Image) -> Image.Image:
-    """``read_image``'s rule as a converter for MONAI's ``PILReader(converter=...)``: 8-bit grayscale ("L"), so a
-    bundle config reads images as ``refine`` does (colour as luminance, 16-bit and float rescaled by their maximum,
-    not clipped to white)."""
-    return Image.fromarray(to_gray_uint8(img))
-
-
-def soft_mask_image(img: Image.Image) -> Image.Image:
-    """``read_soft_mask``'s rule (``mask_levels``) as a converter for MONAI's ``PILReader(converter=...)``: 8-bit
-    mask levels ("L"), so a bundle config reads coarse masks as ``refine`` does."""
-    return Image.fromarray(mask_levels(_stored_values(img), _source(img)))
-
-
 def _alpha(img: Image.Image) -> np.ndarray | None:
     """The alpha channel (H, W) uint8 of an image with transparency (RGBA, LA, PA, P with a transparent colour)."""
     if not img.has_transparency_data:
@@ -251,13 +238,6 @@ def mask_of(img: Image.Image, colour_coded: bool = False, path: str | os.PathLik
         raise BadInputError(path, "RGBA mask with a dark opaque region and a bright transparent one: cannot tell "
                                   "which is the lesion; save the mask as 8-bit grayscale 0/255")
     return mask
-
-
-def label_image(img: Image.Image) -> Image.Image:
-    """``read_mask``'s rule as a converter for MONAI's ``PILReader(converter=...)``: a 0/255 "L" image, so a bundle
-    trains on a label as ``preprocess`` reads it (a 0/1 label map, an RGBA drawing whose alpha carries the mask, a
-    16-bit or float label), not on its raw channels."""
-    return Image.fromarray(mask_of(img).astype(np.uint8) * np.uint8(255))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -2,39 +2,119 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from monai.config import KeysCollection
-from monai.data import PILReader
+from monai.data import ImageReader
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 
 
+def _image(path: str) -> np.ndarray:
+    from ultrarefiner.data.imaging import read_image
+
+    return read_image(path)
+
+
+def _label(path: str) -> np.ndarray:
+    from ultrarefiner.data.imaging import read_mask
+
+    return read_mask(path).astype(np.uint8) * np.uint8(255)
+
+
+def _soft_mask(path: str) -> np.ndarray:
+    from ultrarefiner.data.imaging import read_soft_mask
+
+    return read_soft_mask(path)
+
+
+class RuleReader(ImageReader):
+    """MONAI ``ImageReader`` of one 2D file by one of the package's reading rules, as an (H, W) uint8 array:
+
+    - ``image``: ``imaging.read_image`` (colour and palette as luminance, 16-bit and float rescaled by their maximum);
+    - ``label``: ``imaging.read_mask`` as 0/255 (0/1 label maps, alpha-drawn RGBA, 16-bit and float masks, 2D NIfTI);
+    - ``soft_mask``: ``imaging.read_soft_mask`` (0-255 levels: probabilities * 255; pictures and 2D NIfTI).
+
+    A file the rule refuses raises ``BadInputError`` naming it. Give the reader to ``LoadImaged`` at call time
+    (``LoadImaged(...)(data, reader=...)``, as :class:`LoadImageMaskd` does): a reader given to its constructor is
+    only tried first, and a file it refuses is then read raw by MONAI's other readers (a raw ``PILReader``: a mask of
+    logits read as is, transposed).
+    """
+
+    RULES: dict[str, Callable[[str], np.ndarray]] = {"image": _image, "label": _label, "soft_mask": _soft_mask}
+
+    def __init__(self, rule: str) -> None:
+        if rule not in self.RULES:
+            raise ValueError(f"rule must be one of {', '.join(self.RULES)}, got {rule!r}")
+        self.rule = rule
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        from ultrarefiner.data.imaging import IMAGE_SUFFIXES, MASK_SUFFIXES
+
+        suffixes = IMAGE_SUFFIXES if self.rule == "image" else MASK_SUFFIXES
+        return all(str(f).lower().endswith(suffixes) for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[str] | str, **kwargs: Any) -> tuple[np.ndarray, str]:
+        files = ensure_tuple(data)
+        if len(files) != 1:
+            raise ValueError(f"one file per item, got {len(files)}: {', '.join(map(str, files))}")
+        return self.RULES[self.rule](str(files[0])), str(files[0])
+
+    def get_data(self, img: tuple[np.ndarray, str]) -> tuple[np.ndarray, dict]:
+        """(H, W) array in numpy order and its metadata; no channel axis (``EnsureChannelFirstd`` adds one)."""
+        array, _ = img
+        return array, {"spatial_shape": np.asarray(array.shape), "original_channel_dim": float("nan")}
+
+
+class _RuleLoad:
+    """``LoadImaged`` of ``keys`` with a ``RuleReader`` given at call time: nothing falls back to another reader."""
+
+    def __init__(self, keys: KeysCollection, rule: str, allow_missing_keys: bool) -> None:
+        self.reader = RuleReader(rule)
+        self.load = LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        return self.load(data, reader=self.reader)
+
+
 class LoadImageMaskd(MapTransform):
-    """Load 2D images (``keys``) and masks (``mask_keys``) with MONAI's ``LoadImaged`` and ``PILReader``, by the
-    package's reading rules, as (H, W) arrays in numpy order.
+    """Load 2D images (``keys``) and masks (``mask_keys``) with MONAI's ``LoadImaged``, by the package's reading rules
+    (:class:`RuleReader`), as (H, W) arrays in numpy order.
 
-    - images by ``imaging.gray_image``: colour and palette as luminance, 16-bit and float rescaled by their maximum;
-    - masks by ``imaging.label_image``: 0/255, with 0/1 label maps, alpha-drawn RGBA, 16-bit and float masks read as
-      ``preprocess`` and ``evaluate`` read them.
+    - images by ``imaging.read_image``: colour and palette as luminance, 16-bit and float rescaled by their maximum;
+    - masks by ``imaging.read_mask``, as 0/255: 0/1 label maps, alpha-drawn RGBA, 16-bit and float masks and 2D
+      NIfTI read as ``preprocess`` and ``evaluate`` read them.
 
-    A raw ``PILReader`` gives a colour PNG 3 channels and a 16-bit one values up to 65535. One transform rather than
-    two ``LoadImaged`` keeps the index of every later transform, which the bundles' READMEs give for overrides.
+    A raw ``PILReader`` gives a colour PNG 3 channels and a 16-bit one values up to 65535. A file the rules refuse is
+    an error naming it (``BadInputError``), never read raw by another reader. One transform rather than two
+    ``LoadImaged`` keeps the index of every later transform, which the bundles' READMEs give for overrides.
     """
 
     def __init__(self, keys: KeysCollection, mask_keys: KeysCollection = (), allow_missing_keys: bool = False):
-        from ultrarefiner.data.imaging import gray_image, label_image
-
         super().__init__(keys, allow_missing_keys)
         self.mask_keys = ensure_tuple(mask_keys)
-        self.load_images = LoadImaged(self.keys, reader=PILReader(converter=gray_image, reverse_indexing=False),
-                                      image_only=True, allow_missing_keys=allow_missing_keys)
-        self.load_masks = LoadImaged(self.mask_keys, reader=PILReader(converter=label_image, reverse_indexing=False),
-                                     image_only=True, allow_missing_keys=allow_missing_keys) if self.mask_keys else None
+        self.load_images = _RuleLoad(self.keys, "image", allow_missing_keys)
+        self.load_masks = _RuleLoad(self.mask_keys, "label", allow_missing_keys) if self.mask_keys else None
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = self.load_images(data)
         return d if self.load_masks is None else self.load_masks(d)
+
+
+class LoadSoftMaskd(MapTransform):
+    """Load 2D soft masks (``keys``: coarse masks, predictions) with MONAI's ``LoadImaged`` by ``refine``'s rule,
+    ``imaging.read_soft_mask`` (:class:`RuleReader`): (H, W) uint8 levels 0-255 in numpy order, from picture files
+    (0/255, 0/1 label maps, probability * 255, 16-bit and float levels) and 2D NIfTI (read x first, as MONAI's
+    ``SaveImage`` writes a picture). A file the rule refuses is an error naming it."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.load = _RuleLoad(self.keys, "soft_mask", allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        return self.load(data)
 
 
 class RecordSized(MapTransform):

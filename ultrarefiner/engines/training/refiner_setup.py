@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ultrarefiner.data.datalist import folder_images
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, NIFTI_SUFFIXES
 from ultrarefiner.engines.checkpoints.checkpoint import _is_main_process, save_checkpoint
 from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.engines.training.refiner_training import precompute_embeddings
@@ -151,8 +150,8 @@ def export_refiner(ckpt_dir: str | os.PathLike, model_path: str | os.PathLike, n
 def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLike,
                        coarse_postfix: str = "") -> list[dict[str, str]]:
     """Every image of ``input_dir`` (``folder_images``: PNG, JPEG, BMP, TIFF; sorted) paired with its coarse mask
-    ``<coarse_dir>/<stem><postfix>.*`` (``predict-transunet`` writes ``<stem>.png``, the transunet bundle's inference
-    ``<stem>_seg.png``).
+    ``<coarse_dir>/<stem><postfix>.*``, a picture file or a 2D NIfTI (``predict-transunet`` writes ``<stem>.png``, the
+    transunet bundle's inference ``<stem>_seg.png``, MONAI's ``SaveImage`` ``<stem>/<stem>_seg.nii.gz``).
 
     Raises:
       BadInputError: no image in ``input_dir``, or an image without its coarse mask or with several (the message
@@ -162,16 +161,13 @@ def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLi
 
     images = folder_images(input_dir)
     postfix = str(coarse_postfix or "")
-    coarse = files_by_stem(Path(coarse_dir), "coarse masks", postfix, IMAGE_SUFFIXES)  # PILReader reads them
+    coarse = files_by_stem(Path(coarse_dir), "coarse masks", postfix)
     items = []
     for image in images:
         found = coarse.get(image.stem, [])
         if len(found) != 1:
             problem = "not found" if not found else f"ambiguous: {', '.join(f.name for f in found)}"
-            nifti = files_by_stem(Path(coarse_dir), "coarse masks", postfix, NIFTI_SUFFIXES).get(image.stem)
-            advice = ("a NIfTI one is there: this bundle reads picture files; `python -m ultrarefiner refine` reads "
-                      "NIfTI" if nifti and not found else "set coarse_dir / coarse_postfix")
             raise BadInputError(Path(coarse_dir) / f"{image.stem}{postfix}.png",
-                                f"coarse mask of {image.name} {problem} ({advice})")
+                                f"coarse mask of {image.name} {problem} (set coarse_dir / coarse_postfix)")
         items.append({"image": str(image), "coarse": str(found[0])})
     return items
