@@ -156,6 +156,34 @@ def test_interactive_predictor_prompts(tmp_path):
 
 
 
+def test_label_prompt_is_read_as_the_train_task_reads_labels(tmp_path):
+    """The uploaded label of the interactive task (``serving.read_mask``) is read by the package's rule, the one
+    the train task reads the datastore's labels by (``LoadImageMaskd``): a mask drawn in an RGBA image's alpha channel
+    (which the task read as lesion everywhere), a 0/1 or 16-bit label map, and MONAI Label's default upload, a 2D
+    NIfTI written x first as 3D Slicer and ITK write it (which it could not read)."""
+    import nibabel as nib
+
+    from ultrarefiner.transforms.io import LoadImageMaskd
+    from ultrarefiner.zoo.serving import read_mask
+
+    h, w = 40, 56
+    lesion = np.zeros((h, w), bool)
+    lesion[8:30, 12:40] = True
+    rgba = np.full((h, w, 4), 255, np.uint8)
+    rgba[..., 3] = lesion * 255
+    files = {"gray.png": lesion.astype(np.uint8) * 255, "index.png": lesion.astype(np.uint8),
+             "wide.png": lesion.astype(np.uint16) * 1000, "drawn.png": rgba}
+    for name, values in files.items():
+        Image.fromarray(values).save(tmp_path / name)
+    nib.save(nib.Nifti1Image(lesion.T.astype(np.uint8)[:, :, None], np.eye(4)), str(tmp_path / "slicer.nii.gz"))
+    load = LoadImageMaskd("image", "label")  # the train task's bundles read labels with it
+    for name in [*files, "slicer.nii.gz"]:
+        mask = read_mask(tmp_path / name)
+        assert mask.dtype == np.uint8 and np.array_equal(mask, lesion), name
+        trained_on = load({"image": str(tmp_path / "gray.png"), "label": str(tmp_path / name)})["label"]
+        assert np.array_equal(trained_on.numpy() > 127, lesion), name
+
+
 def test_interactive_predictor_encodes_through_the_frozen_encoder():
     """On a CPU the interactive refiner encodes through the TorchScript-frozen LiteMedSAM encoder, traced by
     ``warm_up`` on the one input shape every image has (256x256), with the eager encoder's embeddings and masks."""
@@ -431,11 +459,17 @@ def test_shipped_refiner_and_zero_shot_on_a_real_busi_image(server):
         assert status == 200, body
         again = json.loads(body)
         assert again["embedding_cached"] is True and again["box"] == [float(v) for v in box]
-    # clicks, box and the current label (uploaded) together; the label is SAM's mask prompt
+    # clicks, box and the current label (uploaded) together; the label is SAM's mask prompt. It goes up as a 2D
+    # NIfTI written x first, MONAI Label's default label format (3D Slicer's upload)
+    import nibabel as nib
+
     ys, xs = np.nonzero(label)
     params = {"foreground": [[int(xs.mean()), int(ys.mean())]], "background": [[2, 2]], "roi": box}
-    status, body = server.infer("sam_refiner", image.stem, params, output="image", files={"label": label_file})
-    assert _dice(_mask_from(status, body, server), label) > 0.8
+    upload = server.tmp / f"{image.stem}_label.nii.gz"
+    nib.save(nib.Nifti1Image(label.T.astype(np.uint8)[:, :, None], np.eye(4)), str(upload))
+    for label_upload in (label_file, upload):
+        status, body = server.infer("sam_refiner", image.stem, params, output="image", files={"label": label_upload})
+        assert _dice(_mask_from(status, body, server), label) > 0.8, label_upload
     status, body = server.infer("sam_refiner", image.stem, {"foreground": [[2, 2]]})
     assert status == 200 and json.loads(body)["label_prompt"] is False
 

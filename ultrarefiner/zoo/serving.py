@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, WIDE_MODES, open_image, read_image, to_gray_uint8
+from ultrarefiner.data.imaging import read_mask as read_mask_bool
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
 from ultrarefiner.utils.transfer import to_device
@@ -61,12 +62,11 @@ def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file (0/1, 0/255 or a soft 8-bit probability) -> (H, W) uint8 in {0, 1}."""
-    arr = load_image_uint8(path)
-    if arr.ndim == 3:
-        arr = arr.max(axis=-1)
-    threshold = 0 if int(arr.max(initial=0)) <= 1 else 127  # label indices vs. 8-bit probabilities
-    return (arr > threshold).astype(np.uint8)
+    """A mask file -> (H, W) uint8 in {0, 1}, by the package's rule (``imaging.read_mask``), which the train task
+    also reads labels by: 0/1 label maps, 0/255 and soft 8-bit masks, 16-bit and float levels, a mask drawn in an
+    RGBA image's alpha channel, and 2D NIfTI read x first (MONAI Label's default upload, as 3D Slicer and ITK write
+    it). BadInputError names the file."""
+    return read_mask_bool(path).astype(np.uint8)
 
 
 def write_mask(mask: np.ndarray, path: str | os.PathLike) -> Path:
