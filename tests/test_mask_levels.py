@@ -41,6 +41,31 @@ def test_other_levels_keep_their_meaning(tmp_path):
     assert np.array_equal(mask_levels(blank), blank)
 
 
+@pytest.mark.parametrize("colour", [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)])
+def test_a_mask_drawn_in_colour_reads_as_its_white_twin(tmp_path, colour):
+    """A mask drawn in a pure colour on black, RGB, RGBA or with a palette, is lesion where it is drawn (its brightest
+    channel): by luminance a red drawing (76) or a blue one (29) read as blank, and a red one on a transparent
+    background was refused as "dark opaque region"."""
+    from ultrarefiner.transforms.io import LoadImageMaskd
+    from ultrarefiner.zoo.serving import read_mask as label_prompt
+
+    lesion = blob() > 0
+    rgb = np.zeros(lesion.shape + (3,), np.uint8)
+    rgb[lesion] = colour
+    rgba = np.concatenate([rgb, (lesion * 255).astype(np.uint8)[..., None]], axis=-1)
+    palette = Image.fromarray(lesion.astype(np.uint8), "L").convert("P")
+    palette.putpalette([0, 0, 0, *colour] + [0] * 762)
+    files = [save(tmp_path / "rgb.png", rgb), save(tmp_path / "rgba.png", rgba), tmp_path / "palette.png"]
+    palette.save(files[-1])
+    load = LoadImageMaskd("image", "label")
+    image = save(tmp_path / "scan.png", scan(0, *lesion.shape))
+    for f in files:
+        assert np.array_equal(read_mask(f), lesion), f.name
+        assert np.array_equal(label_prompt(f), lesion.astype(np.uint8)), f.name
+        assert np.array_equal(load({"image": str(image), "label": str(f)})["label"].numpy() > 127, lesion), f.name
+    assert np.array_equal(read_soft_mask(files[0]), lesion * np.uint8(max(colour)))
+
+
 def test_preprocess_keeps_a_dataset_of_0_1_masks(tmp_path):
     raw = tmp_path / "raw" / "LEVELS01"
     for i in range(5):

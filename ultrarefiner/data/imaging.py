@@ -142,8 +142,14 @@ def mask_levels(values: np.ndarray, path: str | os.PathLike = "mask") -> np.ndar
 
 
 def _stored_values(img: Image.Image) -> np.ndarray:
-    """(H, W) the pixel values as stored for 16-bit, 32-bit and float images; luminance (uint8) for the others."""
-    return np.asarray(img) if img.mode in WIDE_MODES else to_gray_uint8(img)
+    """(H, W) a mask's values: as stored for 16-bit, 32-bit and float images, the gray level of a gray one, the
+    brightest channel of a colour one (uint8). A drawing in pure red or blue is lesion: its luminance, 76 or 29,
+    would read it as background; a gray mask saved as RGB gives its gray level either way."""
+    if img.mode in WIDE_MODES:
+        return np.asarray(img)
+    if img.mode in ("1", "L", "LA", "La"):
+        return to_gray_uint8(img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).max(axis=-1)  # alpha is mask_of's concern
 
 
 def nifti_values(path: str | os.PathLike) -> np.ndarray:
@@ -210,8 +216,9 @@ def mask_of(img: Image.Image, colour_coded: bool = False, path: str | os.PathLik
     Args:
         img: the mask, as PIL decodes it.
         colour_coded: masks whose class is a colour (BUS_UCLM: green benign, red malignant, black
-            background): any non-black pixel is lesion. Otherwise lesion = luminance > 127, which is right
-            for 1-bit, 8-bit, RGB and RGBA with a constant alpha, of the levels ``mask_levels`` reads: a 0/1
+            background): any non-black pixel is lesion. Otherwise lesion = level > 127 (the brightest channel
+            of a colour mask, ``_stored_values``), which is right for 1-bit, 8-bit, RGB (a red drawing
+            included) and RGBA with a constant alpha, of the levels ``mask_levels`` reads: a 0/1
             label map is lesion where it is 1, a float map where p > 0.5, a 16-bit one above 32767 (or wherever
             it is non-zero when it has two levels).
         path: the file, for error messages (default: the image's own file name).

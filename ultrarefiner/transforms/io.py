@@ -1,4 +1,5 @@
-"""Small dictionary transforms for loading and bookkeeping that MONAI has no ready equivalent for."""
+"""Loading by the package's reading rules (a MONAI ``ImageReader`` and the transforms that use it) and small dictionary
+transforms for bookkeeping that MONAI has no ready equivalent for."""
 
 from __future__ import annotations
 
@@ -11,23 +12,11 @@ from monai.data import ImageReader
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 
-
-def _image(path: str) -> np.ndarray:
-    from ultrarefiner.data.imaging import read_image
-
-    return read_image(path)
+from ultrarefiner.data import imaging
 
 
 def _label(path: str) -> np.ndarray:
-    from ultrarefiner.data.imaging import read_mask
-
-    return read_mask(path).astype(np.uint8) * np.uint8(255)
-
-
-def _soft_mask(path: str) -> np.ndarray:
-    from ultrarefiner.data.imaging import read_soft_mask
-
-    return read_soft_mask(path)
+    return imaging.read_mask(path).astype(np.uint8) * np.uint8(255)
 
 
 class RuleReader(ImageReader):
@@ -43,7 +32,8 @@ class RuleReader(ImageReader):
     logits read as is, transposed).
     """
 
-    RULES: dict[str, Callable[[str], np.ndarray]] = {"image": _image, "label": _label, "soft_mask": _soft_mask}
+    RULES: dict[str, Callable[[str], np.ndarray]] = {"image": imaging.read_image, "label": _label,
+                                                     "soft_mask": imaging.read_soft_mask}
 
     def __init__(self, rule: str) -> None:
         if rule not in self.RULES:
@@ -51,9 +41,7 @@ class RuleReader(ImageReader):
         self.rule = rule
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
-        from ultrarefiner.data.imaging import IMAGE_SUFFIXES, MASK_SUFFIXES
-
-        suffixes = IMAGE_SUFFIXES if self.rule == "image" else MASK_SUFFIXES
+        suffixes = imaging.IMAGE_SUFFIXES if self.rule == "image" else imaging.MASK_SUFFIXES
         return all(str(f).lower().endswith(suffixes) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[str] | str, **kwargs: Any) -> tuple[np.ndarray, str]:
