@@ -213,6 +213,29 @@ def test_bad_input_errors_print_their_message_without_monai_tracebacks(tmp_path)
     assert res.returncode == 1 and "Traceback" in res.stderr and "fold -1 does not exist" in res.stderr
 
 
+def test_a_file_refused_in_a_loader_worker_ends_the_run_with_its_message(tmp_path):
+    """A coarse mask the reading rules refuse, read in a DataLoader worker of the sam_refiner bundle's inference
+    (MONAI's Compose wraps the error there, and torch rebuilds it as a RuntimeError), ends the run with one line
+    naming the file, not some 500 lines of nested tracebacks."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import save, scan
+
+    save(tmp_path / "images" / "case.png", scan(0, 40, 56))
+    bad = tmp_path / "coarse" / "case.tif"
+    bad.parent.mkdir()
+    Image.fromarray(np.full((40, 56), -3.0, np.float32)).save(bad)
+    ov = {"input_dir": str(tmp_path / "images"), "coarse_dir": str(tmp_path / "coarse"),
+          "output_dir": str(tmp_path / "out"), "num_workers": 1, "device": "$torch.device('cpu')"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(bundle_argv("run", "sam_refiner", ["inference.json"], ov), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"monai.bundle run: error: {bad}: mask holds negative values" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not list((tmp_path / "out").rglob("*.png"))
+
+
 def test_error_hook_finds_our_error_behind_monai_and_dataloader_workers(monkeypatch, capsys):
     """A BadInputError raised in a DataLoader worker keeps its class (torch rebuilds it from the message) and the hook
     prints its last line; a bug (no error of ours in the chain) goes to the previous hook with its traceback."""
@@ -242,6 +265,26 @@ def test_error_hook_finds_our_error_behind_monai_and_dataloader_workers(monkeypa
         sys.excepthook(type(wrapped), wrapped, wrapped.__traceback__)
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "monai.bundle run: error: /data/a_mask.png: 300x200 differs from its image's 557x473"
+    assert not seen
+
+    class Wrapped(Dataset):  # as MONAI's Compose raises it inside the worker: the rebuilt error is a RuntimeError
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int):
+            try:
+                raise BadInputError("/data/b.tif", "mask holds negative values (down to -4; logits?)")
+            except BadInputError as e:
+                raise RuntimeError("applying transform <LoadSoftMaskd>") from e
+
+    try:
+        next(iter(DataLoader(Wrapped(), num_workers=1)))
+    except RuntimeError as rebuilt:
+        assert user_error(rebuilt) is None  # no error of ours in the chain: only in the worker's traceback text
+        sys.excepthook(type(rebuilt), rebuilt, rebuilt.__traceback__)
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == ("monai.bundle run: error: /data/b.tif: mask holds negative values (down to -4; "
+                                   "logits?)")
     assert not seen
     bug = KeyError("x")
     sys.excepthook(KeyError, bug, None)

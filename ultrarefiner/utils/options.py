@@ -238,6 +238,31 @@ def user_error(exc: BaseException | None) -> UltraRefinerError | None:
     return None
 
 
+# A DataLoader worker's exception comes back rebuilt from its formatted traceback, as the type of the worker's last
+# exception: an error of ours behind MONAI's "applying transform" RuntimeError survives only as a line of that text.
+_WORKER_LINE = re.compile(r"^ultrarefiner\.errors\.\w+: (.+)$", re.MULTILINE)
+
+
+def user_error_message(exc: BaseException | None) -> str | None:
+    """The message of the project's own error behind ``exc`` (:func:`user_error`), also when a DataLoader worker
+    raised it behind another exception (a transform's, wrapped by MONAI's ``Compose``); None when there is none (a
+    bug)."""
+    seen: set[int] = set()
+    chain = []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, UltraRefinerError) and "Original Traceback" not in str(e):
+            return str(e)
+    for e in chain:
+        found = _WORKER_LINE.search(str(e))
+        if found:
+            return found.group(1)
+    return None
+
+
 def install_error_hook() -> None:
     """Under ``python -m monai.bundle run``: an uncaught exception caused by bad input or configuration prints its
     message in one block instead of monai's nested tracebacks (exit status 1, as any uncaught error);
@@ -247,13 +272,10 @@ def install_error_hook() -> None:
         return
 
     def hook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
-        err = user_error(value)
-        if err is None or os.environ.get("ULTRAREFINER_TRACEBACK", "").lower() in ("1", "true", "yes"):
+        message = user_error_message(value)
+        if message is None or os.environ.get("ULTRAREFINER_TRACEBACK", "").lower() in ("1", "true", "yes"):
             previous(tp, value, tb)
             return
-        message = str(err)
-        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error itself
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"monai.bundle run: error: {message}\n(the traceback: ULTRAREFINER_TRACEBACK=1)", file=sys.stderr,
               flush=True)
 
