@@ -226,16 +226,19 @@ def check_options(
         raise UnknownOptionError(problems, context=f"--config_file {', '.join(map(str, config_files))}")
 
 
+def exception_chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), outermost first, each once."""
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 def user_error(exc: BaseException | None) -> UltraRefinerError | None:
     """The project's own error (bad input or configuration) in ``exc``'s chain of causes, if any: monai wraps an
     error raised in a config expression or a transform in its own RuntimeError."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UltraRefinerError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in exception_chain(exc) if isinstance(e, UltraRefinerError)), None)
 
 
 # A DataLoader worker's exception comes back rebuilt from its formatted traceback, as the type of the worker's last
@@ -247,12 +250,7 @@ def user_error_message(exc: BaseException | None) -> str | None:
     """The message of the project's own error behind ``exc`` (:func:`user_error`), also when a DataLoader worker
     raised it behind another exception (a transform's, wrapped by MONAI's ``Compose``); None when there is none (a
     bug)."""
-    seen: set[int] = set()
-    chain = []
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    chain = exception_chain(exc)
     for e in chain:
         if isinstance(e, UltraRefinerError) and "Original Traceback" not in str(e):
             return str(e)

@@ -666,10 +666,6 @@ def run_inference(bundle: str | os.PathLike, overrides: Mapping[str, Any] | None
 
 def _user_error(error: BaseException) -> BaseException | None:
     """The ``UltraRefinerError`` or ``OSError`` behind MONAI's wrapping exceptions, if any."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (UltraRefinerError, OSError)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    from ultrarefiner.utils.options import exception_chain
+
+    return next((e for e in exception_chain(error) if isinstance(e, (UltraRefinerError, OSError))), None)
