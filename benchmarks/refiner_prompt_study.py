@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ultrarefiner.data.datalist import datalist_path, load_split
-from ultrarefiner.data.imaging import read_image, read_mask
+from ultrarefiner.data.imaging import read_image, read_label
 from ultrarefiner.data.refiner_data import SimulatedCoarseDataset
 from ultrarefiner.engines.checkpoints.refiner_checkpoint import load_refiner_checkpoint
 from ultrarefiner.networks import SAMRefiner, build_sam
@@ -124,7 +124,7 @@ def main() -> None:
 
     samples = []  # (kind, image key, label, coarse)
     for it in items:
-        label = read_mask(it["label"])
+        label = read_label(it["label"])
         samples.append(("oracle", it["image"], label, label.astype(np.float32)))
         stem = Path(it["image"]).stem
         if a.coarse_dir and (Path(a.coarse_dir) / f"{stem}.png").is_file():  # another model's mask, where it has one

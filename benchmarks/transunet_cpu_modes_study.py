@@ -27,7 +27,7 @@ import torch
 
 def main() -> None:
     from ultrarefiner.data.datalist import load_split
-    from ultrarefiner.data.imaging import read_mask
+    from ultrarefiner.data.imaging import read_label
     from ultrarefiner.engines.evaluation.comparison import paired_comparison
     from ultrarefiner.engines.inference import fast_inference
     from ultrarefiner.engines.inference.fast_inference import FrozenEncoder, native_bf16_cpu
@@ -48,7 +48,7 @@ def main() -> None:
 
     items = load_split(args.datalist, args.fold, args.split)
     items = items[: args.n] if args.n else items
-    labels = [read_mask(it["label"]) for it in items]
+    labels = [read_label(it["label"]) for it in items]
     model = create_model("transunet", args.checkpoint, device="cpu").eval()
     size = getattr(model, "img_size", 224)
     modes = [m.strip() for m in args.modes.split(",")]

@@ -31,6 +31,7 @@ from PIL import Image
 from bundle_utils import REPO, preprocessed_phantoms
 from conftest import blob, save, scan
 from ultrarefiner.cli import main
+from ultrarefiner.data.imaging import read_mask
 
 DOC = REPO / "docs" / "bad_inputs.md"
 TU = {"img_size": 32, "num_classes": 2, "in_channels": 1, "variant": "R50-ViT-B_16", "vit_depth": 1}
@@ -239,6 +240,14 @@ def pre_mask_size(w, tmp, capsys, monkeypatch):
     save(raw / "BUS" / "GT" / "000002.png", blob(h=20, w=30, cy=10, cx=15))
     code, out = cli(_preprocess_argv(raw, tmp / "out"), capsys)
     assert str(raw / "BUS" / "GT" / "000002.png") in out and str(raw / "BUS" / "original" / "000002.png") in out
+    return code, out
+
+
+def pre_class_map(w, tmp, capsys, monkeypatch):
+    raw = _raw_bus(tmp)
+    save(raw / "BUS" / "GT" / "000002.png", blob() // 255 * 2)  # 0 background, 2 malignant
+    code, out = cli(_preprocess_argv(raw, tmp / "out"), capsys)
+    assert str(raw / "BUS" / "GT" / "000002.png") in out and not (tmp / "out" / "BUS" / "masks" / "000002.png").exists()
     return code, out
 
 
@@ -589,6 +598,16 @@ def bu_train_mask_size(w, tmp, capsys, monkeypatch):
     return code, out
 
 
+def bu_train_class_map(w, tmp, capsys, monkeypatch):
+    processed = _copy_processed(w, tmp)
+    item = _first_training(processed)
+    label = processed / "BUSI" / item["label"]
+    save(label, read_mask(label).astype(np.uint8) * 2)  # its lesion as class 2 of a multi-class map
+    code, out = bundle("transunet", ["train.json"], _train_overrides(w, processed, tmp / "ckpt"))
+    assert str(label) in out and not list((tmp / "ckpt").rglob("*.pt"))
+    return code, out
+
+
 def bu_inference(name: str, folder: str) -> Callable:
     def case(w, tmp, capsys, monkeypatch):
         src = tmp / folder
@@ -631,6 +650,8 @@ CASES: list[dict] = [
          run=pre_rgba_ambiguous),
     dict(id="preprocess-mask-size", command=P, exit=0, message="mask size 30x20 (WxH) differs from image size 48x40",
          run=pre_mask_size),
+    dict(id="preprocess-multi-class-mask", command=P, exit=0, message="values 0, 2, which read as no lesion: a "
+         "multi-class label map?", run=pre_class_map),
     dict(id="preprocess-empty-folder", command=P, exit=2, message="no dataset folder found", run=pre_empty),
     dict(id="preprocess-missing-folder", command=P, exit=2, message="raw_root is not a folder", run=pre_missing),
     dict(id="preprocess-wrong-dataset", command=P, exit=2, message="unknown value(s) BUSY", run=pre_wrong_dataset),
@@ -710,6 +731,8 @@ CASES: list[dict] = [
          run=bu_train_wrong_dataset),
     dict(id="bundle-transunet-train-mask-size", command=BT.format("transunet"), exit=1,
          message="label size 30x20 (WxH) differs from the size", run=bu_train_mask_size),
+    dict(id="bundle-transunet-train-multi-class-label", command=BT.format("transunet"), exit=1,
+         message="a multi-class label map?", run=bu_train_class_map),
     dict(id="bundle-transunet-inference-missing-folder", command=BI.format("transunet"), exit=1,
          message="input folder not found", run=bu_inference("transunet", "nope")),
     dict(id="bundle-transunet-inference-empty-folder", command=BI.format("transunet"), exit=1,

@@ -103,8 +103,8 @@ def test_cli_names_default_and_bad_inputs(folders, tmp_path, capsys):
 
 def test_0_1_labels_score_as_0_255_and_blank_labels_are_counted(folders, tmp_path, capsys):
     """Labels written as 0/1 label maps (nnU-Net, MONAI's SaveImage) score as their 0/255 twins (read by luminance
-    they were blank: every Dice 0); a label that stays blank (here a class-index map, lesion = 2) is counted and
-    named on the console."""
+    they were blank: every Dice 0); a label that stays blank is counted and named on the console, and a class-index
+    map (lesion = 2), which read as blank, is skipped with its reason."""
     labels, coarse, _ = folders
     levels01 = tmp_path / "labels01"
     levels01.mkdir()
@@ -114,11 +114,15 @@ def test_0_1_labels_score_as_0_255_and_blank_labels_are_counted(folders, tmp_pat
     got = evaluate_folders(levels01, {"coarse": coarse}, n_bootstrap=50)
     assert want["n"] == 3 and want["means"]["coarse"]["dice"] > 0.4
     assert got["columns"] == want["columns"] and got["n_blank_labels"] == want["n_blank_labels"] == 0
-    Image.fromarray(np.asarray(Image.open(labels / "img0.png")) // 255 * 2).save(levels01 / "img0.png")
+    Image.fromarray(np.asarray(Image.open(labels / "img0.png")) * 0).save(levels01 / "img0.png")
+    Image.fromarray(np.asarray(Image.open(labels / "img1.png")) // 255 * 2).save(levels01 / "img1.png")
     main(["evaluate", "--labels", str(levels01), "--predictions", str(coarse), "--output_dir", str(tmp_path / "e")])
-    assert "1 label(s) have no lesion pixel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 label(s) have no lesion pixel" in out
+    assert f"{levels01 / 'img1.png'}: label holds only the values 0, 2, which read as no lesion" in out
     rows = list(csv.DictReader(open(tmp_path / "e" / "metrics.csv", encoding="utf-8")))
-    assert {r["image"]: r["label_area"] for r in rows}["img0"] == "0"
+    areas = {r["image"]: int(r["label_area"]) for r in rows}
+    assert sorted(areas) == ["img0", "img3"] and areas["img0"] == 0 < areas["img3"]  # img2: its coarse mask's size
 
 
 def test_postfixes_match_monai_and_busi_names(folders, tmp_path, capsys):

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from conftest import blob, save, scan
-from ultrarefiner.data.imaging import mask_levels, read_mask, read_soft_mask
+from ultrarefiner.data.imaging import mask_levels, read_label, read_mask, read_soft_mask
 from ultrarefiner.data.preprocess import preprocess
 from ultrarefiner.data.refiner_data import read_probability
+from ultrarefiner.engines.evaluation.folder_evaluation import score_folders
 from ultrarefiner.engines.inference.refine_folder import read_samples
 from ultrarefiner.errors import BadInputError
 
@@ -134,3 +135,74 @@ def test_float_masks_with_values_that_are_no_levels_are_refused(tmp_path, values
         with pytest.raises(BadInputError, match=problem) as error:
             reader(path)
         assert error.value.path == str(path)
+
+
+def class_map(*classes: int) -> np.ndarray:
+    """(40, 48) uint8 label map: 0 background, the blob's left half ``classes[0]``, its right half ``classes[-1]``."""
+    labels = np.zeros((40, 48), np.uint8)
+    inside = blob() > 0
+    labels[:, :24][inside[:, :24]] = classes[0]
+    labels[:, 24:][inside[:, 24:]] = classes[-1]
+    return labels
+
+
+def test_multi_class_label_maps_are_refused_wherever_labels_are_read(tmp_path):
+    """0 background, 1 benign, 2 malignant (nnU-Net / MONAI Label numbering): levels 1 and 2 of 255 read as blank, and
+    a malignant case, 0/2 only, was a lesion-free label without a word. Labels now refuse such maps by name."""
+    import nibabel as nib
+
+    from ultrarefiner.transforms.io import LoadImageMaskd
+    from ultrarefiner.zoo.serving import read_mask as label_prompt
+
+    labels = tmp_path / "labels"
+    files = [save(labels / "benign_malignant.png", class_map(1, 2)), save(labels / "malignant.png", class_map(2)),
+             save(labels / "wide.png", class_map(1, 2).astype(np.uint16))]
+    nib.save(nib.Nifti1Image(class_map(1, 2).T.astype(np.int16), np.eye(4)), str(labels / "nifti.nii.gz"))
+    files.append(labels / "nifti.nii.gz")
+    for f in files:
+        assert not read_mask(f).any(), f.name  # what labels read as before
+        with pytest.raises(BadInputError, match="multi-class label map") as error:
+            read_label(f)
+        assert error.value.path == str(f)
+        assert ("values 0, 2," if f.name == "malignant.png" else "values 0, 1, 2,") in error.value.reason
+        with pytest.raises(BadInputError, match="multi-class"):
+            label_prompt(f)  # the MONAI Label label prompt
+    image = save(tmp_path / "scan.png", scan(0))
+    with pytest.raises(BadInputError, match="multi-class"):  # the bundles' train / evaluate chains
+        LoadImageMaskd("image", "label")({"image": str(image), "label": str(files[1])})
+
+    # batch jobs list the file and go on
+    preds = tmp_path / "preds"
+    for f in ("benign_malignant", "malignant", "wide", "nifti", "binary"):
+        save(preds / f"{f}.png", blob())
+    save(labels / "binary.png", blob())
+    rows, skipped = score_folders(labels, {"model": preds})
+    assert [r["image"] for r in rows] == ["binary"]
+    assert sorted(s["file"] for s in skipped) == sorted(str(f) for f in files)
+    assert all("multi-class" in s["problem"] for s in skipped)
+    images = tmp_path / "images"
+    for f in ("malignant", "binary"):
+        save(images / f"{f}.png", scan(3))
+    good, skipped = read_samples(images, preds, labels)  # refine --labels
+    assert [s["stem"] for s in good] == ["binary"]
+    assert [s["stem"] for s in skipped] == ["malignant"] and "multi-class" in skipped[0]["reason"]
+    raw = tmp_path / "raw" / "CLASSES"
+    for i in range(4):
+        save(raw / "images" / f"case_{i}.png", scan(700 + i))
+        save(raw / "masks" / f"case_{i}.png", class_map(2) if i == 0 else blob())
+    report = preprocess(tmp_path / "raw", tmp_path / "out", ["CLASSES"], layout="folder", n_splits=2, test_ratio=0.0)
+    bad = report["datasets"]["CLASSES"]["bad_files"]
+    assert [b["file"] for b in bad] == [str(raw / "masks" / "case_0.png")] and "multi-class" in bad[0]["reason"]
+    assert report["datasets"]["CLASSES"]["samples"] == 3
+
+
+def test_labels_that_are_no_class_maps_read_as_before(tmp_path):
+    inside = blob() > 0
+    for name, values in [("blank", np.zeros((40, 48), np.uint8)), ("binary01", blob() // 255),
+                         ("binary255", blob()), ("one_class_of_255", class_map(1, 255))]:
+        path = save(tmp_path / f"{name}.png", values)
+        assert np.array_equal(read_label(path), read_mask(path)), name
+    assert np.array_equal(read_label(tmp_path / "binary01.png"), inside)
+    # a soft label whose probability never reaches 0.5: many levels, not class indices; no lesion, as before
+    faint = np.round(np.linspace(0, 100, 40 * 48)).astype(np.uint8).reshape(40, 48)
+    assert not read_label(save(tmp_path / "faint.png", faint)).any()

@@ -248,25 +248,28 @@ class _StubRefiner(torch.nn.Module):
 def test_0_1_label_maps_are_refined_and_scored_as_0_255_masks(tmp_path, monkeypatch):
     """Coarse masks and labels written as 0/1 label maps (nnU-Net, MONAI's SaveImage) are the masks they are: the
     same refined mask and the same scores as their 0/255 twins. Read by luminance, the coarse mask was skipped as
-    blank and the label was empty, every Dice 0 without a word. Labels that stay blank are counted and named."""
+    blank and the label was empty, every Dice 0 without a word. Labels that stay blank are counted and named; a
+    class-index map (lesion = 2), which read as blank, is skipped with its reason."""
     monkeypatch.setattr(engine, "create_model", lambda *_, **__: _StubRefiner())
     image, label, coarse = _scene(0, 40, 48)
-    for stem, scale in (("levels255", 1), ("levels01", 255), ("classes02", 255)):
+    for stem, scale in (("levels255", 1), ("levels01", 255), ("classes02", 255), ("blank", 0)):
         save(tmp_path / "img" / f"{stem}.png", image)
-        save(tmp_path / "msk" / f"{stem}.png", coarse // scale)
-        save(tmp_path / "lab" / f"{stem}.png", label // scale * (2 if stem == "classes02" else 1))
+        save(tmp_path / "msk" / f"{stem}.png", coarse // max(scale, 1))
+        save(tmp_path / "lab" / f"{stem}.png", label * 0 if stem == "blank" else
+             label // scale * (2 if stem == "classes02" else 1))
     out = tmp_path / "out"
     report = engine.refine_folder(tmp_path / "img", tmp_path / "msk", out, labels=tmp_path / "lab", zero_shot=True,
                                   batch_size=1, device="cpu", num_workers=0, writers=0, optimize="none")
-    assert report["summary"]["n_skipped"] == 0
+    skipped = report["skipped"]
+    assert [s["stem"] for s in skipped] == ["classes02"] and "multi-class label map" in skipped[0]["reason"]
     rows = {r["stem"]: r for r in report["images"]}
     assert rows["levels255"]["refined_dice"] > 0.3  # the stub's refined mask is the coarse one: Dice 0.48
     for key in ("label_area", "coarse_area", "refined_area", "coarse_dice", "refined_dice", "refined_hd95"):
         assert rows["levels01"][key] == rows["levels255"][key], key
     masks = [np.asarray(Image.open(out / "masks" / f"{stem}.png")) for stem in ("levels01", "levels255")]
     assert np.array_equal(*masks)
-    # a class-index map (lesion = 2) is no 0/1 map: its blank label is counted and named, not scored in silence
-    assert rows["levels255"]["label_area"] > 0 and rows["classes02"]["label_area"] == 0
+    # a blank label is counted and named, not scored in silence
+    assert rows["levels255"]["label_area"] > 0 and rows["blank"]["label_area"] == 0
     assert report["summary"]["n_blank_labels"] == 1
     assert "1 label(s) have no lesion pixel" in engine.format_summary(report)
     assert "label_area" in _csv(out / "report.csv")[0]

@@ -100,7 +100,7 @@ def shard_complete(out: Path, j: int, config_hash: str) -> bool:
 
 def _make_shard(task: dict) -> dict:
     """Worker: simulate one shard's samples and write its .npz, then its manifest (spawn-safe, top level)."""
-    from ultrarefiner.data.imaging import read_image, read_mask
+    from ultrarefiner.data.imaging import read_image, read_label
     from ultrarefiner.transforms.failure_simulation import FailurePolicy, SimulateSegmentationFailure
 
     out, j, cfg = Path(task["out"]), task["shard"], task["config"]
@@ -116,7 +116,7 @@ def _make_shard(task: dict) -> dict:
         item = task["sources"][str(src)]
         try:
             image = read_image(item["image"])
-            gt = read_mask(item["label"])
+            gt = read_label(item["label"])
             if gt.shape != image.shape:
                 raise BadInputError(item["label"], f"mask size {gt.shape} differs from image size {image.shape}")
         except BadInputError as e:

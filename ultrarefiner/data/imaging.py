@@ -210,6 +210,37 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
     return mask_of(open_image(path), colour_coded, path)
 
 
+CLASS_MAP_MAX_VALUES = 16  # at most this many non-zero levels: class indices, not a soft mask's gradient
+
+
+def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray:
+    """Read a ground-truth label as (H, W) bool: ``read_mask``, and a label that reads blank although it holds
+    non-zero values is checked for class indices.
+
+    A multi-class label map (0 background, 1 benign, 2 malignant; nnU-Net and MONAI Label number classes this way)
+    would otherwise read as blank wherever its maximum is 2 or more: ``mask_levels`` takes values up to 255 as 8-bit
+    levels, and 1 or 2 of 255 is background. A blank label passes every check and quietly teaches "no lesion" or
+    scores a prediction against nothing, so such a file is refused. A soft label of low probability (many levels)
+    still reads blank, as it should.
+
+    Raises:
+      BadInputError: naming the file, with the values found, when the label holds only integer values, at most
+        ``CLASS_MAP_MAX_VALUES`` distinct non-zero ones, the highest between 2 and 127.
+    """
+    mask = read_mask(path, colour_coded)
+    if colour_coded or mask.any():
+        return mask
+    values = _mask_values(path)  # (H, W): the levels read_mask thresholded
+    found = np.unique(values[values != 0])
+    if (0 < found.size <= CLASS_MAP_MAX_VALUES and 2 <= found.max() <= 127
+            and np.array_equal(found, np.round(found))):
+        shown = ", ".join(f"{v:g}" for v in [0, *found.tolist()])
+        raise BadInputError(path, f"label holds only the values {shown}, which read as no lesion: a multi-class "
+                                  f"label map? UltraRefiner segments one lesion class; save the lesion as 255 (or 1, "
+                                  f"with 0 elsewhere), merging the classes that are lesion")
+    return mask
+
+
 def mask_of(img: Image.Image, colour_coded: bool = False, path: str | os.PathLike | None = None) -> np.ndarray:
     """A decoded mask image as (H, W) bool.
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ultrarefiner.data.datalist import combined_name
 from ultrarefiner.data.duplicates import DHASH_THRESHOLD, dhash_bits, group_samples, near_duplicate_pairs
-from ultrarefiner.data.imaging import read_image, read_mask
+from ultrarefiner.data.imaging import read_image, read_label
 from ultrarefiner.data.layouts import BadFile, RawSample, list_dataset
 from ultrarefiner.data.splits import assign_folds, split_test
 from ultrarefiner.errors import BadInputError, UltraRefinerError
@@ -52,7 +52,7 @@ def _convert(sample: RawSample, out_dir: Path) -> _Converted:
         image = read_image(sample.image)
         mask = np.zeros(image.shape, dtype=bool)
         for m in sample.masks:
-            part = read_mask(m, colour_coded=sample.colour_coded)
+            part = read_label(m, colour_coded=sample.colour_coded)
             if part.shape != image.shape:
                 return _Converted(
                     sample,

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 
 from ultrarefiner.data.augmented import AugmentedShards
 from ultrarefiner.data.datalist import load_split
-from ultrarefiner.data.imaging import read_image, read_mask, read_soft_mask
+from ultrarefiner.data.imaging import read_image, read_label, read_soft_mask
 from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.networks.sam_geometry import SamGeometry
 from ultrarefiner.transforms.failure_simulation import FailurePolicy, SimulateSegmentationFailured
@@ -442,7 +442,7 @@ class SimulatedCoarseDataset(_RefinerDataset):
         it = self.items[index % len(self.items)]
         rng = _rng(self.seed, self.epoch, index)
         flip = self._flip(rng)
-        label = read_mask(it["label"])
+        label = read_label(it["label"])
         image = read_image(it["image"]) if self.builder.with_image else None
         key = image_key(file_digest(it["image"]), flip, self.geometry)
         return self.builder.build(label=label, coarse=None, flip=flip, key=key, source=it["image"], kind=self.kind,
@@ -500,7 +500,7 @@ class ShardCoarseDataset(_RefinerDataset):
             h.update(str(image.shape).encode())
             key = image_key(h.hexdigest(), flip, self.geometry)
         else:
-            label = read_mask(rec["label"])
+            label = read_label(rec["label"])
             image = read_image(rec["image"]) if self.builder.with_image else None
             key = image_key(file_digest(rec["image"]), flip, self.geometry)
         return self.builder.build(label=label, coarse=coarse, flip=flip, key=key, source=rec["image"], kind=self.kind,
@@ -597,7 +597,7 @@ class PredictionCoarseDataset(_RefinerDataset):
     def __getitem__(self, index: int) -> dict:
         it = self.items[index]
         flip = self._flip(_rng(self.seed, self.epoch, index))
-        label = read_mask(it["label"])
+        label = read_label(it["label"])
         coarse = read_probability(it["coarse"], label.shape)
         image = read_image(it["image"]) if self.builder.with_image else None
         key = image_key(file_digest(it["image"]), flip, self.geometry)

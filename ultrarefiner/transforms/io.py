@@ -16,14 +16,15 @@ from ultrarefiner.data import imaging
 
 
 def _label(path: str) -> np.ndarray:
-    return imaging.read_mask(path).astype(np.uint8) * np.uint8(255)
+    return imaging.read_label(path).astype(np.uint8) * np.uint8(255)
 
 
 class RuleReader(ImageReader):
     """MONAI ``ImageReader`` of one 2D file by one of the package's reading rules, as an (H, W) uint8 array:
 
     - ``image``: ``imaging.read_image`` (colour and palette as luminance, 16-bit and float rescaled by their maximum);
-    - ``label``: ``imaging.read_mask`` as 0/255 (0/1 label maps, alpha-drawn RGBA, 16-bit and float masks, 2D NIfTI);
+    - ``label``: ``imaging.read_label`` as 0/255 (0/1 label maps, alpha-drawn RGBA, 16-bit and float masks, 2D NIfTI;
+      multi-class label maps refused);
     - ``soft_mask``: ``imaging.read_soft_mask`` (0-255 levels: probabilities * 255; pictures and 2D NIfTI).
 
     A file the rule refuses raises ``BadInputError`` naming it. Give the reader to ``LoadImaged`` at call time
@@ -72,7 +73,7 @@ class LoadImageMaskd(MapTransform):
     (:class:`RuleReader`), as (H, W) arrays in numpy order.
 
     - images by ``imaging.read_image``: colour and palette as luminance, 16-bit and float rescaled by their maximum;
-    - masks by ``imaging.read_mask``, as 0/255: 0/1 label maps, alpha-drawn RGBA, 16-bit and float masks and 2D
+    - masks by ``imaging.read_label``, as 0/255: 0/1 label maps, alpha-drawn RGBA, 16-bit and float masks and 2D
       NIfTI read as ``preprocess`` and ``evaluate`` read them.
 
     A raw ``PILReader`` gives a colour PNG 3 channels and a 16-bit one values up to 65535. A file the rules refuse is

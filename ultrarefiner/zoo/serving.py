@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultrarefiner.data.imaging import IMAGE_SUFFIXES, WIDE_MODES, open_image, read_image, to_gray_uint8
-from ultrarefiner.data.imaging import read_mask as read_mask_bool
+from ultrarefiner.data.imaging import IMAGE_SUFFIXES, WIDE_MODES, open_image, read_image, read_label, to_gray_uint8
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
 from ultrarefiner.utils.transfer import to_device
@@ -62,11 +61,11 @@ def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file -> (H, W) uint8 in {0, 1}, by the package's rule (``imaging.read_mask``), which the train task
+    """A mask file -> (H, W) uint8 in {0, 1}, by the package's rule (``imaging.read_label``), which the train task
     also reads labels by: 0/1 label maps, 0/255 and soft 8-bit masks, 16-bit and float levels, a mask drawn in an
     RGBA image's alpha channel, and 2D NIfTI read x first (MONAI Label's default upload, as 3D Slicer and ITK write
     it). BadInputError names the file."""
-    return read_mask_bool(path).astype(np.uint8)
+    return read_label(path).astype(np.uint8)
 
 
 def write_mask(mask: np.ndarray, path: str | os.PathLike) -> Path:

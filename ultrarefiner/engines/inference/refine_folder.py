@@ -49,6 +49,7 @@ from ultrarefiner.data.imaging import (
     image_files,
     image_size,
     read_image,
+    read_label,
     read_mask,
     read_soft_mask,
     transposed_hint,
@@ -270,7 +271,7 @@ class _SampleDataset(torch.utils.data.Dataset):
             return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
-            label = read_mask(item["label"])
+            label = read_label(item["label"])
             if label.shape != image.shape:
                 return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}"
                                           f"{transposed_hint(item['label'], label.shape, image.shape)}")

@@ -20,7 +20,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from ultrarefiner.data.datalist import datalist_path
-from ultrarefiner.data.imaging import read_image, read_mask
+from ultrarefiner.data.imaging import read_image, read_label
 from ultrarefiner.data.pipeline import load_transforms, resize_transforms
 from ultrarefiner.engines.checkpoints.checkpoint import run_identity
 from ultrarefiner.errors import BadInputError, UltraRefinerError
@@ -90,7 +90,7 @@ def write_overlays(folder: Path, entries: list[dict], probs: list[np.ndarray], n
 
     for e, p in list(zip(entries, probs, strict=True))[:n]:
         image = read_image(e["image"]).astype(np.float32) / 255.0
-        label = read_mask(e["label"])
+        label = read_label(e["label"])
         write_png(folder / f"{Path(e['image']).stem}.png", overlay_contours(image, label, p > 0.5), PICTURE_PNG_LEVEL)
 
 
@@ -102,7 +102,7 @@ def _bad_reason(entry: dict, root: Path) -> dict | None:
     image_path, label_path = root / entry["image"], root / entry["label"]
     try:
         image = read_image(image_path)
-        label = read_mask(label_path)
+        label = read_label(label_path)
     except BadInputError as e:
         return {"image": str(image_path), "file": e.path, "reason": e.reason}
     if label.shape != image.shape:
