@@ -251,6 +251,14 @@ def pre_class_map(w, tmp, capsys, monkeypatch):
     return code, out
 
 
+def pre_inverted_mask(w, tmp, capsys, monkeypatch):
+    raw = _raw_bus(tmp)
+    save(raw / "BUS" / "GT" / "000002.png", 255 - blob())  # lesion black on white
+    code, out = cli(_preprocess_argv(raw, tmp / "out"), capsys)
+    assert str(raw / "BUS" / "GT" / "000002.png") in out and not (tmp / "out" / "BUS" / "masks" / "000002.png").exists()
+    return code, out
+
+
 def pre_empty(w, tmp, capsys, monkeypatch):
     (tmp / "raw").mkdir()
     return cli(["preprocess", "--raw_root", tmp / "raw", "--output_root", tmp / "out"], capsys)
@@ -652,6 +660,8 @@ CASES: list[dict] = [
          run=pre_mask_size),
     dict(id="preprocess-multi-class-mask", command=P, exit=0, message="values 0, 2, which read as no lesion: a "
          "multi-class label map?", run=pre_class_map),
+    dict(id="preprocess-inverted-mask", command=P, exit=0, message="label is lesion along the whole image border "
+         "with background inside: an inverted mask?", run=pre_inverted_mask),
     dict(id="preprocess-empty-folder", command=P, exit=2, message="no dataset folder found", run=pre_empty),
     dict(id="preprocess-missing-folder", command=P, exit=2, message="raw_root is not a folder", run=pre_missing),
     dict(id="preprocess-wrong-dataset", command=P, exit=2, message="unknown value(s) BUSY", run=pre_wrong_dataset),

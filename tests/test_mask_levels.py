@@ -206,3 +206,21 @@ def test_labels_that_are_no_class_maps_read_as_before(tmp_path):
     # a soft label whose probability never reaches 0.5: many levels, not class indices; no lesion, as before
     faint = np.round(np.linspace(0, 100, 40 * 48)).astype(np.uint8).reshape(40, 48)
     assert not read_label(save(tmp_path / "faint.png", faint)).any()
+
+
+def test_an_inverted_label_is_refused_and_large_lesions_are_not(tmp_path):
+    """Lesion black on white read as a lesion that frames the whole image: refused by name, where labels are read.
+    Lesions that touch three sides, or cover the whole image, are labels like any other."""
+    from ultrarefiner.zoo.serving import read_mask as label_prompt
+
+    inverted = save(tmp_path / "inverted.png", 255 - blob())
+    assert read_mask(inverted).mean() > 0.8  # what it read as before
+    for reader in (read_label, label_prompt):
+        with pytest.raises(BadInputError, match="inverted mask") as error:
+            reader(inverted)
+        assert error.value.path == str(inverted)
+    three_sides = np.zeros((40, 48), np.uint8)
+    three_sides[:, 5:] = 255
+    everything = np.full((40, 48), 255, np.uint8)
+    for name, values in (("three_sides", three_sides), ("everything", everything)):
+        assert np.array_equal(read_label(save(tmp_path / f"{name}.png", values)), values > 0), name

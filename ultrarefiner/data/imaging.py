@@ -214,21 +214,27 @@ CLASS_MAP_MAX_VALUES = 16  # at most this many non-zero levels: class indices, n
 
 
 def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray:
-    """Read a ground-truth label as (H, W) bool: ``read_mask``, and a label that reads blank although it holds
-    non-zero values is checked for class indices.
+    """Read a ground-truth label as (H, W) bool: ``read_mask``, refusing two labels that it reads without error but
+    wrongly, which would quietly teach or score the wrong lesion:
 
-    A multi-class label map (0 background, 1 benign, 2 malignant; nnU-Net and MONAI Label number classes this way)
-    would otherwise read as blank wherever its maximum is 2 or more: ``mask_levels`` takes values up to 255 as 8-bit
-    levels, and 1 or 2 of 255 is background. A blank label passes every check and quietly teaches "no lesion" or
-    scores a prediction against nothing, so such a file is refused. A soft label of low probability (many levels)
-    still reads blank, as it should.
+    - a multi-class label map (0 background, 1 benign, 2 malignant; nnU-Net and MONAI Label number classes this way)
+      reads as blank wherever its maximum is 2 or more: ``mask_levels`` takes values up to 255 as 8-bit levels, and
+      1 or 2 of 255 is background. A soft label of low probability (many levels) still reads blank, as it should;
+    - an inverted mask (lesion black on white) reads as lesion along the whole image border with the background
+      inside it, which no lesion is (on BUSI none touches more than two sides of its image).
 
     Raises:
-      BadInputError: naming the file, with the values found, when the label holds only integer values, at most
-        ``CLASS_MAP_MAX_VALUES`` distinct non-zero ones, the highest between 2 and 127.
+      BadInputError: naming the file: with the values found, when a blank label holds only integer values, at most
+        ``CLASS_MAP_MAX_VALUES`` distinct non-zero ones, the highest between 2 and 127; when the lesion runs along
+        all four sides of the image and is not the whole image.
     """
     mask = read_mask(path, colour_coded)
-    if colour_coded or mask.any():
+    if mask.any():
+        if _frames_the_image(mask):
+            raise BadInputError(path, "label is lesion along the whole image border with background inside: an "
+                                      "inverted mask? save the lesion white (255) on black (0)")
+        return mask
+    if colour_coded:
         return mask
     values = _mask_values(path)  # (H, W): the levels read_mask thresholded
     found = np.unique(values[values != 0])
@@ -239,6 +245,12 @@ def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarra
                                   f"label map? UltraRefiner segments one lesion class; save the lesion as 255 (or 1, "
                                   f"with 0 elsewhere), merging the classes that are lesion")
     return mask
+
+
+def _frames_the_image(mask: np.ndarray) -> bool:
+    """Whether ``mask`` (H, W) bool is set on every pixel of the image's border and not everywhere."""
+    ring = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    return bool(ring.all()) and not mask.all()
 
 
 def mask_of(img: Image.Image, colour_coded: bool = False, path: str | os.PathLike | None = None) -> np.ndarray:
