@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ultrarefiner.data import imaging
 from ultrarefiner.data.imaging import IMAGE_SUFFIXES, WIDE_MODES, open_image, read_image, read_label, to_gray_uint8
 from ultrarefiner.errors import BadInputError
 from ultrarefiner.utils.io import write_json, write_png
@@ -140,7 +141,7 @@ class BundlePredictor:
                 if not path.is_file():
                     found = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
                     raise BadInputError(self.config_file, f"wrote no {rel} for output {name!r}; found {found}")
-                mask = read_mask(path)
+                mask = imaging.read_mask(path).astype(np.uint8)  # a prediction: read_label's checks are for labels
                 if mask.shape != size:
                     raise BadInputError(self.config_file, f"{rel} is {mask.shape}, the image {size} (H, W)")
                 result[name] = mask
