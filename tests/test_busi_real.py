@@ -81,3 +81,30 @@ def test_merged_mask_is_union(busi):
         image.mode == "L"
         and image.size == Image.open(root / "Dataset_BUSI_with_GT" / "benign" / "benign (195).png").size
     )
+
+
+def test_raw_busi_labels_are_read_with_every_lesion(busi, tmp_path):
+    """``evaluate`` and ``refine --labels`` on BUSI's own folder (``--label_postfix _mask``) read ``<stem>_mask_1.png``
+    and ``_mask_2.png`` into the label, as ``preprocess`` merges them: a prediction of the first lesion alone scored
+    Dice 1 before."""
+    from ultrarefiner.engines.evaluation.folder_evaluation import score_folders
+    from ultrarefiner.engines.inference.refine_folder import read_samples
+
+    root, out, _, dl = busi
+    raw = root / "Dataset_BUSI_with_GT" / "benign"
+    whole, first = tmp_path / "whole", tmp_path / "first"
+    for stem in ("benign (195)", "benign (100)"):  # three lesions, two
+        e = next(e for e in dl["training"] + dl["testing"] if e["source"].endswith(f"{stem}.png"))
+        for folder, mask in ((whole, out / "BUSI" / e["label"]), (first, raw / f"{stem}_mask.png")):
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(np.asarray(Image.open(mask).convert("L"))).save(folder / f"{stem}.png")
+    rows, _ = score_folders(raw, {"whole": whole, "first": first}, ["dice", "recall"], label_postfix="_mask")
+    scores = {r["image"]: r for r in rows}
+    assert sorted(scores) == ["benign (100)", "benign (195)"]
+    for r in rows:
+        assert r["whole_dice"] == 1.0 and r["first_dice"] < 0.99 and r["first_recall"] < 0.99, r
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "benign (195).png").write_bytes((raw / "benign (195).png").read_bytes())
+    good, skipped = read_samples(images, whole, raw, label_postfix="_mask")
+    assert not skipped and np.array_equal(good[0]["truth"], np.asarray(Image.open(whole / "benign (195).png")) > 0)

@@ -18,7 +18,7 @@ from PIL import Image
 from ultrarefiner.cli import main
 from ultrarefiner.engines.evaluation.e2e_evaluation import E2EReport
 from ultrarefiner.engines.evaluation.engine_fields import field, image_stem
-from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, score_pair
+from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, score_folders, score_pair
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.evaluation.refiner_evaluation import RefinerReport
 from ultrarefiner.errors import BadInputError, BadOptionError
@@ -290,3 +290,27 @@ def test_refiner_report_rows_equal_evaluate_folders(tmp_path):
     assert engine.state.metrics["test_delta_dice"] == pytest.approx(
         report["means"]["refined"]["dice"] - report["means"]["input"]["dice"])
     assert len(list((tmp_path / "report" / "overlays").glob("*.png"))) == 2  # worst and best, on black
+
+
+def test_further_lesions_of_a_label_are_merged_with_a_postfix_only(tmp_path):
+    """With a label postfix, ``<stem><postfix>_<k>.*`` (BUSI's ``_mask_1``) are further lesions of ``<stem>``'s label;
+    a part of another size is skipped naming it. Without a postfix ``a_1.png`` is the label of an image ``a_1``."""
+    left, right = _disk(40, 50, 12, 20, 6), _disk(40, 50, 38, 20, 6)
+    labels, preds = tmp_path / "labels", tmp_path / "preds"
+    _save(labels, "a_mask", left)
+    _save(labels, "a_mask_1", right)
+    _save(labels, "b_mask", left)
+    _save(labels, "b_mask_1", np.zeros((10, 10), bool))
+    _save(preds, "a", left | right)
+    _save(preds, "b", left)
+    rows, skipped = score_folders(labels, {"p": preds}, ["dice"], label_postfix="_mask")
+    assert [(r["image"], r["p_dice"], r["label_area"]) for r in rows] == [("a", 1.0, int((left | right).sum()))]
+    assert [s["file"] for s in skipped] == [str(labels / "b_mask_1.png")] and "label part is 10x10" in skipped[0][
+        "problem"]
+    plain, plain_preds = tmp_path / "plain", tmp_path / "plain_preds"
+    _save(plain, "a", left)
+    _save(plain, "a_1", right)
+    for name, mask in (("a", left), ("a_1", right)):
+        _save(plain_preds, name, mask)
+    rows, skipped = score_folders(plain, {"p": plain_preds}, ["dice"])
+    assert [(r["image"], r["p_dice"]) for r in rows] == [("a", 1.0), ("a_1", 1.0)] and not skipped

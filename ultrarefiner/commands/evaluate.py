@@ -38,7 +38,8 @@ def evaluate(
         names: a name per folder, comma-separated (default: the folder names).
         metrics: comma-separated subset of dice,iou,precision,recall,accuracy,hd95,nsd (default: all).
         n_bootstrap: bootstrap resamples of the paired CI.
-        label_postfix: labels are named <stem><label_postfix>.* (e.g. _mask for BUSI; default none).
+        label_postfix: labels are named <stem><label_postfix>.* (e.g. _mask for BUSI; default none), and files
+            named <stem><label_postfix>_<k>.* (BUSI's _mask_1) are further lesions, merged in.
         postfixes: the masks of each predictions folder are named <stem><postfix>.* (e.g. _seg for the outputs
             of MONAI's SaveImage and of the Model Zoo's bundles), one postfix for every folder or one per folder
             separated by commas, none for no postfix (_seg,none for the first folder only; default none).

@@ -77,7 +77,8 @@ def refine(
             see bundles/sam_refiner/docs/README.md).
         mask_postfix: coarse masks are named <image stem><mask_postfix>.* (e.g. _seg for the outputs of MONAI's
             SaveImage and of the Model Zoo's bundles; default none).
-        label_postfix: labels are named <image stem><label_postfix>.* (e.g. _mask for BUSI; default none).
+        label_postfix: labels are named <image stem><label_postfix>.* (e.g. _mask for BUSI; default none), and
+            files named <image stem><label_postfix>_<k>.* (BUSI's _mask_1) are further lesions, merged in.
     """
     import logging
 

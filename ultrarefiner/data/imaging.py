@@ -8,7 +8,9 @@ Images become 8-bit grayscale (H, W); masks become boolean (H, W). Every failure
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,25 @@ def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> lis
     """The files of ``folder`` ending in one of ``suffixes`` (any case), hidden ones left out, sorted."""
     return sorted(f for f in folder.iterdir()
                   if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(suffixes))
+
+
+_PART = re.compile(r"_(\d+)$")
+
+
+def mask_parts(folder: str | os.PathLike, postfix: str,
+               suffixes: tuple[str, ...] = MASK_SUFFIXES) -> dict[str, list[Path]]:
+    """Further mask files of one image, ``<stem><postfix>_<k>.*`` (BUSI's ``<stem>_mask_1.png`` holds a second
+    lesion of ``<stem>``), by stem, in the order of ``k``. Empty without a postfix: there ``<stem>_1`` may be the
+    mask of an image named ``<stem>_1``."""
+    if not postfix:
+        return {}
+    out: dict[str, list[tuple[int, Path]]] = {}
+    for f in image_files(Path(folder), suffixes):
+        name = file_stem(f)
+        part = _PART.search(name)
+        if part and name[: part.start()].endswith(postfix) and part.start() > len(postfix):
+            out.setdefault(name[: part.start() - len(postfix)], []).append((int(part.group(1)), f))
+    return {stem: [f for _, f in sorted(parts)] for stem, parts in out.items()}
 
 
 def folder_image_files(folder: str | os.PathLike, what: str = "input") -> list[Path]:
@@ -245,6 +266,24 @@ def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarra
                                   f"label map? UltraRefiner segments one lesion class; save the lesion as 255 (or 1, "
                                   f"with 0 elsewhere), merging the classes that are lesion")
     return mask
+
+
+def read_labels(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """One label from the files of one image's lesions (BUSI ships ``<stem>_mask.png``, ``<stem>_mask_1.png``, ...):
+    the union of their ``read_label`` masks, (H, W) bool.
+
+    Raises:
+      BadInputError: naming the part that is unreadable or refused, or whose size differs from the first file's.
+    """
+    first, *rest = paths
+    label = read_label(first)
+    for part in rest:
+        more = read_label(part)
+        if more.shape != label.shape:
+            raise BadInputError(part, f"label part is {more.shape[1]}x{more.shape[0]} (WxH), the label {first} "
+                                      f"{label.shape[1]}x{label.shape[0]}")
+        label |= more
+    return label
 
 
 def _frames_the_image(mask: np.ndarray) -> bool:

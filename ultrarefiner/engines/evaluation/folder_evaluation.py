@@ -16,7 +16,8 @@ Files are matched by stem (``<stem>.png`` in the labels folder and in each predi
 ``<stem><postfix>.png`` with a postfix such as MONAI's ``_seg``; any of ``MASK_SUFFIXES``: picture files or 2D
 NIfTI), read with ``read_mask`` (lesion = above half the mask's scale, ``mask_levels``: 0/255 masks and
 probability*255 maps at 0.5; 1 in a 0/1 label map; float probabilities at 0.5; 16-bit levels above 32767); labels
-with ``read_label``, which also refuses multi-class label maps.
+with ``read_labels``, which also refuses multi-class label maps and inverted masks; with a label postfix,
+``<stem><postfix>_<k>.*`` files are further lesions of the label (BUSI's ``_mask_1``), merged into it.
 Only images that every folder has, readable and of the label's size, are scored, so that the comparison stays
 paired; the others are listed in the report's ``skipped`` with the file and the problem, never silently dropped.
 """
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultrarefiner.data.imaging import MASK_SUFFIXES, read_label, read_mask, transposed_hint
+from ultrarefiner.data.imaging import MASK_SUFFIXES, mask_parts, read_labels, read_mask, transposed_hint
 from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_pairs, summarise
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.inference.refine_folder import files_by_stem
@@ -138,6 +139,7 @@ def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.
     postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
     skipped: list[dict[str, str]] = []
     label_files = _masks_by_stem(Path(labels), "labels", skipped, label_postfix)
+    label_parts = mask_parts(labels, label_postfix)  # BUSI's <stem>_mask_1.png: a further lesion of the label
     folders = {name: Path(p) for name, p in predictions.items()}
     pred_files = {name: _masks_by_stem(folder, f"predictions '{name}'", skipped, postfixes[name])
                   for name, folder in folders.items()}
@@ -150,7 +152,7 @@ def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.
                             "problem": f"missing (its label exists){hints[n]}"} for n in missing)
             continue
         try:
-            label = read_label(label_path)
+            label = read_labels([label_path, *label_parts.get(stem, [])])
             preds = {name: _read(files[stem], label.shape) for name, files in pred_files.items()}
         except BadInputError as e:
             skipped.append({"file": e.path, "problem": e.reason})

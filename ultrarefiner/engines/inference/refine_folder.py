@@ -48,8 +48,9 @@ from ultrarefiner.data.imaging import (
     folder_image_files,
     image_files,
     image_size,
+    mask_parts,
     read_image,
-    read_label,
+    read_labels,
     read_mask,
     read_soft_mask,
     transposed_hint,
@@ -193,8 +194,9 @@ def postfix_hint(stems: Sequence[str], names: Sequence[str], option: str) -> str
 
 def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "",
            label_postfix: str = "") -> tuple[list[dict], list[dict]]:
-    """Items {stem, image, mask[, label]} and skipped samples {stem, file, reason}; masks and labels are named
-    ``<image stem><postfix>.*``."""
+    """Items {stem, image, mask[, label[, label_parts]]} and skipped samples {stem, file, reason}; masks and labels
+    are named ``<image stem><postfix>.*``; with a label postfix, ``<stem><postfix>_<k>.*`` are further lesions of the
+    label (``imaging.mask_parts``: BUSI's ``_mask_1``), read into it."""
     files = folder_image_files(images, "images")
     stems = [f.stem for f in files]
     roles = [("mask", masks, mask_postfix, "coarse mask", "mask_postfix")]
@@ -209,6 +211,7 @@ def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "
         if orphans:
             logger.warning(f"{len(orphans)} {what}(s) without an image in {images} (ignored), e.g. "
                            f"{', '.join(o + postfix for o in orphans[:3])}{hints[key]}")
+    parts = mask_parts(labels, label_postfix) if labels is not None else {}  # the folder exists: files_by_stem
     items, skipped = [], []
     for f in files:
         if stems.count(f.stem) > 1:  # a.png and a.jpg would write the same outputs
@@ -224,6 +227,8 @@ def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "
                 break
             item[key] = str(candidates[0])
         else:
+            if f.stem in parts:
+                item["label_parts"] = [str(p) for p in parts[f.stem]]
             items.append(item)
     return items, skipped
 
@@ -271,7 +276,7 @@ class _SampleDataset(torch.utils.data.Dataset):
             return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
-            label = read_label(item["label"])
+            label = read_labels([item["label"], *item.get("label_parts", [])])
             if label.shape != image.shape:
                 return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}"
                                           f"{transposed_hint(item['label'], label.shape, image.shape)}")
