@@ -91,6 +91,15 @@ def test_evaluate_native_resolution(trained):
     assert ",96,128," in rows[1]  # native size, not 32x32
     assert list((ev / "overlays").glob("*.png"))
 
+    # another split goes to its own folder: the test split's report is left as it was
+    test_summary = (ev / "summary.json").read_bytes()
+    assert_ok(bundle_cmd("run", "transunet", ["train.json", "evaluate.json"], overrides(data, eval_split="val")))
+    from ultrarefiner.data.datalist import load_split
+
+    val = json.loads((ev.parent / "eval_val" / "summary.json").read_text())
+    assert val["n_images"] == len(load_split(data / "processed" / "BUSI" / "datalist.json", 0, "val"))
+    assert (ev / "summary.json").read_bytes() == test_summary
+
 
 def test_inference(trained, tmp_path):
     data, _ = trained
