@@ -105,7 +105,9 @@ def test_train_initialises_from_phase_checkpoints(trained):
             "phase": "ultrarefiner", "dataset": "BUSI", "fold": 0}
         assert obj["identity"]["fingerprint"] and obj["settings"]["epochs"] == 1
     assert last["epoch"] == 1 and [g["name"] for g in last["optimizer"]["param_groups"]] == ["transunet", "sam"]
-    assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [1e-4, 1e-5]
+    groups = last["optimizer"]["param_groups"]  # both peak rates, warmed up and decayed to 0 by the run's end
+    assert [g["initial_lr"] for g in groups] == [1e-4, 1e-5] and last["lr_scheduler"]["t_total"] == 2
+    assert [g["lr"] for g in groups] == pytest.approx([0.0, 0.0], abs=1e-12)
     assert (data / "models" / "model.pt").is_file()
     # started from the phase-1/phase-2 weights: TransUNet moved a little, the frozen SAM encoder not at all
     phase1 = torch.load(data / "ckpt" / "transunet" / "BUSI" / "fold_0" / "best.pt", weights_only=True)["model"]
@@ -255,7 +257,10 @@ def test_resume_after_kill_from_scratch(data):
     assert_ok(res)
     out = res.stdout + res.stderr
     assert "resumed from" in out and "--from_scratch" in out
-    assert torch.load(last, weights_only=False)["epoch"] == epoch_at_kill + 1
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["epoch"] == epoch_at_kill + 1
+    # the schedule follows the restarted run's iterations (2 per epoch), not the killed run's 400 epochs
+    assert resumed["lr_scheduler"]["t_total"] == (epoch_at_kill + 1) * 2
 
 
 def test_evaluate_coarse_vs_refined_with_iterations_and_gate(trained):

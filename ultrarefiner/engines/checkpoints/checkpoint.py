@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # ignite only for training: inference commands start 0.6 s so
 
 logger = logging.getLogger(__name__)
 
+# scheduler attributes that a resumed run takes from its own config: torch's PolynomialLR, CosineAnnealingLR and
+# MONAI's WarmupCosineSchedule (``engines.training.schedules``)
+_SCHEDULE_SHAPE = ("total_iters", "T_max", "t_total", "warmup_steps", "cycles")
+
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
     """``torch.save`` through a temporary file, so a kill never leaves a half-written checkpoint."""
@@ -209,6 +213,16 @@ def _is_main_process() -> bool:
     )
 
 
+def _closed_form_lr(scheduler: Any) -> list[float] | None:
+    """The rates of ``scheduler`` at its ``last_epoch`` computed from the base rates, or None where it has no closed
+    form (e.g. ``MultiplicativeLR``)."""
+    if hasattr(scheduler, "_get_closed_form_lr"):
+        return scheduler._get_closed_form_lr()
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # its get_lr is base rate x factor(step)
+        return scheduler.get_lr()
+    return None
+
+
 class TrainingCheckpoints:
     """Resume from ``last.pt`` at start; save ``best.pt`` on improvement and ``last.pt`` after every epoch.
 
@@ -308,27 +322,47 @@ class TrainingCheckpoints:
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
-            # the schedule length comes from this run's config (a resumed run may extend the epochs)
-            keys = [k for k in ("total_iters", "T_max") if hasattr(self.lr_scheduler, k)]
+            # the schedule's length and shape come from this run's config (a resumed run may extend the epochs);
+            # its position and base rates from the file
+            keys = [k for k in _SCHEDULE_SHAPE if hasattr(self.lr_scheduler, k)]
             length = {k: getattr(self.lr_scheduler, k) for k in keys}
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             for k, v in length.items():
                 setattr(self.lr_scheduler, k, v)
-            if hasattr(self.lr_scheduler, "_get_closed_form_lr"):
-                # chainable schedulers multiply the current LR, which is 0 at the end of a finished schedule: take
-                # the closed form of this run's schedule at the current step (equal to it when nothing changed)
-                for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler._get_closed_form_lr(), strict=True):
-                    group["lr"] = lr
-                self.lr_scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            # chainable schedulers multiply the current LR, which is 0 at the end of a finished schedule: take the
+            # closed form of this run's schedule at the current step (equal to it when nothing changed)
+            self._set_lr(_closed_form_lr(self.lr_scheduler))
         # the restarted run's own max_epochs wins (a schedule may be extended or shortened on restart)
         max_epochs = engine.state.max_epochs
         engine.load_state_dict(state["trainer"])
         engine.state.max_epochs = max_epochs
+        if self.lr_scheduler is not None and "lr_scheduler" not in state:
+            self._schedule_from(engine.state.iteration)
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         if self.evaluator is not None:
             self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = self.best_metric, self.best_epoch
         logger.info(f"resumed from {self.last_path} ({describe_identity(state.get('identity'))}) at epoch "
                     f"{engine.state.epoch} (best {self.best_metric:.4f})")
+
+    def _schedule_from(self, iteration: int) -> None:
+        """Put this run's schedule at ``iteration`` when the file has none (a run started without a scheduler)."""
+        self.lr_scheduler.last_epoch = iteration
+        lrs = _closed_form_lr(self.lr_scheduler)
+        if lrs is None:
+            self.lr_scheduler.last_epoch = 0
+            logger.warning(f"{self.last_path} holds no learning-rate schedule and {type(self.lr_scheduler).__name__} "
+                           f"has no closed form: the schedule starts from its beginning at iteration {iteration}")
+            return
+        self._set_lr(lrs)
+        logger.warning(f"{self.last_path} holds no learning-rate schedule (written without one): this run's schedule "
+                       f"continues from iteration {iteration}")
+
+    def _set_lr(self, lrs: list[float] | None) -> None:
+        if lrs is None:
+            return
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.lr_scheduler._last_lr = list(lrs)
 
     def _check_resumable(self, state: dict) -> None:
         """Only this run's own ``last.pt`` resumes: same phase, dataset, fold and network (module docstring)."""
