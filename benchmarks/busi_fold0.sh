@@ -107,10 +107,11 @@ p2)
 p3)
   stage p3_train "$CAP_P3" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train)" --bundle_root bundles/ultrarefiner "${common[@]}" \
       --epochs "$E3" --batch_size "$B3" "${tiny_p3[@]}" "${p3_extra[@]}" ${P3_ARGS:-}
-  stage p3_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" "${tiny_p3[@]}" "${p3_extra[@]}" ;;
+  # P3_ARGS too (and in p3iter): an --output_dir there is where evaluate.json finds this run's best.pt
+  stage p3_eval "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" "${tiny_p3[@]}" "${p3_extra[@]}" ${P3_ARGS:-} ;;
 p3iter)  # iterative refinement measured (off by default)
   stage p3_eval_iter2 "$CAP_EVAL" $PY -m monai.bundle run --config_file "$(configs ultrarefiner train evaluate)" --bundle_root bundles/ultrarefiner "${common[@]}" "${tiny_p3[@]}" \
-      --iterations 2 ;;
+      --iterations 2 ${P3_ARGS:-} ;;
 *) echo "unknown stage $s"; exit 2 ;;
 esac; done
 echo "done: $STAGES" | tee -a "$OUT/summary.txt"

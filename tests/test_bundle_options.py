@@ -165,9 +165,11 @@ def test_walkthrough_and_demo_commands_pass(monkeypatch):
     assert any("demo_configs" in " ".join(a) for a in _bundle_runs(tiny_script()))
 
 
-@pytest.mark.parametrize("env", [{}, {"TINY": "1", "REFINER_CKPT": "r.pt", "EMB_CACHE": "/tmp/emb"}])
+@pytest.mark.parametrize("env", [{}, {"TINY": "1", "REFINER_CKPT": "r.pt", "EMB_CACHE": "/tmp/emb"},
+                                 {"P3_ARGS": "--epoch_length 50 --lr_schedule constant --output_dir arm_a"}])
 def test_benchmark_script_commands_pass(tmp_path, monkeypatch, env):
-    """benchmarks/busi_fold0.sh with a stand-in python that records its arguments instead of running."""
+    """benchmarks/busi_fold0.sh with a stand-in python that records its arguments instead of running; P3_ARGS reach
+    phase 3's training and both its evaluations (an arm's own --output_dir)."""
     calls = tmp_path / "calls"
     calls.mkdir()
     fake = tmp_path / "py"
@@ -184,6 +186,8 @@ def test_benchmark_script_commands_pass(tmp_path, monkeypatch, env):
     assert len(runs) == 8
     for args in runs:
         assert problems(args) == [], args
+    if "P3_ARGS" in env:
+        assert sum("arm_a" in args for args in runs) == 3
 
 
 def test_error_message_lists_every_problem():
