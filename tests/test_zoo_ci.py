@@ -84,7 +84,13 @@ def fake_weights(bundle: Path) -> torch.nn.Module:
     meta = bundle / "configs" / "metadata.json"
     net = parser_for([bundle / "configs" / "inference.json"], meta).get_parsed_content("network_def")
     weights = bundle / "models" / "model.pt"
-    shipped = torch.load(weights, map_location="cpu", weights_only=True) if weights.is_file() else None
+    shipped = None
+    if weights.is_file():
+        from ultrarefiner.zoo.export import _weights_under_model
+
+        shipped = torch.load(weights, map_location="cpu", weights_only=True)
+        if _weights_under_model(weights):  # a self-describing model.pt (a trained bundle's): export passes
+            shipped = shipped["model"]  # --key_in_ckpt model to ckpt_export, as the bundle's CheckpointLoader reads it
     torch.save(net.state_dict(), weights)
     if shipped is not None:  # shipped weights load into the Zoo's network_def (ckpt_export's strict load)
         net.load_state_dict(shipped, strict=True)
