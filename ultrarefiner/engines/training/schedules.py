@@ -1,9 +1,10 @@
 """Learning-rate schedules stepped once per iteration (MONAI's ``LrScheduleHandler(epoch_level=False)``).
 
 ``warmup_schedule`` is phase 3's: a linear warmup from 0, then a cosine decay to 0 or a constant rate, built on
-MONAI's ``WarmupCosineSchedule``. A freshly created AdamW takes its largest steps first (its second-moment
-estimate starts near zero), which is when end-to-end training moves the phase-1 TransUNet furthest; the warmup keeps
-those steps small, and the decay keeps the late ones small.
+MONAI's ``WarmupCosineSchedule``. At a constant peak rate the end-to-end steps keep moving the converged phase-1
+TransUNet away from its optimum; the decay shrinks the later steps, and it is what keeps TransUNet (the ultrarefiner
+bundle's README crosses warmup and decay over two seeds on BUSI: the decay +0.083 coarse Dice, the warmup nothing
+measurable, kept because it costs nothing).
 """
 
 from __future__ import annotations
