@@ -142,6 +142,79 @@ def test_refine_predict_and_the_bundles_list_a_folder_alike(tmp_path):
             assert error.value.path == str(folder)
 
 
+
+def test_exclude_patterns_leave_files_out_of_every_listing(tmp_path, caplog):
+    """A BUSI class folder holds each image's masks beside it (``x.png``, ``x_mask.png``, ``x_mask_1.png``): the
+    file-name patterns ``exclude`` (any case, a list or a comma-separated string as the CLI and ``monai.bundle run``
+    pass them) leave them out of ``refine``'s, ``predict``'s and the bundles' listings, with a log line that counts
+    them; a folder they empty, and a pattern that is a path, are errors."""
+    import logging
+
+    from ultrarefiner.data.datalist import image_datalist
+    from ultrarefiner.engines.inference.refine_folder import _match
+    from ultrarefiner.engines.inference.ultra_predict import input_datalist, list_inputs
+    from ultrarefiner.engines.training.refiner_setup import inference_datalist
+    from ultrarefiner.errors import BadOptionError
+
+    folder, coarse = tmp_path / "benign", tmp_path / "coarse"
+    for name in ("benign (1).png", "benign (1)_mask.png", "benign (2).PNG", "benign (2)_mask.png",
+                 "benign (2)_mask_1.png"):
+        save(folder / name, scan(len(name)))
+    (folder / "notes.txt").write_text("not an image")
+    for stem in ("benign (1)", "benign (2)"):
+        save(coarse / f"{stem}.png", blob())
+    everything = ["benign (1).png", "benign (1)_mask.png", "benign (2).PNG", "benign (2)_mask.png",
+                  "benign (2)_mask_1.png"]
+    assert [p.name for p in list_inputs(folder)] == everything  # inputs stay what the user gives
+    with pytest.raises(BadInputError, match=re.escape("coarse mask of benign (1)_mask.png not found")):
+        inference_datalist(folder, coarse)
+    expected = ["benign (1).png", "benign (2).PNG"]
+    with caplog.at_level(logging.INFO, logger="ultrarefiner.data.imaging"):
+        for exclude in ("*_mask*", ["*_mask*"], " *_seg*, *_MASK* ", ("*_mask.png", "*_mask_?.png")):
+            assert [p.name for p in list_inputs(folder, exclude)] == expected, exclude
+    assert f"3 of 5 image files of {folder} left out by the exclude patterns *_mask*" in caplog.text
+    assert [Path(e["image"]).name for e in image_datalist(folder, "*_mask*")] == expected
+    assert [e["name"] for e in input_datalist(folder, "*_mask*")] == ["benign (1)", "benign (2)"]
+    pairs = inference_datalist(folder, coarse, "", "*_mask*")
+    assert [(Path(e["image"]).name, Path(e["coarse"]).name) for e in pairs] == [
+        ("benign (1).png", "benign (1).png"), ("benign (2).PNG", "benign (2).png")]
+    items, skipped = _match(folder, coarse, folder, "", "_mask", ("*_mask*",))
+    assert [e["stem"] for e in items] == ["benign (1)", "benign (2)"] and skipped == []
+    assert [Path(p).name for p in items[1]["label_parts"]] == ["benign (2)_mask_1.png"]  # still read as a label
+    _, skipped = _match(folder, coarse, folder, "", "_mask")
+    assert len(skipped) == 3 and all("no coarse mask named" in s["reason"] for s in skipped)
+    for lister in (list_inputs, image_datalist, lambda f, e: _match(f, coarse, None, exclude=e)):
+        with pytest.raises(BadInputError, match=re.escape("all 5 image files of the")) as error:
+            lister(folder, "benign*")
+        assert error.value.path == str(folder)
+        with pytest.raises(BadOptionError, match="match file names, not paths"):
+            lister(folder, "benign/*_mask*")
+
+
+@pytest.mark.parametrize("bundle", ["transunet", "sam_refiner", "ultrarefiner"])
+def test_the_bundles_inference_takes_exclude(bundle, tmp_path):
+    """``exclude`` is a config id of each bundle's inference.json (``--exclude '*_mask*'`` on ``monai.bundle run``):
+    its datalist leaves those files out."""
+    folder, coarse = tmp_path / "images", tmp_path / "coarse"
+    for stem in ("a", "b"):
+        save(folder / f"{stem}.png", scan(3))
+        save(folder / f"{stem}_mask.png", blob())
+        save(coarse / f"{stem}.png", blob())
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    assert parser["exclude"] == []
+    parser["input_dir"], parser["coarse_dir"] = str(folder), str(coarse)
+    if bundle == "sam_refiner":  # a mask taken for an image has no coarse mask
+        with pytest.raises(RuntimeError) as error:  # MONAI wraps what the expression raised
+            parser.get_parsed_content("datalist")
+        assert "coarse mask of a_mask.png not found" in str(error.value.__cause__)
+    else:
+        names = sorted(Path(e["image"]).name for e in parser.get_parsed_content("datalist"))
+        assert names == ["a.png", "a_mask.png", "b.png", "b_mask.png"]
+    parser["exclude"] = "*_mask*"  # as monai.bundle run passes --exclude '*_mask*'
+    parser.parse()
+    assert sorted(Path(e["image"]).name for e in parser.get_parsed_content("datalist")) == ["a.png", "b.png"]
+
 TRAINING_CHAINS = [
     ("transunet", ["train.json"], "train#preprocessing"),
     ("transunet", ["train.json"], "validate#preprocessing"),

@@ -43,10 +43,11 @@ def test_cli_folder_with_corrupt_file_iterations_gate_and_nifti(checkpoint, tmp_
     save(src / "b.png", np.stack([_scene(36, 52, seed=2)] * 3, -1))  # RGB, another size
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (src / "notes.txt").write_text("ignored: not an image suffix")
+    save(src / "a_mask.png", (_scene(seed=1) > 128).astype(np.uint8) * 255)  # BUSI's masks lie beside the images
     out = tmp_path / "out"
     main(["predict", "--input", str(src), "--output_dir", str(out), "--checkpoint", str(checkpoint),
           "--iterations", "2", "--quality_gate", "--gate_threshold", "0.5", "--nifti", "--device", "cpu",
-          "--batch_size", "2", "--num_workers", "1", "--writers", "1"])
+          "--batch_size", "2", "--num_workers", "1", "--writers", "1", "--exclude", "*_mask*"])
     printed = capsys.readouterr().out
     assert "2 image(s) predicted" in printed and "1 skipped" in printed and "broken.png" in printed
     report = json.loads((out / "predictions.json").read_text())
@@ -86,10 +87,12 @@ def test_cli_fails_when_nothing_can_be_predicted(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--input", str(bad), "--checkpoint", str(tmp_path / "missing.pt")])
     assert "checkpoint not found" in capsys.readouterr().err
-    for flag, value in (("--tta", "rotate"), ("--batch_size", "0"), ("--optimize", "fastest")):
+    for flag, value, problem in (("--tta", "rotate", "--tta"), ("--batch_size", "0", "--batch_size"),
+                                 ("--optimize", "fastest", "--optimize"),
+                                 ("--exclude", "in/*_mask*", "exclude patterns match file names, not paths")):
         with pytest.raises(SystemExit):
             main(["predict", "--input", str(bad), "--checkpoint", str(checkpoint), flag, value])
-        assert flag in capsys.readouterr().err
+        assert problem in capsys.readouterr().err
 
 
 def test_iterations_keep_the_best_pass_and_gate_rule(checkpoint):

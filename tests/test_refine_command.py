@@ -302,6 +302,34 @@ def test_masks_and_labels_named_with_a_postfix(tmp_path, monkeypatch, capsys):
     assert "--label_postfix is part of a file name, not a path" in err
 
 
+
+def test_a_busi_class_folder_with_exclude(tmp_path, monkeypatch, capsys):
+    """BUSI keeps each image's masks beside it (``x_mask.png``, ``x_mask_1.png``). Given that folder as the images
+    and the labels, ``refine`` takes the masks for images too and lists each in skipped.csv; ``--exclude '*_mask*'``
+    leaves them out (they are still read as the labels), and the report records it."""
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _StubRefiner())
+    busi = tmp_path / "benign"
+    for i in range(2):
+        image, label, coarse = _scene(i, 40, 48)
+        save(busi / f"benign ({i}).png", image)
+        save(busi / f"benign ({i})_mask.png", label)
+        save(tmp_path / "msk" / f"benign ({i}).png", coarse)
+    save(busi / "benign (1)_mask_1.png", np.zeros((40, 48), np.uint8))
+    run = ["refine", "--images", str(busi), "--masks", str(tmp_path / "msk"), "--labels", str(busi),
+           "--label_postfix", "_mask", "--zero_shot", "--num_workers", "0", "--writers", "0", "--optimize", "none"]
+    main([*run, "--output_dir", str(tmp_path / "all")])
+    skipped = _csv(tmp_path / "all" / engine.SKIPPED_CSV)
+    assert sorted(r["stem"] for r in skipped) == ["benign (0)_mask", "benign (1)_mask", "benign (1)_mask_1"]
+    main([*run, "--output_dir", str(tmp_path / "out"), "--exclude", "*_mask*"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["stem"] for r in report["images"]] == ["benign (0)", "benign (1)"] and not report["skipped"]
+    assert report["settings"]["exclude"] == ["*_mask*"] and all(r["refined_dice"] > 0.3 for r in report["images"])
+    assert sorted(f.name for f in (tmp_path / "out" / "masks").iterdir()) == ["benign (0).png", "benign (1).png"]
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "none"), "--exclude", "benign*"], capsys)
+    assert f"{busi}: all 5 image files of the images folder match the exclude patterns benign*" in err
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "none"), "--exclude", "benign/*_mask*"], capsys)
+    assert "exclude patterns match file names, not paths: got 'benign/*_mask*'" in err
+
 def test_engine_batches_any_sizes_with_a_stub_refiner(tmp_path, monkeypatch):
     """Fast engine path: the encoder and the decoder batch images of any size (size order), a failing image is
     skipped alone, the selected candidate's IoU is reported."""

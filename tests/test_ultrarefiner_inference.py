@@ -23,7 +23,7 @@ from ultrarefiner.engines.inference.ultra_predict import (
     transunet_transform,
 )
 from ultrarefiner.engines.training.e2e_setup import build_ultrarefiner
-from ultrarefiner.errors import UltraRefinerError
+from ultrarefiner.errors import BadInputError, UltraRefinerError
 from ultrarefiner.utils.io import PICTURE_PNG_LEVEL, write_png
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ultrarefiner"
@@ -141,3 +141,22 @@ def test_unwritable_output_fails_with_the_os_error(model, inputs, tmp_path):
         run_inference(BUNDLE, {"network": model, "device": "cpu", "input_dir": str(inputs),
                                "output_dir": str(blocker / "out"), "num_workers": 0, "optimize": "none"})
     assert str(blocker) in str(e.value)
+
+
+def test_exclude_leaves_files_out_and_an_older_bundle_is_refused(model, inputs, tmp_path):
+    """``exclude`` (a config id) leaves the matching files out of the run; an override that the config does not
+    declare (a bundle older than the package) is an error naming the config, not an option silently never read."""
+    save(inputs / "b_mask.png", (_scene(36, 52, seed=2) > 128).astype(np.uint8) * 255)
+    report = run_inference(BUNDLE, {"network": model, "device": "cpu", "input_dir": str(inputs),
+                                    "output_dir": str(tmp_path / "out"), "num_workers": 0, "optimize": "none",
+                                    "exclude": "*_mask*,broken*"})
+    assert sorted(Path(e["image"]).name for e in report["images"]) == ["a.jpg", "a.png", "b.png"]
+    assert report["skipped"] == [] and not (tmp_path / "out" / "refined" / "b_mask.png").exists()
+    old = tmp_path / "old_bundle"
+    (old / "configs").mkdir(parents=True)
+    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    del config["exclude"]
+    config["datalist"] = config["datalist"].replace(", @exclude", "")
+    (old / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(BadInputError, match="declares no exclude: a bundle older than this package"):
+        run_inference(old, {"network": model, "input_dir": str(inputs), "exclude": ["*_mask*"]})

@@ -24,6 +24,7 @@ def predict(
     writers: int | None = None,
     tta: str = "none",
     optimize: str = "auto",
+    exclude: str | list[str] | None = None,
 ) -> None:
     """Coarse (TransUNet) and refined (SAM refiner) lesion masks of one image or a folder of images.
 
@@ -61,11 +62,14 @@ def predict(
         optimize: SAM image-encoder speed option: auto (channels_last on CUDA; bf16 on a CPU with native
             bfloat16, else jit_freeze), none, channels_last, jit_freeze (float32 on every CPU), compile or bf16 (see
             `refine --help`). bf16 and channels_last apply to TransUNet too; the other options leave it float32.
+        exclude: file-name patterns (*, ?, [abc]; any case; several separated by commas) of a folder's images to
+            leave out, e.g. '*_mask*' for a BUSI class folder, where the masks lie beside the images.
     """
     import logging
 
     import torch
 
+    from ultrarefiner.data.imaging import exclude_patterns
     from ultrarefiner.engines.inference.fast_inference import check_tta, resolve_optimize
     from ultrarefiner.engines.inference.ultra_predict import input_datalist, run_inference
     from ultrarefiner.hub import create_model, network_kwargs_from_bundle
@@ -83,7 +87,8 @@ def predict(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     ckpt = Path(checkpoint) if checkpoint else Path(bundle) / "models" / "model.pt"
-    input_datalist(input)  # a missing input or an empty folder fails before the model is loaded
+    patterns = exclude_patterns(exclude)
+    input_datalist(input, patterns)  # a missing input or an empty folder fails before the model is loaded
     model = create_model("ultrarefiner", ckpt, device=dev, fallback_kwargs=lambda: network_kwargs_from_bundle(bundle))
     # the bundle's inference.json evaluator, with this model and these options
     report = run_inference(bundle, {
@@ -91,7 +96,7 @@ def predict(
         "iterations": int(iterations), "quality_gate": bool(quality_gate), "gate_threshold": float(gate_threshold),
         "threshold": float(threshold), "nifti": bool(nifti), "amp": bool(amp), "batch_size": batch_size,
         "num_workers": int(num_workers), "writers": None if writers is None else int(writers), "tta": tta,
-        "optimize": optimize})
+        "optimize": optimize, **({"exclude": list(patterns)} if patterns else {})})  # older bundles lack it
     out = Path(output_dir).resolve()
     print(f"{report['n_images']} image(s) predicted into {out}; {report['n_skipped']} skipped")
     for s in report["skipped"]:

@@ -26,6 +26,7 @@ def refine(
     box_source: str = "largest",
     mask_postfix: str = "",
     label_postfix: str = "",
+    exclude: str | list[str] | None = None,
 ) -> None:
     """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
 
@@ -79,6 +80,9 @@ def refine(
             SaveImage and of the Model Zoo's bundles; default none).
         label_postfix: labels are named <image stem><label_postfix>.* (e.g. _mask for BUSI; default none), and
             files named <image stem><label_postfix>_<k>.* (BUSI's _mask_1) are further lesions, merged in.
+        exclude: file-name patterns (*, ?, [abc]; any case; several separated by commas) of the images folder's
+            files to leave out, e.g. '*_mask*' when it is a BUSI class folder, where the masks lie beside the images
+            (without it each mask is listed in skipped.csv as an image without a coarse mask).
     """
     import logging
 
@@ -108,6 +112,7 @@ def refine(
         box_source=box_source,
         mask_postfix=check_postfix(mask_postfix, "mask_postfix"),
         label_postfix=check_postfix(label_postfix, "label_postfix"),
+        exclude=exclude,
     )
     out = Path(output_dir).resolve()
     print(format_summary(report))

@@ -47,9 +47,9 @@ def datalist_path(data_root: str | os.PathLike, dataset_name: str) -> Path:
     return path
 
 
-def folder_images(input_dir: str | os.PathLike) -> list[Path]:
+def folder_images(input_dir: str | os.PathLike, exclude: str | Iterable[str] | None = None) -> list[Path]:
     """The image files of ``input_dir`` (``imaging.folder_image_files``: any of ``IMAGE_SUFFIXES``, as ``refine``
-    reads), sorted, hidden files left out.
+    reads), sorted, hidden files and those matching the file-name patterns ``exclude`` left out.
 
     Raises:
         BadInputError: the folder does not exist, is not a folder, holds no matching file, or holds two images of one
@@ -59,7 +59,7 @@ def folder_images(input_dir: str | os.PathLike) -> list[Path]:
     from ultrarefiner.data.imaging import folder_image_files
 
     folder = Path(input_dir)
-    files = folder_image_files(folder, "input")
+    files = folder_image_files(folder, "input", exclude)
     stems = Counter(f.stem for f in files)
     shared = sorted(f.name for f in files if stems[f.stem] > 1)
     if shared:
@@ -68,9 +68,10 @@ def folder_images(input_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def image_datalist(input_dir: str | os.PathLike) -> list[dict[str, str]]:
+def image_datalist(input_dir: str | os.PathLike,
+                   exclude: str | Iterable[str] | None = None) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` of :func:`folder_images`, for the bundles' ``inference.json``."""
-    return [{"image": str(f)} for f in folder_images(input_dir)]
+    return [{"image": str(f)} for f in folder_images(input_dir, exclude)]
 
 
 def check_fold(fold: object, n_splits: int, datalist: str | os.PathLike) -> int | None:

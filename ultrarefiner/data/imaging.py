@@ -7,16 +7,20 @@ Images become 8-bit grayscale (H, W); masks become boolean (H, W). Every failure
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ultrarefiner.errors import BadInputError
+from ultrarefiner.errors import BadInputError, BadOptionError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -58,14 +62,43 @@ def mask_parts(folder: str | os.PathLike, postfix: str,
     return {stem: [f for _, f in sorted(parts)] for stem, parts in out.items()}
 
 
-def folder_image_files(folder: str | os.PathLike, what: str = "input") -> list[Path]:
+def exclude_patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """File-name patterns (``fnmatch``: ``*``, ``?``, ``[seq]``) as a tuple: ``"*_mask*"``, ``"*_mask*,*_seg*"``
+    (split at commas, as the CLI passes them) or a list; None or empty: none.
+
+    Raises:
+        BadOptionError: a pattern holds a path separator (patterns match file names, not paths).
+    """
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    patterns = tuple(p.strip() for p in items if p.strip())
+    bad = [p for p in patterns if "/" in p or "\\" in p]
+    if bad:
+        raise BadOptionError(f"exclude patterns match file names, not paths: got {', '.join(map(repr, bad))}")
+    return patterns
+
+
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the file name ``name`` matches one of ``patterns`` (any case, as the image suffixes are matched)."""
+    return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
+
+
+def folder_image_files(folder: str | os.PathLike, what: str = "input",
+                       exclude: str | Iterable[str] | None = None) -> list[Path]:
     """The image files of ``folder`` (``image_files``: any of ``IMAGE_SUFFIXES``, hidden ones left out, sorted, not
     recursive): what ``refine``, ``predict`` and the bundles' inference read from a folder. A folder that yields
     nothing is an error, not an empty run: an inference that silently writes nothing looks like success.
 
+    ``exclude``: file-name patterns to leave out (``exclude_patterns``), e.g. ``*_mask*`` for a BUSI class folder,
+    where the masks lie beside the images; how many files they left out is logged.
+
     Raises:
-        BadInputError: naming ``folder`` (the ``what`` folder) when it does not exist, is a file or holds no image.
+        BadInputError: naming ``folder`` (the ``what`` folder) when it does not exist, is a file, holds no image, or
+            holds none that ``exclude`` leaves.
+        BadOptionError: a pattern holds a path separator.
     """
+    patterns = exclude_patterns(exclude)
     folder = Path(folder)
     if not folder.exists():
         raise BadInputError(folder, f"{what} folder not found")
@@ -74,7 +107,15 @@ def folder_image_files(folder: str | os.PathLike, what: str = "input") -> list[P
     files = image_files(folder)
     if not files:
         raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder")
-    return files
+    kept = [f for f in files if not excluded(f.name, patterns)]
+    if not kept:
+        raise BadInputError(folder, f"all {len(files)} image files of the {what} folder match the exclude patterns "
+                                    f"{', '.join(patterns)}")
+    if len(kept) < len(files):
+        left = [f.name for f in files if excluded(f.name, patterns)]
+        logger.info(f"{len(left)} of {len(files)} image files of {folder} left out by the exclude patterns "
+                    f"{', '.join(patterns)} (e.g. {', '.join(left[:3])}); {len(kept)} kept")
+    return kept
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -44,6 +44,7 @@ import torch
 import ultrarefiner
 from ultrarefiner.data.imaging import (
     MASK_SUFFIXES,
+    exclude_patterns,
     file_stem,
     folder_image_files,
     image_files,
@@ -192,12 +193,13 @@ def postfix_hint(stems: Sequence[str], names: Sequence[str], option: str) -> str
     return f"; files named <stem>{postfix}.* are there: set --{option} {shlex.quote(postfix)}"
 
 
-def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "",
-           label_postfix: str = "") -> tuple[list[dict], list[dict]]:
+def _match(images: Path, masks: Path, labels: Path | None, mask_postfix: str = "", label_postfix: str = "",
+           exclude: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
     """Items {stem, image, mask[, label[, label_parts]]} and skipped samples {stem, file, reason}; masks and labels
     are named ``<image stem><postfix>.*``; with a label postfix, ``<stem><postfix>_<k>.*`` are further lesions of the
-    label (``imaging.mask_parts``: BUSI's ``_mask_1``), read into it."""
-    files = folder_image_files(images, "images")
+    label (``imaging.mask_parts``: BUSI's ``_mask_1``), read into it. Images whose names match the patterns
+    ``exclude`` are left out."""
+    files = folder_image_files(images, "images", exclude)
     stems = [f.stem for f in files]
     roles = [("mask", masks, mask_postfix, "coarse mask", "mask_postfix")]
     if labels is not None:
@@ -567,6 +569,7 @@ def refine_folder(
     box_source: str = "largest",
     mask_postfix: str = "",
     label_postfix: str = "",
+    exclude: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Refine every image's coarse mask and write the outputs of the module docstring; returns the report.
 
@@ -593,6 +596,7 @@ def refine_folder(
         jit_freeze, compile).
       mask_postfix, label_postfix: coarse masks and labels are named ``<image stem><postfix>.*`` (``_seg`` for
         MONAI's ``SaveImage``).
+      exclude: file-name patterns of the images folder's files to leave out (``imaging.exclude_patterns``).
 
     Raises:
       UltraRefinerError / BadInputError: bad options or folders, or no image has a result at all.
@@ -602,6 +606,7 @@ def refine_folder(
     from ultrarefiner.engines.inference.fast_inference import check_tta, default_batch_size, resolve_optimize
 
     tta = check_tta(tta)
+    exclude = exclude_patterns(exclude)
     ckpts = resolve_refiners(checkpoint, zero_shot)
     dev = _device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
@@ -614,7 +619,8 @@ def refine_folder(
     name = _refiner_name(ckpts) + (" with flip TTA" if tta == "flip" else "")
     name += " with one prompt set per lesion" if box_source == "components" else ""
     images, masks, out = Path(images), Path(masks), Path(output_dir)
-    items, skipped = _match(images, masks, Path(labels) if labels is not None else None, mask_postfix, label_postfix)
+    items, skipped = _match(images, masks, Path(labels) if labels is not None else None, mask_postfix, label_postfix,
+                            exclude)
     out.mkdir(parents=True, exist_ok=True)
     progress = out / PROGRESS
     records = _read_progress(progress)
@@ -679,7 +685,7 @@ def refine_folder(
         images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
         threshold=THRESHOLD, batch_size=batch_size, device=str(dev), amp=bool(amp and dev.type == "cuda"),
         nifti=bool(nifti), tta=tta, optimize=optimize, box_source=box_source, mask_postfix=mask_postfix,
-        label_postfix=label_postfix))
+        label_postfix=label_postfix, exclude=list(exclude)))
     if skipped:
         logger.warning(f"{len(skipped)} sample(s) skipped, listed in {out / SKIPPED_CSV}")
     if not report["images"]:

@@ -269,13 +269,14 @@ def _refine_after(net: torch.nn.Module, out: dict, embeddings: torch.Tensor, siz
 
 # ------------------------------------------------------------------------------------------------ pictures
 # ------------------------------------------------------------------------------------------------ inputs
-def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike],
+                exclude: str | Iterable[str] | None = None) -> list[Path]:
     """One image file, a folder (``imaging.folder_image_files``: its image files, hidden ones left out, sorted, not
-    recursive) or a list of files."""
+    recursive, those matching the file-name patterns ``exclude`` left out) or a list of files."""
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir():
-            return folder_image_files(p, "input")
+            return folder_image_files(p, "input", exclude)
         if not p.exists():
             raise BadInputError(p, "input not found")
         return [p]
@@ -295,10 +296,11 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def input_datalist(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict[str, str]]:
-    """``[{"image": path, "name": output name}]`` of ``list_inputs(source)``: the outputs of an image are named
-    ``<name>.png`` (its stem, made unique)."""
-    paths = list_inputs(source)
+def input_datalist(source: str | os.PathLike | Iterable[str | os.PathLike],
+                   exclude: str | Iterable[str] | None = None) -> list[dict[str, str]]:
+    """``[{"image": path, "name": output name}]`` of ``list_inputs(source, exclude)``: the outputs of an image are
+    named ``<name>.png`` (its stem, made unique)."""
+    paths = list_inputs(source, exclude)
     return [{"image": str(p), "name": n} for p, n in zip(paths, _output_names(paths), strict=True)]
 
 
@@ -643,7 +645,12 @@ class PredictionReport:
 
 def run_inference(bundle: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run ``<bundle>/configs/inference.json`` (its evaluator, as ``python -m monai.bundle run`` does) with
-    ``overrides`` of its ids (values may be objects, e.g. ``network``); returns the predictions.json report."""
+    ``overrides`` of its ids (values may be objects, e.g. ``network``); returns the predictions.json report.
+
+    Raises:
+        BadInputError: the config is missing, or declares no id of ``overrides`` (an older bundle: its config would
+            add the option and never read it).
+    """
     from monai.bundle import ConfigParser
 
     config = Path(bundle) / "configs" / "inference.json"
@@ -652,6 +659,10 @@ def run_inference(bundle: str | os.PathLike, overrides: Mapping[str, Any] | None
     parser = ConfigParser()
     parser.read_config(str(config))
     parser["bundle_root"] = str(bundle)
+    unknown = [k for k in (overrides or {}) if k not in parser]
+    if unknown:
+        raise BadInputError(config, f"declares no {', '.join(unknown)}: a bundle older than this package? Use the "
+                                    f"bundle of this package's version, or leave those options out")
     for k, v in (overrides or {}).items():
         parser[k] = v
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ignite.engine import Engine, Events
@@ -147,9 +147,10 @@ def export_refiner(ckpt_dir: str | os.PathLike, model_path: str | os.PathLike, n
     return str(model_path)
 
 
-def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLike,
-                       coarse_postfix: str = "") -> list[dict[str, str]]:
-    """Every image of ``input_dir`` (``folder_images``: PNG, JPEG, BMP, TIFF; sorted) paired with its coarse mask
+def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLike, coarse_postfix: str = "",
+                       exclude: str | Iterable[str] | None = None) -> list[dict[str, str]]:
+    """Every image of ``input_dir`` (``folder_images``: PNG, JPEG, BMP, TIFF; sorted; those matching the file-name
+    patterns ``exclude`` left out) paired with its coarse mask
     ``<coarse_dir>/<stem><postfix>.*``, a picture file or a 2D NIfTI (``predict-transunet`` writes ``<stem>.png``, the
     transunet bundle's inference ``<stem>_seg.png``, MONAI's ``SaveImage`` ``<stem>/<stem>_seg.nii.gz``).
 
@@ -159,7 +160,7 @@ def inference_datalist(input_dir: str | os.PathLike, coarse_dir: str | os.PathLi
     """
     from ultrarefiner.engines.inference.refine_folder import files_by_stem
 
-    images = folder_images(input_dir)
+    images = folder_images(input_dir, exclude)
     postfix = str(coarse_postfix or "")
     coarse = files_by_stem(Path(coarse_dir), "coarse masks", postfix)
     items = []
