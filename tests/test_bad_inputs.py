@@ -475,6 +475,20 @@ def rf_logit_mask(w, tmp, capsys, monkeypatch):
     return code, out
 
 
+def rf_class_map_mask(w, tmp, capsys, monkeypatch):
+    images, masks = _refine_folders(tmp)
+    save(images / "b.png", scan(2))
+    save(masks / "b.png", (blob() > 0).astype(np.uint8) * 2)  # a multi-class segmenter's output: class 2, malignant
+    code, out = _refine(tmp, capsys, images, masks, "--zero_shot")
+    assert "b.png" in out and "a multi-class label map?" in (tmp / "out" / "skipped.csv").read_text()
+    return code, out
+
+
+def rf_exclude_all(w, tmp, capsys, monkeypatch):
+    images, masks = _refine_folders(tmp)
+    return _refine(tmp, capsys, images, masks, "--zero_shot", "--exclude", "*.PNG")
+
+
 def rf_postfix(w, tmp, capsys, monkeypatch):
     images, masks = _refine_folders(tmp)
     (masks / "a.png").rename(masks / "a_seg.png")  # MONAI's SaveImage naming
@@ -706,6 +720,8 @@ CASES: list[dict] = [
     dict(id="refine-corrupt-png", command=F, exit=0, message="1 sample(s) skipped", run=rf_corrupt),
     dict(id="refine-mask-size", command=F, exit=0, message="differs from the image size", run=rf_mask_size),
     dict(id="refine-logit-mask", command=F, exit=0, message="1 sample(s) skipped", run=rf_logit_mask),
+    dict(id="refine-class-map-mask", command=F, exit=0,
+         message="blank coarse mask: holds only the values 0, 2, which read as no lesion", run=rf_class_map_mask),
     dict(id="refine-mask-postfix", command=F, exit=2, message="set --mask_postfix _seg", run=rf_postfix),
     dict(id="refine-phase3-checkpoint", command=F, exit=2,
          message="is a phase-3 UltraRefiner checkpoint (bundles/ultrarefiner); a sam_refiner model needs a phase-2",
@@ -714,6 +730,8 @@ CASES: list[dict] = [
          run=rf_ckpt("truncated")),
     dict(id="refine-missing-folder", command=F, exit=2, message="images folder not found", run=rf_missing),
     dict(id="refine-empty-folder", command=F, exit=2, message="no image files", run=rf_empty),
+    dict(id="refine-exclude-everything", command=F, exit=2,
+         message="all 1 image files of the images folder match the exclude patterns *.PNG", run=rf_exclude_all),
     dict(id="refine-disk-full", command=F, exit=2, message="No space left on device", run=rf_disk_full),
     # export-bundle: built and checked next to the old export, swapped in only when every check passed
     dict(id="export-bundle-truncated-checkpoint", command=X, exit=2, message="not a readable PyTorch checkpoint",

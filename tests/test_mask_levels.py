@@ -8,6 +8,8 @@ datasets ``preprocess`` reads (``mask_levels``).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -195,6 +197,37 @@ def test_multi_class_label_maps_are_refused_wherever_labels_are_read(tmp_path):
     assert [b["file"] for b in bad] == [str(raw / "masks" / "case_0.png")] and "multi-class" in bad[0]["reason"]
     assert report["datasets"]["CLASSES"]["samples"] == 3
 
+
+
+def test_predictions_and_coarse_masks_that_look_like_class_maps_are_reported(tmp_path):
+    """A multi-class segmenter's output (0 background, 2 malignant) reads as no lesion as a prediction or a coarse
+    mask too. It is not refused there, since a faint soft map (no pixel above 0.5) is a valid prediction, but it is
+    not left silent: evaluate scores it as empty and lists it under "notes" (summary.json and the console), refine's
+    skip reason says what the values look like. Faint soft maps (levels above 16, or no background 0) get no note."""
+    from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, format_comparison
+
+    labels, preds, images = tmp_path / "labels", tmp_path / "preds", tmp_path / "images"
+    for stem in ("classes", "faint", "good"):
+        save(labels / f"{stem}.png", blob())
+        save(images / f"{stem}.png", scan(5))
+    save(preds / "classes.png", class_map(2))
+    save(preds / "faint.png", np.round(soft(0.45) * 255).astype(np.uint8))
+    save(preds / "fainter.png", np.round(soft(0.06) * 40).astype(np.uint8))  # levels 2, 12: no background 0
+    save(labels / "fainter.png", blob())
+    save(images / "fainter.png", scan(5))
+    save(preds / "good.png", blob())
+    report = evaluate_folders(labels, {"model": preds}, tmp_path / "eval", n_bootstrap=10)
+    assert report["n"] == 4 and report["skipped"] == []  # all scored: the class map as an empty prediction
+    assert [n["file"] for n in report["notes"]] == [str(preds / "classes.png")]
+    assert "holds only the values 0, 2, which read as no lesion: a multi-class label map?" in report["notes"][0][
+        "problem"] and report["notes"][0]["problem"].endswith("scored as no lesion")
+    assert "1 prediction(s) scored as no lesion may be multi-class label maps:" in format_comparison(report)
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["notes"] == report["notes"]
+    good, skipped = read_samples(images, preds)  # refine: the predictions as coarse masks
+    assert [s["stem"] for s in good] == ["good"]
+    reasons = {s["stem"]: s["reason"] for s in skipped}
+    assert reasons["classes"].startswith("blank coarse mask: holds only the values 0, 2, which read as no lesion")
+    assert reasons["faint"] == reasons["fainter"] == "blank coarse mask: no pixel above 0.5, nothing to refine"
 
 def test_labels_that_are_no_class_maps_read_as_before(tmp_path):
     inside = blob() > 0

@@ -298,15 +298,31 @@ def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarra
         return mask
     if colour_coded:
         return mask
+    note = class_map_note(path)
+    if note:
+        raise BadInputError(path, f"label {note}")
+    return mask
+
+
+def class_map_note(path: str | os.PathLike, soft: bool = False) -> str:
+    """For a mask file that reads as no lesion: ``"holds only the values 0, 1, 2, which read as no lesion: a
+    multi-class label map? ..."`` when its stored values look like class indices (integers, at most
+    ``CLASS_MAP_MAX_VALUES`` distinct non-zero ones, the highest between 2 and 127: on the 8-bit scale 2 of 255 is
+    background), else ``""``. A label like that is refused (``read_label``).
+
+    ``soft``: the file may be a soft prediction or coarse mask, where a faint map quantised to 8 bits holds a few
+    such levels too (0.05, 0.3 and 0.45 store 13, 76 and 115): then only maps with background 0 and indices up to
+    ``CLASS_MAP_MAX_VALUES`` count, and the caller reports rather than refuses."""
     values = _mask_values(path)  # (H, W): the levels read_mask thresholded
     found = np.unique(values[values != 0])
-    if (0 < found.size <= CLASS_MAP_MAX_VALUES and 2 <= found.max() <= 127
-            and np.array_equal(found, np.round(found))):
-        shown = ", ".join(f"{v:g}" for v in [0, *found.tolist()])
-        raise BadInputError(path, f"label holds only the values {shown}, which read as no lesion: a multi-class "
-                                  f"label map? UltraRefiner segments one lesion class; save the lesion as 255 (or 1, "
-                                  f"with 0 elsewhere), merging the classes that are lesion")
-    return mask
+    top = CLASS_MAP_MAX_VALUES if soft else 127
+    if not (0 < found.size <= CLASS_MAP_MAX_VALUES and 2 <= found.max() <= top
+            and np.array_equal(found, np.round(found)) and (not soft or bool((values == 0).any()))):
+        return ""
+    shown = ", ".join(f"{v:g}" for v in [0, *found.tolist()])
+    return (f"holds only the values {shown}, which read as no lesion: a multi-class label map? UltraRefiner "
+            f"segments one lesion class; save the lesion as 255 (or 1, with 0 elsewhere), merging the classes that are "
+            f"lesion")
 
 
 def read_labels(paths: Sequence[str | os.PathLike]) -> np.ndarray:

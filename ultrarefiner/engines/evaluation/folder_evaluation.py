@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultrarefiner.data.imaging import MASK_SUFFIXES, mask_parts, read_labels, read_mask, transposed_hint
+from ultrarefiner.data.imaging import (
+    MASK_SUFFIXES,
+    class_map_note,
+    mask_parts,
+    read_labels,
+    read_mask,
+    transposed_hint,
+)
 from ultrarefiner.engines.evaluation.comparison import blank_labels_note, compare_pairs, summarise
 from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from ultrarefiner.engines.inference.refine_folder import files_by_stem
@@ -132,10 +139,13 @@ def _postfix_hint(labels: set[str], predicted: set[str]) -> str:
 
 def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
                   metrics: Sequence[str] = METRIC_NAMES, label_postfix: str = "",
-                  postfixes: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+                  postfixes: Mapping[str, str] | None = None,
+                  notes: list[dict[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Rows {image, height, width, label_area, <name>_<metric>...} of the images every predictions folder has, and
     the files skipped [{file, problem}] (module docstring). Labels are named ``<stem><label_postfix>.*``, the masks
-    of predictions folder ``name`` ``<stem><postfixes[name]>.*``."""
+    of predictions folder ``name`` ``<stem><postfixes[name]>.*``. ``notes`` (when given) receives {file, problem} of
+    each scored prediction that reads as no lesion although its values look like class indices
+    (``imaging.class_map_note``): scored as empty, but not without a word."""
     postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
     skipped: list[dict[str, str]] = []
     label_files = _masks_by_stem(Path(labels), "labels", skipped, label_postfix)
@@ -161,6 +171,9 @@ def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.
                                "label_area": int(label.sum())}
         for name, pred in preds.items():
             row.update(score_pair(pred, label, metrics, prefix=f"{name}_"))
+            note = class_map_note(pred_files[name][stem], soft=True) if notes is not None and not pred.any() else ""
+            if note:
+                notes.append({"file": str(pred_files[name][stem]), "problem": f"{note}; scored as no lesion"})
         rows.append(row)
     for name, files in pred_files.items():  # predictions without a label: reported, not scored
         skipped.extend({"file": str(p), "problem": f"no label of this name{hints[name]}"}
@@ -195,7 +208,8 @@ def evaluate_folders(
     Returns:
       dict with "n" (images scored), "n_blank_labels" (of those, labels without a lesion pixel), "means" {name:
       {metric: mean}}, "columns" {<name>_<metric>: mean, sd, median, n}, "comparisons" {"<name>_vs_<first>":
-      {metric: paired_comparison}}, "skipped" [{"file", "problem"}], "folders" {name: path}, "labels", "metrics".
+      {metric: paired_comparison}}, "skipped" [{"file", "problem"}], "notes" [{"file", "problem"}] (scored predictions
+      that read as no lesion but look like multi-class label maps), "folders" {name: path}, "labels", "metrics".
     """
     if not predictions:
         raise BadOptionError("predictions: give at least one folder of masks")
@@ -203,7 +217,8 @@ def evaluate_folders(
     if unknown:
         raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
     postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
-    rows, skipped = score_folders(labels, predictions, metrics, label_postfix, postfixes)
+    notes: list[dict[str, str]] = []
+    rows, skipped = score_folders(labels, predictions, metrics, label_postfix, postfixes, notes)
     names = list(predictions)
     columns = summarise(rows, [f"{n}_{m}" for n in names for m in metrics])
     report = {
@@ -214,6 +229,7 @@ def evaluate_folders(
         "columns": columns,
         "comparisons": compare_pairs(rows, [(names[0], n) for n in names[1:]], metrics, tolerance, n_bootstrap, seed),
         "skipped": skipped,
+        "notes": notes,
     }
     if output_dir is not None:
         out = Path(output_dir)
@@ -221,6 +237,15 @@ def evaluate_folders(
         write_json(out / "summary.json", report)
         write_comparison_csv(out / "comparison.csv", {"all": report["comparisons"]})
     return report
+
+
+def _notes_lines(notes: Sequence[dict[str, str]]) -> list[str]:
+    """Console lines of the report's notes (up to 10 files)."""
+    if not notes:
+        return []
+    return [f"{len(notes)} prediction(s) scored as no lesion may be multi-class label maps:",
+            *(f"  {n['file']}: {n['problem']}" for n in notes[:10]),
+            *([f"  ... and {len(notes) - 10} more (summary.json)"] if len(notes) > 10 else [])]
 
 
 def format_comparison(report: dict[str, Any]) -> str:
@@ -232,6 +257,7 @@ def format_comparison(report: dict[str, Any]) -> str:
     lines = [f"{report['n']} images scored, {len(skipped)} files skipped",
              *(f"  {s['file']}: {s['problem']}" for s in skipped[:10]),
              *([f"  ... and {len(skipped) - 10} more (summary.json)"] if len(skipped) > 10 else []),
+             *_notes_lines(report.get("notes", [])),
              *blank_labels_note(report.get("n_blank_labels", 0), "metrics.csv"),
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{report['means'][n][m]:.4f}" for n in names) + " |" for m in metrics]

@@ -44,6 +44,7 @@ import torch
 import ultrarefiner
 from ultrarefiner.data.imaging import (
     MASK_SUFFIXES,
+    class_map_note,
     exclude_patterns,
     file_stem,
     folder_image_files,
@@ -275,7 +276,9 @@ class _SampleDataset(torch.utils.data.Dataset):
             return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}"
                                      f"{transposed_hint(item['mask'], coarse.shape, image.shape)}")
         if int(coarse.max()) <= 255 * THRESHOLD:
-            return bad(item["mask"], f"blank coarse mask: no pixel above {THRESHOLD}, nothing to refine")
+            # a multi-class segmenter's 0/2 map reads blank too: say so, not just "blank"
+            note = class_map_note(item["mask"], soft=True)
+            return bad(item["mask"], f"blank coarse mask: {note or f'no pixel above {THRESHOLD}'}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
             label = read_labels([item["label"], *item.get("label_parts", [])])
