@@ -731,7 +731,7 @@ CASES: list[dict] = [
     dict(id="refine-missing-folder", command=F, exit=2, message="images folder not found", run=rf_missing),
     dict(id="refine-empty-folder", command=F, exit=2, message="no image files", run=rf_empty),
     dict(id="refine-exclude-everything", command=F, exit=2,
-         message="all 1 image files of the images folder match the exclude patterns *.PNG", run=rf_exclude_all),
+         message="the exclude patterns *.PNG match every image file of the images folder (1)", run=rf_exclude_all),
     dict(id="refine-disk-full", command=F, exit=2, message="No space left on device", run=rf_disk_full),
     # export-bundle: built and checked next to the old export, swapped in only when every check passed
     dict(id="export-bundle-truncated-checkpoint", command=X, exit=2, message="not a readable PyTorch checkpoint",

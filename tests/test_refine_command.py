@@ -326,7 +326,7 @@ def test_a_busi_class_folder_with_exclude(tmp_path, monkeypatch, capsys):
     assert report["settings"]["exclude"] == ["*_mask*"] and all(r["refined_dice"] > 0.3 for r in report["images"])
     assert sorted(f.name for f in (tmp_path / "out" / "masks").iterdir()) == ["benign (0).png", "benign (1).png"]
     err = _cli_error([*run, "--output_dir", str(tmp_path / "none"), "--exclude", "benign*"], capsys)
-    assert f"{busi}: all 5 image files of the images folder match the exclude patterns benign*" in err
+    assert f"{busi}: the exclude patterns benign* match every image file of the images folder (5), leaving none" in err
     err = _cli_error([*run, "--output_dir", str(tmp_path / "none"), "--exclude", "benign/*_mask*"], capsys)
     assert "exclude patterns match file names, not paths: got 'benign/*_mask*'" in err
 

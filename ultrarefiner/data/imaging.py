@@ -109,8 +109,8 @@ def folder_image_files(folder: str | os.PathLike, what: str = "input",
         raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder")
     kept = [f for f in files if not excluded(f.name, patterns)]
     if not kept:
-        raise BadInputError(folder, f"all {len(files)} image files of the {what} folder match the exclude patterns "
-                                    f"{', '.join(patterns)}")
+        raise BadInputError(folder, f"the exclude patterns {', '.join(patterns)} match every image file of the {what} "
+                                    f"folder ({len(files)}), leaving none")
     if len(kept) < len(files):
         left = [f.name for f in files if excluded(f.name, patterns)]
         logger.info(f"{len(left)} of {len(files)} image files of {folder} left out by the exclude patterns "
