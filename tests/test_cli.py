@@ -14,7 +14,8 @@ import pytest
 
 import ultrarefiner
 from ultrarefiner.cli import COMMANDS
-from ultrarefiner.commands.args import check_range, parse_list
+from ultrarefiner.commands.args import check_range
+from ultrarefiner.utils.flags import parse_list
 
 
 def run(*args, cwd=None, timeout=600):

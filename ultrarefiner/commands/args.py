@@ -2,25 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from ultrarefiner.utils.cores import usable_cores
-
-
-def parse_list(value: str | Iterable[str] | None, name: str, allowed: Sequence[str] | None = None) -> list[str]:
-    """``"BUSI,BUSBRA"``, ``("BUSI", "BUSBRA")`` or ``["BUSI", "BUSBRA"]`` -> a list, checked against ``allowed``."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-    else:
-        items = [str(v).strip() for v in value]
-    items = [v for v in items if v]
-    if allowed is not None:
-        unknown = [v for v in items if v not in allowed]
-        if unknown:
-            raise ValueError(f"--{name}: unknown value(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    return items
 
 
 def check_postfix(value: object, name: str) -> str:

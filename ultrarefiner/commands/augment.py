@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultrarefiner.commands.args import check_range, parse_list
+from ultrarefiner.commands.args import check_range
 from ultrarefiner.errors import BadInputError
-from ultrarefiner.utils.flags import as_flag
+from ultrarefiner.utils.flags import as_flag, parse_list
 
 
 def _floats(value, name: str, count: int) -> tuple[float, ...]:

@@ -44,10 +44,11 @@ def evaluate(
             of MONAI's SaveImage and of the Model Zoo's bundles), one postfix for every folder or one per folder
             separated by commas, none for no postfix (_seg,none for the first folder only; default none).
     """
-    from ultrarefiner.commands.args import check_postfix, parse_list
+    from ultrarefiner.commands.args import check_postfix
     from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, format_comparison
     from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
     from ultrarefiner.errors import BadOptionError, UltraRefinerError
+    from ultrarefiner.utils.flags import parse_list
 
     folders = parse_list(predictions, "predictions")
     labels_of = parse_list(names, "names") if names is not None else _default_names(folders)

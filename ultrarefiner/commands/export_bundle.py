@@ -37,8 +37,7 @@ def export_bundle(
     """
     from pathlib import Path
 
-    from ultrarefiner.commands.args import parse_list
-    from ultrarefiner.utils.flags import as_flag
+    from ultrarefiner.utils.flags import as_flag, parse_list
     from ultrarefiner.zoo.export import export_bundle as run_export
 
     if isinstance(overrides, str):

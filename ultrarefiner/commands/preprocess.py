@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultrarefiner.commands.args import check_range, parse_list
+from ultrarefiner.commands.args import check_range
 from ultrarefiner.data.duplicates import DHASH_THRESHOLD
 from ultrarefiner.data.layouts import KNOWN_DATASETS
 from ultrarefiner.errors import BadInputError
-from ultrarefiner.utils.flags import as_flag
+from ultrarefiner.utils.flags import as_flag, parse_list
 
 LAYOUTS = ("auto", "folder")
 

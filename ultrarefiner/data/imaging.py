@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ultrarefiner.errors import BadInputError, BadOptionError
+from ultrarefiner.utils.flags import parse_list
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,7 @@ def exclude_patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:
     Raises:
         BadOptionError: a pattern holds a path separator (patterns match file names, not paths).
     """
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    patterns = tuple(p.strip() for p in items if p.strip())
+    patterns = tuple(parse_list(value, "exclude"))
     bad = [p for p in patterns if "/" in p or "\\" in p]
     if bad:
         raise BadOptionError(f"exclude patterns match file names, not paths: got {', '.join(map(repr, bad))}")
@@ -107,14 +105,16 @@ def folder_image_files(folder: str | os.PathLike, what: str = "input",
     files = image_files(folder)
     if not files:
         raise BadInputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the {what} folder")
-    kept = [f for f in files if not excluded(f.name, patterns)]
+    kept: list[Path] = []
+    left: list[Path] = []
+    for f in files:  # one match per file
+        (left if excluded(f.name, patterns) else kept).append(f)
     if not kept:
         raise BadInputError(folder, f"the exclude patterns {', '.join(patterns)} match every image file of the {what} "
                                     f"folder ({len(files)}), leaving none")
-    if len(kept) < len(files):
-        left = [f.name for f in files if excluded(f.name, patterns)]
+    if left:
         logger.info(f"{len(left)} of {len(files)} image files of {folder} left out by the exclude patterns "
-                    f"{', '.join(patterns)} (e.g. {', '.join(left[:3])}); {len(kept)} kept")
+                    f"{', '.join(patterns)} (e.g. {', '.join(f.name for f in left[:3])}); {len(kept)} kept")
     return kept
 
 

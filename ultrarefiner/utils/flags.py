@@ -1,8 +1,8 @@
-"""On/off options as they arrive from configs and command lines."""
+"""On/off, choice and list options as they arrive from configs and command lines."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ultrarefiner.errors import BadOptionError
@@ -32,3 +32,19 @@ def choice(value: Any, choices: Sequence[str], name: str) -> str:
     if value not in choices:
         raise BadOptionError(f"--{name}: expected one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+def parse_list(value: str | Iterable[str] | None, name: str, allowed: Sequence[str] | None = None) -> list[str]:
+    """``"BUSI,BUSBRA"``, ``("BUSI", "BUSBRA")`` or ``["BUSI", "BUSBRA"]`` -> a list, checked against ``allowed``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    else:
+        items = [str(v).strip() for v in value]
+    items = [v for v in items if v]
+    if allowed is not None:
+        unknown = [v for v in items if v not in allowed]
+        if unknown:
+            raise ValueError(f"--{name}: unknown value(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return items
