@@ -481,7 +481,25 @@ def rf_class_map_mask(w, tmp, capsys, monkeypatch):
     save(masks / "b.png", (blob() > 0).astype(np.uint8) * 2)  # a multi-class segmenter's output: class 2, malignant
     code, out = _refine(tmp, capsys, images, masks, "--zero_shot")
     assert "b.png" in out and "a multi-class label map?" in (tmp / "out" / "skipped.csv").read_text()
+    assert "or pass --mask_classes with the lesion's values" in out
     return code, out
+
+
+def rf_colour_class_map(w, tmp, capsys, monkeypatch):
+    images, masks = _refine_folders(tmp)
+    save(images / "b.png", scan(2))
+    drawn = np.zeros((40, 48, 3), np.uint8)
+    drawn[..., 0] = blob()  # a red drawing given as a class map: colours, not indices
+    save(masks / "b.png", drawn)
+    save(masks / "a.png", (blob() > 0).astype(np.uint8) * 2)
+    code, out = _refine(tmp, capsys, images, masks, "--zero_shot", "--mask_classes", "1,2")
+    assert "b.png" in out and "in colour: a class map" in (tmp / "out" / "skipped.csv").read_text()
+    return code, out
+
+
+def rf_bad_classes(w, tmp, capsys, monkeypatch):
+    images, masks = _refine_folders(tmp)
+    return _refine(tmp, capsys, images, masks, "--zero_shot", "--mask_classes", "0,2")
 
 
 def rf_exclude_all(w, tmp, capsys, monkeypatch):
@@ -722,6 +740,10 @@ CASES: list[dict] = [
     dict(id="refine-logit-mask", command=F, exit=0, message="1 sample(s) skipped", run=rf_logit_mask),
     dict(id="refine-class-map-mask", command=F, exit=0,
          message="blank coarse mask: holds only the values 0, 2, which read as no lesion", run=rf_class_map_mask),
+    dict(id="refine-colour-class-map", command=F, exit=0, message="RGB mask in colour: a class map stores class "
+         "indices in one channel", run=rf_colour_class_map),
+    dict(id="refine-mask-classes-background", command=F, exit=2, message="--mask_classes: 0 is the background of a "
+         "class map", run=rf_bad_classes),
     dict(id="refine-mask-postfix", command=F, exit=2, message="set --mask_postfix _seg", run=rf_postfix),
     dict(id="refine-phase3-checkpoint", command=F, exit=2,
          message="is a phase-3 UltraRefiner checkpoint (bundles/ultrarefiner); a sam_refiner model needs a phase-2",

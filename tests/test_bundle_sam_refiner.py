@@ -8,6 +8,7 @@ the real configs and code paths.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -293,6 +294,31 @@ def test_inference_preprocessing_reads_label_maps_and_refuses_other_sizes(data, 
         preprocessing({"image": str(image), "coarse": str(tmp_path / "short.png")})
     cause = error.value.__cause__
     assert isinstance(cause, BadInputError) and "short.png" in str(cause) and image.name in str(cause)
+
+
+@pytest.mark.parametrize("classes", ["1,2", [2]])
+def test_inference_preprocessing_reads_class_maps_by_coarse_classes(data, tmp_path, caplog, classes):
+    """--coarse_classes 1,2 (a string, as monai.bundle run passes it, or a list) reads a multi-class segmenter's 0/2
+    map as its 0/255 twin. Without it that map reads blank, which the inference cannot skip: a warning names the
+    file, what its values look like and the option."""
+    images = data / "processed" / "BUSI"
+    image, mask = sorted((images / "images").glob("*.png"))[0], sorted((images / "masks").glob("*.png"))[0]
+    Image.fromarray((np.asarray(Image.open(mask)) > 127).astype(np.uint8) * 2).save(tmp_path / "classes.png")
+
+    def preprocessing(**ids):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / BUNDLE / "configs" / "inference.json"))
+        parser.update(ids)
+        return parser.get_parsed_content("preprocessing")
+
+    twin = preprocessing()({"image": str(image), "coarse": str(mask)})["image"]
+    got = preprocessing(coarse_classes=classes)({"image": str(image), "coarse": str(tmp_path / "classes.png")})
+    assert float(twin[1].max()) == 1.0 and torch.equal(got["image"], twin)
+    with caplog.at_level(logging.WARNING, logger="ultrarefiner.transforms.io"):
+        blank = preprocessing()({"image": str(image), "coarse": str(tmp_path / "classes.png")})["image"]
+    assert float(blank[1].max()) < 0.5  # 2 / 255: background
+    assert f"{tmp_path / 'classes.png'}: blank coarse mask: holds only the values 0, 2" in caplog.text
+    assert "or pass --coarse_classes with the lesion's values" in caplog.text
 
 
 def test_multi_gpu_config_with_gloo(data):

@@ -221,7 +221,7 @@ def test_predictions_and_coarse_masks_that_look_like_class_maps_are_reported(tmp
     assert [n["file"] for n in report["notes"]] == [str(preds / "classes.png")]
     assert "holds only the values 0, 2, which read as no lesion: a multi-class label map?" in report["notes"][0][
         "problem"] and report["notes"][0]["problem"].endswith("scored as no lesion")
-    assert "1 prediction(s) scored as no lesion may be multi-class label maps:" in format_comparison(report)
+    assert "1 prediction(s) scored as no lesion hold other values:" in format_comparison(report)
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["notes"] == report["notes"]
     good, skipped = read_samples(images, preds)  # refine: the predictions as coarse masks
     assert [s["stem"] for s in good] == ["good"]

@@ -275,6 +275,48 @@ def test_0_1_label_maps_are_refined_and_scored_as_0_255_masks(tmp_path, monkeypa
     assert "label_area" in _csv(out / "report.csv")[0]
 
 
+def test_class_map_coarse_masks_and_labels_with_their_classes(tmp_path, monkeypatch, capsys):
+    """A multi-class segmenter's coarse masks and labels (1 benign, 2 malignant; one as a palette PNG) are refined
+    and scored as their 0/255 twins with --mask_classes 1,2 --label_classes 1,2. The settings are recorded, a 0/255
+    coarse mask is skipped naming the values it holds, and the folder is not resumed from coarse masks read another
+    way. Without the option the 0/2 coarse mask's skip reason names --mask_classes."""
+    monkeypatch.setattr(engine, "create_model", lambda *_, **__: _StubRefiner())
+    image, label, coarse = _scene(0, 40, 48)
+    for stem, k in (("benign", 1), ("malignant", 2), ("palette", 2), ("twin", 0)):
+        save(tmp_path / "img" / f"{stem}.png", image)
+        if stem == "palette":
+            pal = Image.fromarray(coarse // 255 * k, "P")
+            pal.putpalette([0, 0, 0, 0, 0, 0, 40, 40, 40] + [0] * 759)  # class 2 drawn dark: its index counts
+            pal.save(tmp_path / "msk" / f"{stem}.png")
+        else:
+            save(tmp_path / "msk" / f"{stem}.png", coarse if stem == "twin" else coarse // 255 * k)
+        save(tmp_path / "lab" / f"{stem}.png", label if stem == "twin" else label // 255 * k)
+    run = ["refine", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--labels",
+           str(tmp_path / "lab"), "--zero_shot", "--num_workers", "0", "--writers", "0", "--optimize", "none"]
+    main([*run, "--output_dir", str(tmp_path / "plain")])
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    reasons = {s["stem"]: s["reason"] for s in plain["skipped"]}
+    assert "or pass --mask_classes with the lesion's values" in reasons["malignant"]
+    main([*run, "--output_dir", str(tmp_path / "out"), "--mask_classes", "1,2", "--label_classes", "1,2"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["mask_classes"] == report["settings"]["label_classes"] == [1, 2]
+    rows = {r["stem"]: r for r in report["images"]}
+    assert sorted(rows) == ["benign", "malignant", "palette"]
+    assert report["skipped"][0]["reason"] == ("blank coarse mask: holds the values 0, 255, none of the classes 1, "
+                                              "2, nothing to refine")
+    twin = {r["stem"]: r for r in plain["images"]}["twin"]
+    assert twin["refined_dice"] > 0.3
+    for stem in rows:
+        for key in ("label_area", "coarse_area", "refined_area", "coarse_dice", "refined_dice"):
+            assert rows[stem][key] == twin[key], (stem, key)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "masks" / f"{stem}.png")),
+                              np.asarray(Image.open(tmp_path / "plain" / "masks" / "twin.png")))
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "out"), "--mask_classes", "2"], capsys)
+    assert "holds results of another refiner" in err and "from coarse classes 1,2" in err
+    err = _cli_error([*run, "--output_dir", str(tmp_path / "bad"), "--mask_classes", "benign"], capsys)
+    assert "--mask_classes: class values are whole numbers" in err
+
+
 def test_masks_and_labels_named_with_a_postfix(tmp_path, monkeypatch, capsys):
     """MONAI's SaveImage and the Zoo's bundles write <stem>_seg.png, BUSI names its labels <stem>_mask.png: matched
     with --mask_postfix / --label_postfix. Without them every image is skipped, and the reason names the option."""

@@ -14,6 +14,8 @@ def evaluate(
     n_bootstrap: int = 2000,
     label_postfix: str = "",
     postfixes: str | list | tuple | None = None,
+    label_classes: str | int | list | tuple | None = None,
+    prediction_classes: str | int | list | tuple | None = None,
 ) -> None:
     """Score folders of predicted masks against a folder of labels, and compare each folder with the first.
 
@@ -43,8 +45,13 @@ def evaluate(
         postfixes: the masks of each predictions folder are named <stem><postfix>.* (e.g. _seg for the outputs
             of MONAI's SaveImage and of the Model Zoo's bundles), one postfix for every folder or one per folder
             separated by commas, none for no postfix (_seg,none for the first folder only; default none).
+        label_classes: the labels are multi-class label maps (0 background, 1 benign, 2 malignant, as nnU-Net
+            and MONAI Label save them; grayscale, palette PNG or NIfTI), and these values, separated by commas, are
+            lesion (e.g. 1,2); default none (lesion is above half the mask's scale).
+        prediction_classes: the same for every predictions folder (e.g. 1,2 for a multi-class segmenter's maps).
     """
     from ultrarefiner.commands.args import check_postfix
+    from ultrarefiner.data.imaging import lesion_classes
     from ultrarefiner.engines.evaluation.folder_evaluation import evaluate_folders, format_comparison
     from ultrarefiner.engines.evaluation.metrics import METRIC_NAMES
     from ultrarefiner.errors import BadOptionError, UltraRefinerError
@@ -59,7 +66,9 @@ def evaluate(
     report = evaluate_folders(labels, dict(zip(labels_of, folders, strict=True)), output_dir,
                               parse_list(metrics, "metrics") if metrics is not None else METRIC_NAMES,
                               int(n_bootstrap), label_postfix=check_postfix(label_postfix, "label_postfix"),
-                              postfixes=dict(zip(labels_of, _postfixes(postfixes, len(folders)), strict=True)))
+                              postfixes=dict(zip(labels_of, _postfixes(postfixes, len(folders)), strict=True)),
+                              label_classes=lesion_classes(label_classes, "label_classes"),
+                              prediction_classes=lesion_classes(prediction_classes, "prediction_classes"))
     if not report["n"]:  # a table of NaN would hide why
         problems = "; ".join(f"{s['file']}: {s['problem']}" for s in report["skipped"][:3])
         raise UltraRefinerError(f"no image scored: {len(report['skipped'])} files skipped, e.g. {problems}")

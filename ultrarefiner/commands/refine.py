@@ -27,6 +27,8 @@ def refine(
     mask_postfix: str = "",
     label_postfix: str = "",
     exclude: str | list[str] | None = None,
+    mask_classes: str | int | list | tuple | None = None,
+    label_classes: str | int | list | tuple | None = None,
 ) -> None:
     """Refine any segmenter's masks with the SAM refiner: a folder of images plus a folder of coarse masks.
 
@@ -83,6 +85,11 @@ def refine(
         exclude: file-name patterns (*, ?, [abc]; any case; several separated by commas) of the images folder's
             files to leave out, e.g. '*_mask*' when it is a BUSI class folder, where the masks lie beside the images
             (without it each mask is listed in skipped.csv as an image without a coarse mask).
+        mask_classes: the coarse masks are a multi-class segmenter's label maps (0 background, 1 benign, 2
+            malignant, as nnU-Net and MONAI Label save them; grayscale, palette PNG or NIfTI), and these values,
+            separated by commas, are lesion (e.g. 1,2); default none (lesion is above half the mask's scale). A folder
+            refined with one setting is not resumed with another.
+        label_classes: the same for the labels.
     """
     import logging
 
@@ -113,6 +120,8 @@ def refine(
         mask_postfix=check_postfix(mask_postfix, "mask_postfix"),
         label_postfix=check_postfix(label_postfix, "label_postfix"),
         exclude=exclude,
+        mask_classes=mask_classes,
+        label_classes=label_classes,
     )
     out = Path(output_dir).resolve()
     print(format_summary(report))

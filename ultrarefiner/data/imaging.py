@@ -275,13 +275,14 @@ def read_mask(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray
 CLASS_MAP_MAX_VALUES = 16  # at most this many non-zero levels: class indices, not a soft mask's gradient
 
 
-def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarray:
+def read_label(path: str | os.PathLike, colour_coded: bool = False, classes_option: str = "") -> np.ndarray:
     """Read a ground-truth label as (H, W) bool: ``read_mask``, refusing two labels that it reads without error but
     wrongly, which would quietly teach or score the wrong lesion:
 
     - a multi-class label map (0 background, 1 benign, 2 malignant; nnU-Net and MONAI Label number classes this way)
       reads as blank wherever its maximum is 2 or more: ``mask_levels`` takes values up to 255 as 8-bit levels, and
-      1 or 2 of 255 is background. A soft label of low probability (many levels) still reads blank, as it should;
+      1 or 2 of 255 is background. A soft label of low probability (many levels) still reads blank, as it should.
+      ``classes_option``: the option of the caller that reads class maps (``read_classes``), named in the message;
     - an inverted mask (lesion black on white) reads as lesion along the whole image border with the background
       inside it, which no lesion is (on BUSI none touches more than two sides of its image).
 
@@ -300,7 +301,8 @@ def read_label(path: str | os.PathLike, colour_coded: bool = False) -> np.ndarra
         return mask
     note = class_map_note(path)
     if note:
-        raise BadInputError(path, f"label {note}")
+        raise BadInputError(path, f"label {note}" + (f"; or pass --{classes_option} with the lesion's values"
+                                                      if classes_option else ""))
     return mask
 
 
@@ -325,17 +327,91 @@ def class_map_note(path: str | os.PathLike, soft: bool = False) -> str:
             f"lesion")
 
 
-def read_labels(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+def lesion_classes(value: str | int | Iterable[str | int] | None, name: str) -> tuple[int, ...]:
+    """The class values of option ``name`` that count as lesion in a class map: ``"1,2"``, ``2``, ``(1, 2)`` (fire
+    passes ``--x 1,2`` as a tuple) -> (1, 2), sorted; None or empty: () (the mask rule of ``read_mask`` applies).
+
+    Raises:
+        BadOptionError: naming ``--name``: a value that is not a whole number, or one below 1 (0 is background).
+    """
+    if isinstance(value, bool):
+        raise BadOptionError(f"--{name}: expected class values such as 1,2; got {value!r}")
+    items = parse_list([value] if isinstance(value, int) else value, name)
+    given = ",".join(items)  # as typed: fire turns 1,2 into a tuple
+    try:
+        classes = sorted({int(v) for v in items})
+    except ValueError:
+        raise BadOptionError(f"--{name}: class values are whole numbers separated by commas (e.g. 1,2); got "
+                             f"{given}") from None
+    if classes and classes[0] < 1:
+        raise BadOptionError(f"--{name}: 0 is the background of a class map; give the classes that are lesion "
+                             f"(e.g. 1,2); got {given}")
+    return tuple(classes)
+
+
+def class_values(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) the class indices a class-map file stores: the values of a grayscale, 16-bit, 32-bit or float picture
+    or of a 2D NIfTI (``nifti_values``), the palette indices of a palette PNG (VOC-style maps colour each class; the
+    index is the class), the one level of a gray picture saved as RGB.
+
+    Raises:
+        BadInputError: naming the file: unreadable; a colour picture whose channels differ (its colours are not
+            indices); values that are not whole numbers (a probability map is not a class map).
+    """
+    if is_nifti(path):
+        values = nifti_values(path)
+    else:
+        img = open_image(path)
+        if img.mode in ("P", "PA", "1", "L", "LA", "La") or img.mode in WIDE_MODES:
+            values = np.asarray(img.getchannel(0) if img.mode in ("PA", "LA", "La") else img)
+            values = values.astype(np.uint8) if values.dtype == bool else values
+        else:
+            rgb = np.asarray(img.convert("RGB"))
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                raise BadInputError(path, f"{img.mode} mask in colour: a class map stores class indices in one "
+                                          f"channel (grayscale, palette PNG or NIfTI)")
+            values = rgb[..., 0]
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+            raise BadInputError(path, "mask holds values that are not whole numbers (a probability map?): class "
+                                      "values select lesion in a class map only")
+    return values
+
+
+def read_classes(path: str | os.PathLike, classes: Sequence[int]) -> tuple[np.ndarray, str]:
+    """(H, W) bool lesion where the class map ``path`` (``class_values``) holds one of ``classes``, and a note
+    (else ``""``) when that is nowhere although the file holds other non-zero values: ``"holds the values 0, 255,
+    none of the classes 1, 2"`` (a 0/255 mask given class values, or an image with another class only)."""
+    values = class_values(path)
+    mask = np.isin(values, classes)
+    if mask.any():
+        return mask, ""
+    found = np.unique(values[values != 0])
+    if not found.size:
+        return mask, ""
+    shown = ", ".join(f"{v:g}" for v in [0, *found[:8].tolist()]) + (", ..." if found.size > 8 else "")
+    return mask, f"holds the values {shown}, none of the classes {', '.join(map(str, classes))}"
+
+
+def read_labels(paths: Sequence[str | os.PathLike], classes: Sequence[int] = (),
+                classes_option: str = "") -> np.ndarray:
     """One label from the files of one image's lesions (BUSI ships ``<stem>_mask.png``, ``<stem>_mask_1.png``, ...):
     the union of their ``read_label`` masks, (H, W) bool.
+
+    ``classes``: the label files are class maps, lesion where they hold one of these values (``read_classes``;
+    the class-map and inverted-mask checks of ``read_label`` do not apply: the classes say what is lesion).
+    ``classes_option``: the caller's option for ``classes``, which the refusal of a class map names.
 
     Raises:
       BadInputError: naming the part that is unreadable or refused, or whose size differs from the first file's.
     """
+    def read(path: str | os.PathLike) -> np.ndarray:
+        return read_classes(path, classes)[0] if classes else read_label(path, classes_option=classes_option)
+
     first, *rest = paths
-    label = read_label(first)
+    label = read(first)
     for part in rest:
-        more = read_label(part)
+        more = read(part)
         if more.shape != label.shape:
             raise BadInputError(part, f"label part is {more.shape[1]}x{more.shape[0]} (WxH), the label {first} "
                                       f"{label.shape[1]}x{label.shape[0]}")

@@ -3,7 +3,9 @@ transforms for bookkeeping that MONAI has no ready equivalent for."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,8 @@ from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 
 from ultrarefiner.data import imaging
+
+logger = logging.getLogger(__name__)
 
 
 def _label(path: str) -> np.ndarray:
@@ -27,6 +31,9 @@ class RuleReader(ImageReader):
       multi-class label maps refused);
     - ``soft_mask``: ``imaging.read_soft_mask`` (0-255 levels: probabilities * 255; pictures and 2D NIfTI).
 
+    ``classes`` (mask rules only): the files are class maps, read as 0/255 where they hold one of these values
+    (``imaging.read_classes``: a multi-class segmenter's 0/1/2 map).
+
     A file the rule refuses raises ``BadInputError`` naming it. Give the reader to ``LoadImaged`` at call time
     (``LoadImaged(...)(data, reader=...)``, as :class:`LoadImageMaskd` does): a reader given to its constructor is
     only tried first, and a file it refuses is then read raw by MONAI's other readers (a raw ``PILReader``: a mask of
@@ -36,10 +43,12 @@ class RuleReader(ImageReader):
     RULES: dict[str, Callable[[str], np.ndarray]] = {"image": imaging.read_image, "label": _label,
                                                      "soft_mask": imaging.read_soft_mask}
 
-    def __init__(self, rule: str) -> None:
+    def __init__(self, rule: str, classes: Sequence[int] = ()) -> None:
         if rule not in self.RULES:
             raise ValueError(f"rule must be one of {', '.join(self.RULES)}, got {rule!r}")
-        self.rule = rule
+        if classes and rule == "image":
+            raise ValueError("classes select lesion in masks, not in images")
+        self.rule, self.classes = rule, tuple(classes)
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
         suffixes = imaging.IMAGE_SUFFIXES if self.rule == "image" else imaging.MASK_SUFFIXES
@@ -49,7 +58,10 @@ class RuleReader(ImageReader):
         files = ensure_tuple(data)
         if len(files) != 1:
             raise ValueError(f"one file per item, got {len(files)}: {', '.join(map(str, files))}")
-        return self.RULES[self.rule](str(files[0])), str(files[0])
+        path = str(files[0])
+        if self.classes:
+            return imaging.read_classes(path, self.classes)[0].astype(np.uint8) * np.uint8(255), path
+        return self.RULES[self.rule](path), path
 
     def get_data(self, img: tuple[np.ndarray, str]) -> tuple[np.ndarray, dict]:
         """(H, W) array in numpy order and its metadata; no channel axis (``EnsureChannelFirstd`` adds one)."""
@@ -60,8 +72,8 @@ class RuleReader(ImageReader):
 class _RuleLoad:
     """``LoadImaged`` of ``keys`` with a ``RuleReader`` given at call time: nothing falls back to another reader."""
 
-    def __init__(self, keys: KeysCollection, rule: str, allow_missing_keys: bool) -> None:
-        self.reader = RuleReader(rule)
+    def __init__(self, keys: KeysCollection, rule: str, allow_missing_keys: bool, classes: Sequence[int] = ()) -> None:
+        self.reader = RuleReader(rule, classes)
         self.load = LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -96,14 +108,35 @@ class LoadSoftMaskd(MapTransform):
     """Load 2D soft masks (``keys``: coarse masks, predictions) with MONAI's ``LoadImaged`` by ``refine``'s rule,
     ``imaging.read_soft_mask`` (:class:`RuleReader`): (H, W) uint8 levels 0-255 in numpy order, from picture files
     (0/255, 0/1 label maps, probability * 255, 16-bit and float levels) and 2D NIfTI (read x first, as MONAI's
-    ``SaveImage`` writes a picture). A file the rule refuses is an error naming it."""
+    ``SaveImage`` writes a picture). A file the rule refuses is an error naming it. ``classes``: the masks are class
+    maps, read as 0/255 where they hold one of these values (``imaging.read_classes``); empty: the rule above.
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+    A mask with no pixel above 0.5 is logged as a warning naming the file (an inference cannot skip it, and its
+    refined mask is empty or a few stray pixels), with what its values look like (``imaging.class_map_note``: a 0/2
+    class map) and ``classes_option``, the config id that reads class maps, if given."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, classes: Sequence[int] = (),
+                 classes_option: str = ""):
         super().__init__(keys, allow_missing_keys)
-        self.load = _RuleLoad(self.keys, "soft_mask", allow_missing_keys)
+        self.classes, self.classes_option = tuple(classes), classes_option
+        self.load = _RuleLoad(self.keys, "soft_mask", allow_missing_keys, classes)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        return self.load(data)
+        d = self.load(data)
+        for key in self.key_iterator(d):
+            if float(d[key].max()) <= 127:
+                self._warn_blank(_source(d[key], key))
+        return d
+
+    def _warn_blank(self, path: str) -> None:
+        if self.classes:
+            note = imaging.read_classes(path, self.classes)[1] or "no pixel of the classes given"
+        else:
+            note = imaging.class_map_note(path, soft=True) if Path(path).is_file() else ""
+            if note and self.classes_option:
+                note += f"; or pass --{self.classes_option} with the lesion's values"
+        logger.warning(f"{path}: blank coarse mask: {note or 'no pixel above 0.5'}; its refined mask is empty or "
+                       f"near-empty")
 
 
 class RecordSized(MapTransform):

@@ -36,13 +36,15 @@ def summarise(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict
     return out
 
 
-def blank_labels_note(n_blank: int, table: str) -> list[str]:
+def blank_labels_note(n_blank: int, table: str, classes: Sequence[int] | None = None) -> list[str]:
     """The console line naming labels without a lesion pixel (none when ``n_blank`` is 0): a folder of blank labels
-    is more often a format than a truth (a 0/2 class map, inverted levels). ``table``: the CSV with ``label_area``."""
+    is more often a format than a truth (a 0/2 class map, inverted levels, class values that the labels do not use).
+    ``table``: the CSV with ``label_area``; ``classes``: the label classes that are lesion, if given."""
     if not n_blank:
         return []
-    return [f"{n_blank} label(s) have no lesion pixel (lesion = above half the mask's scale: > 127 in 8 bits, 1 in "
-            f"a 0/1 label map, p > 0.5): label_area 0 in {table}"]
+    rule = (f"--label_classes {','.join(map(str, classes))}" if classes else
+            "above half the mask's scale: > 127 in 8 bits, 1 in a 0/1 label map, p > 0.5")
+    return [f"{n_blank} label(s) have no lesion pixel (lesion = {rule}): label_area 0 in {table}"]
 
 
 def bootstrap_ci(diff: Sequence[float], n_bootstrap: int = 2000, level: float = 0.95,

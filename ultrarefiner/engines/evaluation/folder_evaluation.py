@@ -38,6 +38,7 @@ from ultrarefiner.data.imaging import (
     MASK_SUFFIXES,
     class_map_note,
     mask_parts,
+    read_classes,
     read_labels,
     read_mask,
     transposed_hint,
@@ -106,12 +107,18 @@ def _masks_by_stem(folder: Path, role: str, skipped: list[dict[str, str]], postf
     return {stem: files[0] for stem, files in found.items() if len(files) == 1}
 
 
-def _read(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    mask = read_mask(path)
+def _read(path: Path, shape: tuple[int, int], classes: Sequence[int] = ()) -> tuple[np.ndarray, str]:
+    """A prediction (H, W) bool and a note when it reads as no lesion although it holds other values: of a class
+    map not holding ``classes`` (``read_classes``), or, without ``classes``, of a mask whose values look like class
+    indices (``class_map_note``)."""
+    mask, note = read_classes(path, classes) if classes else (read_mask(path), "")
     if mask.shape != shape:
         raise BadInputError(path, f"mask is {mask.shape[0]}x{mask.shape[1]} (HxW), its label {shape[0]}x{shape[1]}"
                                   f"{transposed_hint(path, mask.shape, shape)}")
-    return mask
+    if not classes and not mask.any():
+        note = class_map_note(path, soft=True)  # a second read, of blank masks only
+        note += "; pass --prediction_classes with the lesion's values" if note else ""
+    return mask, note
 
 
 def _tail(stems: set[str]) -> str:
@@ -139,13 +146,15 @@ def _postfix_hint(labels: set[str], predicted: set[str]) -> str:
 
 def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
                   metrics: Sequence[str] = METRIC_NAMES, label_postfix: str = "",
-                  postfixes: Mapping[str, str] | None = None,
-                  notes: list[dict[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+                  postfixes: Mapping[str, str] | None = None, notes: list[dict[str, str]] | None = None,
+                  label_classes: Sequence[int] = (),
+                  prediction_classes: Sequence[int] = ()) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Rows {image, height, width, label_area, <name>_<metric>...} of the images every predictions folder has, and
     the files skipped [{file, problem}] (module docstring). Labels are named ``<stem><label_postfix>.*``, the masks
     of predictions folder ``name`` ``<stem><postfixes[name]>.*``. ``notes`` (when given) receives {file, problem} of
-    each scored prediction that reads as no lesion although its values look like class indices
-    (``imaging.class_map_note``): scored as empty, but not without a word."""
+    each scored prediction that reads as no lesion although it holds other non-zero values (``_read``): scored as
+    empty, but not without a word. ``label_classes``, ``prediction_classes``: the labels, the predictions are class
+    maps, lesion where they hold one of these values (``imaging.read_classes``); empty: the mask rule."""
     postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
     skipped: list[dict[str, str]] = []
     label_files = _masks_by_stem(Path(labels), "labels", skipped, label_postfix)
@@ -162,17 +171,16 @@ def score_folders(labels: str | os.PathLike, predictions: Mapping[str, str | os.
                             "problem": f"missing (its label exists){hints[n]}"} for n in missing)
             continue
         try:
-            label = read_labels([label_path, *label_parts.get(stem, [])])
-            preds = {name: _read(files[stem], label.shape) for name, files in pred_files.items()}
+            label = read_labels([label_path, *label_parts.get(stem, [])], label_classes, "label_classes")
+            preds = {name: _read(files[stem], label.shape, prediction_classes) for name, files in pred_files.items()}
         except BadInputError as e:
             skipped.append({"file": e.path, "problem": e.reason})
             continue
         row: dict[str, Any] = {"image": stem, "height": label.shape[0], "width": label.shape[1],
                                "label_area": int(label.sum())}
-        for name, pred in preds.items():
+        for name, (pred, note) in preds.items():
             row.update(score_pair(pred, label, metrics, prefix=f"{name}_"))
-            note = class_map_note(pred_files[name][stem], soft=True) if notes is not None and not pred.any() else ""
-            if note:
+            if note and notes is not None:
                 notes.append({"file": str(pred_files[name][stem]), "problem": f"{note}; scored as no lesion"})
         rows.append(row)
     for name, files in pred_files.items():  # predictions without a label: reported, not scored
@@ -191,6 +199,8 @@ def evaluate_folders(
     seed: int = 0,
     label_postfix: str = "",
     postfixes: Mapping[str, str] | None = None,
+    label_classes: Sequence[int] = (),
+    prediction_classes: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Per-image metrics of each predictions folder against ``labels``, and each folder compared with the first.
 
@@ -204,12 +214,16 @@ def evaluate_folders(
       n_bootstrap, tolerance, seed: paired comparison settings (``comparison.paired_comparison``).
       label_postfix, postfixes: labels are named ``<stem><label_postfix>.*``, the masks of predictions folder
         ``name`` ``<stem><postfixes[name]>.*`` (``_seg`` for MONAI's ``SaveImage``, ``_mask`` for BUSI).
+      label_classes, prediction_classes: the labels, the predictions are class maps (0 background, 1 benign, 2
+        malignant, as nnU-Net and MONAI Label write them); lesion where they hold one of these values. Empty: lesion
+        is above half the mask's scale (``read_mask``).
 
     Returns:
       dict with "n" (images scored), "n_blank_labels" (of those, labels without a lesion pixel), "means" {name:
       {metric: mean}}, "columns" {<name>_<metric>: mean, sd, median, n}, "comparisons" {"<name>_vs_<first>":
       {metric: paired_comparison}}, "skipped" [{"file", "problem"}], "notes" [{"file", "problem"}] (scored predictions
-      that read as no lesion but look like multi-class label maps), "folders" {name: path}, "labels", "metrics".
+      that read as no lesion although they hold other values), "folders" {name: path}, "labels", "metrics",
+      "label_classes", "prediction_classes".
     """
     if not predictions:
         raise BadOptionError("predictions: give at least one folder of masks")
@@ -218,13 +232,15 @@ def evaluate_folders(
         raise BadOptionError(f"metrics: unknown {unknown}; choose from {', '.join(METRIC_NAMES)}")
     postfixes = {name: (postfixes or {}).get(name, "") for name in predictions}
     notes: list[dict[str, str]] = []
-    rows, skipped = score_folders(labels, predictions, metrics, label_postfix, postfixes, notes)
+    rows, skipped = score_folders(labels, predictions, metrics, label_postfix, postfixes, notes, label_classes,
+                                  prediction_classes)
     names = list(predictions)
     columns = summarise(rows, [f"{n}_{m}" for n in names for m in metrics])
     report = {
         "n": len(rows), "n_blank_labels": sum(r["label_area"] == 0 for r in rows), "labels": str(Path(labels)),
         "folders": {n: str(Path(p)) for n, p in predictions.items()},
         "label_postfix": label_postfix, "postfixes": postfixes,
+        "label_classes": list(label_classes), "prediction_classes": list(prediction_classes),
         "metrics": list(metrics), "means": {n: {m: columns[f"{n}_{m}"]["mean"] for m in metrics} for n in names},
         "columns": columns,
         "comparisons": compare_pairs(rows, [(names[0], n) for n in names[1:]], metrics, tolerance, n_bootstrap, seed),
@@ -243,7 +259,7 @@ def _notes_lines(notes: Sequence[dict[str, str]]) -> list[str]:
     """Console lines of the report's notes (up to 10 files)."""
     if not notes:
         return []
-    return [f"{len(notes)} prediction(s) scored as no lesion may be multi-class label maps:",
+    return [f"{len(notes)} prediction(s) scored as no lesion hold other values:",
             *(f"  {n['file']}: {n['problem']}" for n in notes[:10]),
             *([f"  ... and {len(notes) - 10} more (summary.json)"] if len(notes) > 10 else [])]
 
@@ -258,7 +274,7 @@ def format_comparison(report: dict[str, Any]) -> str:
              *(f"  {s['file']}: {s['problem']}" for s in skipped[:10]),
              *([f"  ... and {len(skipped) - 10} more (summary.json)"] if len(skipped) > 10 else []),
              *_notes_lines(report.get("notes", [])),
-             *blank_labels_note(report.get("n_blank_labels", 0), "metrics.csv"),
+             *blank_labels_note(report.get("n_blank_labels", 0), "metrics.csv", report.get("label_classes")),
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {m} | " + " | ".join(f"{report['means'][n][m]:.4f}" for n in names) + " |" for m in metrics]
     for title, per_metric in report["comparisons"].items():

@@ -50,7 +50,9 @@ from ultrarefiner.data.imaging import (
     folder_image_files,
     image_files,
     image_size,
+    lesion_classes,
     mask_parts,
+    read_classes,
     read_image,
     read_labels,
     read_mask,
@@ -246,10 +248,14 @@ def encoder_frame(geometry: Any, image: np.ndarray) -> np.ndarray | None:
 
 
 class _SampleDataset(torch.utils.data.Dataset):
-    """Reads and checks one sample in a data worker; a bad sample comes back as {stem, file, reason}."""
+    """Reads and checks one sample in a data worker; a bad sample comes back as {stem, file, reason}.
+    ``mask_classes``, ``label_classes``: the coarse masks, the labels are class maps, lesion where they hold one of
+    these values (``imaging.read_classes``); empty: the mask rule (``read_soft_mask``, ``read_labels``)."""
 
-    def __init__(self, items: Sequence[dict]) -> None:
+    def __init__(self, items: Sequence[dict], mask_classes: Sequence[int] = (),
+                 label_classes: Sequence[int] = ()) -> None:
         self.items = list(items)
+        self.mask_classes, self.label_classes = tuple(mask_classes), tuple(label_classes)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -263,25 +269,30 @@ class _SampleDataset(torch.utils.data.Dataset):
         except Exception as e:  # anything else a broken file triggers must not stop the run
             return dict(stem=item["stem"], file=item["image"], reason=f"{type(e).__name__}: {e}")
 
-    @staticmethod
-    def _load(item: dict) -> dict[str, Any]:
+    def _load(self, item: dict) -> dict[str, Any]:
         def bad(file: str, reason: str) -> dict[str, str]:
             return dict(stem=item["stem"], file=file, reason=reason)
 
         image = read_image(item["image"])
         if min(image.shape) < 2:
             return bad(item["image"], f"image too small {image.shape}")
-        coarse = read_soft_mask(item["mask"])  # uint8 0..255 (mask_levels): binary 0/255, or probability * 255
+        if self.mask_classes:
+            lesion, note = read_classes(item["mask"], self.mask_classes)
+            coarse = lesion.astype(np.uint8) * np.uint8(255)
+        else:  # uint8 0..255 (mask_levels): binary 0/255, or probability * 255
+            coarse, note = read_soft_mask(item["mask"]), ""
         if coarse.shape != image.shape:
             return bad(item["mask"], f"coarse mask size {coarse.shape} differs from the image size {image.shape}"
                                      f"{transposed_hint(item['mask'], coarse.shape, image.shape)}")
         if int(coarse.max()) <= 255 * THRESHOLD:
             # a multi-class segmenter's 0/2 map reads blank too: say so, not just "blank"
-            note = class_map_note(item["mask"], soft=True)
+            if not self.mask_classes:
+                note = class_map_note(item["mask"], soft=True)
+                note += "; or pass --mask_classes with the lesion's values" if note else ""
             return bad(item["mask"], f"blank coarse mask: {note or f'no pixel above {THRESHOLD}'}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
-            label = read_labels([item["label"], *item.get("label_parts", [])])
+            label = read_labels([item["label"], *item.get("label_parts", [])], self.label_classes, "label_classes")
             if label.shape != image.shape:
                 return bad(item["label"], f"label size {label.shape} differs from the image size {image.shape}"
                                           f"{transposed_hint(item['label'], label.shape, image.shape)}")
@@ -290,14 +301,14 @@ class _SampleDataset(torch.utils.data.Dataset):
 
 
 def read_samples(images: str | os.PathLike, masks: str | os.PathLike, labels: str | os.PathLike | None = None,
-                 limit: int | None = None, mask_postfix: str = "",
-                 label_postfix: str = "") -> tuple[list[dict], list[dict]]:
+                 limit: int | None = None, mask_postfix: str = "", label_postfix: str = "",
+                 mask_classes: Sequence[int] = (), label_classes: Sequence[int] = ()) -> tuple[list[dict], list[dict]]:
     """The samples ``refine`` would refine, read in this process by its own rules (``_match``, ``_SampleDataset``):
     the good ones (``pixels``, ``coarse``, ``truth`` with labels), and the skipped ones with their reasons.
     ``limit``: only the first ``limit`` matched samples are read (benchmarks, studies)."""
     items, skipped = _match(Path(images), Path(masks), Path(labels) if labels is not None else None, mask_postfix,
                             label_postfix)
-    dataset = _SampleDataset(items[:limit])
+    dataset = _SampleDataset(items[:limit], mask_classes, label_classes)
     loaded = [dataset[i] for i in range(len(dataset))]
     return [s for s in loaded if "reason" not in s], skipped + [s for s in loaded if "reason" in s]
 
@@ -529,7 +540,8 @@ def format_summary(report: dict[str, Any]) -> str:
     comp = s.get("refined_vs_coarse")
     if comp:
         lines.append(f"with labels: {s['n_labelled']} image(s)")
-        lines += blank_labels_note(s.get("n_blank_labels", 0), "report.csv")
+        lines += blank_labels_note(s.get("n_blank_labels", 0), "report.csv",
+                                   report.get("settings", {}).get("label_classes"))
         # columns wide enough for HD95 in pixels (hundreds, sd too) next to the [0, 1] metrics
         lines.append(f"{'metric':<10s}{'coarse':^20s} {'refined':^20s}  refined-coarse [95% CI]"
                      f"          improved/worsened/unchanged")
@@ -573,6 +585,8 @@ def refine_folder(
     mask_postfix: str = "",
     label_postfix: str = "",
     exclude: str | Sequence[str] | None = None,
+    mask_classes: str | int | Sequence[int] | None = None,
+    label_classes: str | int | Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Refine every image's coarse mask and write the outputs of the module docstring; returns the report.
 
@@ -600,6 +614,9 @@ def refine_folder(
       mask_postfix, label_postfix: coarse masks and labels are named ``<image stem><postfix>.*`` (``_seg`` for
         MONAI's ``SaveImage``).
       exclude: file-name patterns of the images folder's files to leave out (``imaging.exclude_patterns``).
+      mask_classes, label_classes: the coarse masks, the labels are class maps (``imaging.lesion_classes``: e.g.
+        ``"1,2"``), lesion where they hold one of these values; None: the mask rule. A folder refined from coarse
+        masks read one way is not resumed with the other.
 
     Raises:
       UltraRefinerError / BadInputError: bad options or folders, or no image has a result at all.
@@ -610,6 +627,8 @@ def refine_folder(
 
     tta = check_tta(tta)
     exclude = exclude_patterns(exclude)
+    mask_classes = lesion_classes(mask_classes, "mask_classes")
+    label_classes = lesion_classes(label_classes, "label_classes")
     ckpts = resolve_refiners(checkpoint, zero_shot)
     dev = _device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
@@ -621,6 +640,7 @@ def refine_folder(
     # TTA and the prompt rule change the results: a folder refined with one setting is not resumed with the other
     name = _refiner_name(ckpts) + (" with flip TTA" if tta == "flip" else "")
     name += " with one prompt set per lesion" if box_source == "components" else ""
+    name += f" from coarse classes {','.join(map(str, mask_classes))}" if mask_classes else ""
     images, masks, out = Path(images), Path(masks), Path(output_dir)
     items, skipped = _match(images, masks, Path(labels) if labels is not None else None, mask_postfix, label_postfix,
                             exclude)
@@ -650,8 +670,8 @@ def refine_folder(
         runner: BatchRefiner | None = None  # built on the first good sample: no cost when all are bad
         # the refiner (its geometry) does not exist yet: the main process resizes into the encoder frame (cv2 for
         # LiteMedSAM: well under a millisecond per image)
-        loader = torch.utils.data.DataLoader(_SampleDataset(pending), batch_sampler=batches, collate_fn=_as_list,
-                                             num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(_SampleDataset(pending, mask_classes, label_classes),
+                                             batch_sampler=batches, collate_fn=_as_list, num_workers=num_workers)
         bar = tqdm(total=sum(len(b) for b in batches), desc="refine", unit="image", disable=None)
         # metrics, PNGs and overlays of one batch are computed by threads while the refiner runs the next batch
         # (they dominate on a GPU); records are logged in the main thread once their files are on disk
@@ -688,7 +708,8 @@ def refine_folder(
         images=str(images), masks=str(masks), labels=None if labels is None else str(labels), refiner=name,
         threshold=THRESHOLD, batch_size=batch_size, device=str(dev), amp=bool(amp and dev.type == "cuda"),
         nifti=bool(nifti), tta=tta, optimize=optimize, box_source=box_source, mask_postfix=mask_postfix,
-        label_postfix=label_postfix, exclude=list(exclude)))
+        label_postfix=label_postfix, exclude=list(exclude), mask_classes=list(mask_classes),
+        label_classes=list(label_classes)))
     if skipped:
         logger.warning(f"{len(skipped)} sample(s) skipped, listed in {out / SKIPPED_CSV}")
     if not report["images"]:
