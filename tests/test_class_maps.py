@@ -121,7 +121,7 @@ def test_evaluate_scores_class_maps_as_their_binary_twins(tmp_path, capsys):
     # without the options: the 0/2 label refused, naming the option; the class-map predictions named
     plain = evaluate_folders(tmp_path / "labels255", {"classes": tmp_path / "classes"}, n_bootstrap=10)
     assert [n["file"] for n in plain["notes"]] == [str(tmp_path / "classes" / "malignant.png")]
-    assert "pass --prediction_classes with the lesion's values; scored as no lesion" in plain["notes"][0]["problem"]
+    assert "or pass --prediction_classes with the lesion's values; scored as no lesion" in plain["notes"][0]["problem"]
     assert "1 prediction(s) scored as no lesion hold other values:" in format_comparison(plain)
     refused = evaluate_folders(tmp_path / "labels", {"binary": tmp_path / "binary"}, n_bootstrap=10)
     assert [s["file"] for s in refused["skipped"]] == [str(tmp_path / "labels" / "malignant.png")]

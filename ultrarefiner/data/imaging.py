@@ -281,10 +281,11 @@ def read_label(path: str | os.PathLike, colour_coded: bool = False, classes_opti
 
     - a multi-class label map (0 background, 1 benign, 2 malignant; nnU-Net and MONAI Label number classes this way)
       reads as blank wherever its maximum is 2 or more: ``mask_levels`` takes values up to 255 as 8-bit levels, and
-      1 or 2 of 255 is background. A soft label of low probability (many levels) still reads blank, as it should.
-      ``classes_option``: the option of the caller that reads class maps (``read_classes``), named in the message;
+      1 or 2 of 255 is background. A soft label of low probability (many levels) still reads blank, as it should;
     - an inverted mask (lesion black on white) reads as lesion along the whole image border with the background
       inside it, which no lesion is (on BUSI none touches more than two sides of its image).
+
+    ``classes_option``: the caller's option that reads class maps (``read_classes``), named in the refusal.
 
     Raises:
       BadInputError: naming the file: with the values found, when a blank label holds only integer values, at most

@@ -117,7 +117,7 @@ def _read(path: Path, shape: tuple[int, int], classes: Sequence[int] = ()) -> tu
                                   f"{transposed_hint(path, mask.shape, shape)}")
     if not classes and not mask.any():
         note = class_map_note(path, soft=True)  # a second read, of blank masks only
-        note += "; pass --prediction_classes with the lesion's values" if note else ""
+        note += "; or pass --prediction_classes with the lesion's values" if note else ""
     return mask, note
 
 
