@@ -191,6 +191,32 @@ def test_exclude_patterns_leave_files_out_of_every_listing(tmp_path, caplog):
             lister(folder, "benign/*_mask*")
 
 
+def test_files_named_like_masks_beside_their_images_are_warned_of(tmp_path, caplog):
+    """Without --exclude, a BUSI class folder's masks are segmented (predict) or listed as images without a coarse
+    mask (refine). They stay inputs, since a name is no proof, but one warning per folder names them and the
+    patterns that would leave them out; a name like a mask without its image beside it is not one."""
+    import logging
+
+    from ultrarefiner.data.imaging import masks_beside_images
+    from ultrarefiner.engines.inference.ultra_predict import list_inputs
+
+    names = ["a.png", "a_mask.png", "a_mask_1.png", "b.png", "b_seg.PNG", "c_mask.png", "d.jpg", "d_gt.png",
+             "e_masked.png"]
+    for name in names:
+        save(tmp_path / name, scan(len(name)))
+    assert {w: [f.name for f in fs] for w, fs in masks_beside_images(sorted(tmp_path.iterdir())).items()} == {
+        "mask": ["a_mask.png", "a_mask_1.png"], "seg": ["b_seg.PNG"], "gt": ["d_gt.png"]}
+    with caplog.at_level(logging.WARNING, logger="ultrarefiner.data.imaging"):
+        assert len(list_inputs(tmp_path)) == len(names)  # still inputs
+        list_inputs(tmp_path)  # predict lists its input, then its bundle's datalist does: one warning
+        kept = [p.name for p in list_inputs(tmp_path, "*_mask*,*_seg*,*_gt*")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"4 of the 9 image files of {tmp_path} are named like masks of the images beside them (e.g. "
+                        f"a_mask.png, a_mask_1.png, b_seg.PNG, d_gt.png) and are read as images: pass --exclude "
+                        f"'*_mask*,*_seg*,*_gt*' to leave them out"]
+    assert kept == ["a.png", "b.png", "d.jpg"]  # c_mask.png and e_masked.png match *_mask* too: the user's call
+
+
 @pytest.mark.parametrize("bundle", ["transunet", "sam_refiner", "ultrarefiner"])
 def test_the_bundles_inference_takes_exclude(bundle, tmp_path):
     """``exclude`` is a config id of each bundle's inference.json (``--exclude '*_mask*'`` on ``monai.bundle run``):

@@ -82,6 +82,39 @@ def excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
 
 
+# <stem>_mask.png, <stem>_mask_1.png (BUSI), <stem>_seg.png (MONAI's SaveImage), <stem>_label.png, <stem>_gt.png
+_MASK_NAME = re.compile(r"^(?P<stem>.+)_(?P<word>mask|seg|label|gt)(_\d+)?$", re.IGNORECASE)
+_warned_folders: set[tuple[str, int]] = set()  # (folder, number of files): warn once per listing, not per caller
+
+
+def masks_beside_images(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """The files of ``files`` named like a mask of another one (``<stem>_mask.*``, ``<stem>_mask_<k>.*``,
+    ``<stem>_seg.*``, ``<stem>_label.*``, ``<stem>_gt.*`` beside ``<stem>.*``), by the word (``mask``, ...) in its
+    case. Only a hint: an image may be named so, and whether it is a mask is the user's call (``--exclude``)."""
+    stems = {file_stem(f) for f in files}
+    found: dict[str, list[Path]] = {}
+    for f in files:
+        m = _MASK_NAME.match(file_stem(f))
+        if m and m["stem"] in stems:
+            found.setdefault(m["word"], []).append(f)
+    return found
+
+
+def _warn_masks_beside(folder: Path, files: Sequence[Path]) -> None:
+    """Warn, once per folder, when image files of ``folder`` are named like masks of the images beside them (a BUSI
+    class folder): they would be segmented or refined as images without a word."""
+    beside = masks_beside_images(files)
+    key = (str(folder.resolve()), len(files))
+    if not beside or key in _warned_folders:
+        return
+    _warned_folders.add(key)
+    n = sum(map(len, beside.values()))
+    examples = ", ".join(f.name for group in beside.values() for f in group[:2])
+    patterns = ",".join(f"*_{word}*" for word in beside)
+    logger.warning(f"{n} of the {len(files)} image files of {folder} are named like masks of the images beside them "
+                   f"(e.g. {examples}) and are read as images: pass --exclude '{patterns}' to leave them out")
+
+
 def folder_image_files(folder: str | os.PathLike, what: str = "input",
                        exclude: str | Iterable[str] | None = None) -> list[Path]:
     """The image files of ``folder`` (``image_files``: any of ``IMAGE_SUFFIXES``, hidden ones left out, sorted, not
@@ -89,7 +122,8 @@ def folder_image_files(folder: str | os.PathLike, what: str = "input",
     nothing is an error, not an empty run: an inference that silently writes nothing looks like success.
 
     ``exclude``: file-name patterns to leave out (``exclude_patterns``), e.g. ``*_mask*`` for a BUSI class folder,
-    where the masks lie beside the images; how many files they left out is logged.
+    where the masks lie beside the images; how many files they left out is logged. Without it, files named like
+    masks of the images beside them (``masks_beside_images``) are kept and a warning suggests the patterns.
 
     Raises:
         BadInputError: naming ``folder`` (the ``what`` folder) when it does not exist, is a file, holds no image, or
@@ -115,6 +149,8 @@ def folder_image_files(folder: str | os.PathLike, what: str = "input",
     if left:
         logger.info(f"{len(left)} of {len(files)} image files of {folder} left out by the exclude patterns "
                     f"{', '.join(patterns)} (e.g. {', '.join(f.name for f in left[:3])}); {len(kept)} kept")
+    if not patterns:
+        _warn_masks_beside(folder, kept)
     return kept
 
 
