@@ -139,3 +139,42 @@ def test_evaluate_scores_class_maps_as_their_binary_twins(tmp_path, capsys):
         main(["evaluate", "--labels", str(tmp_path / "labels"), "--predictions", str(tmp_path / "classes"),
               "--label_classes", "0"])
     assert e.value.code == 2 and "--label_classes: 0 is the background" in capsys.readouterr().err
+
+
+def test_preprocess_writes_class_maps_as_0_255_masks(tmp_path, capsys):
+    """preprocess --label_classes 1,2 takes a folder-layout dataset of class maps (nnU-Net, MONAI Label): each mask
+    written as 0/255 where it holds a lesion class, recorded in the report's settings. A mask holding only other
+    values (0/255 here, or another class) is excluded as blank and noted, not dropped in silence. Without the option
+    the class maps are refused as bad files, and the reason names it."""
+    from conftest import scan
+    from ultrarefiner.data.preprocess import preprocess
+
+    raw = tmp_path / "raw" / "CLASSES"
+    for i in range(8):
+        save(raw / "images" / f"case_{i}.png", scan(700 + i))
+        save(raw / "masks" / f"case_{i}.png", blob() if i >= 5 else halves(1 + i % 2, 2))
+    report = preprocess(tmp_path / "raw", tmp_path / "out", ["CLASSES"], layout="folder", n_splits=2,
+                        test_ratio=0.0, label_classes=(1, 2))
+    entry = report["datasets"]["CLASSES"]
+    assert entry["samples"] == 5 and entry["blank_excluded"] == 3 and not entry["bad_files"]
+    assert entry["settings"]["label_classes"] == (1, 2)
+    assert entry["notes"] == [f"3 masks hold none of the label classes 1,2 and were excluded as blank, e.g. "
+                              f"{raw / 'masks' / 'case_5.png'}: holds the values 0, 255, none of the classes 1, 2"]
+    for i in range(5):
+        written = np.asarray(Image.open(tmp_path / "out" / "CLASSES" / "masks" / f"case_{i}.png"))
+        assert np.array_equal(written, blob()), i
+    saved = json.loads((tmp_path / "out" / "preprocess_report.json").read_text())
+    assert saved["datasets"]["CLASSES"]["settings"]["label_classes"] == [1, 2]
+    # only class 2 is lesion: case_1 and case_3 (class 1 on the left) keep the right half
+    only2 = preprocess(tmp_path / "raw", tmp_path / "out2", ["CLASSES"], layout="folder", n_splits=2,
+                       test_ratio=0.0, label_classes=(2,))
+    assert only2["datasets"]["CLASSES"]["samples"] == 5
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "CLASSES" / "masks" / "case_0.png")) > 0,
+                          halves(0, 2) > 0)
+    # the command line, without the option: refused, naming it
+    main(["preprocess", "--raw_root", str(tmp_path / "raw"), "--output_root", str(tmp_path / "out3"), "--datasets",
+          "CLASSES", "--layout", "folder", "--n_splits", "2", "--test_ratio", "0"])
+    out = capsys.readouterr().out
+    assert "case_1.png: label holds only the values 0, 2" in out and "or pass --label_classes with the lesion's" in out
+    assert json.loads((tmp_path / "out3" / "preprocess_report.json").read_text())["datasets"]["CLASSES"][
+        "samples"] == 3  # the 0/255 masks

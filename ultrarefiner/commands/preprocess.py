@@ -24,6 +24,7 @@ def preprocess(
     official_folds: bool = False,
     dup_threshold: int = DHASH_THRESHOLD,
     num_workers: int = 4,
+    label_classes: str | int | list | tuple | None = None,
 ) -> None:
     """Prepare raw datasets: grayscale PNGs, 0/255 masks, leak-free test split and K folds, MONAI datalists.
 
@@ -45,7 +46,12 @@ def preprocess(
         official_folds: use BUSBRA's official patient-level folds (5-fold-cv.csv) instead of drawing folds.
         dup_threshold: max Hamming distance (of 256 bits) between difference hashes of near-duplicates.
         num_workers: threads that decode and write images.
+        label_classes: the masks are multi-class label maps (0 background, 1 benign, 2 malignant, as nnU-Net and
+            MONAI Label save them; grayscale, palette PNG or NIfTI), and these values, separated by commas, are
+            lesion (e.g. 1,2), written as 255; default none (lesion is above half the mask's scale, and a class map
+            is refused as a bad file). A mask holding none of them is blank, excluded as a lesion-free image.
     """
+    from ultrarefiner.data.imaging import lesion_classes
     from ultrarefiner.data.preprocess import preprocess as run
 
     root = Path(raw_root)
@@ -71,6 +77,7 @@ def preprocess(
         official_folds=as_flag(official_folds, "official_folds"),
         dup_threshold=int(dup_threshold),
         num_workers=int(num_workers),
+        label_classes=lesion_classes(label_classes, "label_classes"),
     )
     report = run(root, output_root, names, **options)
     print(format_report(report, names))

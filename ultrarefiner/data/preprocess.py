@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ultrarefiner.data.datalist import combined_name
 from ultrarefiner.data.duplicates import DHASH_THRESHOLD, dhash_bits, group_samples, near_duplicate_pairs
-from ultrarefiner.data.imaging import read_image, read_label
+from ultrarefiner.data.imaging import read_classes, read_image, read_label
 from ultrarefiner.data.layouts import BadFile, RawSample, list_dataset
 from ultrarefiner.data.splits import assign_folds, split_test
 from ultrarefiner.errors import BadInputError, UltraRefinerError
@@ -35,6 +35,7 @@ class _Converted:
     blank: bool = False
     bad: BadFile | None = None
     shape: tuple[int, int] | None = None
+    note: str = ""  # why a blank mask is blank, when it holds values other than the label classes
 
 
 def _mask_class(mask_rgb: np.ndarray) -> str:
@@ -46,13 +47,19 @@ def _mask_class(mask_rgb: np.ndarray) -> str:
     return "malignant" if r > g else "benign"
 
 
-def _convert(sample: RawSample, out_dir: Path) -> _Converted:
-    """Decode, check and write one sample; never raises for bad input (returns it as ``bad``)."""
+def _convert(sample: RawSample, out_dir: Path, classes: tuple[int, ...] = ()) -> _Converted:
+    """Decode, check and write one sample; never raises for bad input (returns it as ``bad``). ``classes``: the
+    masks are class maps, lesion where they hold one of these values (``imaging.read_classes``)."""
     try:
         image = read_image(sample.image)
         mask = np.zeros(image.shape, dtype=bool)
+        note = ""
         for m in sample.masks:
-            part = read_label(m, colour_coded=sample.colour_coded)
+            if classes:
+                part, why = read_classes(m, classes)
+                note = note or (f"{m}: {why}" if why else "")
+            else:
+                part = read_label(m, colour_coded=sample.colour_coded, classes_option="label_classes")
             if part.shape != image.shape:
                 return _Converted(
                     sample,
@@ -71,7 +78,7 @@ def _convert(sample: RawSample, out_dir: Path) -> _Converted:
     except BadInputError as e:
         return _Converted(sample, bad=BadFile(e.path, e.reason))
     if not mask.any():
-        return _Converted(sample, blank=True)
+        return _Converted(sample, blank=True, note=note)
     write_png(out_dir / "images" / f"{sample.key}.png", image)
     write_png(out_dir / "masks" / f"{sample.key}.png", mask.astype(np.uint8) * 255)
     return _Converted(sample, hash=dhash_bits(image), shape=image.shape)
@@ -103,6 +110,7 @@ class PrepareOptions:
     official_folds: bool = False
     dup_threshold: int = DHASH_THRESHOLD
     num_workers: int = 4
+    label_classes: tuple[int, ...] = ()  # masks that are class maps: these values are lesion (imaging.read_classes)
 
 
 def preprocess_dataset(raw_root: Path, output_root: Path, name: str, opts: PrepareOptions) -> dict:
@@ -117,7 +125,7 @@ def preprocess_dataset(raw_root: Path, output_root: Path, name: str, opts: Prepa
     with ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL/zlib release the GIL while (de)coding
         converted = list(
             tqdm(
-                pool.map(lambda s: _convert(s, out_dir), listing.samples),
+                pool.map(lambda s: _convert(s, out_dir, tuple(opts.label_classes)), listing.samples),
                 total=len(listing.samples),
                 desc=f"preprocess {name}",
                 unit="img",
@@ -128,6 +136,10 @@ def preprocess_dataset(raw_root: Path, output_root: Path, name: str, opts: Prepa
     report["bad_files"] += [vars(c.bad) for c in converted if c.bad]
     kept = [c for c in converted if c.bad is None and not c.blank]
     report["blank_excluded"] = sum(c.blank for c in converted)
+    other = [c.note for c in converted if c.blank and c.note]
+    if other:  # a 0/255 dataset given class values, or images of another class only: not dropped in silence
+        report["notes"].append(f"{len(other)} masks hold none of the label classes "
+                               f"{','.join(map(str, opts.label_classes))} and were excluded as blank, e.g. {other[0]}")
     report["multi_mask_merged"] = sum(len(c.sample.masks) > 1 for c in kept)
     report["samples"] = len(kept)
     if not kept:
