@@ -111,6 +111,10 @@ def test_evaluate_scores_class_maps_as_their_binary_twins(tmp_path, capsys):
     assert report["n"] == 2 and not report["skipped"] and not report["notes"]
     assert 0.5 < report["means"]["classes"]["dice"] == twin["means"]["binary"]["dice"] < 1
     assert report["means"]["classes"] == twin["means"]["binary"]
+    # class maps against 0/255 masks in one run: the union of their lesion values
+    both = evaluate_folders(tmp_path / "labels", {"classes": tmp_path / "classes", "binary": tmp_path / "binary"},
+                            n_bootstrap=10, label_classes=(1, 2), prediction_classes=(1, 2, 255))
+    assert both["means"]["classes"] == both["means"]["binary"] == twin["means"]["binary"] and not both["notes"]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["label_classes"] == summary["prediction_classes"] == [1, 2]
     # benign only: the malignant label is blank, and the console says by which rule

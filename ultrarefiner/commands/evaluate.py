@@ -48,7 +48,8 @@ def evaluate(
         label_classes: the labels are multi-class label maps (0 background, 1 benign, 2 malignant, as nnU-Net
             and MONAI Label save them; grayscale, palette PNG or NIfTI), and these values, separated by commas, are
             lesion (e.g. 1,2); default none (lesion is above half the mask's scale).
-        prediction_classes: the same for every predictions folder (e.g. 1,2 for a multi-class segmenter's maps).
+        prediction_classes: the same for every predictions folder (e.g. 1,2 for a multi-class segmenter's maps;
+            1,2,255 to compare such maps with 0/255 masks, which hold 255 where they are lesion).
     """
     from ultrarefiner.commands.args import check_postfix
     from ultrarefiner.data.imaging import lesion_classes
