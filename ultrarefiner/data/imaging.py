@@ -336,14 +336,13 @@ def read_label(path: str | os.PathLike, colour_coded: bool = False, classes_opti
         return mask
     if colour_coded:
         return mask
-    note = class_map_note(path)
+    note = class_map_note(path, classes_option=classes_option)
     if note:
-        raise BadInputError(path, f"label {note}" + (f"; or pass --{classes_option} with the lesion's values"
-                                                      if classes_option else ""))
+        raise BadInputError(path, f"label {note}")
     return mask
 
 
-def class_map_note(path: str | os.PathLike, soft: bool = False) -> str:
+def class_map_note(path: str | os.PathLike, soft: bool = False, classes_option: str = "") -> str:
     """For a mask file that reads as no lesion: ``"holds only the values 0, 1, 2, which read as no lesion: a
     multi-class label map? ..."`` when its stored values look like class indices (integers, at most
     ``CLASS_MAP_MAX_VALUES`` distinct non-zero ones, the highest between 2 and 127: on the 8-bit scale 2 of 255 is
@@ -351,7 +350,10 @@ def class_map_note(path: str | os.PathLike, soft: bool = False) -> str:
 
     ``soft``: the file may be a soft prediction or coarse mask, where a faint map quantised to 8 bits holds a few
     such levels too (0.05, 0.3 and 0.45 store 13, 76 and 115): then only maps with background 0 and indices up to
-    ``CLASS_MAP_MAX_VALUES`` count, and the caller reports rather than refuses."""
+    ``CLASS_MAP_MAX_VALUES`` count, and the caller reports rather than refuses.
+
+    ``classes_option``: the caller's option that reads class maps (``read_classes``), e.g. ``mask_classes``; the note
+    then ends "; or pass --mask_classes with the lesion's values"."""
     values = _mask_values(path)  # (H, W): the levels read_mask thresholded
     found = np.unique(values[values != 0])
     top = CLASS_MAP_MAX_VALUES if soft else 127
@@ -359,9 +361,10 @@ def class_map_note(path: str | os.PathLike, soft: bool = False) -> str:
             and np.array_equal(found, np.round(found)) and (not soft or bool((values == 0).any()))):
         return ""
     shown = ", ".join(f"{v:g}" for v in [0, *found.tolist()])
+    hint = f"; or pass --{classes_option} with the lesion's values" if classes_option else ""
     return (f"holds only the values {shown}, which read as no lesion: a multi-class label map? UltraRefiner "
             f"segments one lesion class; save the lesion as 255 (or 1, with 0 elsewhere), merging the classes that are "
-            f"lesion")
+            f"lesion{hint}")
 
 
 def lesion_classes(value: str | int | Iterable[str | int] | None, name: str) -> tuple[int, ...]:

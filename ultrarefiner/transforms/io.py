@@ -131,10 +131,10 @@ class LoadSoftMaskd(MapTransform):
     def _warn_blank(self, path: str) -> None:
         if self.classes:
             note = imaging.read_classes(path, self.classes)[1] or "no pixel of the classes given"
+        elif Path(path).is_file():
+            note = imaging.class_map_note(path, soft=True, classes_option=self.classes_option)
         else:
-            note = imaging.class_map_note(path, soft=True) if Path(path).is_file() else ""
-            if note and self.classes_option:
-                note += f"; or pass --{self.classes_option} with the lesion's values"
+            note = ""
         logger.warning(f"{path}: blank coarse mask: {note or 'no pixel above 0.5'}; its refined mask is empty or "
                        f"near-empty")
 

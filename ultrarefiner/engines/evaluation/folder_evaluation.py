@@ -116,8 +116,7 @@ def _read(path: Path, shape: tuple[int, int], classes: Sequence[int] = ()) -> tu
         raise BadInputError(path, f"mask is {mask.shape[0]}x{mask.shape[1]} (HxW), its label {shape[0]}x{shape[1]}"
                                   f"{transposed_hint(path, mask.shape, shape)}")
     if not classes and not mask.any():
-        note = class_map_note(path, soft=True)  # a second read, of blank masks only
-        note += "; or pass --prediction_classes with the lesion's values" if note else ""
+        note = class_map_note(path, soft=True, classes_option="prediction_classes")  # a second read, blank masks only
     return mask, note
 
 

@@ -287,8 +287,7 @@ class _SampleDataset(torch.utils.data.Dataset):
         if int(coarse.max()) <= 255 * THRESHOLD:
             # a multi-class segmenter's 0/2 map reads blank too: say so, not just "blank"
             if not self.mask_classes:
-                note = class_map_note(item["mask"], soft=True)
-                note += "; or pass --mask_classes with the lesion's values" if note else ""
+                note = class_map_note(item["mask"], soft=True, classes_option="mask_classes")
             return bad(item["mask"], f"blank coarse mask: {note or f'no pixel above {THRESHOLD}'}, nothing to refine")
         out = {**item, "pixels": image, "coarse": coarse}
         if "label" in item:
